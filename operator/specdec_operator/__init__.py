@@ -1,0 +1,1 @@
+"""specdec Kubernetes operator (kopf). Imports no torch."""
