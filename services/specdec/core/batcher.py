@@ -1,0 +1,93 @@
+"""Continuous micro-batching: whatever work is queued when the worker frees up runs as one
+batch. No artificial wait window: a lone request runs at once, and requests that arrive
+while a batch is running share the next one.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    items: int = 0
+    max_batch_size: int = 0
+    queue_depth: int = 0  # items waiting right now
+
+
+class MicroBatcher(Generic[Item, Result]):
+    """Runs `run_batch(items) -> results` (same order) on one worker thread, so the event
+    loop keeps accepting work while the model computes."""
+
+    def __init__(self, run_batch: Callable[[list[Item]], list[Result]], max_batch_size: int = 32) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self.stats = BatcherStats()
+
+    async def submit(self, item: Item) -> Result:
+        self._ensure_started()
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        self.stats.queue_depth = len(self._pending)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await future
+
+    async def call(self, fn: Callable[[], Result]) -> Result:
+        """Run fn on the worker thread, serialised with the batches (e.g. session release)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _ensure_started(self) -> None:
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._worker())
+
+    async def _worker(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self.max_batch_size]
+                del self._pending[: len(batch)]
+                self.stats.queue_depth = len(self._pending)
+                items = [item for item, _ in batch]
+                try:
+                    results = await loop.run_in_executor(self._executor, self._run_batch, items)
+                except Exception as exc:  # a bad batch fails its own callers, not the worker
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                self._record(len(batch))
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+
+    def _record(self, size: int) -> None:
+        self.stats.batches += 1
+        self.stats.items += size
+        self.stats.max_batch_size = max(self.stats.max_batch_size, size)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,114 @@
+"""The draft worker: per-session drafting state and batched proposals for every drafter
+that one draft replica serves."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec.core.drafters.ngram import ngram_propose
+from specdec.core.errors import InvalidArgument
+from specdec.core.kv_cache import SessionKV, SessionTable
+from specdec.core.rng import Purpose, sample_index, uniform
+from specdec.core.runner import ForwardItem, Runner
+from specdec.core.sampling import probs_from_logits, quantize_f16
+from specdec.core.types import Proposal, ProposeItem
+
+
+def parse_drafter(spec: str) -> tuple[str, str]:
+    """'none' | 'ngram' | 'model:NAME' -> (kind, model name or '')."""
+    if spec in ("none", "ngram"):
+        return spec, ""
+    if spec.startswith("model:") and len(spec) > len("model:"):
+        return "model", spec[len("model:"):]
+    raise InvalidArgument("speculation.drafter", f"unknown drafter {spec!r}; use none, ngram or model:NAME")
+
+
+@dataclass
+class DraftSession:
+    tokens: list[int] = field(default_factory=list)  # the session's committed tokens
+    kv: SessionKV | None = None  # draft model cache (model drafter only)
+
+
+class DraftWorker:
+    """Serves `ngram` and, given a runner, `model:<model_name>`. Not thread-safe: one
+    batch at a time (the batcher guarantees it)."""
+
+    def __init__(self, runner: Runner | None = None, model_name: str = "", max_sessions: int = 1024) -> None:
+        self.runner = runner
+        self.model_name = model_name
+        self.sessions = SessionTable(max_sessions)
+
+    @property
+    def drafters(self) -> list[str]:
+        return ["ngram"] + ([f"model:{self.model_name}"] if self.runner is not None else [])
+
+    def release(self, session_id: str) -> None:
+        self.sessions.pop(session_id)
+
+    def propose_batch(self, items: list[ProposeItem]) -> list[Proposal]:
+        results: list[Proposal | None] = [None] * len(items)
+        model_rows: list[tuple[int, DraftSession, ProposeItem]] = []
+        for i, item in enumerate(items):
+            session = self._sync(item)
+            if session is None:
+                results[i] = Proposal(needs_resync=True)
+            elif item.drafter == "ngram":
+                results[i] = Proposal(ngram_propose(session.tokens, item.num_tokens))
+            elif self.runner is not None and item.drafter == f"model:{self.model_name}":
+                model_rows.append((i, session, item))
+            else:
+                raise InvalidArgument("drafter", f"this replica serves {self.drafters}, not {item.drafter!r}")
+        if model_rows:
+            for (i, _, _), proposal in zip(model_rows, self._model_propose(model_rows)):
+                results[i] = proposal
+        return [r for r in results if r is not None]
+
+    def _sync(self, item: ProposeItem) -> DraftSession | None:
+        session = self.sessions.get(item.session_id)
+        if session is None:
+            if item.prefix_len:
+                return None
+            session = DraftSession()
+            self.sessions.put(item.session_id, session)
+        if item.prefix_len > len(session.tokens):
+            return None
+        del session.tokens[item.prefix_len:]
+        session.tokens.extend(item.tokens)
+        return session
+
+    def _model_propose(self, rows: list[tuple[int, DraftSession, ProposeItem]]) -> list[Proposal]:
+        """Draft autoregressively, all sessions batched at each of the k steps."""
+        runner = self.runner
+        assert runner is not None
+        drafts: list[list[int]] = [[] for _ in rows]
+        probs: list[list[torch.Tensor]] = [[] for _ in rows]
+        feeds: list[list[int]] = []
+        for _, session, item in rows:
+            if session.kv is None:
+                session.kv = runner.new_kv()
+            # Roll back to what the cache shares with the committed tokens (never the last one).
+            keep = min(session.kv.common_prefix(session.tokens), len(session.tokens) - 1)
+            session.kv.truncate(keep)
+            feeds.append(session.tokens[keep:])
+        live = [j for j, (_, _, item) in enumerate(rows) if item.num_tokens > 0]
+        while live:
+            logits = runner.forward([ForwardItem(rows[j][1].kv, feeds[j], 1) for j in live])
+            for j, row_logits in zip(live, logits):
+                item = rows[j][2]
+                token, q = self._sample(row_logits, item, len(rows[j][1].tokens) + len(drafts[j]))
+                drafts[j].append(token)
+                probs[j].append(q)
+                feeds[j] = [token]
+            live = [j for j in live if len(drafts[j]) < rows[j][2].num_tokens]
+        return [
+            Proposal(drafts[j], None if rows[j][2].sampling.greedy else torch.stack(probs[j]))
+            for j in range(len(rows))
+        ]
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, item: ProposeItem, position: int) -> tuple[int, torch.Tensor]:
+        if item.sampling.greedy:
+            return int(logits[-1].argmax()), logits[-1]
+        q = quantize_f16(probs_from_logits(logits[-1:], item.sampling))[0]
+        return sample_index(q, uniform(item.sampling.seed, position, Purpose.DRAFT)), q

@@ -1,0 +1,76 @@
+"""The embedded engine: target, drafters and the loop in one process.
+
+Usable as a library and the benchmark baseline; runs the same loop the coordinator runs.
+
+    engine = Engine.load("smollm2-135m", drafter="ngram")
+    result = engine.complete(RequestSpec(prompt="def fib(n):", max_new_tokens=64))
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import torch
+
+from specdec.core.drafters.base import DraftWorker, parse_drafter
+from specdec.core.generation import Chunk, GenerationResult, generate, generate_stream
+from specdec.core.local import LocalDrafter, LocalVerifier
+from specdec.core.models import load_model, load_tokenizer
+from specdec.core.request import ModelLimits, RequestSpec, build_request
+from specdec.core.runner import build_runner
+from specdec.core.target import TargetWorker
+
+
+class Engine:
+    def __init__(self, target_model: torch.nn.Module, tokenizer, drafter: str = "ngram",
+                 draft_model: torch.nn.Module | None = None, draft_model_name: str = "") -> None:
+        runner = build_runner(target_model)
+        self.tokenizer = tokenizer
+        self.verifier = LocalVerifier(TargetWorker(runner))
+        draft_runner = build_runner(draft_model) if draft_model is not None else None
+        self.drafter = LocalDrafter(DraftWorker(draft_runner, draft_model_name))
+        self.default_drafter = drafter
+        self.limits = ModelLimits(vocab_size=runner.vocab_size, max_context=runner.max_context)
+
+    @classmethod
+    def load(cls, model: str, drafter: str = "ngram", device: str = "cpu", dtype: str = "float32") -> "Engine":
+        kind, draft_name = parse_drafter(drafter)
+        target = load_model(model, device, dtype)
+        draft = None
+        if kind == "model":
+            draft = target if draft_name == model else load_model(draft_name, device, dtype)
+        return cls(target, load_tokenizer(model), drafter, draft, draft_name)
+
+    @property
+    def available_drafters(self) -> list[str]:
+        return self.drafter.worker.drafters
+
+    def _build(self, spec: RequestSpec):
+        request, stops = build_request(spec, self.tokenizer, self.limits, self.default_drafter, self.available_drafters)
+        drafter = None if request.drafter == "none" else self.drafter
+        return request, stops, drafter
+
+    async def stream(self, spec: RequestSpec, result: GenerationResult) -> AsyncIterator[Chunk]:
+        request, stops, drafter = self._build(spec)
+        async for chunk in generate_stream(request, drafter, self.verifier, self.tokenizer, stops, result):
+            yield chunk
+
+    async def complete_async(self, spec: RequestSpec) -> GenerationResult:
+        request, stops, drafter = self._build(spec)
+        return await generate(request, drafter, self.verifier, self.tokenizer, stops)
+
+    def complete(self, spec: RequestSpec) -> GenerationResult:
+        """Synchronous convenience for scripts; not for use inside a running event loop."""
+        async def run() -> GenerationResult:
+            try:
+                return await self.complete_async(spec)
+            finally:
+                await self.aclose()
+        return asyncio.run(run())
+
+    async def aclose(self) -> None:
+        """Stop the batchers' workers (they restart on the next request)."""
+        for batcher in (self.verifier.batcher, self.drafter.batcher):
+            if batcher._task is not None:
+                batcher._task.cancel()
+                batcher._task = None

@@ -1,0 +1,59 @@
+"""A whole generation: the speculation loop plus detokenization, stop strings, timing."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from specdec.core.detokenize import IncrementalDetokenizer
+from specdec.core.interfaces import Drafter, Verifier
+from specdec.core.loop import GenerationRequest, speculate
+from specdec.core.stats import SpecStats
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    stats: SpecStats = field(default_factory=SpecStats)
+
+
+async def generate_stream(request: GenerationRequest, drafter: Drafter | None, verifier: Verifier,
+                          tokenizer, stop_strings: list[str], result: GenerationResult) -> AsyncIterator[Chunk]:
+    """Yield chunks as tokens are verified; fill `result` (text, ids, reason, stats)."""
+    start = time.perf_counter()
+    detok = IncrementalDetokenizer(tokenizer, stop_strings)
+    stats = result.stats
+    steps = speculate(request, drafter, verifier, stats)
+    try:
+        async for step in steps:
+            if not result.token_ids and step.tokens:
+                stats.ttft_s = time.perf_counter() - start
+            delta = detok.add(step.tokens, final=step.finish_reason is not None)
+            result.token_ids.extend(step.tokens)
+            if delta.stopped:
+                result.finish_reason = "stop"
+            elif step.finish_reason is not None:
+                result.finish_reason = step.finish_reason
+            yield Chunk(step.tokens, delta.text)
+            if delta.stopped:
+                break
+    finally:
+        await steps.aclose()
+        stats.elapsed_s = time.perf_counter() - start
+        result.text = detok.text
+
+
+async def generate(request: GenerationRequest, drafter: Drafter | None, verifier: Verifier,
+                   tokenizer, stop_strings: list[str]) -> GenerationResult:
+    result = GenerationResult()
+    async for _ in generate_stream(request, drafter, verifier, tokenizer, stop_strings, result):
+        pass
+    return result

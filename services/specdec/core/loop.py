@@ -1,0 +1,128 @@
+"""The speculation loop, written once for local and remote tiers.
+
+Each step: the drafter proposes k tokens after the committed ones, the verifier keeps the
+longest prefix the target agrees with plus one token of its own, and the loop commits
+them. Output is the target's own: the loop only decides how much to speculate.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from specdec.core.adaptive import DraftLength
+from specdec.core.interfaces import Drafter, Verifier
+from specdec.core.sampling import SamplingParams
+from specdec.core.stats import SpecStats
+from specdec.core.types import Proposal, ProposeItem, VerifyItem
+
+MAX_RESYNCS = 3
+
+
+@dataclass
+class GenerationRequest:
+    session_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    drafter: str = "none"  # "none" | "ngram" | "model:NAME"
+    max_draft_tokens: int = 5
+    adaptive: bool = True
+    stop_token_ids: frozenset[int] = frozenset()
+    max_context: int = 1 << 30
+
+
+@dataclass
+class StepOutput:
+    tokens: list[int]  # newly committed tokens (cut at a stop token or the length limit)
+    finish_reason: str | None = None  # "length" | "stop" | "context" on the last step
+
+
+@dataclass
+class _Sync:
+    """How many committed tokens a tier already holds for this session."""
+
+    draft: int = 0
+    target: int = 0
+    resyncs: int = field(default=0)
+
+
+async def speculate(request: GenerationRequest, drafter: Drafter | None, verifier: Verifier,
+                    stats: SpecStats) -> AsyncIterator[StepOutput]:
+    """Yield committed tokens step by step until a stop condition; frees tier state at the end."""
+    committed = list(request.prompt_ids)
+    sync = _Sync()
+    k = DraftLength(request.max_draft_tokens if drafter is not None else 0, request.adaptive)
+    stats.prompt_tokens, stats.drafter = len(committed), request.drafter
+    try:
+        while True:
+            remaining = request.max_new_tokens - stats.generated_tokens
+            room = request.max_context - len(committed)
+            proposal = await _propose(request, drafter, committed, sync, min(k.k, remaining - 1, room))
+            if proposal is None:
+                continue  # drafter asked for a resync
+            verdict = await verifier.verify(VerifyItem(
+                request.session_id, sync.target, committed[sync.target:], proposal.tokens,
+                proposal.probs, request.sampling))
+            if verdict.needs_resync:
+                _resync(sync, "target")
+                continue
+            sync.resyncs = 0
+            committed.extend(verdict.tokens)
+            sync.target = len(committed)
+            k.update(len(proposal.tokens), verdict.num_accepted)
+            out = _finish(request, verdict.tokens, remaining, len(committed))
+            stats.steps += 1
+            stats.proposed_tokens += len(proposal.tokens)
+            stats.accepted_tokens += min(verdict.num_accepted, len(out.tokens))
+            stats.generated_tokens += len(out.tokens)
+            stats.batch_size_sum += verdict.batch_size
+            yield out
+            if out.finish_reason is not None:
+                return
+    finally:
+        await _release(request.session_id, drafter, verifier)
+
+
+async def _propose(request: GenerationRequest, drafter: Drafter | None, committed: list[int],
+                   sync: _Sync, k: int) -> Proposal | None:
+    if drafter is None or k <= 0:
+        return Proposal()
+    proposal = await drafter.propose(ProposeItem(
+        request.session_id, sync.draft, committed[sync.draft:], k, request.sampling, request.drafter))
+    if proposal.needs_resync:
+        _resync(sync, "draft")
+        return None
+    sync.draft = len(committed)
+    return proposal
+
+
+def _resync(sync: _Sync, tier: str) -> None:
+    sync.resyncs += 1
+    if sync.resyncs > MAX_RESYNCS:
+        raise RuntimeError(f"{tier} tier keeps losing the session state")
+    if tier == "draft":
+        sync.draft = 0
+    else:
+        sync.target = 0
+
+
+def _finish(request: GenerationRequest, tokens: list[int], remaining: int, length: int) -> StepOutput:
+    """Cut the step's tokens at the first stop token or the length limit."""
+    for i, token in enumerate(tokens[:remaining]):
+        if token in request.stop_token_ids:
+            return StepOutput(tokens[: i + 1], "stop")
+    if len(tokens) >= remaining:
+        return StepOutput(tokens[:remaining], "length")
+    if length >= request.max_context:
+        return StepOutput(tokens, "context")
+    return StepOutput(tokens)
+
+
+async def _release(session_id: str, drafter: Drafter | None, verifier: Verifier) -> None:
+    for tier in (drafter, verifier):
+        if tier is None:
+            continue
+        try:
+            await tier.release(session_id)
+        except Exception:  # best effort: an unreleased session is evicted later anyway
+            pass

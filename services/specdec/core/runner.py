@@ -1,0 +1,171 @@
+"""Model runners: batched forward passes over many sessions' new tokens.
+
+`ModelRunner` runs a Llama-family HF model (llama, mistral, qwen2, qwen3) layer by layer on
+*flattened* tokens: the new tokens of every sequence in the batch are concatenated, so the
+projections and MLPs run as one matrix product over all of them, and only attention is
+done per sequence, against a view of that sequence's own cache (no padding, no copies of
+anyone's context). Other architectures fall back to `HFRunner`, which calls the model's
+own forward per sequence with a rolled-back DynamicCache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from specdec.core.kv_cache import SessionKV
+
+FLAT_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+@dataclass
+class ForwardItem:
+    kv: SessionKV  # the sequence's cache; new tokens are appended after kv.length
+    tokens: list[int]  # [num_new] token ids to run
+    num_logits: int  # return logits for the last num_logits of them
+
+
+class Runner(Protocol):
+    vocab_size: int
+    max_context: int
+
+    def new_kv(self) -> SessionKV: ...
+
+    def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]: ...
+
+
+def build_runner(model: torch.nn.Module) -> Runner:
+    """The fastest runner that supports this model."""
+    if getattr(model.config, "model_type", "") in FLAT_ARCHITECTURES:
+        return ModelRunner(model)
+    return HFRunner(model)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _causal_mask(start: int, num_new: int, device: torch.device) -> torch.Tensor | None:
+    """[num_new, start+num_new] bool: query t (absolute start+t) sees keys 0..start+t."""
+    if num_new == 1:
+        return None
+    keys = torch.arange(start + num_new, device=device)
+    queries = torch.arange(start, start + num_new, device=device)
+    return keys[None, :] <= queries[:, None]
+
+
+class ModelRunner:
+    """Flattened-batch runner for Llama-family decoder-only models."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        cfg = model.config
+        self.model = model.eval()
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.vocab_size = cfg.vocab_size
+        self.max_context = cfg.max_position_embeddings
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+
+    def new_kv(self) -> SessionKV:
+        return SessionKV(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
+        """Run every item's new tokens; append their KV; return float32 logits per item
+        ([num_logits, vocab])."""
+        assert all(item.tokens for item in items), "each item needs at least one token"
+        starts = [item.kv.length for item in items]
+        sizes = [len(item.tokens) for item in items]
+        for item, start, size in zip(items, starts, sizes):
+            if start + size > self.max_context:
+                raise ValueError(f"sequence of {start + size} tokens exceeds the context of {self.max_context}")
+            item.kv.reserve(start + size)
+        ids = torch.tensor([t for item in items for t in item.tokens], device=self.device)
+        positions = torch.cat([torch.arange(s, s + n, device=self.device) for s, n in zip(starts, sizes)])
+        hidden = self.inner.embed_tokens(ids)  # [num_tokens, hidden]
+        cos, sin = self.inner.rotary_emb(hidden[None], positions[None])
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [num_tokens, 1, head_dim]
+        masks = [_causal_mask(s, n, self.device) for s, n in zip(starts, sizes)]
+        for layer_idx, layer in enumerate(self.layers):
+            hidden = self._layer(layer_idx, layer, hidden, cos, sin, items, starts, sizes, masks)
+        for item in items:
+            item.kv.commit(item.tokens)
+        return self._logits(hidden, sizes, [item.num_logits for item in items])
+
+    def _layer(self, layer_idx: int, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, items: list[ForwardItem], starts: list[int], sizes: list[int],
+               masks: list[torch.Tensor | None]) -> torch.Tensor:
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        n = x.shape[0]
+        q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = torch.empty_like(q)
+        offset = 0
+        for item, start, size, mask in zip(items, starts, sizes, masks):
+            span = slice(offset, offset + size)
+            keys, values = item.kv.write(layer_idx, start, k[span].transpose(0, 1), v[span].transpose(0, 1))
+            out[span] = F.scaled_dot_product_attention(
+                q[span].transpose(0, 1), keys, values, attn_mask=mask,
+                scale=attn.scaling, enable_gqa=self.num_heads != self.num_kv_heads,
+            ).transpose(0, 1)
+            offset += size
+        hidden = hidden + attn.o_proj(out.reshape(n, -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _logits(self, hidden: torch.Tensor, sizes: list[int], wanted: list[int]) -> list[torch.Tensor]:
+        rows, offset = [], 0
+        for size, count in zip(sizes, wanted):
+            rows.append(torch.arange(offset + size - count, offset + size, device=hidden.device))
+            offset += size
+        picked = self.inner.norm(hidden[torch.cat(rows)])
+        logits = self.model.lm_head(picked).float()
+        return list(torch.split(logits, wanted))
+
+
+class HFRunner:
+    """Any HF causal LM: the model's own forward per sequence, cache cropped on rollback.
+
+    Slower (no cross-session batching) but exact; used for architectures the flattened
+    runner does not know.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from transformers import DynamicCache
+
+        self._cache_cls = DynamicCache
+        self.model = model.eval()
+        cfg = model.config
+        self.vocab_size = cfg.vocab_size
+        self.max_context = getattr(cfg, "max_position_embeddings", 1 << 30)
+        self.device = next(model.parameters()).device
+
+    def new_kv(self) -> SessionKV:
+        kv = SessionKV(0, 0, 0, torch.float32, "cpu", capacity=0)
+        kv.hf_cache = self._cache_cls(config=self.model.config)  # type: ignore[attr-defined]
+        return kv
+
+    @torch.inference_mode()
+    def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
+        out = []
+        for item in items:
+            cache = item.kv.hf_cache  # type: ignore[attr-defined]
+            if cache.get_seq_length() > item.kv.length:
+                cache.crop(item.kv.length)
+            ids = torch.tensor([item.tokens], device=self.device)
+            result = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            item.kv.commit(item.tokens)
+            out.append(result.logits[0, -item.num_logits:].float())
+        return out

@@ -1,0 +1,45 @@
+"""Per-request speculation counters; rates are derived where they are read."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SpecStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    proposed_tokens: int = 0  # draft tokens sent to the verifier
+    accepted_tokens: int = 0  # draft tokens it kept
+    steps: int = 0  # verification steps
+    batch_size_sum: int = 0  # sum over steps of the verify batch size
+    ttft_s: float = 0.0
+    elapsed_s: float = 0.0
+    drafter: str = "none"
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per step: accepted drafts plus the target's own token."""
+        return self.generated_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def mean_verify_batch_size(self) -> float:
+        return self.batch_size_sum / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {
+            "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+            "proposed_tokens": self.proposed_tokens, "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4), "steps": self.steps,
+            "ttft_s": round(self.ttft_s, 4), "elapsed_s": round(self.elapsed_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "mean_verify_batch_size": round(self.mean_verify_batch_size, 3), "drafter": self.drafter,
+        }

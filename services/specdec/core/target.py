@@ -1,0 +1,94 @@
+"""The target worker: one batched forward pass verifies many sessions' drafts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specdec.core.kv_cache import SessionKV, SessionTable
+from specdec.core.rejection import RejectionInput, rejection_sample
+from specdec.core.runner import ForwardItem, Runner
+from specdec.core.types import Verdict, VerifyItem
+
+
+@dataclass
+class TargetSession:
+    tokens: list[int] = field(default_factory=list)  # committed tokens
+    kv: SessionKV | None = None  # holds KV of tokens[:-1] between steps, never an uncommitted one
+
+
+@dataclass
+class TargetStats:
+    forward_passes: int = 0
+    sequences: int = 0  # sum of batch sizes
+    max_batch_size: int = 0
+    tokens_verified: int = 0
+
+
+class TargetWorker:
+    """Verifies drafts against the target model. Not thread-safe: one batch at a time."""
+
+    def __init__(self, runner: Runner, max_sessions: int = 1024) -> None:
+        self.runner = runner
+        self.sessions = SessionTable(max_sessions)
+        self.stats = TargetStats()
+
+    def release(self, session_id: str) -> None:
+        self.sessions.pop(session_id)
+
+    def verify_batch(self, items: list[VerifyItem]) -> list[Verdict]:
+        verdicts: list[Verdict | None] = [None] * len(items)
+        work: list[tuple[int, TargetSession, VerifyItem]] = []
+        for i, item in enumerate(items):
+            session = self._sync(item)
+            if session is None:
+                verdicts[i] = Verdict(needs_resync=True)
+            else:
+                work.append((i, session, item))
+        if work:
+            forward_items = [self._forward_item(session, item) for _, session, item in work]
+            logits = self.runner.forward(forward_items)
+            self._count(forward_items)
+            for (i, session, item), row_logits in zip(work, logits):
+                verdicts[i] = self._judge(session, item, row_logits, len(work))
+        return [v for v in verdicts if v is not None]
+
+    def _sync(self, item: VerifyItem) -> TargetSession | None:
+        session = self.sessions.get(item.session_id)
+        if session is None:
+            if item.prefix_len:
+                return None
+            session = TargetSession(kv=self.runner.new_kv())
+            self.sessions.put(item.session_id, session)
+        if item.prefix_len > len(session.tokens):
+            return None
+        del session.tokens[item.prefix_len:]
+        session.tokens.extend(item.tokens)
+        if not session.tokens:
+            raise ValueError(f"session {item.session_id}: nothing to verify (no committed tokens)")
+        return session
+
+    @staticmethod
+    def _forward_item(session: TargetSession, item: VerifyItem) -> ForwardItem:
+        kv = session.kv
+        assert kv is not None
+        keep = min(kv.common_prefix(session.tokens), len(session.tokens) - 1)
+        kv.truncate(keep)
+        feed = session.tokens[keep:] + item.draft_tokens
+        return ForwardItem(kv, feed, len(item.draft_tokens) + 1)
+
+    def _judge(self, session: TargetSession, item: VerifyItem, logits, batch_size: int) -> Verdict:
+        committed = len(session.tokens)
+        out = rejection_sample(RejectionInput(
+            target_logits=logits, draft_tokens=item.draft_tokens, draft_probs=item.draft_probs,
+            sampling=item.sampling, first_position=committed,
+        ))
+        session.tokens.extend(out.tokens)
+        assert session.kv is not None
+        # Roll back the rejected drafts: keep committed tokens only (all but the newest).
+        session.kv.truncate(len(session.tokens) - 1)
+        return Verdict(out.num_accepted, out.tokens, batch_size)
+
+    def _count(self, items: list[ForwardItem]) -> None:
+        self.stats.forward_passes += 1
+        self.stats.sequences += len(items)
+        self.stats.max_batch_size = max(self.stats.max_batch_size, len(items))
+        self.stats.tokens_verified += sum(item.num_logits for item in items)

@@ -1,0 +1,48 @@
+"""Work items exchanged between the speculation loop, the drafters and the verifier.
+
+Items carry tokens as a delta: `prefix_len` tokens the replica is believed to hold already,
+then `tokens` after them. A replica that lacks the prefix answers `needs_resync` and the
+caller resends from 0, so a restarted or re-routed replica recovers by itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec.core.sampling import SamplingParams
+
+
+@dataclass
+class ProposeItem:
+    session_id: str
+    prefix_len: int  # committed tokens the drafter holds already
+    tokens: list[int]  # [num_new] committed tokens after them
+    num_tokens: int  # draft length wanted
+    sampling: SamplingParams
+    drafter: str = "ngram"  # "ngram" | "model:NAME"
+
+
+@dataclass
+class Proposal:
+    tokens: list[int] = field(default_factory=list)  # [k] drafted ids; empty = nothing to propose
+    probs: torch.Tensor | None = None  # [k, vocab] float64 q; None = one-hot (deterministic)
+    needs_resync: bool = False
+
+
+@dataclass
+class VerifyItem:
+    session_id: str
+    prefix_len: int  # committed tokens the verifier holds already
+    tokens: list[int]  # [num_new] committed tokens after them
+    draft_tokens: list[int]  # [k]
+    draft_probs: torch.Tensor | None  # [k, vocab] float64 q, or None for one-hot drafts
+    sampling: SamplingParams
+
+
+@dataclass
+class Verdict:
+    num_accepted: int = 0  # leading draft tokens kept
+    tokens: list[int] = field(default_factory=list)  # accepted drafts + the target's own token
+    batch_size: int = 0  # sequences in the forward pass that produced this verdict
+    needs_resync: bool = False
