@@ -1,0 +1,237 @@
+"""The `specdec` command: serve a tier, bring the stack up, inspect it, generate."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from specdec.config import DEFAULT_PORTS, Settings
+
+DEMO_PROMPT = ("Here is a Python function:\n\ndef area(width, height):\n    return width * height\n\n"
+               "Rewrite it with type hints and a docstring, keeping the same names.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one tier's gRPC server")
+    serve.add_argument("tier", choices=sorted(DEFAULT_PORTS))
+    serve.add_argument("--port", type=int, help="listen port (default: coordinator 50051, draft 50052, target 50053)")
+    serve.add_argument("--host")
+    serve.add_argument("--advertise-host")
+    _model_flags(serve)
+    serve.add_argument("--redis-url")
+    serve.add_argument("--draft-addresses", help="comma-separated static draft replicas (without Redis)")
+    serve.add_argument("--target-addresses", help="comma-separated static target replicas (without Redis)")
+    serve.add_argument("--max-batch-size", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    up = sub.add_parser("up", help="start Valkey and all tiers locally")
+    _model_flags(up)
+    up.add_argument("--draft-replicas", type=int, default=1)
+    up.add_argument("--target-replicas", type=int, default=1)
+    up.add_argument("--port", type=int, default=DEFAULT_PORTS["coordinator"])
+    up.add_argument("--redis-url", default="")
+    up.add_argument("--demo", action="store_true", help="generate once, print it, then stop everything")
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="replicas registered in Redis")
+    status.add_argument("--redis-url", default=None)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    gen = sub.add_parser("generate", help="generate text")
+    gen.add_argument("prompt")
+    where = gen.add_mutually_exclusive_group()
+    where.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_PORTS['coordinator']}")
+    where.add_argument("--local", action="store_true", help="run the embedded engine in-process")
+    _model_flags(gen)
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    gen.add_argument("--k", type=int, help="max draft tokens per step")
+    gen.add_argument("--no-adaptive", action="store_true")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="target model: smollm2-135m, an HF directory or hub id")
+    p.add_argument("--drafter", help="none | ngram | model:NAME")
+    p.add_argument("--device", help="cpu | cuda")
+    p.add_argument("--dtype", help="float32 | float16 | bfloat16")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    flags = {k: getattr(args, k, None) for k in ("model", "drafter", "device", "dtype", "host", "port",
+                                                   "advertise_host", "redis_url", "max_batch_size")}
+    for name in ("draft_addresses", "target_addresses"):
+        raw = getattr(args, name, None)
+        flags[name] = [a for a in raw.split(",") if a] if raw else None
+    return Settings.from_env(**flags, **extra)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    builders = {"coordinator": "specdec.coordinator.service", "draft": "specdec.draft.service",
+                "target": "specdec.target.service"}
+    module = __import__(builders[args.tier], fromlist=["build"])
+
+    async def run() -> None:
+        await module.build(settings).run_until_signal()
+    asyncio.run(run())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from specdec.launcher import start_stack
+
+    settings = _settings(args)
+    print(f"starting valkey, {args.target_replicas} target and {args.draft_replicas} draft replica(s) "
+          f"of {settings.model} (drafter {settings.drafter}) ...", flush=True)
+    stack = start_stack(settings.model, settings.drafter, args.draft_replicas, args.target_replicas, args.port,
+                        args.redis_url, settings.device, settings.dtype)
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    try:
+        print(f"coordinator: {stack.coordinator}\nredis: {stack.redis_url}\nlogs: {stack.log_dir}", flush=True)
+        if args.demo:
+            return _demo(stack.coordinator, settings.drafter)
+        print("serving; Ctrl-C to stop", flush=True)
+        while not stop["flag"]:
+            time.sleep(0.5)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+        print("stopped", flush=True)
+
+
+def _demo(address: str, drafter: str) -> int:
+    from specdec.client import Client
+
+    with Client(address, timeout_s=300) as client:
+        for d in ("none", drafter):
+            print(f"\n--- drafter {d} ---", flush=True)
+            done = None
+            for event in client.generate(messages=[{"role": "user", "content": DEMO_PROMPT}],
+                                         max_new_tokens=96, drafter=d):
+                if event.HasField("chunk"):
+                    print(event.chunk.text, end="", flush=True)
+                else:
+                    done = event.done
+            if done is not None:
+                s = done.stats
+                print(f"\n[{done.stats.generated_tokens} tokens, {s.tokens_per_s:.1f} tok/s, acceptance "
+                      f"{s.acceptance_rate:.2f}, mean accepted length {s.mean_accepted_length:.2f}, "
+                      f"steps {s.steps}, ttft {s.ttft_ms:.0f} ms]", flush=True)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from specdec.state.registry import Registry
+
+    settings = Settings.from_env(redis_url=args.redis_url)
+    if not settings.redis_url:
+        print("no Redis URL: pass --redis-url or set SPECDEC_REDIS_URL", file=sys.stderr)
+        return 2
+
+    async def fetch() -> list[dict]:
+        registry = Registry(settings.redis_url, settings.redis_prefix)
+        try:
+            return [vars(r) for r in await registry.replicas()]
+        finally:
+            await registry.close()
+    replicas = asyncio.run(fetch())
+    if args.json:
+        print(json.dumps({"replicas": replicas}, indent=2))
+        return 0
+    print(f"{'TIER':<12} {'ADDRESS':<22} {'PID':>7} {'MODEL':<24} {'SESSIONS':>8} {'QUEUE':>6}")
+    for r in replicas:
+        load = r.get("load") or {}
+        print(f"{r['tier']:<12} {r['address']:<22} {r['pid']:>7} {r['model'][:24]:<24} "
+              f"{load.get('active_sessions', 0):>8} {load.get('queue_depth', 0):>6}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed, drafter=args.drafter, max_draft_tokens=args.k,
+                  adaptive=False if args.no_adaptive else None)
+    prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
+    out = _generate_local(args, prompt, params) if args.local else _generate_remote(args, prompt, params)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(out["text"])
+        print(f"[{out['finish_reason']}] {json.dumps(out['stats'])}", file=sys.stderr)
+    return 0
+
+
+def _generate_local(args: argparse.Namespace, prompt: dict, params: dict) -> dict:
+    from specdec.core.engine import Engine
+    from specdec.core.errors import InvalidArgument
+    from specdec.core.request import RequestSpec
+
+    settings = _settings(args)
+    drafter = params.get("drafter") or settings.drafter
+    engine = Engine.load(settings.model, drafter if drafter != "none" else "ngram", settings.device, settings.dtype)
+    try:
+        result = engine.complete(RequestSpec(**prompt, **params))
+    except InvalidArgument as exc:
+        raise SystemExit(f"invalid argument: {exc}")
+    return {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+            "stats": result.stats.as_dict()}
+
+
+def _generate_remote(args: argparse.Namespace, prompt: dict, params: dict) -> dict:
+    import grpc
+
+    from specdec.client import Client
+    from specdec.v1 import generation_pb2
+
+    with Client(args.coordinator) as client:
+        try:
+            reply = client.complete(**prompt, **params)
+        except grpc.RpcError as exc:
+            raise SystemExit(f"{exc.code().name}: {exc.details()}")
+    s = reply.stats
+    reason = generation_pb2.FinishReason.Name(reply.finish_reason).removeprefix("FINISH_REASON_").lower()
+    return {"text": reply.text, "token_ids": list(reply.token_ids), "finish_reason": reason, "stats": {
+        "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+        "proposed_tokens": s.proposed_tokens, "accepted_tokens": s.accepted_tokens,
+        "acceptance_rate": round(s.acceptance_rate, 4), "mean_accepted_length": round(s.mean_accepted_length, 4),
+        "steps": s.steps, "ttft_s": round(s.ttft_ms / 1e3, 4), "elapsed_s": round(s.elapsed_ms / 1e3, 4),
+        "tokens_per_s": round(s.tokens_per_s, 3), "mean_verify_batch_size": round(s.mean_verify_batch_size, 3),
+        "drafter": s.drafter}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

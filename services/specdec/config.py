@@ -1,0 +1,60 @@
+"""All settings in one typed place. Every field can be overridden by the environment
+variable SPECDEC_<FIELD> (upper case) and then by command-line flags."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+DEFAULT_PORTS = {"coordinator": 50051, "draft": 50052, "target": 50053}
+
+
+@dataclass
+class Settings:
+    model: str = "smollm2-135m"  # target model: alias, HF directory or hub id
+    drafter: str = "ngram"  # default drafter: none | ngram | model:NAME
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    host: str = "127.0.0.1"  # bind address
+    port: int = 0  # 0 = the tier's default port
+    advertise_host: str = ""  # address other processes use to reach this one (default: host)
+    redis_url: str = ""  # empty = run without Redis (static addresses only)
+    redis_prefix: str = "specdec:"  # key namespace, one per deployment
+    draft_addresses: list[str] = field(default_factory=list)  # static replicas (no Redis)
+    target_addresses: list[str] = field(default_factory=list)
+    max_batch_size: int = 32  # sequences per verify/draft forward pass
+    max_sessions: int = 1024  # per replica; least recently used are evicted (and recomputed)
+    max_new_tokens: int = 4096  # cap on one request
+    torch_threads: int = 0  # 0 = torch's default
+    heartbeat_s: float = 2.0  # registry refresh; entries expire after 5 heartbeats
+    tier_timeout_s: float = 60.0  # a draft/verify call slower than this counts as a failure
+    max_failovers: int = 4  # replica switches per call before giving up
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"SPECDEC_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f.type, raw, f.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def port_for(self, tier: str) -> int:
+        return self.port or DEFAULT_PORTS[tier]
+
+    def address_for(self, tier: str) -> str:
+        return f"{self.advertise_host or self.host}:{self.port_for(tier)}"
+
+
+def _parse(kind: object, raw: str, name: str) -> object:
+    try:
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        if str(kind).startswith("list"):
+            return [part.strip() for part in raw.split(",") if part.strip()]
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"SPECDEC_{name.upper()}={raw!r}: {exc}") from exc

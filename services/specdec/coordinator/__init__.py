@@ -1,0 +1,1 @@
+"""The coordinator: the public Generation API, routing and the speculation loop."""

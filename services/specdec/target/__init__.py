@@ -1,0 +1,1 @@
+"""The target tier: batched verification over gRPC."""

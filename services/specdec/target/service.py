@@ -1,0 +1,73 @@
+"""TargetService: verify items from every stream meet in one micro-batcher."""
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from specdec.config import Settings
+from specdec.core.local import LocalVerifier
+from specdec.core.models import load_model
+from specdec.core.runner import build_runner
+from specdec.core.target import TargetWorker
+from specdec.rpc import convert
+from specdec.rpc.server import TierServer
+from specdec.rpc.streams import serve_tagged
+from specdec.v1 import target_pb2, target_pb2_grpc
+
+
+class TargetServicer(target_pb2_grpc.TargetServiceServicer):
+    def __init__(self, verifier: LocalVerifier) -> None:
+        self.verifier = verifier
+
+    async def Verify(self, request_iterator, context: grpc.aio.ServicerContext):
+        async for response in serve_tagged(request_iterator, self._verify, _failed, self._release, _respond):
+            yield response
+
+    async def _verify(self, item: target_pb2.VerifyItem) -> target_pb2.VerifyResult:
+        verdict = await self.verifier.verify(convert.verify_item_from_proto(item))
+        return convert.verdict_to_proto(item.tag, verdict)
+
+    async def _release(self, session_ids: list[str]) -> None:
+        for session_id in session_ids:
+            await self.verifier.release(session_id)
+
+
+def _failed(item: target_pb2.VerifyItem, exc: Exception) -> target_pb2.VerifyResult:
+    return target_pb2.VerifyResult(tag=item.tag, error=f"{type(exc).__name__}: {exc}")
+
+
+def _respond(results: list[target_pb2.VerifyResult]) -> target_pb2.VerifyResponse:
+    return target_pb2.VerifyResponse(results=results)
+
+
+class LoadMeter:
+    """Load figures for the registry, from the batcher's counters."""
+
+    def __init__(self, verifier: LocalVerifier) -> None:
+        self.verifier = verifier
+        self._last = (time.monotonic(), 0)
+
+    def __call__(self) -> dict:
+        stats, worker = self.verifier.batcher.stats, self.verifier.worker
+        now, tokens = time.monotonic(), worker.stats.tokens_verified
+        then, before = self._last
+        self._last = (now, tokens)
+        return {
+            "queue_depth": stats.queue_depth,
+            "active_sessions": len(worker.sessions),
+            "batch_utilization": round(stats.items / stats.batches / self.verifier.batcher.max_batch_size, 4)
+            if stats.batches else 0.0,
+            "tokens_per_s": round((tokens - before) / max(now - then, 1e-6), 2),
+            "max_batch_size": stats.max_batch_size,
+            "acceptance_rate": None,
+        }
+
+
+def build(settings: Settings) -> TierServer:
+    model = load_model(settings.model, settings.device, settings.dtype)
+    verifier = LocalVerifier(TargetWorker(build_runner(model), settings.max_sessions), settings.max_batch_size)
+    return TierServer(
+        "target", settings, [target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name],
+        lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(verifier), server),
+        LoadMeter(verifier), model=settings.model)
