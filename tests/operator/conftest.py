@@ -3,3 +3,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+import logging
+
+logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

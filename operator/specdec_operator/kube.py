@@ -1,0 +1,136 @@
+"""A minimal async Kubernetes client for the objects the operator owns.
+
+kopf keeps its own API client private, so the operator talks to the API with aiohttp,
+using the credentials kopf's login handler produced (``kopf.ConnectionInfo``).
+Writes use server-side apply (field manager ``specdec-operator``).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import tempfile
+from typing import Any
+
+import aiohttp
+import kopf
+
+FIELD_MANAGER = "specdec-operator"
+PATHS = {  # kind -> (API prefix, plural)
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "Service": ("/api/v1", "services"),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "Secret": ("/api/v1", "secrets"),
+}
+
+
+class NotFound(Exception):
+    pass
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"HTTP {status}: {text[:300]}")
+        self.status = status
+
+
+def _ssl(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    if info.insecure:
+        return False
+    ctx = ssl.create_default_context(cafile=info.ca_path)
+    if info.ca_data:
+        ctx.load_verify_locations(cadata=base64.b64decode(info.ca_data).decode())
+    cert, key = info.certificate_path, info.private_key_path
+    if info.certificate_data and info.private_key_data:
+        files = []
+        for data in (info.certificate_data, info.private_key_data):
+            f = tempfile.NamedTemporaryFile(delete=False, suffix=".pem")
+            f.write(base64.b64decode(data))
+            f.close()
+            files.append(f.name)
+        cert, key = files
+    if cert and key:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class Kube:
+    """GET / server-side apply / DELETE of namespaced objects by kind and name."""
+
+    def __init__(self) -> None:
+        self._info: kopf.ConnectionInfo | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def configure(self, info: kopf.ConnectionInfo) -> None:
+        self._info = info
+        self._session = None   # rebuilt lazily in the running loop
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._info is None:
+            raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=1)
+        if self._session is None or self._session.closed:
+            headers = {"Accept": "application/json"}
+            if self._info.token:
+                headers["Authorization"] = f"{self._info.scheme or 'Bearer'} {self._info.token}"
+            auth = (aiohttp.BasicAuth(self._info.username, self._info.password or "")
+                    if self._info.username else None)
+            self._session = aiohttp.ClientSession(
+                base_url=None, headers=headers, auth=auth,
+                connector=aiohttp.TCPConnector(ssl=_ssl(self._info)),
+                timeout=aiohttp.ClientTimeout(total=30))
+        return self._session
+
+    def _url(self, kind: str, namespace: str, name: str | None = None) -> str:
+        assert self._info is not None
+        prefix, plural = PATHS[kind]
+        url = f"{self._info.server.rstrip('/')}{prefix}/namespaces/{namespace}/{plural}"
+        return f"{url}/{name}" if name else url
+
+    async def _request(self, method: str, url: str, **kw: Any) -> dict[str, Any]:
+        async with self._client().request(method, url, **kw) as rsp:
+            text = await rsp.text()
+            if rsp.status == 404:
+                raise NotFound(url)
+            if rsp.status >= 400:
+                raise ApiError(rsp.status, text)
+            return json.loads(text) if text else {}
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._request("GET", self._url(kind, namespace, name))
+        except NotFound:
+            return None
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply; creates the object where the server does not (emulators)."""
+        meta = obj["metadata"]
+        url = self._url(obj["kind"], meta["namespace"], meta["name"])
+        try:
+            return await self._request(
+                "PATCH", url, data=json.dumps(obj),
+                params={"fieldManager": FIELD_MANAGER, "force": "true"},
+                headers={"Content-Type": "application/apply-patch+yaml"})
+        except NotFound:
+            return await self._request(
+                "POST", self._url(obj["kind"], meta["namespace"]), data=json.dumps(obj),
+                params={"fieldManager": FIELD_MANAGER},
+                headers={"Content-Type": "application/json"})
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        try:
+            await self._request("DELETE", self._url(kind, namespace, name),
+                                params={"propagationPolicy": "Foreground"})
+            return True
+        except NotFound:
+            return False
+
+    async def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        secret = await self.get("Secret", namespace, name)
+        if not secret or key not in (secret.get("data") or {}):
+            return None
+        return base64.b64decode(secret["data"][key]).decode()
