@@ -1,0 +1,145 @@
+{{/* specdec.name: the chart name, or nameOverride. */}}
+{{- define "specdec.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* specdec.fullname: release-qualified prefix of every object name. */}}
+{{- define "specdec.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains (include "specdec.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "specdec.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* specdec.labels: standard labels for objects of component $component. */}}
+{{- define "specdec.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+{{ include "specdec.selectorLabels" . }}
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* specdec.selectorLabels: the immutable subset of labels, for selectors. */}}
+{{- define "specdec.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "specdec.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* specdec.serviceImage: the services image reference (all tiers). */}}
+{{- define "specdec.serviceImage" -}}
+{{- printf "%s/%s:%s" .Values.image.registry .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* specdec.operatorImage: the operator image reference. */}}
+{{- define "specdec.operatorImage" -}}
+{{- $i := .Values.operator.image -}}
+{{- printf "%s/%s:%s" $i.registry $i.repository (default .Chart.AppVersion $i.tag) -}}
+{{- end -}}
+
+{{/* specdec.serviceAccountName: the operator's ServiceAccount. */}}
+{{- define "specdec.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (printf "%s-operator" (include "specdec.fullname" .)) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* specdec.redisHost: the bundled Redis Service name. */}}
+{{- define "specdec.redisHost" -}}
+{{- printf "%s-redis" (include "specdec.fullname" .) -}}
+{{- end -}}
+
+{{/* specdec.redisUrl: plain Redis URL, empty when it comes from a Secret. */}}
+{{- define "specdec.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s.%s.svc:6379/0" (include "specdec.redisHost" .) .Release.Namespace -}}
+{{- else if not .Values.redis.external.existingSecret -}}
+{{- .Values.redis.external.url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* specdec.podSecurityContext: non-root pod security context. */}}
+{{- define "specdec.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* specdec.containerSecurityContext: read-only, no privileges, no capabilities. */}}
+{{- define "specdec.containerSecurityContext" -}}
+runAsNonRoot: true
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
+
+{{/* specdec.validateValues: every problem with the values, reported at once. */}}
+{{- define "specdec.validateValues" -}}
+{{- $errors := list -}}
+{{- if and (not .Values.redis.enabled) (not .Values.redis.external.url) (not .Values.redis.external.existingSecret) -}}
+{{- $errors = append $errors "redis: set redis.enabled=true, redis.external.url or redis.external.existingSecret" -}}
+{{- end -}}
+{{- if and .Values.redis.enabled (or .Values.redis.external.url .Values.redis.external.existingSecret) -}}
+{{- $errors = append $errors "redis: redis.external.* is ignored while redis.enabled=true; disable one" -}}
+{{- end -}}
+{{- if and .Values.decoder.enabled (eq .Values.decoder.drafter.type "model") (not .Values.decoder.drafter.model) -}}
+{{- $errors = append $errors "decoder.drafter.model is required when decoder.drafter.type=model" -}}
+{{- end -}}
+{{- range $tier := list "coordinator" "draft" "target" -}}
+{{- $t := index $.Values.decoder $tier | default dict -}}
+{{- if and (hasKey $t "minReplicas") (hasKey $t "maxReplicas") (gt (int $t.minReplicas) (int $t.maxReplicas)) -}}
+{{- $errors = append $errors (printf "decoder.%s: minReplicas > maxReplicas" $tier) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.peering.enabled) -}}
+{{- $errors = append $errors "operator.replicas > 1 needs operator.peering.enabled=true (else the pods fight)" -}}
+{{- end -}}
+{{- if $errors -}}
+{{- fail (printf "\n\nVALUES VALIDATION:\n  %s" (join "\n  " $errors)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* specdec.operatorRules: least-privilege rules for reconciling SpeculativeDecoders. */}}
+{{- define "specdec.operatorRules" -}}
+- apiGroups: [specdec.io]
+  resources: [speculativedecoders]
+  verbs: [get, list, watch, patch]
+- apiGroups: [specdec.io]
+  resources: [speculativedecoders/status]
+  verbs: [get, patch]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, create, patch, delete]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, create, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, create, patch, delete]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- if .Values.operator.peering.enabled }}
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [list, watch, patch, get]
+{{- end }}
+{{- with .Values.operator.secretNames }}
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: {{ toYaml . | nindent 4 }}
+  verbs: [get]
+{{- end }}
+{{- end -}}
