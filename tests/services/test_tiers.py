@@ -11,16 +11,9 @@ import pytest
 import torch
 
 from specdec.client import AsyncClient, Client
+from tests.reference import hf_greedy
 
 PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"
-
-
-def hf_greedy(model_dir: str, prompt_ids: list[int], n: int) -> list[int]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +25,10 @@ def prompt_ids(tiny_models) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_models, prompt_ids) -> list[int]:
-    return hf_greedy(tiny_models[0], prompt_ids, 24)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[0], dtype=torch.float32).eval()
+    return hf_greedy(model, prompt_ids, 24)
 
 
 def complete_ids(client: Client, prompt_ids: list[int], **params) -> tuple[list[int], object]:

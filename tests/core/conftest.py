@@ -1,0 +1,32 @@
+"""Fixtures for the core tests: tiny seeded Llama models, built once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import IdTokenizer, build_draft, build_target
+from transformers import LlamaForCausalLM
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread():
+    """The tiny models are far faster on one intra-op thread, above all on a shared CPU
+    (the batchers already run the draft and target workers on threads of their own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def target_model() -> LlamaForCausalLM:
+    return build_target()
+
+
+@pytest.fixture(scope="session")
+def draft_model(target_model: LlamaForCausalLM) -> LlamaForCausalLM:
+    return build_draft(target_model)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> IdTokenizer:
+    return IdTokenizer()

@@ -1,0 +1,180 @@
+"""KV caches roll back exactly; the flattened runner equals HF's forward; the target
+session's cache never holds an uncommitted token."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny_models import VOCAB, IdTokenizer, run
+
+from specdec.core.drafters.base import DraftWorker
+from specdec.core.generation import generate
+from specdec.core.kv_cache import SessionKV, SessionTable
+from specdec.core.local import LocalDrafter, LocalVerifier
+from specdec.core.loop import GenerationRequest
+from specdec.core.runner import ForwardItem, HFRunner, ModelRunner, build_runner
+from specdec.core.sampling import SamplingParams
+from specdec.core.target import TargetWorker
+from specdec.core.types import VerifyItem
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    rnd = random.Random(seed)
+    return [rnd.randrange(VOCAB) for _ in range(n)]
+
+
+@torch.inference_mode()
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+@pytest.mark.parametrize("runner_cls", [ModelRunner, HFRunner])
+def test_truncate_and_refeed_equals_fresh_forward(target_model, runner_cls) -> None:
+    runner = runner_cls(target_model)
+    seq = tokens(1, 100)  # crosses the initial capacity of 64: exercises growth too
+    full = hf_logits(target_model, seq)
+    kv = runner.new_kv()
+    out = runner.forward([ForwardItem(kv, seq[:30], 30)])[0]
+    assert torch.allclose(out, full[:30], atol=1e-5)
+    # Speculate 8 junk tokens, roll back, feed the real ones in pieces.
+    runner.forward([ForwardItem(kv, tokens(2, 8), 1)])
+    assert kv.length == 38
+    kv.truncate(30)
+    assert kv.token_ids == seq[:30]
+    out = runner.forward([ForwardItem(kv, seq[30:75], 45)])[0]
+    assert torch.allclose(out, full[30:75], atol=1e-5)
+    # Roll back deep, into the middle, then re-grow past the end.
+    kv.truncate(12)
+    out = runner.forward([ForwardItem(kv, seq[12:99], 3)])[0]
+    assert torch.allclose(out, full[96:99], atol=1e-5)
+    out = runner.forward([ForwardItem(kv, seq[99:100], 1)])[0]
+    assert torch.allclose(out, full[99:100], atol=1e-5)
+    assert kv.token_ids == seq
+
+
+def test_flattened_batch_equals_hf_forward_per_sequence(target_model) -> None:
+    runner = build_runner(target_model)
+    assert isinstance(runner, ModelRunner)
+    seqs = [tokens(10 + i, n) for i, n in enumerate([5, 17, 70, 1, 33])]
+    kvs = [runner.new_kv() for _ in seqs]
+    # Step 1: different prompt lengths (one of a single token) in one flattened batch.
+    prefix = [3, 9, 40, 1, 33]
+    outs = runner.forward([ForwardItem(kv, s[:n], min(n, 4)) for kv, s, n in zip(kvs, seqs, prefix)])
+    for s, n, out in zip(seqs, prefix, outs):
+        assert out.shape == (min(n, 4), VOCAB)
+        assert torch.allclose(out, hf_logits(target_model, s[:n])[-min(n, 4):], atol=1e-4)
+    # Step 2: each continues from its own cache length with a different number of new
+    # tokens; one sequence sits this step out, another joins fresh.
+    late = runner.new_kv()
+    late_seq = tokens(99, 12)
+    step = [(kvs[0], seqs[0], 3, 5), (kvs[1], seqs[1], 9, 17), (kvs[2], seqs[2], 40, 41), (late, late_seq, 0, 12)]
+    outs = runner.forward([ForwardItem(kv, s[a:b], b - a) for kv, s, a, b in step])
+    for (kv, s, a, b), out in zip(step, outs):
+        assert torch.allclose(out, hf_logits(target_model, s[:b])[a:b], atol=1e-4)
+        assert kv.token_ids == s[:b]
+
+
+def test_session_kv_bookkeeping() -> None:
+    kv = SessionKV(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32, device="cpu", capacity=4)
+    k = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    kv.reserve(3)
+    keys, values = kv.write(0, 0, k, -k)
+    kv.commit([7, 8, 9])
+    assert keys.shape == (2, 3, 4) and torch.equal(keys, k) and torch.equal(values, -k)
+    kv.reserve(10)  # growth keeps the valid prefix
+    assert kv.capacity >= 10
+    assert torch.equal(kv.keys[0][:, :3], k)
+    assert kv.common_prefix([7, 8, 9, 10]) == 3
+    assert kv.common_prefix([7, 5, 9]) == 1
+    assert kv.common_prefix([]) == 0
+    kv.truncate(1)
+    assert kv.token_ids == [7] and kv.length == 1
+    with pytest.raises(AssertionError):
+        kv.truncate(2)
+    table = SessionTable(2)
+    table.put("a", 1)
+    table.put("b", 2)
+    assert table.get("a") == 1  # "a" is now the most recent
+    table.put("c", 3)
+    assert table.get("b") is None and table.get("a") == 1 and len(table) == 2
+    with pytest.raises(ValueError):
+        SessionTable(0)
+
+
+class CheckingTargetWorker(TargetWorker):
+    """Asserts the cache invariant after every verification batch."""
+
+    checks = 0
+
+    def verify_batch(self, items):
+        verdicts = super().verify_batch(items)
+        for item, verdict in zip(items, verdicts):
+            if verdict.needs_resync:
+                continue
+            session = self.sessions.get(item.session_id)
+            assert session is not None
+            assert session.kv.token_ids == session.tokens[:-1], "cache holds an uncommitted token"
+            assert session.kv.length == len(session.tokens) - 1
+            self.checks += 1
+        return verdicts
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_target_cache_never_holds_uncommitted_tokens(target_model, draft_model, temperature) -> None:
+    worker = CheckingTargetWorker(build_runner(target_model))
+    verifier = LocalVerifier(worker)
+    drafter = LocalDrafter(DraftWorker(build_runner(draft_model), "small"))
+    prompts = [tokens(5, 6) * 3, tokens(6, 11)]
+
+    async def main():
+        requests = [
+            GenerationRequest(f"s{i}", p, 30, SamplingParams(temperature=temperature, seed=i),
+                              drafter=d, max_draft_tokens=4)
+            for i, (p, d) in enumerate([(p, d) for p in prompts for d in ("model:small", "ngram")])
+        ]
+        return await asyncio_gather(*[generate(r, drafter, verifier, IdTokenizer(), []) for r in requests])
+
+    results = run(main())
+    assert all(len(r.token_ids) == 30 for r in results)
+    assert worker.checks >= 4 * 5
+    assert sum(r.stats.proposed_tokens - r.stats.accepted_tokens for r in results) > 0  # rejections happened
+    assert len(worker.sessions) == 0  # released at the end
+
+
+def test_target_worker_direct_verify_steps(target_model) -> None:
+    """Hand-built verify items: rejections roll back, the committed tokens are the target's
+    greedy ones, and a stale prefix asks for a resync."""
+    worker = TargetWorker(build_runner(target_model))
+    prompt = tokens(7, 9)
+    greedy = SamplingParams()
+    committed = list(prompt)
+    sent = 0
+    for step in range(6):
+        truth = hf_logits(target_model, committed)[-1].argmax().item()
+        # Drafts: right first token on even steps, garbage otherwise.
+        first = truth if step % 2 == 0 else (truth + 1) % VOCAB
+        draft = [first, 3, 4]
+        verdict = worker.verify_batch([VerifyItem("x", sent, committed[sent:], draft, None, greedy)])[0]
+        assert not verdict.needs_resync
+        assert verdict.tokens[0] == truth
+        if step % 2 == 0:
+            assert verdict.num_accepted >= 1
+        else:
+            assert (verdict.num_accepted, verdict.tokens) == (0, [truth])
+        for i in range(1, len(verdict.tokens)):  # every committed token is the greedy one
+            assert verdict.tokens[i] == hf_logits(target_model, committed + verdict.tokens[:i])[-1].argmax().item()
+        committed += verdict.tokens
+        sent = len(committed)
+        session = worker.sessions.get("x")
+        assert session.tokens == committed
+        assert session.kv.token_ids == committed[:-1]
+    stale = worker.verify_batch([VerifyItem("unknown", 5, [1], [], None, greedy)])[0]
+    assert stale.needs_resync
+    assert worker.stats.forward_passes == 6 and worker.stats.max_batch_size == 1
+
+
+def asyncio_gather(*aws):
+    import asyncio
+
+    return asyncio.gather(*aws)

@@ -1,0 +1,101 @@
+"""Sampling through the engine: reproducible run to run for a fixed seed and settings, and
+speculative sampling follows the target's distribution (not the draft's)."""
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency, chisquare
+from tiny_models import run
+
+from specdec.core.engine import Engine
+from specdec.core.request import RequestSpec
+from specdec.core.sampling import SamplingParams, probs_from_logits
+
+PROMPT = [9, 200, 31, 77, 4, 250, 18]
+SEEDS = range(300)
+TEMPERATURE, TOP_K = 1.0, 8
+
+
+@pytest.fixture(scope="module")
+def engine(target_model, draft_model, tokenizer) -> Engine:
+    return Engine(target_model, tokenizer, drafter="ngram", draft_model=draft_model, draft_model_name="small")
+
+
+def sample_spec(drafter: str, seed: int, k: int = 4, max_new_tokens: int = 3, **kw) -> RequestSpec:
+    return RequestSpec(token_ids=list(PROMPT), max_new_tokens=max_new_tokens, ignore_eos=True, drafter=drafter,
+                       max_draft_tokens=k, adaptive=False, seed=seed,
+                       temperature=kw.pop("temperature", TEMPERATURE), top_k=kw.pop("top_k", TOP_K), **kw)
+
+
+def complete_all(engine: Engine, specs: list[RequestSpec]):
+    async def main():
+        return await asyncio.gather(*[engine.complete_async(s) for s in specs])
+    return run(main())
+
+
+@pytest.fixture(scope="module")
+def samples(engine) -> dict[str, list[list[int]]]:
+    """The first 3 generated tokens for each seed, without and with speculation."""
+    out = {}
+    for drafter in ("none", "model:small"):
+        results = complete_all(engine, [sample_spec(drafter, seed) for seed in SEEDS])
+        out[drafter] = [r.token_ids for r in results]
+        assert all(len(t) == 3 for t in out[drafter])
+        if drafter != "none":
+            assert 0 < sum(r.stats.accepted_tokens for r in results) < sum(r.stats.proposed_tokens for r in results)
+    return out
+
+
+def next_token_probs(model, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1:]
+    return probs_from_logits(logits, params)[0]
+
+
+def gof_pvalue(tokens: list[int], probs: torch.Tensor) -> float:
+    counts = Counter(tokens)
+    support = [int(t) for t in torch.nonzero(probs > 0).flatten()]
+    assert set(counts) <= set(support), "sampled a token outside the top-k support"
+    n = len(tokens)
+    return float(chisquare([counts[t] for t in support], [float(probs[t]) * n for t in support]).pvalue)
+
+
+def test_sampling_is_reproducible(engine) -> None:
+    for drafter, k in [("none", 1), ("ngram", 3), ("model:small", 4), ("model:small", 2)]:
+        specs = [sample_spec(drafter, seed, k, max_new_tokens=30, temperature=0.9, top_k=40, top_p=0.95)
+                 for seed in (1, 2, 3)]
+        first = [engine.complete(s).token_ids for s in specs]
+        second = complete_all(engine, specs)  # also: batching does not change a request's draws
+        assert [r.token_ids for r in second] == first, drafter
+        assert len({tuple(t) for t in first}) == 3, "different seeds should give different samples"
+
+
+def test_first_token_follows_target_distribution(samples, target_model, draft_model) -> None:
+    params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K)
+    p = next_token_probs(target_model, PROMPT, params)
+    q = next_token_probs(draft_model, PROMPT, params)
+    for drafter, tokens in samples.items():
+        assert gof_pvalue([t[0] for t in tokens], p) > 1e-3, drafter
+    # Power: the draft's own distribution is far enough from the target's that a sampler
+    # emitting draft tokens would fail the test above.
+    assert float((p - q).abs().sum()) / 2 > 0.15
+    if set(torch.nonzero(p > 0).flatten().tolist()) == set(torch.nonzero(q > 0).flatten().tolist()):
+        assert gof_pvalue([t[0] for t in samples["model:small"]], q) < 1e-3
+
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_speculative_and_plain_samples_have_the_same_distribution(samples, position) -> None:
+    plain = Counter(t[position] for t in samples["none"])
+    spec = Counter(t[position] for t in samples["model:small"])
+    # Pool tokens seen fewer than 10 times in total into one category.
+    keys = [t for t in plain.keys() | spec.keys() if plain[t] + spec[t] >= 10]
+    rows = [[plain[t] for t in keys], [spec[t] for t in keys]]
+    rest = [len(samples["none"]) - sum(rows[0]), len(samples["model:small"]) - sum(rows[1])]
+    if sum(rest) > 0:
+        rows[0].append(rest[0])
+        rows[1].append(rest[1])
+    assert len(rows[0]) >= 3
+    assert chi2_contingency(rows).pvalue > 1e-3
