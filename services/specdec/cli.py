@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="plain vs speculative decoding, embedded, side by side")
+    bench.add_argument("--model", default="smollm2-135m")
+    bench.add_argument("--drafter", action="append", help="drafter to compare (repeatable); default ngram")
+    bench.add_argument("--prompts", help="JSONL with 'prompt' or 'messages' per line (default: bundled set)")
+    bench.add_argument("--max-new-tokens", type=int, default=64)
+    bench.add_argument("--k", type=int, default=5)
+    bench.add_argument("--json", dest="json_out", help="write the results to this file")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -192,6 +201,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print(out["text"])
         print(f"[{out['finish_reason']}] {json.dumps(out['stats'])}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from specdec.bench import DEFAULT_PROMPTS, bench
+
+    result = bench(args.model, args.drafter or ["ngram"], Path(args.prompts) if args.prompts else DEFAULT_PROMPTS,
+                   args.max_new_tokens, args.k)
+    print(f"{'drafter':<28} {'tokens/s':>9} {'speedup':>8} {'accept':>7} identical")
+    for name, row in result["by_drafter"].items():
+        print(f"{name:<28} {row['tokens_per_s']:>9.2f} {row['speedup_vs_plain']:>8.3f} "
+              f"{row['acceptance_rate']:>7.3f} {row['outputs_identical']}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
     return 0
 
 
