@@ -67,6 +67,9 @@ def _env(spec: DecoderSpec, t: TierSpec, namespace: str, name: str,
         {"name": "OTEL_SERVICE_NAME", "value": f"specdec-{t.tier}"},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        # Bind every interface; register the pod IP in Redis so the coordinator can dial it.
+        {"name": "SPECDEC_HOST", "value": "0.0.0.0"},
+        {"name": "SPECDEC_ADVERTISE_HOST", "value": "$(POD_IP)"},
         {"name": "HOME", "value": "/home/specdec"},
         {"name": "HF_HOME", "value": "/home/specdec/.cache/huggingface"},
     ]
