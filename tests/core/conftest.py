@@ -7,10 +7,11 @@ from tiny_models import IdTokenizer, build_draft, build_target
 from transformers import LlamaForCausalLM
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def single_torch_thread():
     """The tiny models are far faster on one intra-op thread, above all on a shared CPU
-    (the batchers already run the draft and target workers on threads of their own)."""
+    (the batchers already run the draft and target workers on threads of their own).
+    Module-scoped so the setting never leaks into other test directories."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -169,12 +169,76 @@ def test_target_worker_direct_verify_steps(target_model) -> None:
         session = worker.sessions.get("x")
         assert session.tokens == committed
         assert session.kv.token_ids == committed[:-1]
+    # A caller rewriting history (a replayed session): the cache keeps only the common prefix.
+    rewritten = committed[:4] + tokens(17, 6)
+    verdict = worker.verify_batch([VerifyItem("x", 4, rewritten[4:], [], None, greedy)])[0]
+    assert verdict.tokens == [hf_logits(target_model, rewritten)[-1].argmax().item()]
+    session = worker.sessions.get("x")
+    assert session.tokens == rewritten + verdict.tokens and session.kv.token_ids == rewritten
     stale = worker.verify_batch([VerifyItem("unknown", 5, [1], [], None, greedy)])[0]
     assert stale.needs_resync
-    assert worker.stats.forward_passes == 6 and worker.stats.max_batch_size == 1
+    assert worker.stats.forward_passes == 7 and worker.stats.max_batch_size == 1
 
 
 def asyncio_gather(*aws):
     import asyncio
 
     return asyncio.gather(*aws)
+
+
+@torch.inference_mode()
+def hf_greedy_continuation(model, ids: list[int], n: int) -> list[int]:
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids):]
+
+
+def test_draft_worker_rolls_back_and_drafts_from_committed_tokens(draft_model) -> None:
+    """After partial acceptance the draft cache is rolled back, so each proposal is the
+    draft model's own continuation of the committed tokens; sampled drafts come with the
+    quantised q they were drawn from."""
+    from specdec.core.errors import InvalidArgument
+    from specdec.core.rng import Purpose, sample_index, uniform
+    from specdec.core.sampling import probs_from_logits, quantize_f16
+    from specdec.core.types import ProposeItem
+
+    worker = DraftWorker(build_runner(draft_model), "small")
+    committed, sent = tokens(8, 10), 0
+    for step in range(5):
+        proposal = worker.propose_batch([ProposeItem("d", sent, committed[sent:], 4, SamplingParams(), "model:small")])[0]
+        assert proposal.probs is None and not proposal.needs_resync
+        assert proposal.tokens == hf_greedy_continuation(draft_model, committed, 4), step
+        session = worker.sessions.get("d")
+        assert session.tokens == committed
+        assert session.kv.token_ids == committed + proposal.tokens[:-1]
+        # The "target" keeps the first step % 3 drafts, then substitutes its own token;
+        # the drafter holds the tokens committed when it proposed (as in the loop).
+        kept = step % 3
+        sent = len(committed)
+        committed = committed + proposal.tokens[:kept] + [(proposal.tokens[kept] + 1) % VOCAB]
+    # A caller rewriting history (a replayed session): cached tokens past the common
+    # prefix are dropped, not reused.
+    rewritten = committed[:5] + tokens(9, 7)
+    proposal = worker.propose_batch([ProposeItem("d", 5, rewritten[5:], 3, SamplingParams(), "model:small")])[0]
+    assert proposal.tokens == hf_greedy_continuation(draft_model, rewritten, 3)
+    committed, sent = rewritten, len(rewritten)
+    params = SamplingParams(temperature=0.8, top_k=50, seed=77)
+    proposal = worker.propose_batch([ProposeItem("d", sent, [], 3, params, "model:small")])[0]
+    assert proposal.probs.shape == (3, VOCAB) and proposal.probs.dtype == torch.float64
+    assert torch.allclose(proposal.probs.sum(-1), torch.ones(3, dtype=torch.float64))
+    context = list(committed)
+    for i, token in enumerate(proposal.tokens):
+        q = proposal.probs[i]
+        assert torch.equal(q, quantize_f16(q[None])[0])  # exactly the float16 wire values
+        assert token == sample_index(q, uniform(77, len(committed) + i, Purpose.DRAFT))
+        expected = quantize_f16(probs_from_logits(hf_logits(draft_model, context)[-1:], params))[0]
+        assert torch.allclose(q, expected, atol=2e-3)
+        assert int((q > 0).sum()) == 50
+        context.append(token)
+    ngram = worker.propose_batch([ProposeItem("n", 0, [1, 2, 3, 1, 2], 2, params, "ngram")])[0]
+    assert ngram.tokens == [3, 1] and ngram.probs is None
+    assert worker.propose_batch([ProposeItem("gone", 4, [1], 2, params, "ngram")])[0].needs_resync
+    with pytest.raises(InvalidArgument):
+        worker.propose_batch([ProposeItem("x", 0, [1], 2, params, "model:other")])
+    assert DraftWorker().drafters == ["ngram"] and worker.drafters == ["ngram", "model:small"]

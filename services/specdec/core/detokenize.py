@@ -26,10 +26,10 @@ class IncrementalDetokenizer:
     def add(self, token_ids: list[int], final: bool = False) -> TextDelta:
         self._ids.extend(token_ids)
         full = self.tokenizer.decode(self._ids, skip_special_tokens=True)
-        for stop in self.stop_strings:
-            at = full.find(stop, max(0, self._emitted - len(stop)))
-            if at != -1:
-                return self._release(full[:at], stopped=True)
+        # Several stop strings may occur in the new text: stop at the earliest.
+        hits = [at for stop in self.stop_strings if (at := full.find(stop, max(0, self._emitted - len(stop)))) != -1]
+        if hits:
+            return self._release(full[:min(hits)], stopped=True)
         if final:
             return self._release(full)
         end = len(full) - self._holdback

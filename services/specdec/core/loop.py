@@ -56,7 +56,9 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
     try:
         while True:
             remaining = request.max_new_tokens - stats.generated_tokens
-            room = request.max_context - len(committed)
+            # Drafts beyond this would let accepted drafts plus the target's own token
+            # overshoot max_context, which plain decoding never does.
+            room = request.max_context - len(committed) - 1
             proposal = await _propose(request, drafter, committed, sync, min(k.k, remaining - 1, room))
             if proposal is None:
                 continue  # drafter asked for a resync

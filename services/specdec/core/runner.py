@@ -162,8 +162,11 @@ class HFRunner:
         out = []
         for item in items:
             cache = item.kv.hf_cache  # type: ignore[attr-defined]
-            if cache.get_seq_length() > item.kv.length:
-                cache.crop(item.kv.length)
+            excess = cache.get_seq_length() - item.kv.length
+            if excess > 0:
+                # A negative count removes that many tokens (transformers 5 rejects an
+                # absolute length here; older versions accept both).
+                cache.crop(-excess)
             ids = torch.tensor([item.tokens], device=self.device)
             result = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
             item.kv.commit(item.tokens)

@@ -1,0 +1,279 @@
+"""n-gram proposer, incremental detokenizer, request validation, micro-batcher."""
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+
+import pytest
+from tiny_models import run
+
+from specdec.core.adaptive import DraftLength
+from specdec.core.batcher import MicroBatcher
+from specdec.core.detokenize import IncrementalDetokenizer
+from specdec.core.drafters.base import parse_drafter
+from specdec.core.drafters.ngram import ngram_propose
+from specdec.core.errors import InvalidArgument
+from specdec.core.request import MAX_DRAFT_TOKENS, ModelLimits, RequestSpec, build_request
+
+# ---------------------------------------------------------------- n-gram proposer
+
+
+def test_ngram_edge_cases() -> None:
+    assert ngram_propose([1, 2, 1, 2], 0) == []
+    assert ngram_propose([1, 2, 1, 2], -3) == []
+    assert ngram_propose([], 4) == []
+    assert ngram_propose([7], 4) == []
+    assert ngram_propose([1, 2, 3, 4, 5], 3) == []  # nothing repeats
+    assert ngram_propose([1, 2, 3, 1, 2], 3) == [3, 1, 2]
+    assert ngram_propose([1, 2, 3, 1, 2], 1) == [3]  # at most k
+    # The longest matching n-gram wins over a more recent shorter one.
+    tokens = [7, 1, 2, 9, 1, 3, 7, 1]
+    assert ngram_propose(tokens, 3) == [2, 9, 1]
+    assert ngram_propose(tokens, 3, max_ngram=1) == [3, 7, 1]
+    # Among equal lengths, the most recent earlier occurrence wins.
+    assert ngram_propose([1, 2, 1, 3, 1], 2) == [3, 1]
+    # The continuation stops at the end of the sequence (never proposes past it).
+    assert ngram_propose([4, 4, 4], 5) == [4]
+    assert ngram_propose([5, 6, 5], 4) == [6, 5]
+    # min_ngram: a single-token match is not enough.
+    assert ngram_propose([1, 2, 3, 1], 2, min_ngram=2) == []
+    assert ngram_propose([1, 2, 3, 1], 2) == [2, 3]
+
+
+def test_parse_drafter_and_draft_length() -> None:
+    assert parse_drafter("none") == ("none", "")
+    assert parse_drafter("ngram") == ("ngram", "")
+    assert parse_drafter("model:small") == ("model", "small")
+    for bad in ("model:", "model", "eagle", ""):
+        with pytest.raises(InvalidArgument) as err:
+            parse_drafter(bad)
+        assert err.value.field == "speculation.drafter"
+    k = DraftLength(6, adaptive=True)
+    k.update(6, 6)
+    assert k.k == 6  # capped at max
+    k.update(6, 0)
+    assert k.k == 4  # halfway towards accepted + 1
+    k.update(4, 4)
+    assert k.k == 5
+    fixed = DraftLength(3, adaptive=False)
+    fixed.update(3, 0)
+    assert fixed.k == 3
+
+
+# ---------------------------------------------------------------- detokenizer
+
+
+class ByteTokenizer:
+    """Test stub: token id = one UTF-8 byte, so multi-byte characters span tokens and
+    their prefixes decode to U+FFFD, as with real byte-level BPE tokenizers."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def ids(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def test_detokenizer_without_stops_releases_everything_but_partial_characters() -> None:
+    detok = IncrementalDetokenizer(ByteTokenizer(), [])
+    deltas = [detok.add(ids("ab")).text]
+    e_acute = ids("é")
+    deltas.append(detok.add(e_acute[:1]).text)  # half a character: held back
+    assert deltas[-1] == ""
+    deltas.append(detok.add(e_acute[1:] + ids("c")).text)
+    assert deltas == ["ab", "", "éc"]
+    assert detok.text == "abéc"
+
+
+def test_detokenizer_stop_string_across_tokens() -> None:
+    detok = IncrementalDetokenizer(ByteTokenizer(), ["END"])
+    released = ""
+    for chunk in ("ab", "cE", "N"):
+        delta = detok.add(ids(chunk))
+        assert not delta.stopped
+        released += delta.text
+        assert "E" not in released  # a possible start of the stop string is held back
+    delta = detok.add(ids("Dxyz"))
+    assert delta.stopped
+    released += delta.text
+    assert released == detok.text == "abc"
+
+
+def test_detokenizer_holds_back_then_releases_on_final() -> None:
+    detok = IncrementalDetokenizer(ByteTokenizer(), ["STOP"])
+    delta = detok.add(ids("hello ST"))
+    assert not delta.stopped and delta.text in ("hello", "hello ")  # "ST" could start STOP
+    delta2 = detok.add(ids("ar"), final=True)
+    assert not delta2.stopped
+    assert delta.text + delta2.text == detok.text == "hello STar"
+
+
+def test_detokenizer_earliest_stop_string_wins() -> None:
+    detok = IncrementalDetokenizer(ByteTokenizer(), ["world", "hello"])
+    delta = detok.add(ids("say hello world"))
+    assert delta.stopped
+    assert detok.text == "say "
+
+
+def test_detokenizer_stop_in_first_chunk_and_empty_stops_ignored() -> None:
+    detok = IncrementalDetokenizer(ByteTokenizer(), ["", "\n\n"])
+    delta = detok.add(ids("one\n\ntwo"))
+    assert delta.stopped and delta.text == "one"
+    detok = IncrementalDetokenizer(ByteTokenizer(), [""])
+    assert detok.add(ids("x")).text == "x"
+
+
+# ---------------------------------------------------------------- request validation
+
+
+class StubTokenizer:
+    """Test stub: byte-level encode, EOS id 0, no chat template."""
+
+    eos_token_id = 0
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode())
+
+
+LIMITS = ModelLimits(vocab_size=256, max_context=64, max_new_tokens=1000)
+AVAILABLE = ["ngram", "model:small"]
+
+
+def build(**kw):
+    kw.setdefault("token_ids", [1, 2, 3])
+    return build_request(RequestSpec(**kw), StubTokenizer(), LIMITS, "ngram", AVAILABLE)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(token_ids=None, prompt=""), "prompt"),
+    (dict(token_ids=None, prompt="   "), "prompt"),
+    (dict(token_ids=[]), "token_ids.ids"),
+    (dict(token_ids=None), "input"),
+    (dict(prompt="hi"), "input"),  # two inputs
+    (dict(max_new_tokens=0), "decoding.max_new_tokens"),
+    (dict(max_new_tokens=-5), "decoding.max_new_tokens"),
+    (dict(max_new_tokens=10**9), "decoding.max_new_tokens"),
+    (dict(temperature=-0.1), "decoding.temperature"),
+    (dict(temperature=math.nan), "decoding.temperature"),
+    (dict(temperature=math.inf), "decoding.temperature"),
+    (dict(top_p=0.0), "decoding.top_p"),
+    (dict(top_p=1.5), "decoding.top_p"),
+    (dict(top_k=-1), "decoding.top_k"),
+    (dict(seed=-1), "decoding.seed"),
+    (dict(drafter="bogus"), "speculation.drafter"),
+    (dict(drafter="model:"), "speculation.drafter"),
+    (dict(drafter="model:other"), "speculation.drafter"),  # well-formed, not served here
+    (dict(max_draft_tokens=0), "speculation.max_draft_tokens"),
+    (dict(max_draft_tokens=MAX_DRAFT_TOKENS + 1), "speculation.max_draft_tokens"),
+    (dict(token_ids=list(range(64))), "token_ids.ids"),  # no room left in the context
+    (dict(token_ids=None, prompt="x" * 100), "prompt"),
+    (dict(token_ids=[1, 256]), "token_ids.ids"),
+    (dict(token_ids=[-1, 2]), "token_ids.ids"),
+    (dict(stop_token_ids=[300]), "decoding.stop_token_ids"),
+    (dict(stop=["ok", ""]), "decoding.stop"),
+    (dict(stop=[str(i) for i in range(17)]), "decoding.stop"),
+    (dict(token_ids=None, messages=[]), "chat.messages"),
+    (dict(token_ids=None, messages=[{"role": "robot", "content": "hi"}]), "chat.messages[0].role"),
+    (dict(token_ids=None, messages=[{"role": "user", "content": "hi"}]), "chat"),  # no template
+])
+def test_request_validation_names_the_field(kwargs, field) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        build(**kwargs)
+    assert err.value.field == field
+    assert isinstance(err.value, ValueError)
+
+
+def test_valid_request_is_built() -> None:
+    request, stops = build(token_ids=[5, 6], max_new_tokens=9, temperature=0.5, top_k=3, top_p=0.9, seed=42,
+                           stop=["x"], stop_token_ids=[7], drafter="model:small", max_draft_tokens=16)
+    assert request.prompt_ids == [5, 6] and request.max_new_tokens == 9
+    assert (request.sampling.temperature, request.sampling.top_k, request.sampling.top_p, request.sampling.seed) == (
+        0.5, 3, 0.9, 42)
+    assert request.drafter == "model:small" and request.max_draft_tokens == 16 and request.adaptive
+    assert request.stop_token_ids == frozenset({7, 0})  # EOS added
+    assert stops == ["x"] and request.max_context == 64
+    request, _ = build(token_ids=list(range(63)), ignore_eos=True)  # 63 < 64: fits
+    assert request.stop_token_ids == frozenset()
+    assert request.drafter == "ngram" and request.sampling.greedy
+    request, _ = build(token_ids=None, prompt="hi", drafter="none")
+    assert request.prompt_ids == [104, 105] and request.drafter == "none"
+    seeds = {build()[0].sampling.seed for _ in range(5)}  # no seed given: a random one
+    assert len(seeds) > 1
+
+
+# ---------------------------------------------------------------- micro-batcher
+
+
+def test_batcher_batches_concurrent_submissions() -> None:
+    batches: list[list[int]] = []
+
+    def double(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return [2 * x for x in items]
+
+    async def main():
+        batcher = MicroBatcher(double, max_batch_size=32)
+        try:
+            results = await asyncio.gather(*[batcher.submit(i) for i in range(10)])
+            lone = await batcher.submit(100)  # a lone request runs at once, alone
+            return results, lone, batcher.stats
+        finally:
+            await batcher.close()
+
+    results, lone, stats = run(main())
+    assert results == [2 * i for i in range(10)] and lone == 200
+    assert stats.max_batch_size > 1 and len(batches) < 10 + 1
+    assert sorted(x for b in batches for x in b) == list(range(10)) + [100]
+    assert stats.items == 11 and stats.queue_depth == 0
+
+
+def test_batcher_respects_max_batch_size_and_keeps_order() -> None:
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def slow_identity(items: list[str]) -> list[str]:
+        release.wait(5)
+        sizes.append(len(items))
+        return [s.upper() for s in items]
+
+    async def main():
+        batcher = MicroBatcher(slow_identity, max_batch_size=3)
+        try:
+            tasks = [asyncio.ensure_future(batcher.submit(c)) for c in "abcdefgh"]
+            await asyncio.sleep(0)
+            release.set()
+            return await asyncio.gather(*tasks)
+        finally:
+            await batcher.close()
+
+    assert run(main()) == list("ABCDEFGH")
+    assert max(sizes) <= 3 and sum(sizes) == 8 and max(sizes) > 1
+
+
+def test_batcher_propagates_exceptions_and_keeps_working() -> None:
+    def picky(items: list[int]) -> list[int]:
+        if any(x < 0 for x in items):
+            raise ValueError(f"negative in {items}")
+        return [x + 1 for x in items]
+
+    async def main():
+        batcher = MicroBatcher(picky)
+        try:
+            outcome = await asyncio.gather(batcher.submit(1), batcher.submit(-1), return_exceptions=True)
+            after = await batcher.submit(5)  # the worker survived the failed batch
+            alone_bad = await asyncio.gather(batcher.submit(-7), return_exceptions=True)
+            called = await batcher.call(lambda: "on the worker thread")
+            return outcome, after, alone_bad, called
+        finally:
+            await batcher.close()
+
+    outcome, after, alone_bad, called = run(main())
+    assert all(isinstance(o, ValueError) for o in outcome)  # both shared the failing batch
+    assert after == 6
+    assert isinstance(alone_bad[0], ValueError) and "-7" in str(alone_bad[0])
+    assert called == "on the worker thread"
+    with pytest.raises(ValueError):
+        MicroBatcher(picky, max_batch_size=0)
