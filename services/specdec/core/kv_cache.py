@@ -8,6 +8,8 @@ length (O(1)); capacity grows by doubling, so growth copies are amortised O(1) p
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -104,3 +106,27 @@ class SessionTable:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class HasTokens(Protocol):
+    tokens: list[int]
+
+
+S = TypeVar("S", bound=HasTokens)
+
+
+def sync_session(table: SessionTable, session_id: str, prefix_len: int, tokens: list[int],
+                 create: Callable[[], S]) -> S | None:
+    """Apply a delta (`prefix_len` known tokens, then `tokens`) to a session's committed
+    tokens; None when this replica lacks the prefix and the caller must resend from 0."""
+    session = table.get(session_id)
+    if session is None:
+        if prefix_len:
+            return None
+        session = create()
+        table.put(session_id, session)
+    if prefix_len > len(session.tokens):
+        return None
+    del session.tokens[prefix_len:]
+    session.tokens.extend(tokens)
+    return session  # type: ignore[return-value]

@@ -5,37 +5,42 @@ embedded engine uses them directly.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 from specdec.core.batcher import MicroBatcher
 from specdec.core.drafters.base import DraftWorker
 from specdec.core.target import TargetWorker
 from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
 
+W = TypeVar("W", DraftWorker, TargetWorker)
+I = TypeVar("I")  # noqa: E741
+R = TypeVar("R")
 
-class LocalVerifier:
-    def __init__(self, worker: TargetWorker, max_batch_size: int = 32) -> None:
+
+class _Batched(Generic[W, I, R]):
+    def __init__(self, worker: W, run_batch: Callable[[list[I]], list[R]], max_batch_size: int) -> None:
         self.worker = worker
-        self.batcher: MicroBatcher[VerifyItem, Verdict] = MicroBatcher(worker.verify_batch, max_batch_size)
+        self.batcher: MicroBatcher[I, R] = MicroBatcher(run_batch, max_batch_size)
+
+    async def release(self, session_id: str) -> None:
+        await self.batcher.call(lambda: self.worker.release(session_id))
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+
+class LocalVerifier(_Batched[TargetWorker, VerifyItem, Verdict]):
+    def __init__(self, worker: TargetWorker, max_batch_size: int = 32) -> None:
+        super().__init__(worker, worker.verify_batch, max_batch_size)
 
     async def verify(self, item: VerifyItem) -> Verdict:
         return await self.batcher.submit(item)
 
-    async def release(self, session_id: str) -> None:
-        await self.batcher.call(lambda: self.worker.release(session_id))
 
-    async def close(self) -> None:
-        await self.batcher.close()
-
-
-class LocalDrafter:
+class LocalDrafter(_Batched[DraftWorker, ProposeItem, Proposal]):
     def __init__(self, worker: DraftWorker, max_batch_size: int = 32) -> None:
-        self.worker = worker
-        self.batcher: MicroBatcher[ProposeItem, Proposal] = MicroBatcher(worker.propose_batch, max_batch_size)
+        super().__init__(worker, worker.propose_batch, max_batch_size)
 
     async def propose(self, item: ProposeItem) -> Proposal:
         return await self.batcher.submit(item)
-
-    async def release(self, session_id: str) -> None:
-        await self.batcher.call(lambda: self.worker.release(session_id))
-
-    async def close(self) -> None:
-        await self.batcher.close()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from specdec.core.kv_cache import SessionKV, SessionTable
+from specdec.core.kv_cache import SessionKV, SessionTable, sync_session
 from specdec.core.rejection import RejectionInput, rejection_sample
 from specdec.core.runner import ForwardItem, Runner
 from specdec.core.types import Verdict, VerifyItem
@@ -52,16 +52,10 @@ class TargetWorker:
         return [v for v in verdicts if v is not None]
 
     def _sync(self, item: VerifyItem) -> TargetSession | None:
-        session = self.sessions.get(item.session_id)
+        session = sync_session(self.sessions, item.session_id, item.prefix_len, item.tokens,
+                               lambda: TargetSession(kv=self.runner.new_kv()))
         if session is None:
-            if item.prefix_len:
-                return None
-            session = TargetSession(kv=self.runner.new_kv())
-            self.sessions.put(item.session_id, session)
-        if item.prefix_len > len(session.tokens):
             return None
-        del session.tokens[item.prefix_len:]
-        session.tokens.extend(item.tokens)
         if not session.tokens:
             raise ValueError(f"session {item.session_id}: nothing to verify (no committed tokens)")
         return session

@@ -8,7 +8,7 @@ import torch
 
 from specdec.core.drafters.ngram import ngram_propose
 from specdec.core.errors import InvalidArgument
-from specdec.core.kv_cache import SessionKV, SessionTable
+from specdec.core.kv_cache import SessionKV, SessionTable, sync_session
 from specdec.core.rng import Purpose, sample_index, uniform
 from specdec.core.runner import ForwardItem, Runner
 from specdec.core.sampling import probs_from_logits, quantize_f16
@@ -65,17 +65,7 @@ class DraftWorker:
         return [r for r in results if r is not None]
 
     def _sync(self, item: ProposeItem) -> DraftSession | None:
-        session = self.sessions.get(item.session_id)
-        if session is None:
-            if item.prefix_len:
-                return None
-            session = DraftSession()
-            self.sessions.put(item.session_id, session)
-        if item.prefix_len > len(session.tokens):
-            return None
-        del session.tokens[item.prefix_len:]
-        session.tokens.extend(item.tokens)
-        return session
+        return sync_session(self.sessions, item.session_id, item.prefix_len, item.tokens, DraftSession)
 
     def _model_propose(self, rows: list[tuple[int, DraftSession, ProposeItem]]) -> list[Proposal]:
         """Draft autoregressively, all sessions batched at each of the k steps."""
