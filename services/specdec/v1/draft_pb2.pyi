@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ProposeItem(_message.Message):
-    __slots__ = ("tag", "session_id", "prefix_len", "tokens", "num_tokens", "sampling", "drafter")
+    __slots__ = ("tag", "session_id", "prefix_len", "tokens", "num_tokens", "sampling", "drafter", "traceparent")
     TAG_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class ProposeItem(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     tag: int
     session_id: str
     prefix_len: int
@@ -23,7 +24,8 @@ class ProposeItem(_message.Message):
     num_tokens: int
     sampling: _sampling_pb2.SamplingParams
     drafter: str
-    def __init__(self, tag: _Optional[int] = ..., session_id: _Optional[str] = ..., prefix_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., drafter: _Optional[str] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, tag: _Optional[int] = ..., session_id: _Optional[str] = ..., prefix_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., drafter: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("items", "release_session_ids")

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VerifyItem(_message.Message):
-    __slots__ = ("tag", "session_id", "prefix_len", "tokens", "draft_tokens", "draft_probs_f16", "sampling")
+    __slots__ = ("tag", "session_id", "prefix_len", "tokens", "draft_tokens", "draft_probs_f16", "sampling", "traceparent")
     TAG_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class VerifyItem(_message.Message):
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_F16_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     tag: int
     session_id: str
     prefix_len: int
@@ -23,7 +24,8 @@ class VerifyItem(_message.Message):
     draft_tokens: _containers.RepeatedScalarFieldContainer[int]
     draft_probs_f16: bytes
     sampling: _sampling_pb2.SamplingParams
-    def __init__(self, tag: _Optional[int] = ..., session_id: _Optional[str] = ..., prefix_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., draft_probs_f16: _Optional[bytes] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, tag: _Optional[int] = ..., session_id: _Optional[str] = ..., prefix_len: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., draft_probs_f16: _Optional[bytes] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("items", "release_session_ids")
