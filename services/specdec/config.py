@@ -28,6 +28,11 @@ class Settings:
     heartbeat_s: float = 2.0  # registry refresh; entries expire after 5 heartbeats
     tier_timeout_s: float = 60.0  # a draft/verify call slower than this counts as a failure
     max_failovers: int = 4  # replica switches per call before giving up
+    metrics_port: int = 0  # Prometheus scrape endpoint (/metrics) on host:port; 0 = off
+    kv_chunk_tokens: int = 256  # tokens per KV chunk in Redis (prefix reuse, failover); 0 = no KV in Redis
+    kv_ttl_s: float = 3600.0  # lifetime of a KV chunk in Redis (Redis's maxmemory policy may evict sooner)
+    kv_max_pending_mb: int = 256  # KV chunks waiting to be written per replica; beyond that they are dropped
+    drain_timeout_s: float = 10.0  # SIGTERM: time for in-flight items and KV writes before exiting
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "Settings":

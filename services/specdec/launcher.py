@@ -48,6 +48,7 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     redis_url: str = ""
     coordinator: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # the tiers' environment (to start more replicas alike)
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], address: str = "") -> Child:
         log = self.log_dir / f"{name}.log"
@@ -124,6 +125,7 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
                "SPECDEC_DRAFTER": drafter, "SPECDEC_DEVICE": device, "SPECDEC_DTYPE": dtype}
         threads = str(max(1, (os.cpu_count() or 2) // 2)) if device == "cpu" else "0"
         env.setdefault("SPECDEC_TORCH_THREADS", threads)
+        stack.env = env
         tiers = [("target", i) for i in range(target_replicas)] + [("draft", i) for i in range(draft_replicas)]
         started = []
         for tier, i in tiers:

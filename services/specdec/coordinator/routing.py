@@ -19,6 +19,7 @@ from specdec.state.registry import Registry, ReplicaInfo
 log = logging.getLogger(__name__)
 REFRESH_S = 1.0
 QUARANTINE_S = 15.0
+EMPTY_GRACE_S = 15.0  # an empty registry right after replicas were seen is a restarted Redis, not a dead tier
 
 
 class ReplicaPool:
@@ -28,6 +29,7 @@ class ReplicaPool:
         self._open_stream, self._make_request = open_stream, make_request
         self._known: list[ReplicaInfo] = [ReplicaInfo(tier=tier, address=a) for a in static]
         self._refreshed = 0.0
+        self._seen_at = 0.0  # when the registry last listed any replica
         self._clients: dict[str, TaggedStreamClient] = {}
         self._quarantine: dict[str, float] = {}
         self.placement: dict[str, str] = {}  # session id -> address
@@ -36,11 +38,21 @@ class ReplicaPool:
         if self.registry is not None and time.monotonic() - self._refreshed > REFRESH_S:
             self._refreshed = time.monotonic()
             try:
-                self._known = await self.registry.replicas(self.tier) or self._known_static()
+                fresh = await self.registry.replicas(self.tier)
+                if fresh:
+                    self._known, self._seen_at = fresh, time.monotonic()
+                elif time.monotonic() - self._seen_at > EMPTY_GRACE_S:
+                    self._known = self._known_static()
+                # else: Redis came back empty (restarted); replicas re-register at their next beat
             except Exception as exc:  # Redis down: route on what we knew
                 log.debug("registry read failed: %s", exc)
         now = time.monotonic()
         return [r for r in self._known if self._quarantine.get(r.address, 0) < now]
+
+    def healthy_count(self) -> int:
+        """Replicas last seen and not quarantined (no registry read: safe in a metrics callback)."""
+        now = time.monotonic()
+        return sum(1 for r in self._known if self._quarantine.get(r.address, 0) < now)
 
     def _known_static(self) -> list[ReplicaInfo]:
         return [ReplicaInfo(tier=self.tier, address=a) for a in self.static]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session
+from specdec.core.prefix_store import PrefixStore
 from specdec.core.rejection import RejectionInput, rejection_sample
 from specdec.core.runner import ForwardItem, Runner
 from specdec.core.types import Verdict, VerifyItem
@@ -26,8 +27,9 @@ class TargetStats:
 class TargetWorker:
     """Verifies drafts against the target model. Not thread-safe: one batch at a time."""
 
-    def __init__(self, runner: Runner, max_sessions: int = 1024) -> None:
+    def __init__(self, runner: Runner, max_sessions: int = 1024, prefix_store: PrefixStore | None = None) -> None:
         self.runner = runner
+        self.prefix_store = prefix_store  # shared KV chunks (e.g. Redis): restore prefixes, offer new ones
         self.sessions = SessionTable(max_sessions)
         self.stats = TargetStats()
 
@@ -60,12 +62,14 @@ class TargetWorker:
             raise ValueError(f"session {item.session_id}: nothing to verify (no committed tokens)")
         return session
 
-    @staticmethod
-    def _forward_item(session: TargetSession, item: VerifyItem) -> ForwardItem:
+    def _forward_item(self, session: TargetSession, item: VerifyItem) -> ForwardItem:
         kv = session.kv
         assert kv is not None
         keep = min(kv.common_prefix(session.tokens), len(session.tokens) - 1)
         kv.truncate(keep)
+        if self.prefix_store is not None:
+            self.prefix_store.restore(session.tokens[:-1], kv)
+            keep = kv.length
         feed = session.tokens[keep:] + item.draft_tokens
         return ForwardItem(kv, feed, len(item.draft_tokens) + 1)
 
@@ -79,6 +83,8 @@ class TargetWorker:
         assert session.kv is not None
         # Roll back the rejected drafts: keep committed tokens only (all but the newest).
         session.kv.truncate(len(session.tokens) - 1)
+        if self.prefix_store is not None:
+            self.prefix_store.offer(session.tokens, session.kv)
         return Verdict(out.num_accepted, out.tokens, batch_size)
 
     def _count(self, items: list[ForwardItem]) -> None:

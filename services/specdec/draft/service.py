@@ -3,23 +3,27 @@ from __future__ import annotations
 
 import grpc
 
+import asyncio
+
 from specdec.config import Settings
 from specdec.core.drafters.base import DraftWorker, parse_drafter
 from specdec.core.local import LocalDrafter
 from specdec.core.models import load_model
 from specdec.core.runner import build_runner
 from specdec.rpc import convert
-from specdec.rpc.server import TierServer
+from specdec.rpc.server import Drain, TierServer
 from specdec.rpc.streams import serve_tagged
+from specdec.state.kv_store import store_for
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, drafter: LocalDrafter) -> None:
-        self.drafter = drafter
+    def __init__(self, drafter: LocalDrafter, closing: asyncio.Event | None = None) -> None:
+        self.drafter, self.closing = drafter, closing
 
     async def Propose(self, request_iterator, context: grpc.aio.ServicerContext):
-        async for response in serve_tagged(request_iterator, self._propose, _failed, self._release, _respond):
+        async for response in serve_tagged(request_iterator, self._propose, _failed, self._release, _respond,
+                                           self.closing):
             yield response
 
     async def _propose(self, item: draft_pb2.ProposeItem) -> draft_pb2.ProposeResult:
@@ -42,13 +46,17 @@ def _respond(results: list[draft_pb2.ProposeResult]) -> draft_pb2.ProposeRespons
 def build(settings: Settings) -> TierServer:
     """A draft replica serving `ngram` plus the model of `model:NAME` when configured."""
     kind, model_name = parse_drafter(settings.drafter)
-    runner = build_runner(load_model(model_name, settings.device, settings.dtype)) if kind == "model" else None
-    drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions), settings.max_batch_size)
+    model = load_model(model_name, settings.device, settings.dtype) if kind == "model" else None
+    runner = build_runner(model) if model is not None else None
+    store = store_for(settings, "draft", model, runner) if model is not None else None
+    drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions, store), settings.max_batch_size)
     stats = drafter.batcher.stats
+    drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None)
     return TierServer(
         "draft", settings, [draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
-        lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter), server),
+        lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter, drain.closing), server),
         lambda: {"queue_depth": stats.queue_depth, "active_sessions": len(drafter.worker.sessions),
                  "batch_utilization": round(stats.items / stats.batches / drafter.batcher.max_batch_size, 4)
-                 if stats.batches else 0.0, "tokens_per_s": 0.0, "acceptance_rate": None},
-        model=model_name or "ngram", drafters=drafter.worker.drafters)
+                 if stats.batches else 0.0, "tokens_per_s": 0.0, "acceptance_rate": None,
+                 **(store.stats.as_load() if store is not None else {})},
+        model=model_name or "ngram", drafters=drafter.worker.drafters, drain=drain)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,8 +15,17 @@ from grpc_reflection.v1alpha import reflection
 from specdec.config import Settings
 from specdec.rpc.streams import CHANNEL_OPTIONS
 from specdec.state.registry import Heartbeat, Registry, ReplicaInfo
+from specdec.telemetry import server_interceptors, shutdown as telemetry_shutdown
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Drain:
+    """What a tier does on SIGTERM besides leaving the registry and reporting NOT_SERVING."""
+
+    closing: asyncio.Event = field(default_factory=asyncio.Event)  # set: streams answer what they hold, then end
+    flush: Callable[[], Awaitable[None]] | None = None  # once the streams ended: persist state (KV to Redis)
 
 
 class TierServer:
@@ -23,9 +33,10 @@ class TierServer:
 
     def __init__(self, tier: str, settings: Settings, service_names: list[str],
                  add_servicers: Callable[[grpc.aio.Server], None], load: Callable[[], dict],
-                 model: str = "", drafters: list[str] | None = None) -> None:
+                 model: str = "", drafters: list[str] | None = None, drain: Drain | None = None) -> None:
         self.tier, self.settings, self.service_names = tier, settings, service_names
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.drain = drain
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=server_interceptors())
         add_servicers(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -46,14 +57,21 @@ class TierServer:
             self.heartbeat.start()
         log.info("%s tier serving on %s", self.tier, self.address)
 
-    async def stop(self, grace_s: float = 5.0) -> None:
-        """Drain: report NOT_SERVING, leave the registry, let calls in flight finish."""
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: report NOT_SERVING, leave the registry (no new sessions come), answer the
+        items in flight and end the streams (the coordinator fails those sessions over),
+        flush state to Redis, exit."""
         await self.health.enter_graceful_shutdown()
         if self.heartbeat is not None:
             await self.heartbeat.stop()
-        await self.server.stop(grace_s)
+        if self.drain is not None:
+            self.drain.closing.set()
+        await self.server.stop(self.settings.drain_timeout_s if grace_s is None else grace_s)
+        if self.drain is not None and self.drain.flush is not None:
+            await self.drain.flush()
         if self.registry is not None:
             await self.registry.close()
+        telemetry_shutdown()  # flush the last spans and metrics
 
     async def run_until_signal(self) -> None:
         await self.start()

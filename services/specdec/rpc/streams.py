@@ -24,10 +24,13 @@ class ReplicaFailed(RuntimeError):
 async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[Any]],
                        failed: Callable[[Any, Exception], Any],
                        release: Callable[[list[str]], Awaitable[None]],
-                       respond: Callable[[list[Any]], Any]) -> AsyncIterator[Any]:
+                       respond: Callable[[list[Any]], Any],
+                       closing: asyncio.Event | None = None) -> AsyncIterator[Any]:
     """Server side: yield responses as items finish until the client half-closes. An item
     whose handler raises is answered with `failed(item, exc)` (an error result), so one bad
-    item never stalls or breaks the stream."""
+    item never stalls or breaks the stream. Once `closing` is set (the replica drains), items
+    in flight are answered, nothing more is read, and the stream ends: the client fails
+    those sessions over."""
     results: asyncio.Queue[Any] = asyncio.Queue()
     pending: set[asyncio.Task[None]] = set()
 
@@ -49,10 +52,11 @@ async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awa
                 task.add_done_callback(pending.discard)
 
     reader = asyncio.create_task(read())
+    stopper = asyncio.create_task((closing or asyncio.Event()).wait())
     try:
         while True:
             getter = asyncio.create_task(results.get())
-            done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({getter, reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 batch = [getter.result()]
                 while not results.empty():
@@ -60,6 +64,16 @@ async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awa
                 yield respond(batch)
                 continue
             getter.cancel()
+            if stopper in done:  # draining: answer what is in flight, then end the stream
+                reader.cancel()
+                if pending:
+                    await asyncio.wait(set(pending))
+                batch = []
+                while not results.empty():
+                    batch.append(results.get_nowait())
+                if batch:
+                    yield respond(batch)
+                return
             if reader.exception() is not None:
                 raise reader.exception()  # type: ignore[misc]
             if pending:
@@ -68,6 +82,7 @@ async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awa
                 return
     finally:
         reader.cancel()
+        stopper.cancel()
         for task in pending:
             task.cancel()
 

@@ -1,6 +1,7 @@
 """TargetService: verify items from every stream meet in one micro-batcher."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -11,17 +12,19 @@ from specdec.core.models import load_model
 from specdec.core.runner import build_runner
 from specdec.core.target import TargetWorker
 from specdec.rpc import convert
-from specdec.rpc.server import TierServer
+from specdec.rpc.server import Drain, TierServer
 from specdec.rpc.streams import serve_tagged
+from specdec.state.kv_store import store_for
 from specdec.v1 import target_pb2, target_pb2_grpc
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
-    def __init__(self, verifier: LocalVerifier) -> None:
-        self.verifier = verifier
+    def __init__(self, verifier: LocalVerifier, closing: asyncio.Event | None = None) -> None:
+        self.verifier, self.closing = verifier, closing
 
     async def Verify(self, request_iterator, context: grpc.aio.ServicerContext):
-        async for response in serve_tagged(request_iterator, self._verify, _failed, self._release, _respond):
+        async for response in serve_tagged(request_iterator, self._verify, _failed, self._release, _respond,
+                                           self.closing):
             yield response
 
     async def _verify(self, item: target_pb2.VerifyItem) -> target_pb2.VerifyResult:
@@ -61,13 +64,18 @@ class LoadMeter:
             "tokens_per_s": round((tokens - before) / max(now - then, 1e-6), 2),
             "max_batch_size": stats.max_batch_size,
             "acceptance_rate": None,
+            **(worker.prefix_store.stats.as_load() if worker.prefix_store is not None else {}),
         }
 
 
 def build(settings: Settings) -> TierServer:
     model = load_model(settings.model, settings.device, settings.dtype)
-    verifier = LocalVerifier(TargetWorker(build_runner(model), settings.max_sessions), settings.max_batch_size)
+    runner = build_runner(model)
+    store = store_for(settings, "target", model, runner)
+    verifier = LocalVerifier(TargetWorker(runner, settings.max_sessions, store), settings.max_batch_size)
+    drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None)
     return TierServer(
         "target", settings, [target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name],
-        lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(TargetServicer(verifier), server),
-        LoadMeter(verifier), model=settings.model)
+        lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(
+            TargetServicer(verifier, drain.closing), server),
+        LoadMeter(verifier), model=settings.model, drain=drain)

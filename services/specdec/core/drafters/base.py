@@ -9,6 +9,7 @@ import torch
 from specdec.core.drafters.ngram import ngram_propose
 from specdec.core.errors import InvalidArgument
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session
+from specdec.core.prefix_store import PrefixStore
 from specdec.core.rng import Purpose, sample_index, uniform
 from specdec.core.runner import ForwardItem, Runner
 from specdec.core.sampling import probs_from_logits, quantize_f16
@@ -34,9 +35,11 @@ class DraftWorker:
     """Serves `ngram` and, given a runner, `model:<model_name>`. Not thread-safe: one
     batch at a time (the batcher guarantees it)."""
 
-    def __init__(self, runner: Runner | None = None, model_name: str = "", max_sessions: int = 1024) -> None:
+    def __init__(self, runner: Runner | None = None, model_name: str = "", max_sessions: int = 1024,
+                 prefix_store: PrefixStore | None = None) -> None:
         self.runner = runner
         self.model_name = model_name
+        self.prefix_store = prefix_store  # shared draft-model KV chunks (e.g. Redis)
         self.sessions = SessionTable(max_sessions)
 
     @property
@@ -80,6 +83,9 @@ class DraftWorker:
             # Roll back to what the cache shares with the committed tokens (never the last one).
             keep = min(session.kv.common_prefix(session.tokens), len(session.tokens) - 1)
             session.kv.truncate(keep)
+            if self.prefix_store is not None:
+                self.prefix_store.restore(session.tokens[:-1], session.kv)
+                keep = session.kv.length
             feeds.append(session.tokens[keep:])
         live = [j for j, (_, _, item) in enumerate(rows) if item.num_tokens > 0]
         while live:
@@ -91,6 +97,9 @@ class DraftWorker:
                 probs[j].append(q)
                 feeds[j] = [token]
             live = [j for j in live if len(drafts[j]) < rows[j][2].num_tokens]
+        if self.prefix_store is not None:
+            for _, session, _ in rows:  # the store keeps only the committed part of the cache
+                self.prefix_store.offer(session.tokens, session.kv)
         return [
             Proposal(drafts[j], None if rows[j][2].sampling.greedy else torch.stack(probs[j]))
             for j in range(len(rows))

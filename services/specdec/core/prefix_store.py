@@ -1,0 +1,26 @@
+"""The seam between per-session KV caches and a shared, surviving KV tier.
+
+A `PrefixStore` (implemented outside the core, e.g. in Redis by `specdec.state.kv_store`)
+holds KV for whole chunks of token prefixes. Workers ask it to `restore` before computing
+a prefix they lack, and `offer` it what they computed. Both calls come from the worker
+thread, must be cheap when there is nothing to do, and must never raise for store trouble:
+a store that is down is a store that misses.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from specdec.core.kv_cache import SessionKV
+
+
+class PrefixStore(Protocol):
+    def restore(self, tokens: list[int], kv: SessionKV) -> int:
+        """`kv` holds KV for a prefix of `tokens`; extend it with stored KV of whole chunks
+        of `tokens` (stopping at the first missing one). Returns how many tokens the cache
+        grew by (0 = miss). Never restores past len(tokens)."""
+        ...
+
+    def offer(self, tokens: list[int], kv: SessionKV) -> None:
+        """`tokens` are committed and `kv` holds KV for a prefix of them: save the chunks
+        that became complete (asynchronously, off the hot path)."""
+        ...
