@@ -108,6 +108,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    from specdec import telemetry
+
+    telemetry.configure(args.tier, settings.metrics_port, settings.host,
+                        instance=f"{settings.advertise_host or settings.host}:{settings.port_for(args.tier)}")
     builders = {"coordinator": "specdec.coordinator.service", "draft": "specdec.draft.service",
                 "target": "specdec.target.service"}
     module = __import__(builders[args.tier], fromlist=["build"])

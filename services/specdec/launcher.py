@@ -131,9 +131,10 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
         for tier, i in tiers:
             tier_port = free_port()
             argv = [sys.executable, "-m", "specdec.cli", "serve", tier, "--port", str(tier_port)]
-            started.append(stack.spawn(f"{tier}-{i}", argv, env, f"127.0.0.1:{tier_port}"))
+            started.append(stack.spawn(f"{tier}-{i}", argv, tier_env(env, tier, len(started) + 1),
+                                       f"127.0.0.1:{tier_port}"))
         argv = [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(port)]
-        started.append(stack.spawn("coordinator", argv, env, f"127.0.0.1:{port}"))
+        started.append(stack.spawn("coordinator", argv, tier_env(env, "coordinator", 0), f"127.0.0.1:{port}"))
         for child in started:
             wait_healthy(child)
         stack.coordinator = f"127.0.0.1:{port}"
@@ -142,6 +143,17 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
     except BaseException:
         stack.stop()
         raise
+
+
+def tier_env(env: dict[str, str], tier: str, index: int) -> dict[str, str]:
+    """One process's environment: its own OpenTelemetry service name (`<OTEL_SERVICE_NAME>-<tier>`,
+    default `specdec-<tier>`) and, with SPECDEC_METRICS_PORT, its own scrape port (base + index)."""
+    out = dict(env)
+    if out.get("OTEL_SERVICE_NAME"):
+        out["OTEL_SERVICE_NAME"] = f"{out['OTEL_SERVICE_NAME']}-{tier}"
+    if int(out.get("SPECDEC_METRICS_PORT") or 0):
+        out["SPECDEC_METRICS_PORT"] = str(int(out["SPECDEC_METRICS_PORT"]) + index)
+    return out
 
 
 def _wait_registered(redis_url: str, targets: int, drafts: int, timeout_s: float = 30) -> None:

@@ -17,6 +17,7 @@ from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
 from specdec.coordinator.routing import ReplicaPool
 from specdec.rpc import convert
 from specdec.rpc.streams import ReplicaFailed
+from specdec.telemetry import traceparent
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ class RemoteTier:
 
 class RemoteVerifier(RemoteTier):
     async def verify(self, item: VerifyItem) -> Verdict:
+        parent = traceparent()  # the step's span: the target's span joins the request's trace
         result = await self.call(item.session_id, item.prefix_len,
-                                 lambda tag: convert.verify_item_to_proto(tag, item))
+                                 lambda tag: convert.verify_item_to_proto(tag, item, parent))
         return Verdict(needs_resync=True) if result is None else convert.verdict_from_proto(result)
 
 
@@ -60,8 +62,9 @@ class RemoteDrafter(RemoteTier):
 
     async def propose(self, item: ProposeItem) -> Proposal:
         try:
+            parent = traceparent()
             result = await self.call(item.session_id, item.prefix_len,
-                                     lambda tag: convert.propose_item_to_proto(tag, item))
+                                     lambda tag: convert.propose_item_to_proto(tag, item, parent))
         except TierUnavailable as exc:
             log.info("no draft replica (%s); decoding without speculation", exc)
             return Proposal()

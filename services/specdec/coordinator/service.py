@@ -19,6 +19,7 @@ from specdec.rpc.errors import grpc_errors
 from specdec.rpc.server import TierServer
 from specdec.state.registry import Registry
 from specdec.state.sessions import SessionStore
+from specdec.telemetry import observe, traced_chunks
 from specdec.v1 import draft_pb2, draft_pb2_grpc, generation_pb2, generation_pb2_grpc, target_pb2, target_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class Coordinator:
         self.verifier = RemoteVerifier(self.target_pool, settings.tier_timeout_s, settings.max_failovers)
         self.active = 0
         self.generated_tokens = 0
+        observe("specdec_replicas", lambda: [(pool.healthy_count(), {"tier": pool.tier})
+                                             for pool in (self.draft_pool, self.target_pool)])
 
     async def drafters(self) -> list[str]:
         served = {d for r in await self.draft_pool.replicas() for d in r.drafters}
@@ -56,7 +59,8 @@ class Coordinator:
         self.active += 1
         self._record(spec, request, result, "running")
         try:
-            async for chunk in generate_stream(request, drafter, self.verifier, self.tokenizer, stops, result):
+            chunks = generate_stream(request, drafter, self.verifier, self.tokenizer, stops, result)
+            async for chunk in traced_chunks(chunks, request, result, self._placement):
                 self.generated_tokens += len(chunk.token_ids)
                 self._record(spec, request, result, "running")
                 yield chunk
@@ -77,6 +81,10 @@ class Coordinator:
                           "target": self.target_pool.placement.get(request.session_id)},
             "updated_at": time.time(),
         })
+
+    def _placement(self, session_id: str) -> dict[str, str | None]:
+        return {"draft": self.draft_pool.placement.get(session_id),
+                "target": self.target_pool.placement.get(session_id)}
 
     def load(self) -> dict:
         return {"queue_depth": 0, "active_sessions": self.active, "batch_utilization": 0.0,

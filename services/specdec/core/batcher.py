@@ -37,6 +37,11 @@ class MicroBatcher(Generic[Item, Result]):
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
         self.stats = BatcherStats()
 
+    def wrap_batches(self, wrap: Callable[[Callable[[list[Item]], list[Result]]],
+                                          Callable[[list[Item]], list[Result]]]) -> None:
+        """Decorate the batch function (the services add tracing and metrics this way)."""
+        self._run_batch = wrap(self._run_batch)
+
     async def submit(self, item: Item) -> Result:
         self._ensure_started()
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()

@@ -10,16 +10,19 @@ from specdec.core.drafters.base import DraftWorker, parse_drafter
 from specdec.core.local import LocalDrafter
 from specdec.core.models import load_model
 from specdec.core.runner import build_runner
+from specdec.core.types import Proposal, ProposeItem
 from specdec.rpc import convert
 from specdec.rpc.server import Drain, TierServer
 from specdec.rpc.streams import serve_tagged
 from specdec.state.kv_store import store_for
+from specdec.telemetry import TierTelemetry
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     def __init__(self, drafter: LocalDrafter, closing: asyncio.Event | None = None) -> None:
         self.drafter, self.closing = drafter, closing
+        TELEMETRY.instrument(drafter.batcher, lambda: len(drafter.worker.sessions))
 
     async def Propose(self, request_iterator, context: grpc.aio.ServicerContext):
         async for response in serve_tagged(request_iterator, self._propose, _failed, self._release, _respond,
@@ -27,12 +30,26 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             yield response
 
     async def _propose(self, item: draft_pb2.ProposeItem) -> draft_pb2.ProposeResult:
-        proposal = await self.drafter.propose(convert.propose_item_from_proto(item))
+        proposal = await TELEMETRY.handle(item.traceparent, convert.propose_item_from_proto(item),
+                                          self.drafter.propose, _item_attributes, _proposal_attributes)
         return convert.proposal_to_proto(item.tag, proposal)
 
     async def _release(self, session_ids: list[str]) -> None:
         for session_id in session_ids:
             await self.drafter.release(session_id)
+
+
+TELEMETRY = TierTelemetry("draft", "propose")
+
+
+def _item_attributes(item: ProposeItem) -> dict:
+    return {"specdec.session_id": item.session_id, "specdec.prefix_len": item.prefix_len,
+            "specdec.new_tokens": len(item.tokens), "specdec.requested_tokens": item.num_tokens,
+            "specdec.drafter": item.drafter}
+
+
+def _proposal_attributes(item: ProposeItem, proposal: Proposal) -> dict:
+    return {"specdec.draft_tokens": len(proposal.tokens), "specdec.needs_resync": proposal.needs_resync}
 
 
 def _failed(item: draft_pb2.ProposeItem, exc: Exception) -> draft_pb2.ProposeResult:

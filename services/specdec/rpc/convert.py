@@ -31,10 +31,11 @@ def sampling_from_proto(m: sampling_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(temperature=m.temperature, top_k=m.top_k, top_p=m.top_p, seed=m.seed)
 
 
-def propose_item_to_proto(tag: int, item: ProposeItem) -> draft_pb2.ProposeItem:
+def propose_item_to_proto(tag: int, item: ProposeItem, traceparent: str = "") -> draft_pb2.ProposeItem:
     return draft_pb2.ProposeItem(
         tag=tag, session_id=item.session_id, prefix_len=item.prefix_len, tokens=item.tokens,
-        num_tokens=item.num_tokens, sampling=sampling_to_proto(item.sampling), drafter=item.drafter)
+        num_tokens=item.num_tokens, sampling=sampling_to_proto(item.sampling), drafter=item.drafter,
+        traceparent=traceparent)
 
 
 def propose_item_from_proto(m: draft_pb2.ProposeItem) -> ProposeItem:
@@ -52,11 +53,11 @@ def proposal_from_proto(m: draft_pb2.ProposeResult) -> Proposal:
     return Proposal(tokens, probs_from_bytes(m.draft_probs_f16, len(tokens)), m.needs_resync)
 
 
-def verify_item_to_proto(tag: int, item: VerifyItem) -> target_pb2.VerifyItem:
+def verify_item_to_proto(tag: int, item: VerifyItem, traceparent: str = "") -> target_pb2.VerifyItem:
     return target_pb2.VerifyItem(
         tag=tag, session_id=item.session_id, prefix_len=item.prefix_len, tokens=item.tokens,
         draft_tokens=item.draft_tokens, draft_probs_f16=probs_to_bytes(item.draft_probs),
-        sampling=sampling_to_proto(item.sampling))
+        sampling=sampling_to_proto(item.sampling), traceparent=traceparent)
 
 
 def verify_item_from_proto(m: target_pb2.VerifyItem) -> VerifyItem:

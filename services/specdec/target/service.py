@@ -11,16 +11,19 @@ from specdec.core.local import LocalVerifier
 from specdec.core.models import load_model
 from specdec.core.runner import build_runner
 from specdec.core.target import TargetWorker
+from specdec.core.types import Verdict, VerifyItem
 from specdec.rpc import convert
 from specdec.rpc.server import Drain, TierServer
 from specdec.rpc.streams import serve_tagged
 from specdec.state.kv_store import store_for
+from specdec.telemetry import TierTelemetry
 from specdec.v1 import target_pb2, target_pb2_grpc
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     def __init__(self, verifier: LocalVerifier, closing: asyncio.Event | None = None) -> None:
         self.verifier, self.closing = verifier, closing
+        TELEMETRY.instrument(verifier.batcher, lambda: len(verifier.worker.sessions))
 
     async def Verify(self, request_iterator, context: grpc.aio.ServicerContext):
         async for response in serve_tagged(request_iterator, self._verify, _failed, self._release, _respond,
@@ -28,12 +31,29 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             yield response
 
     async def _verify(self, item: target_pb2.VerifyItem) -> target_pb2.VerifyResult:
-        verdict = await self.verifier.verify(convert.verify_item_from_proto(item))
+        verdict = await TELEMETRY.handle(item.traceparent, convert.verify_item_from_proto(item),
+                                         self.verifier.verify, _item_attributes, _verdict_attributes)
         return convert.verdict_to_proto(item.tag, verdict)
 
     async def _release(self, session_ids: list[str]) -> None:
         for session_id in session_ids:
             await self.verifier.release(session_id)
+
+
+TELEMETRY = TierTelemetry("target", "verify")
+
+
+def _item_attributes(item: VerifyItem) -> dict:
+    return {"specdec.session_id": item.session_id, "specdec.prefix_len": item.prefix_len,
+            "specdec.new_tokens": len(item.tokens), "specdec.draft_tokens": len(item.draft_tokens)}
+
+
+def _verdict_attributes(item: VerifyItem, verdict: Verdict) -> dict:
+    if not verdict.needs_resync:
+        TELEMETRY.count("specdec_verified_draft_tokens", len(item.draft_tokens))
+        TELEMETRY.count("specdec_verified_accepted_tokens", verdict.num_accepted)
+    return {"specdec.accepted_tokens": verdict.num_accepted, "specdec.committed_tokens": len(verdict.tokens),
+            "specdec.needs_resync": verdict.needs_resync}
 
 
 def _failed(item: target_pb2.VerifyItem, exc: Exception) -> target_pb2.VerifyResult:

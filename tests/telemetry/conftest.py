@@ -1,0 +1,156 @@
+"""An in-process OTLP/gRPC receiver (real TraceService + MetricsService servicers on
+loopback) and a stack of real tier processes exporting to it."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from tests.conftest import ValkeyProcess, free_port
+from tests.services.conftest import save_tiny_llama
+
+
+@dataclass
+class Span:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    kind: int
+    attributes: dict[str, Any]
+    links: list[tuple[str, str, dict[str, Any]]]  # (trace id, span id, attributes)
+
+
+def _value(v: Any) -> Any:
+    which = v.WhichOneof("value")
+    return getattr(v, which) if which else None
+
+
+def _attrs(kvs: Any) -> dict[str, Any]:
+    return {kv.key: _value(kv.value) for kv in kvs}
+
+
+@dataclass
+class Receiver:
+    """Collects what the tiers export; `address` is the OTLP endpoint."""
+
+    address: str = ""
+    spans: list[Span] = field(default_factory=list)
+    metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_traces(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
+        with self.lock:
+            for rs in request.resource_spans:
+                service = str(_attrs(rs.resource.attributes).get("service.name"))
+                for ss in rs.scope_spans:
+                    for s in ss.spans:
+                        self.spans.append(Span(
+                            service, s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.kind,
+                            _attrs(s.attributes),
+                            [(ln.trace_id.hex(), ln.span_id.hex(), _attrs(ln.attributes)) for ln in s.links]))
+
+    def snapshot(self) -> list[Span]:
+        with self.lock:
+            return list(self.spans)
+
+    def wait_for(self, ready: Callable[[list[Span]], bool], timeout_s: float = 20.0) -> list[Span]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            spans = self.snapshot()
+            if ready(spans):
+                return spans
+            time.sleep(0.1)
+        raise AssertionError(f"spans not complete after {timeout_s}s: {[(s.service, s.name) for s in self.snapshot()]}")
+
+    def metric_points(self, service: str, name: str) -> list[tuple[dict[str, Any], Any]]:
+        """Data points of the newest export of `name` from `service`: (attributes, point)."""
+        with self.lock:
+            requests = list(self.metric_requests)
+        for request in reversed(requests):
+            for rm in request.resource_metrics:
+                if _attrs(rm.resource.attributes).get("service.name") != service:
+                    continue
+                for sm in rm.scope_metrics:
+                    for metric in sm.metrics:
+                        if metric.name == name:
+                            data = getattr(metric, metric.WhichOneof("data"))
+                            return [(_attrs(p.attributes), p) for p in data.data_points]
+        return []
+
+
+class _Traces(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+
+    def Export(self, request, context):
+        self.receiver.add_traces(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+
+    def Export(self, request, context):
+        with self.receiver.lock:
+            self.receiver.metric_requests.append(request)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+@pytest.fixture(scope="module")
+def otlp_receiver() -> Iterator[Receiver]:
+    receiver = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(receiver), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(receiver), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    receiver.address = f"127.0.0.1:{port}"
+    yield receiver
+    server.stop(0)
+
+
+@pytest.fixture(scope="session")
+def telemetry_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    from specdec.core.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    root = tmp_path_factory.mktemp("tiny-telemetry")
+    target = save_tiny_llama(root / "target", seed=0, layers=2, tokenizer=tokenizer)
+    draft = save_tiny_llama(root / "draft", seed=1, layers=1, tokenizer=tokenizer, init_from=target)
+    return str(target), str(draft)
+
+
+@pytest.fixture(scope="module")
+def traced_stack(telemetry_models: tuple[str, str], valkey: ValkeyProcess, otlp_receiver: Receiver):
+    """Target, draft and coordinator as separate processes, all exporting to the receiver."""
+    import os
+
+    from specdec.launcher import start_stack
+
+    target, draft = telemetry_models
+    prefix = f"specdec-tel-{uuid.uuid4().hex[:6]}:"
+    os.environ["SPECDEC_REDIS_PREFIX"] = prefix
+    env = {"SPECDEC_REDIS_PREFIX": prefix, "SPECDEC_TORCH_THREADS": "1", "SPECDEC_HEARTBEAT_S": "0.5",
+           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{otlp_receiver.address}", "OTEL_METRIC_EXPORT_INTERVAL": "300",
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_SERVICE_NAME": ""}
+    stack = start_stack(target, f"model:{draft}", 1, 1, free_port(), valkey.url, extra_env=env)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+ROOT = Path(__file__).resolve().parents[2]
