@@ -49,16 +49,41 @@ def test_parse_drafter_and_draft_length() -> None:
         with pytest.raises(InvalidArgument) as err:
             parse_drafter(bad)
         assert err.value.field == "speculation.drafter"
-    k = DraftLength(6, adaptive=True)
-    k.update(6, 6)
-    assert k.k == 6  # capped at max
-    k.update(6, 0)
-    assert k.k == 4  # halfway towards accepted + 1
-    k.update(4, 4)
-    assert k.k == 5
     fixed = DraftLength(3, adaptive=False)
-    fixed.update(3, 0)
+    fixed.update(3, 0, 1.0)
     assert fixed.k == 3
+
+
+def _steer(k: DraftLength, accept_rate: float, base_s: float, token_s: float, steps: int = 60) -> None:
+    """Feed the controller steps whose time is base + token_s * proposed."""
+    for _ in range(steps):
+        proposed = k.k
+        k.update(proposed, round(proposed * accept_rate), base_s + token_s * proposed)
+
+
+def test_draft_length_grows_when_drafts_pay() -> None:
+    k = DraftLength(8, adaptive=True)
+    _steer(k, accept_rate=1.0, base_s=0.06, token_s=0.004)
+    assert k.alpha > 0.95 and k.k >= 6
+
+
+def test_draft_length_falls_back_to_plain_when_drafts_do_not_pay() -> None:
+    k = DraftLength(8, adaptive=True)
+    _steer(k, accept_rate=0.0, base_s=0.06, token_s=0.02)
+    assert k.alpha < 0.15
+    plain_steps = 0
+    for _ in range(32):
+        plain_steps += k.k == 0
+        _steer(k, accept_rate=0.0, base_s=0.06, token_s=0.02, steps=1)
+    assert plain_steps >= 28, "mostly plain decoding, with rare probes"
+
+
+def test_draft_length_shrinks_when_verification_gets_expensive() -> None:
+    """Same acceptance, costlier tokens (a saturated target): shorter drafts."""
+    cheap, dear = DraftLength(8, adaptive=True), DraftLength(8, adaptive=True)
+    _steer(cheap, accept_rate=0.6, base_s=0.06, token_s=0.003)
+    _steer(dear, accept_rate=0.6, base_s=0.06, token_s=0.05)
+    assert dear.k < cheap.k
 
 
 # ---------------------------------------------------------------- detokenizer

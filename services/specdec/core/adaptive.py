@@ -1,23 +1,64 @@
-"""Draft-length control from a request's own acceptance history.
+"""Draft-length control: speculate only as far as it pays, per request.
 
-Grow k by one after a fully accepted draft; otherwise move it halfway towards what was
-actually accepted plus one. A cheap, stable rule: long drafts only while they pay.
+The controller keeps two running estimates from the request's own steps:
+
+* the acceptance rate α of a draft token (so a k-token draft commits on average
+  E(k) = 1 + α + ... + α^k tokens, the target's own token included), and
+* the cost of a step, base + per_token * k, timed around the draft and the verification
+  of real steps. Under load the verifier's queueing and batch cost show up in both.
+
+It picks the k in 0..max_k with the most expected tokens per second. k = 0 is plain
+decoding, so a request whose drafts do not pay falls back to it instead of getting slower
+(the vLLM #17984 failure); a plain step now and then re-measures the base cost, and a
+short draft now and then re-measures α.
 """
 from __future__ import annotations
 
+EMA = 0.25  # weight of the newest observation
+PROBE_EVERY = 16  # steps between re-measurements of the branch not taken
+
 
 class DraftLength:
-    def __init__(self, max_k: int, adaptive: bool, start: int | None = None) -> None:
+    def __init__(self, max_k: int, adaptive: bool, prior_acceptance: float = 0.7,
+                 prior_token_cost: float = 0.2) -> None:
         if max_k < 0:
             raise ValueError("max_k must be >= 0")
-        self.max_k = max_k
-        self.adaptive = adaptive
-        self.k = max_k if start is None else min(start, max_k)
+        self.max_k, self.adaptive = max_k, adaptive
+        self.alpha = prior_acceptance
+        self.base_s: float | None = None  # time of a plain step
+        self.token_cost = prior_token_cost  # extra time per drafted token, relative to base_s
+        self.k = max_k
+        self._steps = 0
+        self._since_probe = 0
 
-    def update(self, proposed: int, accepted: int) -> None:
-        if not self.adaptive or proposed == 0:
+    def update(self, proposed: int, accepted: int, step_s: float | None = None) -> None:
+        """Record a step: drafts proposed and accepted, and its wall time (None: untimed,
+        e.g. the first step, which carries the prefill)."""
+        self._steps += 1
+        if not self.adaptive:
             return
-        if accepted == proposed:
-            self.k = min(self.max_k, self.k + 1)
-        else:
-            self.k = max(1, (self.k + accepted + 2) // 2)
+        if proposed:
+            self.alpha += EMA * (accepted / proposed - self.alpha)
+        if step_s is not None:
+            self._observe_cost(proposed, step_s)
+        self.k = self._choose()
+
+    def _observe_cost(self, proposed: int, step_s: float) -> None:
+        if proposed == 0:
+            self.base_s = step_s if self.base_s is None else self.base_s + EMA * (step_s - self.base_s)
+        elif self.base_s is not None:
+            per_token = max(0.0, (step_s / self.base_s - 1.0) / proposed)
+            self.token_cost += EMA * (per_token - self.token_cost)
+
+    def expected_tokens(self, k: int) -> float:
+        return sum(self.alpha ** i for i in range(k + 1))
+
+    def _choose(self) -> int:
+        self._since_probe += 1
+        best = max(range(self.max_k + 1), key=lambda k: self.expected_tokens(k) / (1.0 + self.token_cost * k))
+        if self.base_s is None and self._steps >= 1:
+            return 0  # measure the plain step once, early
+        if self._since_probe >= PROBE_EVERY:
+            self._since_probe = 0
+            return 0 if best > 0 else min(2, self.max_k)  # re-measure the branch not taken
+        return best

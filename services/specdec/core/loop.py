@@ -6,6 +6,7 @@ them. Output is the target's own: the loop only decides how much to speculate.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
             # Drafts beyond this would let accepted drafts plus the target's own token
             # overshoot max_context, which plain decoding never does.
             room = request.max_context - len(committed) - 1
+            started = time.perf_counter()
             proposal = await _propose(request, drafter, committed, sync, min(k.k, remaining - 1, room))
             if proposal is None:
                 continue  # drafter asked for a resync
@@ -68,10 +70,11 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
             if verdict.needs_resync:
                 _resync(sync, "target")
                 continue
-            sync.resyncs = 0
+            replayed, sync.resyncs = sync.resyncs > 0, 0
             committed.extend(verdict.tokens)
             sync.target = len(committed)
-            k.update(len(proposal.tokens), verdict.num_accepted)
+            timed = stats.steps > 0 and not replayed  # these steps carry a (re)prefill
+            k.update(len(proposal.tokens), verdict.num_accepted, time.perf_counter() - started if timed else None)
             out = _finish(request, verdict.tokens, remaining, len(committed))
             stats.steps += 1
             stats.proposed_tokens += len(proposal.tokens)

@@ -26,6 +26,7 @@ def cache_dir() -> Path:
 
 def resolve_model_path(name: str) -> str:
     """A local directory (or hub id) that transformers can load `name` from."""
+    name = split_variant(name)[0]
     if name == SMOLLM2_ALIAS:
         return str(_ensure_smollm2())
     return name
@@ -71,14 +72,36 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def split_variant(name: str) -> tuple[str, str]:
+    """'smollm2-135m@int8' -> ('smollm2-135m', 'int8'). Variants make cheap draft models
+    out of a target: `int8` (weight-only int8 Linear layers, CPU) and `layers=N` (the first
+    N decoder layers with the model's own norm and head: an early-exit draft)."""
+    base, _, variant = name.partition("@")
+    if variant and variant != "int8" and not (variant.startswith("layers=") and variant[7:].isdigit()):
+        raise ValueError(f"unknown model variant {variant!r} in {name!r}; use @int8 or @layers=N")
+    return base, variant
+
+
 def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=parse_dtype(dtype))
-    return model.to(device).eval()
+    base, variant = split_variant(name)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=parse_dtype(dtype))
+    model = model.to(device).eval()
+    if variant.startswith("layers="):
+        keep = int(variant[len("layers="):])
+        model.model.layers = model.model.layers[:keep]
+        model.config.num_hidden_layers = keep
+    elif variant == "int8":
+        if device != "cpu":
+            raise ValueError("the @int8 variant runs on the CPU only")
+        from specdec.core.quant import quantize_linear_weights
+
+        model = quantize_linear_weights(model)
+    return model
 
 
 def load_tokenizer(name: str):  # -> transformers.PreTrainedTokenizerBase
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+    return AutoTokenizer.from_pretrained(resolve_model_path(split_variant(name)[0]))
