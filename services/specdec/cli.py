@@ -75,12 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="plain vs speculative decoding, embedded, side by side")
+    bench = sub.add_parser("bench", help="plain vs speculative decoding, side by side in one run")
     bench.add_argument("--model", default="smollm2-135m")
-    bench.add_argument("--drafter", action="append", help="drafter to compare (repeatable); default ngram")
+    bench.add_argument("--drafter", default="ngram", help="ngram | model:NAME")
+    bench.add_argument("--k", type=int, default=5, help="max draft tokens per step")
     bench.add_argument("--prompts", help="JSONL with 'prompt' or 'messages' per line (default: bundled set)")
+    bench.add_argument("--kind", action="append", default=[], help="only prompts of this kind (copy, chat)")
     bench.add_argument("--max-new-tokens", type=int, default=64)
-    bench.add_argument("--k", type=int, default=5)
+    bench.add_argument("--concurrency", default="1", help="comma-separated levels, e.g. 1,2,4,8,16")
+    bench.add_argument("--distributed", action="store_true", help="also through the three services")
+    bench.add_argument("--compare-hf", action="store_true", help="also transformers' own generate")
+    bench.add_argument("--plot", help="write a PNG of speedup vs concurrency and draft length")
     bench.add_argument("--json", dest="json_out", help="write the results to this file")
     bench.set_defaults(func=cmd_bench)
     return parser
@@ -211,14 +216,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from specdec.bench import DEFAULT_PROMPTS, bench
+    from specdec.bench import DEFAULT_PROMPTS, BenchConfig, run_bench, table
 
-    result = bench(args.model, args.drafter or ["ngram"], Path(args.prompts) if args.prompts else DEFAULT_PROMPTS,
-                   args.max_new_tokens, args.k)
-    print(f"{'drafter':<28} {'tokens/s':>9} {'speedup':>8} {'accept':>7} identical")
-    for name, row in result["by_drafter"].items():
-        print(f"{name:<28} {row['tokens_per_s']:>9.2f} {row['speedup_vs_plain']:>8.3f} "
-              f"{row['acceptance_rate']:>7.3f} {row['outputs_identical']}")
+    cfg = BenchConfig(model=args.model, drafter=args.drafter, k=args.k, max_new_tokens=args.max_new_tokens,
+                      prompts=Path(args.prompts) if args.prompts else DEFAULT_PROMPTS, kinds=args.kind,
+                      concurrency=[int(c) for c in args.concurrency.split(",") if c],
+                      distributed=args.distributed, compare_hf=args.compare_hf,
+                      plot=Path(args.plot) if args.plot else None)
+    result = run_bench(cfg)
+    print(table(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
     return 0
