@@ -17,7 +17,7 @@ from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 DECODING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos")
 SPECULATION = {"drafter": "drafter", "max_draft_tokens": "max_draft_tokens", "k": "max_draft_tokens",
-               "adaptive": "adaptive"}
+               "adaptive": "adaptive", "overlap": "overlap"}
 
 
 def make_request(cls: type, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,

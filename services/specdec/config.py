@@ -28,6 +28,7 @@ class Settings:
     heartbeat_s: float = 2.0  # registry refresh; entries expire after 5 heartbeats
     tier_timeout_s: float = 60.0  # a draft/verify call slower than this counts as a failure
     max_failovers: int = 4  # replica switches per call before giving up
+    overlap: bool = False  # default for requests: pre-draft step n+1 while step n is verified
     metrics_port: int = 0  # Prometheus scrape endpoint (/metrics) on host:port; 0 = off
     kv_chunk_tokens: int = 256  # tokens per KV chunk in Redis (prefix reuse, failover); 0 = no KV in Redis
     kv_ttl_s: float = 3600.0  # lifetime of a KV chunk in Redis (Redis's maxmemory policy may evict sooner)
@@ -58,6 +59,10 @@ def _parse(kind: object, raw: str, name: str) -> object:
             return int(raw)
         if kind in (float, "float"):
             return float(raw)
+        if kind in (bool, "bool"):
+            if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError("expected true or false")
+            return raw.lower() in ("1", "true", "yes", "on")
         if str(kind).startswith("list"):
             return [part.strip() for part in raw.split(",") if part.strip()]
         return raw

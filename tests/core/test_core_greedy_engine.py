@@ -181,3 +181,28 @@ def test_context_limit_same_tokens_as_plain(engine_self, target_model) -> None:
         result = engine_self.complete(spec(prompt, drafter, k, max_new_tokens=100))
         assert result.finish_reason == "context", (drafter, k)
         assert result.token_ids == plain.token_ids, (drafter, k)
+
+
+@pytest.mark.parametrize("which,drafter", [("small", "model:small"), ("self", "model:self"), ("small", "ngram")])
+def test_overlapped_drafting_is_token_identical(which, drafter, engine_small, engine_self, hf_greedy) -> None:
+    """Pre-drafting step n+1 during step n's verification changes nothing but speed."""
+    engine = engine_small if which == "small" else engine_self
+    used = 0
+    for k in DRAFT_LENGTHS:
+        results = complete_all(engine, [spec(p, drafter, k, overlap=True) for p in PROMPTS])
+        for prompt, result in zip(PROMPTS, results):
+            assert result.token_ids == hf_greedy[tuple(prompt)], (drafter, k, prompt)
+            assert result.stats.predrafts >= result.stats.predrafts_used
+            used += result.stats.predrafts_used
+    if which == "self":
+        assert used > 0, "a draft identical to the target must have its pre-drafts used"
+
+
+def test_overlapped_drafting_keeps_sampled_tokens(engine_small) -> None:
+    """Same seed, overlap on or off: the pre-draft draws the same tokens at the same
+    positions from the same context, so even sampled output is identical."""
+    base = dict(max_new_tokens=30, temperature=0.8, top_p=0.95, seed=7)
+    for prompt in PROMPTS:
+        off, on = complete_all(engine_small, [spec(prompt, "model:small", 4, overlap=False, **base),
+                                              spec(prompt, "model:small", 4, overlap=True, **base)])
+        assert on.token_ids == off.token_ids

@@ -54,7 +54,7 @@ class Coordinator:
 
     async def stream(self, spec: RequestSpec, result: GenerationResult) -> AsyncIterator[Chunk]:
         request, stops = build_request(spec, self.tokenizer, self.limits, self.settings.drafter,
-                                       await self.drafters())
+                                       await self.drafters(), self.settings.overlap)
         drafter = None if request.drafter == "none" else self.drafter
         self.active += 1
         self._record(spec, request, result, "running")
@@ -104,7 +104,7 @@ def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteR
         max_new_tokens=opt(d, "max_new_tokens"), temperature=opt(d, "temperature"), top_k=opt(d, "top_k"),
         top_p=opt(d, "top_p"), seed=opt(d, "seed"), stop=list(d.stop), stop_token_ids=list(d.stop_token_ids),
         ignore_eos=d.ignore_eos, drafter=opt(s, "drafter"), max_draft_tokens=opt(s, "max_draft_tokens"),
-        adaptive=opt(s, "adaptive"), request_id=m.request_id,
+        adaptive=opt(s, "adaptive"), overlap=opt(s, "overlap"), request_id=m.request_id,
     )
 
 
@@ -114,7 +114,8 @@ def stats_to_proto(result: GenerationResult) -> generation_pb2.SpeculationStats:
         prompt_tokens=st.prompt_tokens, generated_tokens=st.generated_tokens, proposed_tokens=st.proposed_tokens,
         accepted_tokens=st.accepted_tokens, steps=st.steps, acceptance_rate=st.acceptance_rate,
         mean_accepted_length=st.mean_accepted_length, ttft_ms=st.ttft_s * 1e3, elapsed_ms=st.elapsed_s * 1e3,
-        tokens_per_s=st.tokens_per_s, mean_verify_batch_size=st.mean_verify_batch_size, drafter=st.drafter)
+        tokens_per_s=st.tokens_per_s, mean_verify_batch_size=st.mean_verify_batch_size, drafter=st.drafter,
+        predrafts=st.predrafts, predrafts_used=st.predrafts_used)
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):

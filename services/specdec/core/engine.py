@@ -23,13 +23,15 @@ from specdec.core.target import TargetWorker
 
 class Engine:
     def __init__(self, target_model: torch.nn.Module, tokenizer, drafter: str = "ngram",
-                 draft_model: torch.nn.Module | None = None, draft_model_name: str = "") -> None:
+                 draft_model: torch.nn.Module | None = None, draft_model_name: str = "",
+                 overlap: bool = False) -> None:
         runner = build_runner(target_model)
         self.tokenizer = tokenizer
         self.verifier = LocalVerifier(TargetWorker(runner))
         draft_runner = build_runner(draft_model) if draft_model is not None else None
         self.drafter = LocalDrafter(DraftWorker(draft_runner, draft_model_name))
         self.default_drafter = drafter
+        self.default_overlap = overlap
         self.limits = ModelLimits(vocab_size=runner.vocab_size, max_context=runner.max_context)
 
     @classmethod
@@ -46,7 +48,8 @@ class Engine:
         return self.drafter.worker.drafters
 
     def _build(self, spec: RequestSpec):
-        request, stops = build_request(spec, self.tokenizer, self.limits, self.default_drafter, self.available_drafters)
+        request, stops = build_request(spec, self.tokenizer, self.limits, self.default_drafter, self.available_drafters,
+                                       self.default_overlap)
         drafter = None if request.drafter == "none" else self.drafter
         return request, stops, drafter
 

@@ -6,6 +6,7 @@ them. Output is the target's own: the loop only decides how much to speculate.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class GenerationRequest:
     adaptive: bool = True
     stop_token_ids: frozenset[int] = frozenset()
     max_context: int = 1 << 30
+    overlap: bool = False  # pre-draft step n+1 while step n is being verified
 
 
 @dataclass
@@ -54,23 +56,35 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
     sync = _Sync()
     k = DraftLength(request.max_draft_tokens if drafter is not None else 0, request.adaptive)
     stats.prompt_tokens, stats.drafter = len(committed), request.drafter
+    predraft: asyncio.Task[Proposal] | None = None
+    predraft_len = 0  # committed length at which the pending pre-draft is valid
     try:
         while True:
             remaining = request.max_new_tokens - stats.generated_tokens
             # Drafts beyond this would let accepted drafts plus the target's own token
             # overshoot max_context, which plain decoding never does.
-            room = request.max_context - len(committed) - 1
+            want = min(k.k, remaining - 1, request.max_context - len(committed) - 1)
             started = time.perf_counter()
-            proposal = await _propose(request, drafter, committed, sync, min(k.k, remaining - 1, room))
+            ready = await predraft if predraft is not None else None
+            proposal = _use_predraft(ready, len(committed) == predraft_len, committed, want, stats)
+            predraft = None
             if proposal is None:
-                continue  # drafter asked for a resync
-            verdict = await verifier.verify(VerifyItem(
+                proposal = await _propose(request, drafter, committed, sync, want)
+                if proposal is None:
+                    continue  # drafter asked for a resync
+            verifying = asyncio.ensure_future(verifier.verify(VerifyItem(
                 request.session_id, sync.target, committed[sync.target:], proposal.tokens,
-                proposal.probs, request.sampling))
+                proposal.probs, request.sampling)))
+            if request.overlap and drafter is not None and proposal.tokens and want > 0:
+                predraft = _start_predraft(request, drafter, committed, sync, proposal, want, stats)
+                predraft_len = len(committed) + len(proposal.tokens) + 1
+            verdict = await verifying
             if verdict.needs_resync:
                 _resync(sync, "target")
                 continue
             replayed, sync.resyncs = sync.resyncs > 0, 0
+            if predraft is not None:  # the drafter assumed every draft would be accepted
+                sync.draft = min(sync.draft, len(committed) + verdict.num_accepted)
             committed.extend(verdict.tokens)
             sync.target = len(committed)
             timed = stats.steps > 0 and not replayed  # these steps carry a (re)prefill
@@ -85,7 +99,34 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
             if out.finish_reason is not None:
                 return
     finally:
+        if predraft is not None:
+            await asyncio.gather(predraft, return_exceptions=True)
         await _release(request.session_id, drafter, verifier)
+
+
+def _start_predraft(request: GenerationRequest, drafter: Drafter, committed: list[int], sync: _Sync,
+                    proposal: Proposal, k: int, stats: SpecStats) -> asyncio.Task[Proposal]:
+    """Draft the next step now, as if `proposal` will be accepted whole. The first token is
+    the drafter's guess at the target's own token; the rest is the next draft (PEARL)."""
+    stats.predrafts += 1
+    item = ProposeItem(request.session_id, sync.draft, committed[sync.draft:] + proposal.tokens, k + 1,
+                       request.sampling, request.drafter)
+    sync.draft = len(committed) + len(proposal.tokens)
+    return asyncio.ensure_future(drafter.propose(item))
+
+
+def _use_predraft(predraft: Proposal | None, all_accepted: bool, committed: list[int], want: int,
+                  stats: SpecStats) -> Proposal | None:
+    """The pre-draft's tail when every draft was accepted and its guess equals the target's
+    own token (the last committed one), else None."""
+    if predraft is None or not all_accepted or predraft.needs_resync or len(predraft.tokens) < 2 or want <= 0:
+        return None
+    if predraft.tokens[0] != committed[-1]:
+        return None
+    stats.predrafts_used += 1
+    tokens = predraft.tokens[1:want + 1]
+    probs = None if predraft.probs is None else predraft.probs[1:want + 1]
+    return Proposal(tokens, probs)
 
 
 async def _propose(request: GenerationRequest, drafter: Drafter | None, committed: list[int],

@@ -38,6 +38,7 @@ class RequestSpec:
     drafter: str | None = None
     max_draft_tokens: int | None = None
     adaptive: bool | None = None
+    overlap: bool | None = None
     request_id: str = ""
 
 
@@ -49,7 +50,7 @@ class ModelLimits:
 
 
 def build_request(spec: RequestSpec, tokenizer, limits: ModelLimits, default_drafter: str,
-                  available_drafters: list[str]) -> tuple[GenerationRequest, list[str]]:
+                  available_drafters: list[str], default_overlap: bool = False) -> tuple[GenerationRequest, list[str]]:
     """-> (the loop's request, stop strings). Raises InvalidArgument."""
     prompt_ids = _prompt_ids(spec, tokenizer, limits)
     max_new = DEFAULT_MAX_NEW_TOKENS if spec.max_new_tokens is None else spec.max_new_tokens
@@ -70,7 +71,7 @@ def build_request(spec: RequestSpec, tokenizer, limits: ModelLimits, default_dra
     request = GenerationRequest(
         session_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_new_tokens=max_new, sampling=sampling,
         drafter=drafter, max_draft_tokens=k, adaptive=True if spec.adaptive is None else spec.adaptive,
-        stop_token_ids=stops, max_context=limits.max_context,
+        stop_token_ids=stops, max_context=limits.max_context, overlap=default_overlap if spec.overlap is None else spec.overlap,
     )
     return request, list(spec.stop)
 

@@ -12,6 +12,8 @@ class SpecStats:
     accepted_tokens: int = 0  # draft tokens it kept
     steps: int = 0  # verification steps
     batch_size_sum: int = 0  # sum over steps of the verify batch size
+    predrafts: int = 0  # next-step drafts made while a step was being verified
+    predrafts_used: int = 0  # ... that turned out valid and were used
     ttft_s: float = 0.0
     elapsed_s: float = 0.0
     drafter: str = "none"
@@ -42,4 +44,5 @@ class SpecStats:
             "ttft_s": round(self.ttft_s, 4), "elapsed_s": round(self.elapsed_s, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),
             "mean_verify_batch_size": round(self.mean_verify_batch_size, 3), "drafter": self.drafter,
+            "predrafts": self.predrafts, "predrafts_used": self.predrafts_used,
         }

@@ -59,17 +59,19 @@ class DecodingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class SpeculationParams(_message.Message):
-    __slots__ = ("drafter", "max_draft_tokens", "adaptive")
+    __slots__ = ("drafter", "max_draft_tokens", "adaptive", "overlap")
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
     drafter: str
     max_draft_tokens: int
     adaptive: bool
-    def __init__(self, drafter: _Optional[str] = ..., max_draft_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ...) -> None: ...
+    overlap: bool
+    def __init__(self, drafter: _Optional[str] = ..., max_draft_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ..., overlap: _Optional[bool] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "proposed_tokens", "accepted_tokens", "steps", "acceptance_rate", "mean_accepted_length", "ttft_ms", "elapsed_ms", "tokens_per_s", "mean_verify_batch_size", "drafter")
+    __slots__ = ("prompt_tokens", "generated_tokens", "proposed_tokens", "accepted_tokens", "steps", "acceptance_rate", "mean_accepted_length", "ttft_ms", "elapsed_ms", "tokens_per_s", "mean_verify_batch_size", "drafter", "predrafts", "predrafts_used")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +84,8 @@ class SpeculationStats(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     MEAN_VERIFY_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    PREDRAFTS_FIELD_NUMBER: _ClassVar[int]
+    PREDRAFTS_USED_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     proposed_tokens: int
@@ -94,7 +98,9 @@ class SpeculationStats(_message.Message):
     tokens_per_s: float
     mean_verify_batch_size: float
     drafter: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., elapsed_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., mean_verify_batch_size: _Optional[float] = ..., drafter: _Optional[str] = ...) -> None: ...
+    predrafts: int
+    predrafts_used: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., elapsed_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., mean_verify_batch_size: _Optional[float] = ..., drafter: _Optional[str] = ..., predrafts: _Optional[int] = ..., predrafts_used: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "chat", "token_ids", "decoding", "speculation", "request_id")
