@@ -35,6 +35,7 @@ class BenchConfig:
     compare_hf: bool = False
     plot: Path | None = None
     kinds: list[str] = field(default_factory=list)  # keep only prompts of these kinds
+    overlap: bool = False  # pre-draft the next step during verification
 
 
 @dataclass
@@ -71,7 +72,7 @@ def load_prompts(path: Path, kinds: list[str] | None = None) -> list[dict[str, A
 def _spec(row: dict[str, Any], cfg: BenchConfig, drafter: str, k: int | None = None,
           adaptive: bool | None = None) -> RequestSpec:
     return RequestSpec(prompt=row.get("prompt"), messages=row.get("messages"), max_new_tokens=cfg.max_new_tokens,
-                       drafter=drafter, max_draft_tokens=k or cfg.k, adaptive=adaptive)
+                       drafter=drafter, max_draft_tokens=k or cfg.k, adaptive=adaptive, overlap=cfg.overlap)
 
 
 def _progress(done: int, total: int, label: str) -> None:
@@ -85,12 +86,15 @@ def _progress(done: int, total: int, label: str) -> None:
 
 async def _sequential(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, Any]:
     plain, spec = Tally(), Tally()
+    predrafts = [0, 0]  # made, used
     identical, per_prompt = True, []
     outputs: list[list[int]] = []
     for i, row in enumerate(rows):
         _progress(i, len(rows), "embedded: plain vs speculative")
         p = await engine.complete_async(_spec(row, cfg, "none"))
         s = await engine.complete_async(_spec(row, cfg, cfg.drafter))
+        predrafts[0] += s.stats.predrafts
+        predrafts[1] += s.stats.predrafts_used
         plain.add(p.stats.generated_tokens, p.stats.elapsed_s)
         spec.add(s.stats.generated_tokens, s.stats.elapsed_s, s.stats.proposed_tokens, s.stats.accepted_tokens,
                  s.stats.steps)
@@ -103,7 +107,8 @@ async def _sequential(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConf
                            "mean_accepted_length": round(s.stats.mean_accepted_length, 3),
                            "identical": p.token_ids == s.token_ids})
     _progress(len(rows), len(rows), "embedded done")
-    return {"plain": plain, "spec": spec, "identical": identical, "per_prompt": per_prompt, "outputs": outputs}
+    return {"plain": plain, "spec": spec, "identical": identical, "per_prompt": per_prompt, "outputs": outputs,
+            "predraft_use_rate": predrafts[1] / predrafts[0] if predrafts[0] else 0.0}
 
 
 async def _aggregate(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig, drafter: str,
@@ -223,6 +228,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "speedup_vs_plain": round(spec.rate / plain.rate, 4) if plain.rate else 0.0,
         "acceptance_rate": round(spec.accepted / spec.proposed, 4) if spec.proposed else 0.0,
         "mean_accepted_length": round(spec.tokens / spec.steps, 4) if spec.steps else 0.0,
+        "overlap": cfg.overlap, "predraft_use_rate": round(seq["predraft_use_rate"], 4),
         "by_concurrency": seq["by_concurrency"], "by_draft_length": seq["by_draft_length"],
         "per_prompt": seq["per_prompt"],
     }

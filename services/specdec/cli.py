@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", default="1", help="comma-separated levels, e.g. 1,2,4,8,16")
     bench.add_argument("--distributed", action="store_true", help="also through the three services")
     bench.add_argument("--compare-hf", action="store_true", help="also transformers' own generate")
+    bench.add_argument("--overlap", action="store_true", help="pre-draft the next step during verification")
     bench.add_argument("--plot", help="write a PNG of speedup vs concurrency and draft length")
     bench.add_argument("--json", dest="json_out", help="write the results to this file")
     bench.set_defaults(func=cmd_bench)
@@ -221,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(model=args.model, drafter=args.drafter, k=args.k, max_new_tokens=args.max_new_tokens,
                       prompts=Path(args.prompts) if args.prompts else DEFAULT_PROMPTS, kinds=args.kind,
                       concurrency=[int(c) for c in args.concurrency.split(",") if c],
-                      distributed=args.distributed, compare_hf=args.compare_hf,
+                      distributed=args.distributed, compare_hf=args.compare_hf, overlap=args.overlap,
                       plot=Path(args.plot) if args.plot else None)
     result = run_bench(cfg)
     print(table(result))
