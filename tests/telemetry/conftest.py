@@ -145,7 +145,8 @@ def traced_stack(telemetry_models: tuple[str, str], valkey: ValkeyProcess, otlp_
     os.environ["SPECDEC_REDIS_PREFIX"] = prefix
     env = {"SPECDEC_REDIS_PREFIX": prefix, "SPECDEC_TORCH_THREADS": "1", "SPECDEC_HEARTBEAT_S": "0.5",
            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{otlp_receiver.address}", "OTEL_METRIC_EXPORT_INTERVAL": "300",
-           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_SERVICE_NAME": ""}
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_SERVICE_NAME": "",
+           "SPECDEC_KV_CHUNK_TOKENS": "8"}  # small KV chunks: the prompts read and write Redis
     stack = start_stack(target, f"model:{draft}", 1, 1, free_port(), valkey.url, extra_env=env)
     try:
         yield stack

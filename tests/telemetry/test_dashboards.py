@@ -62,7 +62,7 @@ def test_dashboard_uses_only_exported_metrics(path: Path):
     # the acceptance, throughput, latency and tier metrics the issue asks for are all there
     for needed in ("specdec_generated_tokens_total", "specdec_draft_tokens_accepted_total",
                    "specdec_time_to_first_token_seconds_bucket", "specdec_inter_token_latency_seconds_bucket",
-                   "specdec_queue_depth", "specdec_replicas", "specdec_batch_size_bucket"):
+                   "specdec_queue_depth", "specdec_replicas", "specdec_batch_size_bucket", "specdec_kv_chunks_total"):
         assert needed in used, needed
 
 

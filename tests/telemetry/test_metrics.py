@@ -62,6 +62,9 @@ def test_counters_and_acceptance_agree_with_the_response(traced_stack, otlp_rece
             assert r.metric_points(service, "specdec_queue_depth")
             assert r.metric_points(service, "specdec_tier_latency_seconds")
         assert _sum(r, TARGET, "specdec_verified_draft_tokens") >= proposed
+        kv = {a["result"] for a, _ in r.metric_points(TARGET, "specdec_kv_chunks")}
+        assert kv == {"hit", "miss", "rejected", "stored", "dropped"}
+        assert _sum(r, TARGET, "specdec_kv_chunks", result="stored") > 0  # 8-token chunks of the prompts
     _poll(check)
 
 
@@ -81,9 +84,10 @@ def test_prometheus_exposition_uses_the_documented_names():
     made = create_instruments(meter)
     for spec in instruments.INSTRUMENTS.values():
         labels = {k: "x" for k in spec.labels}
-        if spec.kind == instruments.GAUGE:
-            meter.create_observable_gauge(spec.name, [lambda _o, labels=labels: [Observation(1, labels)]],
-                                          spec.unit, spec.description)
+        if spec.kind in (instruments.GAUGE, instruments.OBSERVED_COUNTER):
+            create = meter.create_observable_gauge if spec.kind == instruments.GAUGE else \
+                meter.create_observable_counter
+            create(spec.name, [lambda _o, labels=labels: [Observation(1, labels)]], spec.unit, spec.description)
         elif spec.kind == instruments.HISTOGRAM:
             made[spec.name].record(1, labels)
         else:

@@ -35,7 +35,8 @@ def test_one_generation_is_one_connected_trace(traced_stack, telemetry_models, o
         return (any(s.name == "specdec.generation" for s in spans) and len(steps) >= stats.steps
                 and len(verifies) >= stats.steps and any(s.name == "target.verify_batch" for s in spans))
     spans = otlp_receiver.wait_for(complete)
-    request_spans = [s for s in spans if not s.name.endswith("_batch") and not s.name.startswith("grpc.health")]
+    batch_traces = {s.trace_id for s in spans if s.name.endswith("_batch")}  # batches: traces of their own
+    request_spans = [s for s in spans if s.trace_id not in batch_traces and not s.name.startswith("grpc.health")]
 
     # one trace: the caller's, across all three processes
     assert {s.trace_id for s in request_spans} == {caller_trace}
@@ -70,6 +71,12 @@ def test_one_generation_is_one_connected_trace(traced_stack, telemetry_models, o
     for verify in (s for s in request_spans if s.name == "target.verify"):
         assert {sid for _, sid, _ in verify.links} & batch_ids, "item span links back to its batch"
         assert verify.attributes["specdec.batch.size"] >= 1
+
+    # KV reads from Redis happen inside the batched forward pass: children of its span
+    all_batches = {b.span_id: b for b in spans if b.name.endswith("_batch")}
+    kv_reads = [s for s in spans if s.name == "kv.restore"]
+    assert kv_reads and all(all_batches[s.parent_span_id].trace_id == s.trace_id for s in kv_reads)
+    assert all("specdec.kv.hit_chunks" in s.attributes for s in kv_reads)
 
     # step spans carry the counts: they add up to the response's statistics
     assert sum(s.attributes["specdec.committed_tokens"] for s in steps) == stats.generated_tokens

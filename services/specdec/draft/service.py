@@ -22,7 +22,7 @@ from specdec.v1 import draft_pb2, draft_pb2_grpc
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     def __init__(self, drafter: LocalDrafter, closing: asyncio.Event | None = None) -> None:
         self.drafter, self.closing = drafter, closing
-        TELEMETRY.instrument(drafter.batcher, lambda: len(drafter.worker.sessions))
+        TELEMETRY.instrument(drafter.batcher, lambda: len(drafter.worker.sessions), drafter.worker.prefix_store)
 
     async def Propose(self, request_iterator, context: grpc.aio.ServicerContext):
         async for response in serve_tagged(request_iterator, self._propose, _failed, self._release, _respond,

@@ -23,7 +23,7 @@ from specdec.v1 import target_pb2, target_pb2_grpc
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     def __init__(self, verifier: LocalVerifier, closing: asyncio.Event | None = None) -> None:
         self.verifier, self.closing = verifier, closing
-        TELEMETRY.instrument(verifier.batcher, lambda: len(verifier.worker.sessions))
+        TELEMETRY.instrument(verifier.batcher, lambda: len(verifier.worker.sessions), verifier.worker.prefix_store)
 
     async def Verify(self, request_iterator, context: grpc.aio.ServicerContext):
         async for response in serve_tagged(request_iterator, self._verify, _failed, self._release, _respond,

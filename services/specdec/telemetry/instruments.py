@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 COUNTER, UPDOWN, HISTOGRAM, GAUGE = "counter", "updown_counter", "histogram", "observable_gauge"
+OBSERVED_COUNTER = "observable_counter"  # a monotonic total read from a stats object
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKENS = tuple(float(n) for n in range(1, 18))  # accepted drafts + 1, k <= 16
@@ -20,7 +21,7 @@ RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 @dataclass(frozen=True)
 class Instrument:
     name: str  # OpenTelemetry instrument name (already Prometheus-shaped)
-    kind: str  # COUNTER | UPDOWN | HISTOGRAM | GAUGE
+    kind: str  # COUNTER | UPDOWN | HISTOGRAM | GAUGE | OBSERVED_COUNTER
     unit: str  # UCUM; "s" for seconds, "{thing}" annotations for counts
     description: str
     labels: tuple[str, ...]  # attribute keys recorded with every point
@@ -63,6 +64,13 @@ INSTRUMENTS = {i.name: i for i in [
                ("tier",)),
     Instrument("specdec_verified_accepted_tokens", COUNTER, "{token}", "Draft tokens accepted by this target replica",
                ("tier",)),
+    # the shared KV tier in Redis (target and draft replicas with a KV store)
+    Instrument("specdec_kv_chunks", OBSERVED_COUNTER, "{chunk}",
+               "KV chunks by outcome: hit / miss / rejected (reads), stored / dropped (writes)", ("tier", "result")),
+    Instrument("specdec_kv_restored_tokens", OBSERVED_COUNTER, "{token}",
+               "Tokens of KV cache restored from Redis instead of recomputed", ("tier",)),
+    Instrument("specdec_kv_lookup_duration_seconds", HISTOGRAM, "s", "One KV read from Redis (restore)",
+               ("tier",), SECONDS),
 ]}
 
 
@@ -72,7 +80,7 @@ def prometheus_base_name(instrument: Instrument) -> str:
     unit = {"s": "seconds"}.get(instrument.unit, "")
     if unit and not name.endswith("_" + unit):
         name += "_" + unit
-    if instrument.kind == COUNTER:
+    if instrument.kind in (COUNTER, OBSERVED_COUNTER):
         name += "_total"
     return name
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from specdec.telemetry.instruments import COUNTER, GAUGE, HISTOGRAM, INSTRUMENTS, UPDOWN
+from specdec.telemetry.instruments import COUNTER, GAUGE, HISTOGRAM, INSTRUMENTS, OBSERVED_COUNTER, UPDOWN
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,14 @@ def create_instruments(meter: Any) -> dict[str, Any]:
 
 
 def observe(name: str, read: Callable[[], Iterable[tuple[float, dict[str, str]]]]) -> None:
-    """Register the observable gauge `name` (from the table), read at each collection as
-    (value, attributes) pairs. A no-op while metrics are off."""
+    """Register the observable gauge or counter `name` (from the table), read at each
+    collection as (value, attributes) pairs. A no-op while metrics are off."""
     if not STATE.metrics:
         return
     from opentelemetry.metrics import Observation
 
     spec = INSTRUMENTS[name]
-    assert spec.kind == GAUGE, name
+    assert spec.kind in (GAUGE, OBSERVED_COUNTER), name
 
     def callback(_options: Any) -> list[Any]:
         try:
@@ -152,7 +152,9 @@ def observe(name: str, read: Callable[[], Iterable[tuple[float, dict[str, str]]]
         except Exception:  # a gauge must never break collection of the others
             log.debug("gauge %s failed", name, exc_info=True)
             return []
-    STATE.instruments["_meter"].create_observable_gauge(name, [callback], spec.unit, spec.description)
+    meter = STATE.instruments["_meter"]
+    create = meter.create_observable_gauge if spec.kind == GAUGE else meter.create_observable_counter
+    create(name, [callback], spec.unit, spec.description)
 
 
 def shutdown() -> None:

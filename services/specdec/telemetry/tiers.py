@@ -48,13 +48,40 @@ class TierTelemetry:
         self.labels = {"tier": tier}
         self._pending: dict[int, _Pending] = {}
 
-    def instrument(self, batcher: Any, active_sessions: Callable[[], int]) -> None:
-        """Trace and measure `batcher`'s batches; export its queue depth and the sessions held."""
+    def instrument(self, batcher: Any, active_sessions: Callable[[], int], kv_store: Any = None) -> None:
+        """Trace and measure `batcher`'s batches; export its queue depth and the sessions held;
+        with a KV store (`RedisKVStore`), its reads as spans and its counters as metrics."""
         if not STATE.enabled:
             return
         batcher.wrap_batches(self.wrap_batch)
         observe("specdec_queue_depth", lambda: [(batcher.stats.queue_depth, self.labels)])
         observe("specdec_active_sessions", lambda: [(active_sessions(), self.labels)])
+        if kv_store is not None and hasattr(kv_store, "stats"):
+            self._instrument_kv(kv_store)
+
+    def _instrument_kv(self, store: Any) -> None:
+        stats = store.stats
+        outcomes = {"hit": "hit_chunks", "miss": "missed_chunks", "rejected": "rejected_chunks",
+                    "stored": "stored_chunks", "dropped": "dropped_chunks"}
+        observe("specdec_kv_chunks", lambda: [(getattr(stats, field), {**self.labels, "result": result})
+                                              for result, field in outcomes.items()])
+        observe("specdec_kv_restored_tokens", lambda: [(stats.restored_tokens, self.labels)])
+        restore = store.restore
+
+        def traced_restore(tokens: list[int], kv: Any) -> int:
+            """A span (child of the batch span) for each restore that actually read Redis."""
+            lookups, hits, start = stats.lookups, stats.hit_chunks, time.time_ns()
+            restored = restore(tokens, kv)
+            if stats.lookups != lookups:
+                end = time.time_ns()
+                STATE.instruments["specdec_kv_lookup_duration_seconds"].record((end - start) / 1e9, self.labels)
+                span = STATE.tracer.start_span("kv.restore", start_time=start, attributes={
+                    "specdec.tier": self.tier, "db.system": "redis", "db.operation": "MGET",
+                    "specdec.kv.hit_chunks": stats.hit_chunks - hits, "specdec.kv.restored_tokens": restored,
+                    "specdec.kv.hit": restored > 0})
+                span.end(end_time=end)
+            return restored
+        store.restore = traced_restore
 
     def wrap_batch(self, run_batch: Callable[[list[Item]], list[Result]]) -> Callable[[list[Item]], list[Result]]:
         """`run_batch` recording a batch span (linked to each item's step) and batch metrics."""
@@ -62,7 +89,7 @@ class TierTelemetry:
             return run_batch
 
         def traced(items: list[Item]) -> list[Result]:
-            from opentelemetry import trace
+            from opentelemetry import context, trace
             from opentelemetry.context import Context
             from opentelemetry.trace import Link, Status, StatusCode
 
@@ -77,14 +104,17 @@ class TierTelemetry:
                     kind=trace.SpanKind.INTERNAL,
                     attributes={"specdec.tier": self.tier, "specdec.batch.size": len(items),
                                 "specdec.batch.traced_items": len(links)})
+            token = context.attach(trace.set_span_in_context(span)) if span is not None else None
             try:
-                results = run_batch(items)
+                results = run_batch(items)  # KV reads inside become children of the batch span
             except BaseException as exc:
                 if span is not None:
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
                 raise
             finally:
+                if token is not None:
+                    context.detach(token)
                 if span is not None:
                     span.end()
             finished = time.perf_counter()
