@@ -7,8 +7,10 @@ replica whose stream broke is quarantined for a while.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,7 @@ class ReplicaPool:
         self._known: list[ReplicaInfo] = [ReplicaInfo(tier=tier, address=a) for a in static]
         self._refreshed = 0.0
         self._seen_at = 0.0  # when the registry last listed any replica
+        self._refreshing: asyncio.Future[None] | None = None
         self._clients: dict[str, TaggedStreamClient] = {}
         self._quarantine: dict[str, float] = {}
         self.placement: dict[str, str] = {}  # session id -> address
@@ -37,15 +40,10 @@ class ReplicaPool:
     async def replicas(self) -> list[ReplicaInfo]:
         if self.registry is not None and time.monotonic() - self._refreshed > REFRESH_S:
             self._refreshed = time.monotonic()
-            try:
-                fresh = await self.registry.replicas(self.tier)
-                if fresh:
-                    self._known, self._seen_at = fresh, time.monotonic()
-                elif time.monotonic() - self._seen_at > EMPTY_GRACE_S:
-                    self._known = self._known_static()
-                # else: Redis came back empty (restarted); replicas re-register at their next beat
-            except Exception as exc:  # Redis down: route on what we knew
-                log.debug("registry read failed: %s", exc)
+            self._refreshing = asyncio.ensure_future(self._refresh(self.registry))
+        if self._refreshing is not None and not self._known:
+            # Concurrent callers share the refresh in flight instead of routing on nothing.
+            await asyncio.shield(self._refreshing)
         now = time.monotonic()
         return [r for r in self._known if self._quarantine.get(r.address, 0) < now]
 
@@ -53,6 +51,17 @@ class ReplicaPool:
         """Replicas last seen and not quarantined (no registry read: safe in a metrics callback)."""
         now = time.monotonic()
         return sum(1 for r in self._known if self._quarantine.get(r.address, 0) < now)
+
+    async def _refresh(self, registry: Registry) -> None:
+        try:
+            fresh = await registry.replicas(self.tier)
+            if fresh:
+                self._known, self._seen_at = fresh, time.monotonic()
+            elif time.monotonic() - self._seen_at > EMPTY_GRACE_S:
+                self._known = self._known_static()
+            # else: Redis came back empty (restarted); replicas re-register at their next beat
+        except Exception as exc:  # Redis down: route on what we knew
+            log.debug("registry read failed: %s", exc)
 
     def _known_static(self) -> list[ReplicaInfo]:
         return [ReplicaInfo(tier=self.tier, address=a) for a in self.static]
@@ -69,9 +78,11 @@ class ReplicaPool:
         if not replicas:
             raise TierUnavailable(self.tier, "no healthy replica registered")
 
-        def score(r: ReplicaInfo) -> tuple[int, float]:
+        placed = Counter(self.placement.values())  # sessions stick: count them, not only calls in flight
+
+        def score(r: ReplicaInfo) -> tuple[int, int, float]:
             client = self._clients.get(r.address)
-            return (client.in_flight if client else 0, float(r.load.get("queue_depth") or 0))
+            return (placed[r.address], client.in_flight if client else 0, float(r.load.get("queue_depth") or 0))
         return min(replicas, key=score).address
 
     def _client(self, address: str) -> TaggedStreamClient:
