@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="write a PNG of speedup vs concurrency and draft length")
     bench.add_argument("--json", dest="json_out", help="write the results to this file")
     bench.set_defaults(func=cmd_bench)
+
+    pb = sub.add_parser("prefix-bench", help="TTFT with a long shared prefix: restored from Redis vs recomputed")
+    pb.add_argument("--model", default="smollm2-135m")
+    pb.add_argument("--prefix-tokens", type=int, default=1024)
+    pb.add_argument("--rounds", type=int, default=5)
+    pb.add_argument("--chunk-tokens", type=int, default=256)
+    pb.add_argument("--redis-url", default="", help="default: start an embedded Valkey")
+    pb.set_defaults(func=cmd_prefix_bench)
     return parser
 
 
@@ -211,6 +219,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print(out["text"])
         print(f"[{out['finish_reason']}] {json.dumps(out['stats'])}", file=sys.stderr)
+    return 0
+
+
+def cmd_prefix_bench(args: argparse.Namespace) -> int:
+    from specdec.prefix_bench import prefix_bench
+
+    result = prefix_bench(args.model, args.prefix_tokens, rounds=args.rounds, chunk_tokens=args.chunk_tokens,
+                          redis_url=args.redis_url)
+    print(json.dumps(result, indent=2))
     return 0
 
 
