@@ -19,10 +19,13 @@ def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     return [TracingInterceptor()] if STATE.tracing else []
 
 
+UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes would flood the traces
+
+
 class TracingInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or handler.request_streaming:
+        if handler is None or handler.request_streaming or details.method.startswith(UNTRACED):
             return handler
         method = details.method.lstrip("/")
         metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
