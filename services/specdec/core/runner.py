@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.core.kv_cache import SessionKV
+from specdec.core.linear import FusedLinear
 
 FLAT_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -60,7 +61,7 @@ def _causal_mask(start: int, num_new: int, device: torch.device) -> torch.Tensor
 class ModelRunner:
     """Flattened-batch runner for Llama-family decoder-only models."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, pack: bool = True) -> None:
         cfg = model.config
         self.model = model.eval()
         self.inner = model.model
@@ -72,6 +73,12 @@ class ModelRunner:
         self.max_context = cfg.max_position_embeddings
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        self.qkv = [FusedLinear([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], pack) for l in self.layers]
+        self.o_proj = [FusedLinear([l.self_attn.o_proj], pack) for l in self.layers]
+        self.gate_up = [FusedLinear([l.mlp.gate_proj, l.mlp.up_proj], pack) if _gated_mlp(l.mlp) else None
+                        for l in self.layers]
+        self.down = [FusedLinear([l.mlp.down_proj], pack) if _gated_mlp(l.mlp) else None for l in self.layers]
+        self.lm_head = FusedLinear([model.lm_head], pack)
 
     def new_kv(self) -> SessionKV:
         return SessionKV(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
@@ -105,9 +112,11 @@ class ModelRunner:
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         n = x.shape[0]
-        q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv[layer_idx]
+        q, k, v = qkv.split(qkv(x))
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
@@ -117,13 +126,30 @@ class ModelRunner:
         for item, start, size, mask in zip(items, starts, sizes, masks):
             span = slice(offset, offset + size)
             keys, values = item.kv.write(layer_idx, start, k[span].transpose(0, 1), v[span].transpose(0, 1))
-            out[span] = F.scaled_dot_product_attention(
-                q[span].transpose(0, 1), keys, values, attn_mask=mask,
-                scale=attn.scaling, enable_gqa=self.num_heads != self.num_kv_heads,
-            ).transpose(0, 1)
+            out[span] = self._attend(q[span], keys, values, mask, attn.scaling)
             offset += size
-        hidden = hidden + attn.o_proj(out.reshape(n, -1))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = hidden + self.o_proj[layer_idx](out.reshape(n, -1))
+        return hidden + self._mlp(layer_idx, layer, layer.post_attention_layernorm(hidden))
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                scale: float) -> torch.Tensor:
+        """q [t, heads, d] against one sequence's cache views [kv_heads, len, d] -> [t, heads, d].
+
+        Grouped-query heads are folded into the query rows ([kv_heads, group*t, d]) so the
+        cache is read in place instead of being expanded per query head."""
+        t, group = q.shape[0], self.num_heads // self.num_kv_heads
+        q = q.transpose(0, 1).reshape(self.num_kv_heads, group * t, self.head_dim)
+        if mask is not None and group > 1:
+            mask = mask.repeat(group, 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        return out.reshape(self.num_heads, t, self.head_dim).transpose(0, 1)
+
+    def _mlp(self, layer_idx: int, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up[layer_idx]
+        if gate_up is None:
+            return layer.mlp(x)
+        gate, up = gate_up.split(gate_up(x))
+        return self.down[layer_idx](layer.mlp.act_fn(gate) * up)
 
     def _logits(self, hidden: torch.Tensor, sizes: list[int], wanted: list[int]) -> list[torch.Tensor]:
         rows, offset = [], 0
@@ -131,8 +157,12 @@ class ModelRunner:
             rows.append(torch.arange(offset + size - count, offset + size, device=hidden.device))
             offset += size
         picked = self.inner.norm(hidden[torch.cat(rows)])
-        logits = self.model.lm_head(picked).float()
+        logits = self.lm_head(picked).float()
         return list(torch.split(logits, wanted))
+
+
+def _gated_mlp(mlp: torch.nn.Module) -> bool:
+    return all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
 class HFRunner:
