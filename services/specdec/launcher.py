@@ -123,16 +123,15 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
             resolve_model_path(drafter[len("model:"):])
         env = {**os.environ, **(extra_env or {}), "SPECDEC_REDIS_URL": stack.redis_url, "SPECDEC_MODEL": model,
                "SPECDEC_DRAFTER": drafter, "SPECDEC_DEVICE": device, "SPECDEC_DTYPE": dtype}
-        threads = str(max(1, (os.cpu_count() or 2) // 2)) if device == "cpu" else "0"
-        env.setdefault("SPECDEC_TORCH_THREADS", threads)
+        threads = _torch_threads(env, device, drafter)
         stack.env = env
         tiers = [("target", i) for i in range(target_replicas)] + [("draft", i) for i in range(draft_replicas)]
         started = []
         for tier, i in tiers:
             tier_port = free_port()
             argv = [sys.executable, "-m", "specdec.cli", "serve", tier, "--port", str(tier_port)]
-            started.append(stack.spawn(f"{tier}-{i}", argv, tier_env(env, tier, len(started) + 1),
-                                       f"127.0.0.1:{tier_port}"))
+            child_env = {**tier_env(env, tier, len(started) + 1), "SPECDEC_TORCH_THREADS": threads[tier]}
+            started.append(stack.spawn(f"{tier}-{i}", argv, child_env, f"127.0.0.1:{tier_port}"))
         argv = [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(port)]
         started.append(stack.spawn("coordinator", argv, tier_env(env, "coordinator", 0), f"127.0.0.1:{port}"))
         for child in started:
@@ -143,6 +142,18 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
     except BaseException:
         stack.stop()
         raise
+
+
+def _torch_threads(env: dict[str, str], device: str, drafter: str) -> dict[str, str]:
+    """Cores per tier on one machine: the target gets them all unless a draft model shares
+    them (then half each). SPECDEC_TORCH_THREADS, when set, applies to every tier."""
+    if env.get("SPECDEC_TORCH_THREADS") or device != "cpu":
+        fixed = env.get("SPECDEC_TORCH_THREADS") or "0"
+        return {"target": fixed, "draft": fixed}
+    cores = os.cpu_count() or 2
+    draft = max(1, cores // 2) if drafter.startswith("model:") else 1
+    target = max(1, cores - draft) if drafter.startswith("model:") else cores
+    return {"target": str(target), "draft": str(draft)}
 
 
 def tier_env(env: dict[str, str], tier: str, index: int) -> dict[str, str]:
