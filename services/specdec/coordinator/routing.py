@@ -41,8 +41,8 @@ class ReplicaPool:
         if self.registry is not None and time.monotonic() - self._refreshed > REFRESH_S:
             self._refreshed = time.monotonic()
             self._refreshing = asyncio.ensure_future(self._refresh(self.registry))
-        if self._refreshing is not None and not self._known:
-            # Concurrent callers share the refresh in flight instead of routing on nothing.
+        if self._refreshing is not None and not self._refreshing.done():
+            # Concurrent callers share the refresh in flight (none routes on a list it lacks).
             await asyncio.shield(self._refreshing)
         now = time.monotonic()
         return [r for r in self._known if self._quarantine.get(r.address, 0) < now]
@@ -75,6 +75,9 @@ class ReplicaPool:
 
     async def _least_loaded(self) -> str:
         replicas = await self.replicas()
+        if not replicas and self.registry is not None:  # all we knew failed: ask now, not in a second
+            self._refreshed = 0.0
+            replicas = await self.replicas()
         if not replicas:
             raise TierUnavailable(self.tier, "no healthy replica registered")
 
