@@ -32,8 +32,9 @@ def _sum(receiver, service: str, name: str, **labels) -> float:
 
 def test_counters_and_acceptance_agree_with_the_response(traced_stack, otlp_receiver):
     with Client(traced_stack.coordinator, timeout_s=120) as client:  # ngram: a drafter label of its own
-        replies = [client.complete(PROMPT, max_new_tokens=20, ignore_eos=True, drafter="ngram", k=3)
-                   for _ in range(2)]
+        replies = [client.complete(PROMPT, max_new_tokens=20, ignore_eos=True, drafter="ngram", k=3)]
+        events = list(client.generate(PROMPT, max_new_tokens=20, ignore_eos=True, drafter="ngram", k=3))
+        replies.append(events[-1].done)  # the streaming RPC through the tracing interceptor too
     generated = sum(r.stats.generated_tokens for r in replies)
     proposed = sum(r.stats.proposed_tokens for r in replies)
     accepted = sum(r.stats.accepted_tokens for r in replies)
