@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import aclosing
 from collections.abc import AsyncIterator
 
 import grpc
@@ -60,10 +61,13 @@ class Coordinator:
         self._record(spec, request, result, "running")
         try:
             chunks = generate_stream(request, drafter, self.verifier, self.tokenizer, stops, result)
-            async for chunk in traced_chunks(chunks, request, result, self._placement):
-                self.generated_tokens += len(chunk.token_ids)
-                self._record(spec, request, result, "running")
-                yield chunk
+            # Close both generators when the client goes away: that releases the session on the tiers.
+            async with aclosing(chunks) as inner, aclosing(traced_chunks(inner, request, result,
+                                                                         self._placement)) as stream:
+                async for chunk in stream:
+                    self.generated_tokens += len(chunk.token_ids)
+                    self._record(spec, request, result, "running")
+                    yield chunk
             self._record(spec, request, result, "done")
         finally:
             self.active -= 1
@@ -77,8 +81,7 @@ class Coordinator:
             "generated_ids": result.token_ids, "max_new_tokens": request.max_new_tokens,
             "sampling": {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed},
             "drafter": request.drafter, "max_draft_tokens": request.max_draft_tokens,
-            "placement": {"draft": self.draft_pool.placement.get(request.session_id),
-                          "target": self.target_pool.placement.get(request.session_id)},
+            "placement": self._placement(request.session_id),
             "updated_at": time.time(),
         })
 
