@@ -27,9 +27,9 @@ class DraftLength:
         self.alpha = prior_acceptance
         self.base_s: float | None = None  # time of a plain step
         self.token_cost = prior_token_cost  # extra time per drafted token, relative to base_s
-        self.k = max_k
         self._steps = 0
         self._since_probe = 0
+        self.k = self._best() if adaptive else max_k
 
     def update(self, proposed: int, accepted: int, step_s: float | None = None) -> None:
         """Record a step: drafts proposed and accepted, and its wall time (None: untimed,
@@ -53,9 +53,12 @@ class DraftLength:
     def expected_tokens(self, k: int) -> float:
         return sum(self.alpha ** i for i in range(k + 1))
 
+    def _best(self) -> int:
+        return max(range(self.max_k + 1), key=lambda k: self.expected_tokens(k) / (1.0 + self.token_cost * k))
+
     def _choose(self) -> int:
         self._since_probe += 1
-        best = max(range(self.max_k + 1), key=lambda k: self.expected_tokens(k) / (1.0 + self.token_cost * k))
+        best = self._best()
         if self.base_s is None and self._steps >= 1:
             return 0  # measure the plain step once, early
         if self._since_probe >= PROBE_EVERY:
