@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from specdec.core.engine import Engine
-from specdec.core.generation import GenerationResult
 from specdec.core.request import RequestSpec
 
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"

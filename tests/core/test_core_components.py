@@ -302,3 +302,17 @@ def test_batcher_propagates_exceptions_and_keeps_working() -> None:
     assert called == "on the worker thread"
     with pytest.raises(ValueError):
         MicroBatcher(picky, max_batch_size=0)
+
+
+def test_draft_length_backs_off_as_the_verify_batch_fills() -> None:
+    """With 16 rows per verify pass at flat cost: 8 sequences may draft 1 token each, 16
+    sequences none (plain decoding), 1 sequence up to max_k."""
+    for batch, cap in ((1, 8), (4, 3), (8, 1), (16, 0), (32, 0)):
+        k = DraftLength(8, adaptive=True, row_budget=16)
+        for _ in range(40):
+            k.update(k.k, k.k, 0.05 + 0.001 * k.k, batch_size=batch)
+            assert k.k <= cap
+    unlimited = DraftLength(8, adaptive=True)
+    for _ in range(40):
+        unlimited.update(unlimited.k, unlimited.k, 0.05, batch_size=32)
+    assert unlimited.k > 0

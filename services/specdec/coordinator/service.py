@@ -55,7 +55,8 @@ class Coordinator:
 
     async def stream(self, spec: RequestSpec, result: GenerationResult) -> AsyncIterator[Chunk]:
         request, stops = build_request(spec, self.tokenizer, self.limits, self.settings.drafter,
-                                       await self.drafters(), self.settings.overlap)
+                                       await self.drafters(), self.settings.overlap,
+                                       self.settings.verify_row_budget)
         drafter = None if request.drafter == "none" else self.drafter
         self.active += 1
         self._record(spec, request, result, "running")

@@ -7,7 +7,12 @@ The controller keeps two running estimates from the request's own steps:
 * the cost of a step, base + per_token * k, timed around the draft and the verification
   of real steps. Under load the verifier's queueing and batch cost show up in both.
 
-It picks the k in 0..max_k with the most expected tokens per second. k = 0 is plain
+It also caps k by the target's load: a verification pass costs about the same up to some
+number of rows (tokens) and then grows linearly (compute-bound), and once the batch is
+that full a drafted token no longer rides for free. With `row_budget` rows shared by the
+`batch_size` sequences of the last pass, each may draft budget/batch - 1 tokens.
+
+It picks the k in 0..cap with the most expected tokens per second. k = 0 is plain
 decoding, so a request whose drafts do not pay falls back to it instead of getting slower
 (the vLLM #17984 failure); a plain step now and then re-measures the base cost, and a
 short draft now and then re-measures α.
@@ -20,23 +25,27 @@ PROBE_EVERY = 16  # steps between re-measurements of the branch not taken
 
 class DraftLength:
     def __init__(self, max_k: int, adaptive: bool, prior_acceptance: float = 0.7,
-                 prior_token_cost: float = 0.2) -> None:
+                 prior_token_cost: float = 0.2, row_budget: int = 0) -> None:
         if max_k < 0:
             raise ValueError("max_k must be >= 0")
         self.max_k, self.adaptive = max_k, adaptive
         self.alpha = prior_acceptance
         self.base_s: float | None = None  # time of a plain step
         self.token_cost = prior_token_cost  # extra time per drafted token, relative to base_s
+        self.row_budget = row_budget  # 0 = no load cap
+        self.load_cap = max_k
         self._steps = 0
         self._since_probe = 0
         self.k = self._best() if adaptive else max_k
 
-    def update(self, proposed: int, accepted: int, step_s: float | None = None) -> None:
-        """Record a step: drafts proposed and accepted, and its wall time (None: untimed,
-        e.g. the first step, which carries the prefill)."""
+    def update(self, proposed: int, accepted: int, step_s: float | None = None, batch_size: int = 1) -> None:
+        """Record a step: drafts proposed and accepted, its wall time (None: untimed, e.g.
+        the first step, which carries the prefill) and the sequences in its verify pass."""
         self._steps += 1
         if not self.adaptive:
             return
+        if self.row_budget:
+            self.load_cap = min(self.max_k, max(0, self.row_budget // max(1, batch_size) - 1))
         if proposed:
             self.alpha += EMA * (accepted / proposed - self.alpha)
         if step_s is not None:
@@ -54,7 +63,7 @@ class DraftLength:
         return sum(self.alpha ** i for i in range(k + 1))
 
     def _best(self) -> int:
-        return max(range(self.max_k + 1), key=lambda k: self.expected_tokens(k) / (1.0 + self.token_cost * k))
+        return max(range(self.load_cap + 1), key=lambda k: self.expected_tokens(k) / (1.0 + self.token_cost * k))
 
     def _choose(self) -> int:
         self._since_probe += 1
@@ -63,5 +72,5 @@ class DraftLength:
             return 0  # measure the plain step once, early
         if self._since_probe >= PROBE_EVERY:
             self._since_probe = 0
-            return 0 if best > 0 else min(2, self.max_k)  # re-measure the branch not taken
+            return 0 if best > 0 else min(2, self.load_cap)  # re-measure the branch not taken
         return best

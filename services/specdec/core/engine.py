@@ -24,7 +24,7 @@ from specdec.core.target import TargetWorker
 class Engine:
     def __init__(self, target_model: torch.nn.Module, tokenizer, drafter: str = "ngram",
                  draft_model: torch.nn.Module | None = None, draft_model_name: str = "",
-                 overlap: bool = False) -> None:
+                 overlap: bool = False, verify_row_budget: int = 16) -> None:
         runner = build_runner(target_model)
         self.tokenizer = tokenizer
         self.verifier = LocalVerifier(TargetWorker(runner))
@@ -32,6 +32,7 @@ class Engine:
         self.drafter = LocalDrafter(DraftWorker(draft_runner, draft_model_name))
         self.default_drafter = drafter
         self.default_overlap = overlap
+        self.verify_row_budget = verify_row_budget
         self.limits = ModelLimits(vocab_size=runner.vocab_size, max_context=runner.max_context)
 
     @classmethod
@@ -49,7 +50,7 @@ class Engine:
 
     def _build(self, spec: RequestSpec):
         request, stops = build_request(spec, self.tokenizer, self.limits, self.default_drafter, self.available_drafters,
-                                       self.default_overlap)
+                                       self.default_overlap, self.verify_row_budget)
         drafter = None if request.drafter == "none" else self.drafter
         return request, stops, drafter
 

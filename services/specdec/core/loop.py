@@ -32,6 +32,7 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = frozenset()
     max_context: int = 1 << 30
     overlap: bool = False  # pre-draft step n+1 while step n is being verified
+    verify_row_budget: int = 0  # rows a verify pass takes at ~flat cost; caps k under load (0 = off)
 
 
 @dataclass
@@ -54,7 +55,8 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
     """Yield committed tokens step by step until a stop condition; frees tier state at the end."""
     committed = list(request.prompt_ids)
     sync = _Sync()
-    k = DraftLength(request.max_draft_tokens if drafter is not None else 0, request.adaptive)
+    k = DraftLength(request.max_draft_tokens if drafter is not None else 0, request.adaptive,
+                    row_budget=request.verify_row_budget)
     stats.prompt_tokens, stats.drafter = len(committed), request.drafter
     predraft: asyncio.Task[Proposal] | None = None
     predraft_len = 0  # committed length at which the pending pre-draft is valid
@@ -88,7 +90,8 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
             committed.extend(verdict.tokens)
             sync.target = len(committed)
             timed = stats.steps > 0 and not replayed  # these steps carry a (re)prefill
-            k.update(len(proposal.tokens), verdict.num_accepted, time.perf_counter() - started if timed else None)
+            k.update(len(proposal.tokens), verdict.num_accepted, time.perf_counter() - started if timed else None,
+                     verdict.batch_size)
             out = _finish(request, verdict.tokens, remaining, len(committed))
             stats.steps += 1
             stats.proposed_tokens += len(proposal.tokens)
