@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import llama_dirs
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -83,3 +85,15 @@ def redis_url(valkey: ValkeyProcess) -> Iterator[str]:
     client.flushall()
     client.close()
     yield valkey.url
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(target dir, draft dir): two different seeded tiny llamas sharing SmolLM2's tokenizer."""
+    from specdec.core.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    root = tmp_path_factory.mktemp("tiny")
+    target = llama_dirs.save_llama(root / "target", tokenizer, seed=0, layers=2)
+    draft = llama_dirs.save_llama(root / "draft", tokenizer, seed=1, layers=1, init_from=target)
+    return str(target), str(draft)

@@ -116,12 +116,16 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings.from_env(**flags, **extra)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def _apply_threads(settings: Settings) -> None:
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _apply_threads(settings)
     from specdec import telemetry
 
     telemetry.configure(args.tier, settings.metrics_port, settings.host,
@@ -235,6 +239,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from specdec.bench import DEFAULT_PROMPTS, BenchConfig, run_bench, table
+
+    _apply_threads(Settings.from_env())  # SPECDEC_TORCH_THREADS applies to the embedded runs
 
     cfg = BenchConfig(model=args.model, drafter=args.drafter, k=args.k, max_new_tokens=args.max_new_tokens,
                       prompts=Path(args.prompts) if args.prompts else DEFAULT_PROMPTS, kinds=args.kind,

@@ -9,30 +9,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests import llama_dirs
 from tests.conftest import ValkeyProcess, free_port
 
 
-def save_llama(path: Path, tokenizer, seed: int, layers: int, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-               init_from: Path | None = None) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
-    if init_from is not None:  # an early-exit draft of init_from: agrees with it often
-        source = LlamaForCausalLM.from_pretrained(init_from).state_dict()
-        model.load_state_dict({k: v for k, v in source.items() if k in model.state_dict()})
-    else:
-        with torch.no_grad():  # larger logits: fewer near-ties between the top tokens
-            model.lm_head.weight.mul_(8)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def save_llama(path: Path, tokenizer, seed: int, layers: int, **kw) -> Path:
+    """The shared tiny llama with a context long enough for 1,000+ token prefixes."""
+    return llama_dirs.save_llama(path, tokenizer, seed, layers, max_positions=4096, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metric
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.conftest import ValkeyProcess, free_port
-from tests.services.conftest import save_tiny_llama
 
 
 @dataclass
@@ -123,14 +122,8 @@ def otlp_receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="session")
-def telemetry_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    from specdec.core.models import load_tokenizer
-
-    tokenizer = load_tokenizer("smollm2-135m")
-    root = tmp_path_factory.mktemp("tiny-telemetry")
-    target = save_tiny_llama(root / "target", seed=0, layers=2, tokenizer=tokenizer)
-    draft = save_tiny_llama(root / "draft", seed=1, layers=1, tokenizer=tokenizer, init_from=target)
-    return str(target), str(draft)
+def telemetry_models(tiny_models: tuple[str, str]) -> tuple[str, str]:
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
