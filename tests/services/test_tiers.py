@@ -108,3 +108,39 @@ def test_cli_generate_json_through_coordinator(tiny_stack):
     assert {"proposed_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length", "steps", "ttft_s",
             "tokens_per_s"} <= set(reply["stats"])
     assert reply["finish_reason"] in {"length", "stop"}
+
+
+def test_registry_load_reports_throughput_and_acceptance(tiny_stack, tiny_models, prompt_ids, valkey):
+    """The load the operator scales on: tokens/s and acceptance of the last interval."""
+    import time
+
+    import redis
+
+    import threading
+
+    def load_the_tiers() -> None:  # keep generating while the heartbeats are read
+        with Client(tiny_stack.address, timeout_s=120) as client:
+            for _ in range(6):
+                complete_ids(client, prompt_ids, drafter="ngram", k=4)
+
+    worker = threading.Thread(target=load_the_tiers)
+    worker.start()
+    tiers = ("target", "coordinator")
+    rates: dict[str, list[float]] = {t: [] for t in tiers}
+    acceptance: dict[str, list[float]] = {t: [] for t in tiers}
+    store = redis.Redis.from_url(valkey.url)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(rates[t] and acceptance[t] for t in tiers):
+        for key in store.scan_iter(f"{tiny_stack.prefix}replica:*"):
+            record = json.loads(store.get(key) or "{}")
+            load = record.get("load", {})
+            if record.get("tier") in tiers:
+                if load.get("tokens_per_s", 0) > 0:
+                    rates[record["tier"]].append(load["tokens_per_s"])
+                if load.get("acceptance_rate") is not None:
+                    acceptance[record["tier"]].append(load["acceptance_rate"])
+        time.sleep(0.1)
+    store.close()
+    worker.join()
+    assert all(rates[t] and acceptance[t] for t in tiers), (rates, acceptance)
+    assert all(0.0 <= a <= 1.0 for values in acceptance.values() for a in values)

@@ -18,7 +18,7 @@ from specdec.coordinator.remote import RemoteDrafter, RemoteVerifier
 from specdec.coordinator.routing import ReplicaPool
 from specdec.rpc.errors import grpc_errors
 from specdec.rpc.server import TierServer
-from specdec.state.registry import Registry
+from specdec.state.registry import IntervalRates, Registry
 from specdec.state.sessions import SessionStore
 from specdec.telemetry import observe, traced_chunks
 from specdec.v1 import draft_pb2, draft_pb2_grpc, generation_pb2, generation_pb2_grpc, target_pb2, target_pb2_grpc
@@ -46,6 +46,9 @@ class Coordinator:
         self.verifier = RemoteVerifier(self.target_pool, settings.tier_timeout_s, settings.max_failovers)
         self.active = 0
         self.generated_tokens = 0
+        self.proposed_tokens = 0  # drafts of finished requests
+        self.accepted_tokens = 0
+        self.rates = IntervalRates()
         observe("specdec_replicas", lambda: [(pool.healthy_count(), {"tier": pool.tier})
                                              for pool in (self.draft_pool, self.target_pool)])
 
@@ -72,6 +75,8 @@ class Coordinator:
             self._record(spec, request, result, "done")
         finally:
             self.active -= 1
+            self.proposed_tokens += result.stats.proposed_tokens
+            self.accepted_tokens += result.stats.accepted_tokens
 
     def _record(self, spec: RequestSpec, request: GenerationRequest, result: GenerationResult, state: str) -> None:
         if self.sessions is None:
@@ -92,7 +97,8 @@ class Coordinator:
 
     def load(self) -> dict:
         return {"queue_depth": 0, "active_sessions": self.active, "batch_utilization": 0.0,
-                "tokens_per_s": 0.0, "acceptance_rate": None, "generated_tokens": self.generated_tokens}
+                "generated_tokens": self.generated_tokens,
+                **self.rates.read(self.generated_tokens, self.proposed_tokens, self.accepted_tokens)}
 
 
 def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteRequest) -> RequestSpec:

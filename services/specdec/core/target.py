@@ -21,7 +21,10 @@ class TargetStats:
     forward_passes: int = 0
     sequences: int = 0  # sum of batch sizes
     max_batch_size: int = 0
-    tokens_verified: int = 0
+    tokens_verified: int = 0  # logits rows computed (drafts + 1 per sequence)
+    draft_tokens: int = 0  # drafts judged
+    accepted_tokens: int = 0  # drafts kept
+    committed_tokens: int = 0  # tokens committed (accepted drafts + the target's own)
 
 
 class TargetWorker:
@@ -80,6 +83,9 @@ class TargetWorker:
             sampling=item.sampling, first_position=committed,
         ))
         session.tokens.extend(out.tokens)
+        self.stats.draft_tokens += len(item.draft_tokens)
+        self.stats.accepted_tokens += out.num_accepted
+        self.stats.committed_tokens += len(out.tokens)
         assert session.kv is not None
         # Roll back the rejected drafts: keep committed tokens only (all but the newest).
         session.kv.truncate(len(session.tokens) - 1)

@@ -97,3 +97,21 @@ class Heartbeat:
             await self.registry.remove(self.info)
         except Exception:
             pass
+
+
+class IntervalRates:
+    """Throughput and acceptance since the previous read, for heartbeat load figures.
+
+    Reads advance the window, so exactly one reader (the heartbeat) should call it."""
+
+    def __init__(self) -> None:
+        self._last = (time.monotonic(), 0, 0, 0)
+
+    def read(self, tokens: int, drafted: int, accepted: int) -> dict[str, float | None]:
+        """Counters are running totals: committed tokens, draft tokens judged, drafts kept."""
+        now = time.monotonic()
+        then, tokens0, drafted0, accepted0 = self._last
+        self._last = (now, tokens, drafted, accepted)
+        judged = drafted - drafted0
+        return {"tokens_per_s": round((tokens - tokens0) / max(now - then, 1e-6), 2),
+                "acceptance_rate": round((accepted - accepted0) / judged, 4) if judged else None}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 
@@ -16,6 +15,7 @@ from specdec.rpc import convert
 from specdec.rpc.server import Drain, TierServer
 from specdec.rpc.streams import serve_tagged
 from specdec.state.kv_store import store_for
+from specdec.state.registry import IntervalRates
 from specdec.telemetry import TierTelemetry
 from specdec.v1 import target_pb2, target_pb2_grpc
 
@@ -69,21 +69,18 @@ class LoadMeter:
 
     def __init__(self, verifier: LocalVerifier) -> None:
         self.verifier = verifier
-        self._last = (time.monotonic(), 0)
+        self.rates = IntervalRates()
 
     def __call__(self) -> dict:
         stats, worker = self.verifier.batcher.stats, self.verifier.worker
-        now, tokens = time.monotonic(), worker.stats.tokens_verified
-        then, before = self._last
-        self._last = (now, tokens)
+        w = worker.stats
         return {
             "queue_depth": stats.queue_depth,
             "active_sessions": len(worker.sessions),
             "batch_utilization": round(stats.items / stats.batches / self.verifier.batcher.max_batch_size, 4)
             if stats.batches else 0.0,
-            "tokens_per_s": round((tokens - before) / max(now - then, 1e-6), 2),
             "max_batch_size": stats.max_batch_size,
-            "acceptance_rate": None,
+            **self.rates.read(w.committed_tokens, w.draft_tokens, w.accepted_tokens),
             **(worker.prefix_store.stats.as_load() if worker.prefix_store is not None else {}),
         }
 
