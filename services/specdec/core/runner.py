@@ -9,6 +9,7 @@ own forward per sequence with a rolled-back DynamicCache.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -181,6 +182,9 @@ class HFRunner:
         self.vocab_size = cfg.vocab_size
         self.max_context = getattr(cfg, "max_position_embeddings", 1 << 30)
         self.device = next(model.parameters()).device
+        # transformers 5.24 renamed the cache argument (the old name goes in 5.40).
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def new_kv(self) -> SessionKV:
         kv = SessionKV(0, 0, 0, torch.float32, "cpu", capacity=0)
@@ -198,7 +202,7 @@ class HFRunner:
                 # absolute length here; older versions accept both).
                 cache.crop(-excess)
             ids = torch.tensor([item.tokens], device=self.device)
-            result = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            result = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: cache})
             item.kv.commit(item.tokens)
             out.append(result.logits[0, -item.num_logits:].float())
         return out
