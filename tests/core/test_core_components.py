@@ -316,3 +316,28 @@ def test_draft_length_backs_off_as_the_verify_batch_fills() -> None:
     for _ in range(40):
         unlimited.update(unlimited.k, unlimited.k, 0.05, batch_size=32)
     assert unlimited.k > 0
+
+
+def _ngram_reference(tokens: list[int], k: int, max_ngram: int = 4, min_ngram: int = 1) -> list[int]:
+    """The plain definition: longest tail n-gram first, its most recent earlier occurrence."""
+    if k <= 0:
+        return []
+    length = len(tokens)
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        tail = tokens[length - n:]
+        for start in range(length - n - 1, -1, -1):
+            if tokens[start:start + n] == tail and tokens[start + n:start + n + k]:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+def test_ngram_matches_its_plain_definition_on_random_sequences() -> None:
+    import random
+
+    rng = random.Random(0)
+    for trial in range(400):
+        vocab = rng.choice([2, 3, 5, 20])  # small vocabularies: many and overlapping matches
+        tokens = [rng.randrange(vocab) for _ in range(rng.randrange(0, 40))]
+        k, max_n, min_n = rng.randrange(0, 6), rng.randrange(1, 6), rng.randrange(1, 3)
+        assert ngram_propose(tokens, k, max_n, min_n) == _ngram_reference(tokens, k, max_n, min_n), (
+            trial, tokens, k, max_n, min_n)

@@ -2,22 +2,32 @@
 
 The last n tokens are searched for earlier in the sequence (longest n first, most recent
 match first); the tokens that followed that match are proposed. Deterministic, so its
-draft distribution is one-hot.
+draft distribution is one-hot. Vectorised: one pass finds every earlier occurrence of the
+last token, then match lengths grow by comparing one step further back for all at once.
 """
 from __future__ import annotations
+
+import numpy as np
 
 
 def ngram_propose(tokens: list[int], k: int, max_ngram: int = 4, min_ngram: int = 1) -> list[int]:
     """Up to k tokens continuing the latest earlier occurrence of the sequence's tail."""
-    if k <= 0:
-        return []
     length = len(tokens)
-    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
-        tail = tokens[length - n:]
-        # Scan right to left: the most recent occurrence predicts best.
-        for start in range(length - n - 1, -1, -1):
-            if tokens[start:start + n] == tail:
-                follow = tokens[start + n:start + n + k]
-                if follow:
-                    return follow
-    return []
+    if k <= 0 or length < 2:
+        return []
+    seq = np.asarray(tokens)
+    ends = np.flatnonzero(seq[:-1] == seq[-1])  # where an earlier match of the tail would end
+    if ends.size == 0:
+        return []
+    lengths = np.ones(ends.size, dtype=np.int64)
+    alive = np.ones(ends.size, dtype=bool)
+    for back in range(1, min(max_ngram, length - 1)):
+        starts = ends - back
+        alive &= starts >= 0
+        alive[alive] = seq[starts[alive]] == seq[length - 1 - back]
+        lengths += alive
+    best = int(lengths.max())
+    if best < min_ngram:
+        return []
+    end = int(ends[np.flatnonzero(lengths == best)[-1]])  # the most recent of the longest
+    return tokens[end + 1:end + 1 + k]
