@@ -341,3 +341,29 @@ def test_ngram_matches_its_plain_definition_on_random_sequences() -> None:
         k, max_n, min_n = rng.randrange(0, 6), rng.randrange(1, 6), rng.randrange(1, 3)
         assert ngram_propose(tokens, k, max_n, min_n) == _ngram_reference(tokens, k, max_n, min_n), (
             trial, tokens, k, max_n, min_n)
+
+
+def test_batcher_waits_briefly_for_the_rest_of_the_last_batch() -> None:
+    """Sessions of one batch come back a little apart; the next batch waits for them."""
+    sizes: list[int] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        return items
+
+    async def main() -> None:
+        batcher = MicroBatcher(run_batch, max_batch_size=8, gather_s=0.5)
+
+        async def late(item: int) -> int:
+            await asyncio.sleep(0.01)
+            return await batcher.submit(item)
+        await asyncio.gather(*(batcher.submit(i) for i in range(4)))
+        await asyncio.gather(batcher.submit(10), batcher.submit(11), late(12), late(13))
+        lone = MicroBatcher(run_batch, max_batch_size=8, gather_s=5.0)
+        started = asyncio.get_running_loop().time()
+        await lone.submit(99)  # a first batch never waits
+        assert asyncio.get_running_loop().time() - started < 1.0
+        await batcher.close()
+        await lone.close()
+    run(main())
+    assert sizes == [4, 4, 1]

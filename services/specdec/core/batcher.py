@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -26,11 +27,17 @@ class MicroBatcher(Generic[Item, Result]):
     """Runs `run_batch(items) -> results` (same order) on one worker thread, so the event
     loop keeps accepting work while the model computes."""
 
-    def __init__(self, run_batch: Callable[[list[Item]], list[Result]], max_batch_size: int = 32) -> None:
+    def __init__(self, run_batch: Callable[[list[Item]], list[Result]], max_batch_size: int = 32,
+                 gather_s: float = 0.004) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
+        # Sessions that were in the last batch come back a little apart (each has its own
+        # drafting and bookkeeping to do); waiting up to gather_s for them to rejoin keeps
+        # batches full. A lone session never waits: the previous batch held only itself.
+        self.gather_s = gather_s
+        self._last_size = 0
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -67,6 +74,7 @@ class MicroBatcher(Generic[Item, Result]):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
+                await self._gather()
                 batch = self._pending[: self.max_batch_size]
                 del self._pending[: len(batch)]
                 self.stats.queue_depth = len(self._pending)
@@ -83,7 +91,14 @@ class MicroBatcher(Generic[Item, Result]):
                     if not future.done():
                         future.set_result(result)
 
+    async def _gather(self) -> None:
+        deadline = time.monotonic() + self.gather_s
+        want = min(self._last_size, self.max_batch_size)
+        while len(self._pending) < want and time.monotonic() < deadline:
+            await asyncio.sleep(0.0005)
+
     def _record(self, size: int) -> None:
+        self._last_size = size
         self.stats.batches += 1
         self.stats.items += size
         self.stats.max_batch_size = max(self.stats.max_batch_size, size)
