@@ -5,6 +5,7 @@ while a batch is running share the next one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import time
 from collections.abc import Callable
@@ -103,11 +104,14 @@ class MicroBatcher(Generic[Item, Result]):
         self.stats.items += size
         self.stats.max_batch_size = max(self.stats.max_batch_size, size)
 
+    async def stop(self) -> None:
+        """Stop the worker task; the next submit starts a new one (e.g. on another loop)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -75,6 +75,4 @@ class Engine:
     async def aclose(self) -> None:
         """Stop the batchers' workers (they restart on the next request)."""
         for batcher in (self.verifier.batcher, self.drafter.batcher):
-            if batcher._task is not None:
-                batcher._task.cancel()
-                batcher._task = None
+            await batcher.stop()

@@ -24,3 +24,13 @@ class PrefixStore(Protocol):
         """`tokens` are committed and `kv` holds KV for a prefix of them: save the chunks
         that became complete (asynchronously, off the hot path)."""
         ...
+
+
+def prepare_cache(kv: SessionKV, committed: list[int], store: PrefixStore | None) -> int:
+    """Make `kv` hold the longest known prefix of the committed tokens, all but the newest
+    (that one is fed with the next step): roll back what diverges, then extend from the
+    store. Returns how many committed tokens the cache now holds; the rest must be fed."""
+    kv.truncate(min(kv.common_prefix(committed), len(committed) - 1))
+    if store is not None:
+        store.restore(committed[:-1], kv)
+    return kv.length

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session
-from specdec.core.prefix_store import PrefixStore
+from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.rejection import RejectionInput, rejection_sample
 from specdec.core.runner import ForwardItem, Runner
 from specdec.core.types import Verdict, VerifyItem
@@ -68,11 +68,7 @@ class TargetWorker:
     def _forward_item(self, session: TargetSession, item: VerifyItem) -> ForwardItem:
         kv = session.kv
         assert kv is not None
-        keep = min(kv.common_prefix(session.tokens), len(session.tokens) - 1)
-        kv.truncate(keep)
-        if self.prefix_store is not None:
-            self.prefix_store.restore(session.tokens[:-1], kv)
-            keep = kv.length
+        keep = prepare_cache(kv, session.tokens, self.prefix_store)
         feed = session.tokens[keep:] + item.draft_tokens
         return ForwardItem(kv, feed, len(item.draft_tokens) + 1)
 

@@ -9,7 +9,7 @@ import torch
 from specdec.core.drafters.ngram import ngram_propose
 from specdec.core.errors import InvalidArgument
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session
-from specdec.core.prefix_store import PrefixStore
+from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.rng import Purpose, sample_index, uniform
 from specdec.core.runner import ForwardItem, Runner
 from specdec.core.sampling import probs_from_logits, quantize_f16
@@ -80,13 +80,7 @@ class DraftWorker:
         for _, session, item in rows:
             if session.kv is None:
                 session.kv = runner.new_kv()
-            # Roll back to what the cache shares with the committed tokens (never the last one).
-            keep = min(session.kv.common_prefix(session.tokens), len(session.tokens) - 1)
-            session.kv.truncate(keep)
-            if self.prefix_store is not None:
-                self.prefix_store.restore(session.tokens[:-1], session.kv)
-                keep = session.kv.length
-            feeds.append(session.tokens[keep:])
+            feeds.append(session.tokens[prepare_cache(session.kv, session.tokens, self.prefix_store):])
         live = [j for j, (_, _, item) in enumerate(rows) if item.num_tokens > 0]
         while live:
             logits = runner.forward([ForwardItem(rows[j][1].kv, feeds[j], 1) for j in live])
