@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 START_TIMEOUT_S = 180.0
+PORT_RETRIES = 2
 
 
 def free_port() -> int:
@@ -126,16 +127,29 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
         threads = _torch_threads(env, device, drafter)
         stack.env = env
         tiers = [("target", i) for i in range(target_replicas)] + [("draft", i) for i in range(draft_replicas)]
-        started = []
-        for tier, i in tiers:
+
+        def spawn_tier(tier: str, i: int, index: int) -> Child:
             tier_port = free_port()
             argv = [sys.executable, "-m", "specdec.cli", "serve", tier, "--port", str(tier_port)]
-            child_env = {**tier_env(env, tier, len(started) + 1), "SPECDEC_TORCH_THREADS": threads[tier]}
-            started.append(stack.spawn(f"{tier}-{i}", argv, child_env, f"127.0.0.1:{tier_port}"))
+            child_env = {**tier_env(env, tier, index), "SPECDEC_TORCH_THREADS": threads[tier]}
+            return stack.spawn(f"{tier}-{i}", argv, child_env, f"127.0.0.1:{tier_port}")
+
+        started = [spawn_tier(tier, i, n + 1) for n, (tier, i) in enumerate(tiers)]
         argv = [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(port)]
-        started.append(stack.spawn("coordinator", argv, tier_env(env, "coordinator", 0), f"127.0.0.1:{port}"))
-        for child in started:
-            wait_healthy(child)
+        coordinator = stack.spawn("coordinator", argv, tier_env(env, "coordinator", 0), f"127.0.0.1:{port}")
+        for n, ((tier, i), child) in enumerate(zip(tiers, started)):
+            for attempt in range(PORT_RETRIES + 1):
+                try:
+                    wait_healthy(child)
+                    break
+                except RuntimeError:
+                    # A port picked free may be taken before the tier binds it (another
+                    # process's outgoing connection); an internal tier just takes another.
+                    lost_port = child.proc.poll() is not None and "bind" in child.log.read_text(errors="replace")
+                    if not lost_port or attempt == PORT_RETRIES:
+                        raise
+                    child = spawn_tier(tier, i, n + 1)
+        wait_healthy(coordinator)
         stack.coordinator = f"127.0.0.1:{port}"
         _wait_registered(stack.redis_url, target_replicas, draft_replicas)
         return stack
