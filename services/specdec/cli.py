@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kind", action="append", default=[], help="only prompts of this kind (copy, chat)")
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--concurrency", default="1", help="comma-separated levels, e.g. 1,2,4,8,16")
+    bench.add_argument("--waves", type=int, default=3,
+                       help="requests per concurrency level, as a multiple of the level (at least one per prompt)")
     bench.add_argument("--distributed", action="store_true", help="also through the three services")
     bench.add_argument("--compare-hf", action="store_true", help="also transformers' own generate")
     bench.add_argument("--overlap", action="store_true", help="pre-draft the next step during verification")
@@ -244,7 +246,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(model=args.model, drafter=args.drafter, k=args.k, max_new_tokens=args.max_new_tokens,
                       prompts=Path(args.prompts) if args.prompts else DEFAULT_PROMPTS, kinds=args.kind,
-                      concurrency=[int(c) for c in args.concurrency.split(",") if c],
+                      concurrency=[int(c) for c in args.concurrency.split(",") if c], waves=args.waves,
                       distributed=args.distributed, compare_hf=args.compare_hf, overlap=args.overlap,
                       plot=Path(args.plot) if args.plot else None)
     result = run_bench(cfg)

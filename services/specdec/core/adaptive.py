@@ -8,9 +8,12 @@ The controller keeps two running estimates from the request's own steps:
   of real steps. Under load the verifier's queueing and batch cost show up in both.
 
 It also caps k by the target's load: a verification pass costs about the same up to some
-number of rows (tokens) and then grows linearly (compute-bound), and once the batch is
-that full a drafted token no longer rides for free. With `row_budget` rows shared by the
-`batch_size` sequences of the last pass, each may draft budget/batch - 1 tokens.
+number of rows (`row_budget` tokens) and then grows linearly (compute-bound), so once the
+batch is that full a drafted row costs as much as any other. The i-th draft token is then
+worth its row only if it is likely to be kept: α^i >= batch_size / row_budget. A request
+copying text verbatim (α near 1) keeps drafting far under load while one with α = 0.5
+drafts a token or none, which spends the shared rows where they pay most, with no
+coordination between requests.
 
 It picks the k in 0..cap with the most expected tokens per second. k = 0 is plain
 decoding, so a request whose drafts do not pay falls back to it instead of getting slower
@@ -44,10 +47,10 @@ class DraftLength:
         self._steps += 1
         if not self.adaptive:
             return
-        if self.row_budget:
-            self.load_cap = min(self.max_k, max(0, self.row_budget // max(1, batch_size) - 1))
         if proposed:
             self.alpha += EMA * (accepted / proposed - self.alpha)
+        if self.row_budget:
+            self.load_cap = self._load_cap(batch_size)
         if step_s is not None:
             self._observe_cost(proposed, step_s)
         self.k = self._choose()
@@ -58,6 +61,14 @@ class DraftLength:
         elif self.base_s is not None:
             per_token = max(0.0, (step_s / self.base_s - 1.0) / proposed)
             self.token_cost += EMA * (per_token - self.token_cost)
+
+    def _load_cap(self, batch_size: int) -> int:
+        """The longest draft whose every token is kept with probability >= the load."""
+        threshold = min(1.0, batch_size / self.row_budget)
+        k = 0
+        while k < self.max_k and self.alpha ** (k + 1) >= threshold:
+            k += 1
+        return k
 
     def expected_tokens(self, k: int) -> float:
         return sum(self.alpha ** i for i in range(k + 1))
@@ -72,5 +83,8 @@ class DraftLength:
             return 0  # measure the plain step once, early
         if self._since_probe >= PROBE_EVERY:
             self._since_probe = 0
-            return 0 if best > 0 else min(2, self.load_cap)  # re-measure the branch not taken
+            # Re-measure the branch not taken. A short draft probes α even past the load
+            # cap: α only moves when something is drafted, and a request stuck at k = 0
+            # would otherwise never notice that its text became copyable again.
+            return 0 if best > 0 else min(2, self.max_k)
         return best

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from specdec.core import compute
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -25,8 +26,8 @@ class BatcherStats:
 
 
 class MicroBatcher(Generic[Item, Result]):
-    """Runs `run_batch(items) -> results` (same order) on one worker thread, so the event
-    loop keeps accepting work while the model computes."""
+    """Runs `run_batch(items) -> results` (same order) on the process's compute thread
+    (`core.compute`), so the event loop keeps accepting work while the model computes."""
 
     def __init__(self, run_batch: Callable[[list[Item]], list[Result]], max_batch_size: int = 32,
                  gather_s: float = 0.004) -> None:
@@ -42,7 +43,7 @@ class MicroBatcher(Generic[Item, Result]):
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self._executor = compute.executor()
         self.stats = BatcherStats()
 
     def wrap_batches(self, wrap: Callable[[Callable[[list[Item]], list[Result]]],
@@ -113,5 +114,4 @@ class MicroBatcher(Generic[Item, Result]):
                 await task
 
     async def close(self) -> None:
-        await self.stop()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self.stop()  # the compute thread is shared by the whole process and stays

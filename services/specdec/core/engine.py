@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from specdec.core import compute
 from specdec.core.drafters.base import DraftWorker, parse_drafter
 from specdec.core.generation import Chunk, GenerationResult, generate, generate_stream
 from specdec.core.local import LocalDrafter, LocalVerifier
@@ -25,10 +26,10 @@ class Engine:
     def __init__(self, target_model: torch.nn.Module, tokenizer, drafter: str = "ngram",
                  draft_model: torch.nn.Module | None = None, draft_model_name: str = "",
                  overlap: bool = False, verify_row_budget: int = 16) -> None:
-        runner = build_runner(target_model)
+        runner = compute.run_sync(build_runner, target_model)  # packs weights: torch work
         self.tokenizer = tokenizer
         self.verifier = LocalVerifier(TargetWorker(runner))
-        draft_runner = build_runner(draft_model) if draft_model is not None else None
+        draft_runner = compute.run_sync(build_runner, draft_model) if draft_model is not None else None
         self.drafter = LocalDrafter(DraftWorker(draft_runner, draft_model_name))
         self.default_drafter = drafter
         self.default_overlap = overlap
@@ -38,10 +39,10 @@ class Engine:
     @classmethod
     def load(cls, model: str, drafter: str = "ngram", device: str = "cpu", dtype: str = "float32") -> "Engine":
         kind, draft_name = parse_drafter(drafter)
-        target = load_model(model, device, dtype)
+        target = compute.run_sync(load_model, model, device, dtype)
         draft = None
         if kind == "model":
-            draft = target if draft_name == model else load_model(draft_name, device, dtype)
+            draft = target if draft_name == model else compute.run_sync(load_model, draft_name, device, dtype)
         return cls(target, load_tokenizer(model), drafter, draft, draft_name)
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from specdec.core.errors import InvalidArgument
@@ -71,7 +72,16 @@ def quantize_f16(probs: torch.Tensor) -> torch.Tensor:
 
     The drafter samples from exactly this distribution and ships the float16 bytes, so the
     target's rejection test uses the very q the draft was drawn from (exactness survives
-    the wire format).
+    the wire format: both ends renormalise with `renormalised_f16`).
     """
-    q = probs.to(torch.float16).to(torch.float64)
-    return q / q.sum(dim=-1, keepdim=True)
+    values = probs.detach().to(torch.float16).cpu().numpy()
+    return renormalised_f16(values).to(probs.device)
+
+
+def renormalised_f16(values: np.ndarray) -> torch.Tensor:
+    """float16 weights [..., vocab] -> float64 probabilities summing to 1 on the last axis.
+
+    In numpy, because the services call it on their gRPC threads, where a torch op this
+    size would start a second OpenMP team (see `core.compute`)."""
+    q = values.astype(np.float64)
+    return torch.from_numpy(q / q.sum(axis=-1, keepdims=True))

@@ -1,11 +1,12 @@
 """DraftService: propose items from every stream meet in one micro-batcher."""
 from __future__ import annotations
 
-import grpc
-
 import asyncio
 
+import grpc
+
 from specdec.config import Settings
+from specdec.core import compute
 from specdec.core.drafters.base import DraftWorker, parse_drafter
 from specdec.core.local import LocalDrafter
 from specdec.core.models import load_model
@@ -63,8 +64,8 @@ def _respond(results: list[draft_pb2.ProposeResult]) -> draft_pb2.ProposeRespons
 def build(settings: Settings) -> TierServer:
     """A draft replica serving `ngram` plus the model of `model:NAME` when configured."""
     kind, model_name = parse_drafter(settings.drafter)
-    model = load_model(model_name, settings.device, settings.dtype) if kind == "model" else None
-    runner = build_runner(model) if model is not None else None
+    model = compute.run_sync(load_model, model_name, settings.device, settings.dtype) if kind == "model" else None
+    runner = compute.run_sync(build_runner, model) if model is not None else None
     store = store_for(settings, "draft", model, runner) if model is not None else None
     drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions, store), settings.max_batch_size)
     stats = drafter.batcher.stats

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from specdec.core.sampling import SamplingParams
+from specdec.core.sampling import SamplingParams, renormalised_f16
 from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
 from specdec.v1 import draft_pb2, sampling_pb2, target_pb2
 
@@ -12,15 +12,15 @@ from specdec.v1 import draft_pb2, sampling_pb2, target_pb2
 def probs_to_bytes(probs: torch.Tensor | None) -> bytes:
     if probs is None:
         return b""
-    return probs.to(torch.float16).cpu().numpy().astype("<f2").tobytes()
+    # numpy, not torch: this runs on gRPC threads (see core.compute)
+    return probs.detach().cpu().numpy().astype("<f2").tobytes()
 
 
 def probs_from_bytes(data: bytes, rows: int) -> torch.Tensor | None:
     """Rebuild q exactly as the drafter sampled from it (float16, renormalised in float64)."""
     if not data:
         return None
-    q = torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float64)).reshape(rows, -1)
-    return q / q.sum(dim=-1, keepdim=True)
+    return renormalised_f16(np.frombuffer(data, dtype="<f2").reshape(rows, -1))
 
 
 def sampling_to_proto(p: SamplingParams) -> sampling_pb2.SamplingParams:

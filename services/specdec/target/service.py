@@ -6,6 +6,7 @@ import asyncio
 import grpc
 
 from specdec.config import Settings
+from specdec.core import compute
 from specdec.core.local import LocalVerifier
 from specdec.core.models import load_model
 from specdec.core.runner import build_runner
@@ -86,8 +87,8 @@ class LoadMeter:
 
 
 def build(settings: Settings) -> TierServer:
-    model = load_model(settings.model, settings.device, settings.dtype)
-    runner = build_runner(model)
+    model = compute.run_sync(load_model, settings.model, settings.device, settings.dtype)
+    runner = compute.run_sync(build_runner, model)
     store = store_for(settings, "target", model, runner)
     verifier = LocalVerifier(TargetWorker(runner, settings.max_sessions, store), settings.max_batch_size)
     drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None)
