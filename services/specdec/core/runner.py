@@ -50,13 +50,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _causal_mask(start: int, num_new: int, device: torch.device) -> torch.Tensor | None:
-    """[num_new, start+num_new] bool: query t (absolute start+t) sees keys 0..start+t."""
+def _causal_mask(start: int, num_new: int, group: int, device: torch.device) -> torch.Tensor | None:
+    """[1, 1, group*num_new, start+num_new] bool: query t (absolute start+t) sees keys
+    0..start+t; repeated for the `group` query heads folded onto each kv head (see _attend).
+    Built once per forward pass, not per layer."""
     if num_new == 1:
         return None
     keys = torch.arange(start + num_new, device=device)
     queries = torch.arange(start, start + num_new, device=device)
-    return keys[None, :] <= queries[:, None]
+    return (keys[None, :] <= queries[:, None]).repeat(group, 1)[None, None]
 
 
 class ModelRunner:
@@ -100,7 +102,8 @@ class ModelRunner:
         hidden = self.inner.embed_tokens(ids)  # [num_tokens, hidden]
         cos, sin = self.inner.rotary_emb(hidden[None], positions[None])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [num_tokens, 1, head_dim]
-        masks = [_causal_mask(s, n, self.device) for s, n in zip(starts, sizes)]
+        group = self.num_heads // self.num_kv_heads
+        masks = [_causal_mask(s, n, group, self.device) for s, n in zip(starts, sizes)]
         for layer_idx, layer in enumerate(self.layers):
             hidden = self._layer(layer_idx, layer, hidden, cos, sin, items, starts, sizes, masks)
         for item in items:
@@ -140,12 +143,9 @@ class ModelRunner:
         cache is read in place instead of being expanded per query head."""
         t, group = q.shape[0], self.num_heads // self.num_kv_heads
         q = q.transpose(0, 1).reshape(self.num_kv_heads, group * t, self.head_dim)
-        if mask is not None and group > 1:
-            mask = mask.repeat(group, 1)
         # 4-D inputs let CPU torch pick its flash kernel (3-D ones take the slower math
         # path: 45 vs 29 us per call on SmolLM2's shapes).
-        out = F.scaled_dot_product_attention(q[None], keys[None], values[None],
-                                             attn_mask=None if mask is None else mask[None, None], scale=scale)
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=scale)
         return out[0].reshape(self.num_heads, t, self.head_dim).transpose(0, 1)
 
     def _mlp(self, layer_idx: int, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
