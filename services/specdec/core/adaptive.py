@@ -8,9 +8,10 @@ The controller keeps two running estimates from the request's own steps:
   of real steps. Under load the verifier's queueing and batch cost show up in both.
 
 It also caps k by the target's load: a verification pass costs about the same up to some
-number of rows (`row_budget` tokens) and then grows linearly (compute-bound), so once the
-batch is that full a drafted row costs as much as any other. The i-th draft token is then
-worth its row only if it is likely to be kept: α^i >= batch_size / row_budget. A request
+number of rows (`row_budget` tokens) and then grows linearly (compute-bound). Each of the
+`batch_size` sequences may fill its share of the flat rows (budget/batch - 1 drafts);
+past that a drafted row costs as much as any other, and the i-th draft token is worth its
+row only if it is likely to be kept: α^i >= batch_size / row_budget. A request
 copying text verbatim (α near 1) keeps drafting far under load while one with α = 0.5
 drafts a token or none, which spends the shared rows where they pay most, with no
 coordination between requests.
@@ -18,7 +19,8 @@ coordination between requests.
 It picks the k in 0..cap with the most expected tokens per second. k = 0 is plain
 decoding, so a request whose drafts do not pay falls back to it instead of getting slower
 (the vLLM #17984 failure); a plain step now and then re-measures the base cost, and a
-short draft now and then re-measures α.
+short draft now and then re-measures α (and again at once while those drafts are all kept,
+so a request notices within a few steps that its text has become copyable).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ class DraftLength:
             self.load_cap = self._load_cap(batch_size)
         if step_s is not None:
             self._observe_cost(proposed, step_s)
-        self.k = self._choose()
+        self.k = self._choose(all_kept=proposed > 0 and accepted == proposed)
 
     def _observe_cost(self, proposed: int, step_s: float) -> None:
         if proposed == 0:
@@ -63,12 +65,14 @@ class DraftLength:
             self.token_cost += EMA * (per_token - self.token_cost)
 
     def _load_cap(self, batch_size: int) -> int:
-        """The longest draft whose every token is kept with probability >= the load."""
+        """Each sequence's fair share of the flat-cost rows, or beyond it the longest
+        draft whose every token is kept with probability >= the load."""
+        free = self.row_budget // max(1, batch_size) - 1
         threshold = min(1.0, batch_size / self.row_budget)
         k = 0
         while k < self.max_k and self.alpha ** (k + 1) >= threshold:
             k += 1
-        return k
+        return min(self.max_k, max(free, k))
 
     def expected_tokens(self, k: int) -> float:
         return sum(self.alpha ** i for i in range(k + 1))
@@ -76,11 +80,13 @@ class DraftLength:
     def _best(self) -> int:
         return max(range(self.load_cap + 1), key=lambda k: self.expected_tokens(k) / (1.0 + self.token_cost * k))
 
-    def _choose(self) -> int:
+    def _choose(self, all_kept: bool) -> int:
         self._since_probe += 1
         best = self._best()
         if self.base_s is None and self._steps >= 1:
             return 0  # measure the plain step once, early
+        if best == 0 and all_kept:
+            return min(2, self.max_k)  # the last probe was all kept: keep probing while the text copies
         if self._since_probe >= PROBE_EVERY:
             self._since_probe = 0
             # Re-measure the branch not taken. A short draft probes α even past the load
