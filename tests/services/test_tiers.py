@@ -126,21 +126,21 @@ def test_registry_load_reports_throughput_and_acceptance(tiny_stack, tiny_models
     worker = threading.Thread(target=load_the_tiers)
     worker.start()
     tiers = ("target", "coordinator")
-    rates: dict[str, list[float]] = {t: [] for t in tiers}
+    rates: dict[str, list[float]] = {t: [] for t in (*tiers, "draft")}  # the draft tier: tokens drafted
     acceptance: dict[str, list[float]] = {t: [] for t in tiers}
     store = redis.Redis.from_url(valkey.url)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not all(rates[t] and acceptance[t] for t in tiers):
+    while time.monotonic() < deadline and not (all(rates.values()) and all(acceptance.values())):
         for key in store.scan_iter(f"{tiny_stack.prefix}replica:*"):
             record = json.loads(store.get(key) or "{}")
             load = record.get("load", {})
-            if record.get("tier") in tiers:
+            if record.get("tier") in rates:
                 if load.get("tokens_per_s", 0) > 0:
                     rates[record["tier"]].append(load["tokens_per_s"])
-                if load.get("acceptance_rate") is not None:
+                if load.get("acceptance_rate") is not None and record["tier"] in tiers:
                     acceptance[record["tier"]].append(load["acceptance_rate"])
         time.sleep(0.1)
     store.close()
     worker.join()
-    assert all(rates[t] and acceptance[t] for t in tiers), (rates, acceptance)
+    assert all(rates.values()) and all(acceptance.values()), (rates, acceptance)
     assert all(0.0 <= a <= 1.0 for values in acceptance.values() for a in values)

@@ -16,6 +16,7 @@ from specdec.rpc import convert
 from specdec.rpc.server import Drain, TierServer
 from specdec.rpc.streams import serve_tagged
 from specdec.state.kv_store import store_for
+from specdec.state.registry import IntervalRates
 from specdec.telemetry import TierTelemetry
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
@@ -69,12 +70,13 @@ def build(settings: Settings) -> TierServer:
     store = store_for(settings, "draft", model, runner) if model is not None else None
     drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions, store), settings.max_batch_size)
     stats = drafter.batcher.stats
+    rates = IntervalRates()  # read only by the heartbeat
     drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None)
     return TierServer(
         "draft", settings, [draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
         lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter, drain.closing), server),
         lambda: {"queue_depth": stats.queue_depth, "active_sessions": len(drafter.worker.sessions),
                  "batch_utilization": round(stats.items / stats.batches / drafter.batcher.max_batch_size, 4)
-                 if stats.batches else 0.0, "tokens_per_s": 0.0, "acceptance_rate": None,
+                 if stats.batches else 0.0, **rates.read(drafter.worker.drafted_tokens, 0, 0),
                  **(store.stats.as_load() if store is not None else {})},
         model=model_name or "ngram", drafters=drafter.worker.drafters, drain=drain)

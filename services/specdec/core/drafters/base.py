@@ -41,6 +41,7 @@ class DraftWorker:
         self.model_name = model_name
         self.prefix_store = prefix_store  # shared draft-model KV chunks (e.g. Redis)
         self.sessions = SessionTable(max_sessions)
+        self.drafted_tokens = 0  # running total, for the tier's load figures
 
     @property
     def drafters(self) -> list[str]:
@@ -65,7 +66,9 @@ class DraftWorker:
         if model_rows:
             for (i, _, _), proposal in zip(model_rows, self._model_propose(model_rows)):
                 results[i] = proposal
-        return [r for r in results if r is not None]
+        proposals = [r for r in results if r is not None]
+        self.drafted_tokens += sum(len(p.tokens) for p in proposals)
+        return proposals
 
     def _sync(self, item: ProposeItem) -> DraftSession | None:
         return sync_session(self.sessions, item.session_id, item.prefix_len, item.tokens, DraftSession)
