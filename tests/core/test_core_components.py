@@ -246,7 +246,7 @@ def test_batcher_batches_concurrent_submissions() -> None:
             lone = await batcher.submit(100)  # a lone request runs at once, alone
             return results, lone, batcher.stats
         finally:
-            await batcher.close()
+            await batcher.stop()
 
     results, lone, stats = run(main())
     assert results == [2 * i for i in range(10)] and lone == 200
@@ -272,7 +272,7 @@ def test_batcher_respects_max_batch_size_and_keeps_order() -> None:
             release.set()
             return await asyncio.gather(*tasks)
         finally:
-            await batcher.close()
+            await batcher.stop()
 
     assert run(main()) == list("ABCDEFGH")
     assert max(sizes) <= 3 and sum(sizes) == 8 and max(sizes) > 1
@@ -293,7 +293,7 @@ def test_batcher_propagates_exceptions_and_keeps_working() -> None:
             called = await batcher.call(lambda: "on the worker thread")
             return outcome, after, alone_bad, called
         finally:
-            await batcher.close()
+            await batcher.stop()
 
     outcome, after, alone_bad, called = run(main())
     assert all(isinstance(o, ValueError) for o in outcome)  # both shared the failing batch
@@ -385,7 +385,7 @@ def test_batcher_waits_briefly_for_the_rest_of_the_last_batch() -> None:
         started = asyncio.get_running_loop().time()
         await lone.submit(99)  # a first batch never waits
         assert asyncio.get_running_loop().time() - started < 1.0
-        await batcher.close()
-        await lone.close()
+        await batcher.stop()
+        await lone.stop()
     run(main())
     assert sizes == [4, 4, 1]

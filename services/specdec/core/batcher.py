@@ -46,6 +46,12 @@ class MicroBatcher(Generic[Item, Result]):
         self._executor = compute.executor()
         self.stats = BatcherStats()
 
+    @property
+    def utilization(self) -> float:
+        """Mean batch size so far, as a fraction of max_batch_size (a load figure)."""
+        s = self.stats
+        return round(s.items / s.batches / self.max_batch_size, 4) if s.batches else 0.0
+
     def wrap_batches(self, wrap: Callable[[Callable[[list[Item]], list[Result]]],
                                           Callable[[list[Item]], list[Result]]]) -> None:
         """Decorate the batch function (the services add tracing and metrics this way)."""
@@ -106,12 +112,11 @@ class MicroBatcher(Generic[Item, Result]):
         self.stats.max_batch_size = max(self.stats.max_batch_size, size)
 
     async def stop(self) -> None:
-        """Stop the worker task; the next submit starts a new one (e.g. on another loop)."""
+        """Stop the worker task; the next submit starts a new one (e.g. on another loop).
+        The compute thread itself is the process's and stays."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    async def close(self) -> None:
-        await self.stop()  # the compute thread is shared by the whole process and stays

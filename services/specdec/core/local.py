@@ -26,9 +26,6 @@ class _Batched(Generic[W, I, R]):
     async def release(self, session_id: str) -> None:
         await self.batcher.call(lambda: self.worker.release(session_id))
 
-    async def close(self) -> None:
-        await self.batcher.close()
-
 
 class LocalVerifier(_Batched[TargetWorker, VerifyItem, Verdict]):
     def __init__(self, worker: TargetWorker, max_batch_size: int = 32) -> None:

@@ -76,7 +76,7 @@ def build(settings: Settings) -> TierServer:
         "draft", settings, [draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
         lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter, drain.closing), server),
         lambda: {"queue_depth": stats.queue_depth, "active_sessions": len(drafter.worker.sessions),
-                 "batch_utilization": round(stats.items / stats.batches / drafter.batcher.max_batch_size, 4)
-                 if stats.batches else 0.0, **rates.read(drafter.worker.drafted_tokens, 0, 0),
+                 "batch_utilization": drafter.batcher.utilization,
+                 **rates.read(drafter.worker.drafted_tokens, 0, 0),
                  **(store.stats.as_load() if store is not None else {})},
         model=model_name or "ngram", drafters=drafter.worker.drafters, drain=drain)

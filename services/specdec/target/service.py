@@ -78,8 +78,7 @@ class LoadMeter:
         return {
             "queue_depth": stats.queue_depth,
             "active_sessions": len(worker.sessions),
-            "batch_utilization": round(stats.items / stats.batches / self.verifier.batcher.max_batch_size, 4)
-            if stats.batches else 0.0,
+            "batch_utilization": self.verifier.batcher.utilization,
             "max_batch_size": stats.max_batch_size,
             **self.rates.read(w.committed_tokens, w.draft_tokens, w.accepted_tokens),
             **(worker.prefix_store.stats.as_load() if worker.prefix_store is not None else {}),
