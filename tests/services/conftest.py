@@ -9,6 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import ValkeyProcess, free_port
+from tests.reference import hf_greedy
+
+PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"
 
 
 class RunningStack:
@@ -20,12 +23,14 @@ class RunningStack:
         return self.stack.coordinator
 
 
-def start(model: str, drafter: str, valkey: ValkeyProcess, targets: int = 1, drafts: int = 1) -> RunningStack:
+def start(model: str, drafter: str, valkey: ValkeyProcess, targets: int = 1, drafts: int = 1,
+          extra_env: dict[str, str] | None = None) -> RunningStack:
     from specdec.launcher import start_stack
 
     prefix = f"specdec-test-{uuid.uuid4().hex[:6]}:"
     os.environ["SPECDEC_REDIS_PREFIX"] = prefix  # the launcher's registry wait reads it too
-    env = {"SPECDEC_REDIS_PREFIX": prefix, "SPECDEC_TORCH_THREADS": "1", "SPECDEC_HEARTBEAT_S": "0.5"}
+    env = {"SPECDEC_REDIS_PREFIX": prefix, "SPECDEC_TORCH_THREADS": "1", "SPECDEC_HEARTBEAT_S": "0.5",
+           **(extra_env or {})}
     stack = start_stack(model, drafter, drafts, targets, free_port(), valkey.url, extra_env=env)
     return RunningStack(stack, prefix)
 
@@ -36,3 +41,20 @@ def tiny_stack(tiny_models: tuple[str, str], valkey: ValkeyProcess) -> Iterator[
     running = start(target, f"model:{draft}", valkey)
     yield running
     running.stack.stop()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_models) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_models[0]).encode(PROMPT, add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, prompt_ids) -> list[int]:
+    """Plain greedy decoding of the tiny target by transformers: 24 tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[0], dtype=torch.float32).eval()
+    return hf_greedy(model, prompt_ids, 24)

@@ -8,27 +8,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 from specdec.client import AsyncClient, Client
-from tests.reference import hf_greedy
 
-PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(tiny_models) -> list[int]:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_models[0]).encode(PROMPT, add_special_tokens=False)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_models, prompt_ids) -> list[int]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_models[0], dtype=torch.float32).eval()
-    return hf_greedy(model, prompt_ids, 24)
+from tests.services.conftest import PROMPT
 
 
 def complete_ids(client: Client, prompt_ids: list[int], **params) -> tuple[list[int], object]:
@@ -112,11 +94,10 @@ def test_cli_generate_json_through_coordinator(tiny_stack):
 
 def test_registry_load_reports_throughput_and_acceptance(tiny_stack, tiny_models, prompt_ids, valkey):
     """The load the operator scales on: tokens/s and acceptance of the last interval."""
+    import threading
     import time
 
     import redis
-
-    import threading
 
     def load_the_tiers() -> None:  # keep generating while the heartbeats are read
         with Client(tiny_stack.address, timeout_s=120) as client:

@@ -3,25 +3,33 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import aclosing
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
 from specdec.config import Settings
+from specdec.coordinator.admission import Admission
+from specdec.coordinator.remote import RemoteDrafter, RemoteVerifier
+from specdec.coordinator.routing import ReplicaPool
 from specdec.core.errors import InvalidArgument
 from specdec.core.generation import Chunk, GenerationResult, generate_stream
 from specdec.core.loop import GenerationRequest
 from specdec.core.models import load_tokenizer, resolve_model_path
 from specdec.core.request import ModelLimits, RequestSpec, build_request
-from specdec.coordinator.remote import RemoteDrafter, RemoteVerifier
-from specdec.coordinator.routing import ReplicaPool
 from specdec.rpc.errors import grpc_errors
 from specdec.rpc.server import TierServer
 from specdec.state.registry import IntervalRates, Registry
 from specdec.state.sessions import SessionStore
 from specdec.telemetry import observe, traced_chunks
-from specdec.v1 import draft_pb2, draft_pb2_grpc, generation_pb2, generation_pb2_grpc, target_pb2, target_pb2_grpc
+from specdec.v1 import (
+    draft_pb2,
+    draft_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    target_pb2,
+    target_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 FINISH = {"length": generation_pb2.FINISH_REASON_LENGTH, "stop": generation_pb2.FINISH_REASON_STOP,
@@ -44,7 +52,8 @@ class Coordinator:
             lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel))
         self.drafter = RemoteDrafter(self.draft_pool, settings.tier_timeout_s, settings.max_failovers)
         self.verifier = RemoteVerifier(self.target_pool, settings.tier_timeout_s, settings.max_failovers)
-        self.active = 0
+        self.admission = Admission(settings.max_running_requests)
+        self.active = 0  # requests running (admitted)
         self.generated_tokens = 0
         self.proposed_tokens = 0  # drafts of finished requests
         self.accepted_tokens = 0
@@ -61,6 +70,13 @@ class Coordinator:
                                        await self.drafters(), self.settings.overlap,
                                        self.settings.verify_row_budget)
         drafter = None if request.drafter == "none" else self.drafter
+        self._record(spec, request, result, "queued")
+        async with self.admission.slot():
+            async for chunk in self._run(spec, request, stops, drafter, result):
+                yield chunk
+
+    async def _run(self, spec: RequestSpec, request: GenerationRequest, stops, drafter: RemoteDrafter | None,
+                   result: GenerationResult) -> AsyncIterator[Chunk]:
         self.active += 1
         self._record(spec, request, result, "running")
         try:
@@ -96,7 +112,7 @@ class Coordinator:
                 "target": self.target_pool.placement.get(session_id)}
 
     def load(self) -> dict:
-        return {"queue_depth": 0, "active_sessions": self.active, "batch_utilization": 0.0,
+        return {"queue_depth": self.admission.waiting, "active_sessions": self.active, "batch_utilization": 0.0,
                 "generated_tokens": self.generated_tokens,
                 **self.rates.read(self.generated_tokens, self.proposed_tokens, self.accepted_tokens)}
 

@@ -1,0 +1,59 @@
+"""Admission control at the coordinator: at most max_running_requests run at once, the
+rest queue (first come, first served) and still get exact output."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from specdec.client import AsyncClient
+from specdec.coordinator.admission import Admission
+
+from tests.services.conftest import start
+
+
+async def test_admission_runs_at_most_the_limit_and_queues_the_rest() -> None:
+    admission = Admission(2)
+    release = asyncio.Event()
+    running, order = 0, []
+
+    async def request(i: int) -> None:
+        nonlocal running
+        async with admission.slot():
+            running += 1
+            order.append(i)
+            await release.wait()
+            running -= 1
+
+    tasks = [asyncio.create_task(request(i)) for i in range(5)]
+    await asyncio.sleep(0.05)
+    assert running == 2 and admission.waiting == 3 and order == [0, 1]
+    tasks[4].cancel()  # a client that gives up while queued leaves the queue
+    await asyncio.sleep(0.05)
+    assert admission.waiting == 2
+    release.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert order == [0, 1, 2, 3] and admission.waiting == 0 and running == 0
+    with pytest.raises(ValueError, match="max_running_requests"):
+        Admission(0)
+
+
+async def test_requests_past_the_limit_queue_and_stay_exact(tiny_models, valkey, prompt_ids, reference):
+    stack = start(tiny_models[0], "ngram", valkey, extra_env={"SPECDEC_MAX_RUNNING_REQUESTS": "1"})
+    try:
+        async def one(client: AsyncClient) -> tuple[list[int], float]:
+            ids, batch = [], 0.0
+            async for event in client.generate(token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True,
+                                               drafter="ngram", k=3, adaptive=False):
+                if event.HasField("chunk"):
+                    ids.extend(event.chunk.token_ids)
+                else:
+                    batch = event.done.stats.mean_verify_batch_size
+            return ids, batch
+
+        async with AsyncClient(stack.address, timeout_s=120) as client:
+            results = await asyncio.gather(*(one(client) for _ in range(4)))
+    finally:
+        stack.stack.stop()
+    assert all(ids == reference for ids, _ in results)
+    # One request at a time: every verify pass held a single session.
+    assert all(batch == 1.0 for _, batch in results), results
