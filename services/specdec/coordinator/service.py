@@ -71,8 +71,10 @@ class Coordinator:
                                        self.settings.verify_row_budget)
         drafter = None if request.drafter == "none" else self.drafter
         self._record(spec, request, result, "queued")
-        async with self.admission.slot():
-            async for chunk in self._run(spec, request, stops, drafter, result):
+        # aclosing: a client that goes away closes the run at once, releasing its slot and
+        # its sessions on the tiers.
+        async with self.admission.slot(), aclosing(self._run(spec, request, stops, drafter, result)) as run:
+            async for chunk in run:
                 yield chunk
 
     async def _run(self, spec: RequestSpec, request: GenerationRequest, stops, drafter: RemoteDrafter | None,
