@@ -8,9 +8,10 @@ import pytest
 import torch
 from tiny_models import VOCAB, IdTokenizer, run
 
+from specdec.core.attention import BatchAttention
 from specdec.core.drafters.base import DraftWorker
 from specdec.core.generation import generate
-from specdec.core.kv_cache import SessionKV, SessionTable
+from specdec.core.kv_cache import KVPool, SessionKV, SessionTable
 from specdec.core.local import LocalDrafter, LocalVerifier
 from specdec.core.loop import GenerationRequest
 from specdec.core.runner import ForwardItem, HFRunner, ModelRunner, build_runner
@@ -76,15 +77,17 @@ def test_flattened_batch_equals_hf_forward_per_sequence(target_model) -> None:
 
 
 def test_session_kv_bookkeeping() -> None:
-    kv = SessionKV(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32, device="cpu", capacity=4)
+    pool = KVPool(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32, device="cpu")
+    kv = SessionKV(pool)
     k = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
     kv.reserve(3)
+    assert kv.capacity == 64
     keys, values = kv.write(0, 0, k, -k)
     kv.commit([7, 8, 9])
     assert keys.shape == (2, 3, 4) and torch.equal(keys, k) and torch.equal(values, -k)
-    kv.reserve(10)  # growth keeps the valid prefix
-    assert kv.capacity >= 10
-    assert torch.equal(kv.keys[0][:, :3], k)
+    kv.reserve(100)  # moving to a larger slot keeps the valid prefix and frees the old slot
+    assert kv.capacity == 128 and pool.buckets[64].used == 0 and pool.buckets[128].used == 1
+    assert torch.equal(kv.read(0, 0, 3)[0], k) and torch.equal(kv.read(0, 0, 3)[1], -k)
     assert kv.common_prefix([7, 8, 9, 10]) == 3
     assert kv.common_prefix([7, 5, 9]) == 1
     assert kv.common_prefix([]) == 0
@@ -100,6 +103,38 @@ def test_session_kv_bookkeeping() -> None:
     assert table.get("b") is None and table.get("a") == 1 and len(table) == 2
     with pytest.raises(ValueError):
         SessionTable(0)
+
+
+def test_slots_are_packed_reused_and_freed() -> None:
+    pool = KVPool(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
+    kvs = [SessionKV(pool) for _ in range(6)]
+    for kv in kvs:
+        kv.reserve(10)
+    assert [kv.slot for kv in kvs] == list(range(6))  # lowest free first; the bucket grew 4 -> 8
+    assert pool.buckets[64].slots == 8
+    del kvs[1]  # garbage collection frees the slot, and it is reused first
+    late = SessionKV(pool)
+    late.reserve(1)
+    assert late.slot == 1 and pool.buckets[64].used == 6
+    del kvs, late, kv
+    assert pool.buckets[64].used == 0 and pool.buckets[64].slots == 0  # memory back after the peak
+
+
+def test_grouped_attention_equals_hf_with_idle_slots_between(target_model) -> None:
+    """Sessions of one bucket attend in one call, over slot ranges with idle slots in them."""
+    runner = build_runner(target_model)
+    seqs = [tokens(40 + i, 30 + 7 * i) for i in range(6)]
+    kvs = [runner.new_kv() for _ in seqs]
+    runner.forward([ForwardItem(kv, s[:20], 1) for kv, s in zip(kvs, seqs)])
+    chosen = [0, 2, 3, 5]  # slots 1 and 4 sit this step out: padded over, not attended
+    feeds = [(kvs[i], seqs[i], 20, 20 + 1 + i) for i in chosen]
+    items = [ForwardItem(kv, s[a:b], b - a) for kv, s, a, b in feeds]
+    plan = BatchAttention([item.kv for item in items], [20] * 4, [b - a for _, _, a, b in feeds],
+                          runner.num_heads, runner.num_kv_heads, runner.device)
+    assert len(plan.groups) == 1 and not plan.singles and plan.groups[0].num_slots == 6
+    outs = runner.forward(items)
+    for (kv, s, a, b), out in zip(feeds, outs):
+        assert torch.allclose(out, hf_logits(target_model, s[:b])[a:b], atol=1e-4)
 
 
 class CheckingTargetWorker(TargetWorker):

@@ -40,6 +40,8 @@ class MicroBatcher(Generic[Item, Result]):
         # batches full. A lone session never waits: the previous batch held only itself.
         self.gather_s = gather_s
         self._last_size = 0
+        self._partner: MicroBatcher | None = None  # see share_compute_with
+        self.running = False  # a batch is on the compute thread
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -51,6 +53,18 @@ class MicroBatcher(Generic[Item, Result]):
         """Mean batch size so far, as a fraction of max_batch_size (a load figure)."""
         s = self.stats
         return round(s.items / s.batches / self.max_batch_size, 4) if s.batches else 0.0
+
+    def share_compute_with(self, other: MicroBatcher, gather_s: float = 0.001) -> None:
+        """Pair two batchers whose sessions pass from one to the other on one compute
+        thread (the embedded engine's drafter and verifier).
+
+        While one runs a batch, the other keeps gathering: the compute thread is busy
+        anyway, and the sessions in that batch come over next. Without this the sessions
+        split into two cohorts, one drafting while the other verifies, and every pass runs
+        half full (measured: 5.2 of 8 sessions a pass). Once the partner is idle, sessions
+        that are coming arrive within an event-loop turn, so the window can be short."""
+        self._partner, other._partner = other, self
+        self.gather_s = other.gather_s = gather_s
 
     def wrap_batches(self, wrap: Callable[[Callable[[list[Item]], list[Result]]],
                                           Callable[[list[Item]], list[Result]]]) -> None:
@@ -87,6 +101,7 @@ class MicroBatcher(Generic[Item, Result]):
                 del self._pending[: len(batch)]
                 self.stats.queue_depth = len(self._pending)
                 items = [item for item, _ in batch]
+                self.running = True
                 try:
                     results = await loop.run_in_executor(self._executor, self._run_batch, items)
                 except Exception as exc:  # a bad batch fails its own callers, not the worker
@@ -94,6 +109,8 @@ class MicroBatcher(Generic[Item, Result]):
                         if not future.done():
                             future.set_exception(exc)
                     continue
+                finally:
+                    self.running = False
                 self._record(len(batch))
                 for (_, future), result in zip(batch, results):
                     if not future.done():
@@ -102,7 +119,11 @@ class MicroBatcher(Generic[Item, Result]):
     async def _gather(self) -> None:
         deadline = time.monotonic() + self.gather_s
         want = min(self._last_size, self.max_batch_size)
-        while len(self._pending) < want and time.monotonic() < deadline:
+        while len(self._pending) < want:
+            if self._partner is not None and self._partner.running:
+                deadline = time.monotonic() + self.gather_s  # its sessions are coming
+            elif time.monotonic() >= deadline:
+                return
             await asyncio.sleep(0.0005)
 
     def _record(self, size: int) -> None:

@@ -31,6 +31,7 @@ class Engine:
         self.verifier = LocalVerifier(TargetWorker(runner))
         draft_runner = compute.run_sync(build_runner, draft_model) if draft_model is not None else None
         self.drafter = LocalDrafter(DraftWorker(draft_runner, draft_model_name))
+        self.verifier.batcher.share_compute_with(self.drafter.batcher)
         self.default_drafter = drafter
         self.default_overlap = overlap
         self.verify_row_budget = verify_row_budget

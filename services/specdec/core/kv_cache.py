@@ -1,27 +1,124 @@
-"""Per-session KV caches that roll back instead of rebuilding.
+"""KV caches in shared slots, rolled back instead of rebuilt.
 
-Each session owns one growable buffer per layer, [kv_heads, capacity, head_dim]. Appending
-writes in place; attention reads a view of the first `length` positions, so a batched
-forward never copies or concatenates another session's context. Rejection truncates the
-length (O(1)); capacity grows by doubling, so growth copies are amortised O(1) per token.
+A `KVPool` (one per runner) keeps, per capacity class (64, 128, 256, ... positions), one
+tensor per layer of shape [slots, kv_heads, capacity, head_dim] for keys and one for
+values. Each session's `SessionKV` owns one slot. Appending writes in place; rejection
+truncates the length (O(1)); outgrowing a slot moves the session to a slot of the next
+class (one copy of its valid prefix, amortised O(1) per token, like doubling).
+
+Because sessions of one class sit side by side in one tensor, a batched forward can
+attend for all of them in one call over a view of that tensor, instead of one call per
+session; nobody's context is copied or concatenated (see `core/attention.py`).
 """
 from __future__ import annotations
 
+import heapq
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 import torch
 
+MIN_CAPACITY = 64
+
+
+def capacity_class(total: int) -> int:
+    """The smallest slot capacity (a power of two, at least MIN_CAPACITY) holding `total`."""
+    capacity = MIN_CAPACITY
+    while capacity < total:
+        capacity *= 2
+    return capacity
+
+
+class SlotBucket:
+    """All slots of one capacity: per layer, keys and values [slots, kv_heads, capacity, head_dim].
+
+    Slot numbers are handed out lowest first, so live sessions stay packed at the front and
+    a batch's slots span a short range. The tensors grow by doubling the slot count and
+    are dropped when the last slot is freed (memory comes back after a load peak)."""
+
+    def __init__(self, pool: KVPool, capacity: int) -> None:
+        self.pool, self.capacity = pool, capacity
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._free: list[int] = []  # a heap
+        self.used = 0
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+    def acquire(self) -> int:
+        if not self._free:
+            self._grow()
+        self.used += 1
+        return heapq.heappop(self._free)
+
+    def release(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+        self.used -= 1
+        if self.used == 0:
+            self.keys, self.values, self._free = [], [], []
+
+    # Normal tensors even when growth happens inside a forward pass (inference mode): the
+    # KV store restores into them from outside one.
+    @torch.inference_mode(False)
+    def _grow(self) -> None:
+        old = self.slots
+        new = max(4, 2 * old)
+        p = self.pool
+        shape = (new, p.num_kv_heads, self.capacity, p.head_dim)
+        for buffers in (self.keys, self.values):
+            for i in range(p.num_layers):
+                # Zeros, not empty: a batched attention reads (masked) positions past a
+                # session's length, and a masked NaN would still poison P @ V.
+                tensor = torch.zeros(shape, dtype=p.dtype, device=p.device)
+                if old:
+                    tensor[:old] = buffers[i]
+                    buffers[i] = tensor
+                else:
+                    buffers.append(tensor)
+        for slot in range(old, new):
+            heapq.heappush(self._free, slot)
+
+
+class KVPool:
+    """Every session's KV for one model, in slot buckets by capacity class."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.buckets: dict[int, SlotBucket] = {}
+        # Slots are freed when a SessionKV is garbage collected, which may happen on any
+        # thread; handing out and taking back slots is serialised here.
+        self._lock = threading.Lock()
+
+    def acquire(self, total: int) -> tuple[SlotBucket, int]:
+        capacity = capacity_class(total)
+        with self._lock:
+            bucket = self.buckets.get(capacity)
+            if bucket is None:
+                bucket = self.buckets[capacity] = SlotBucket(self, capacity)
+            return bucket, bucket.acquire()
+
+    def release(self, bucket: SlotBucket, slot: int) -> None:
+        with self._lock:
+            bucket.release(slot)
+
 
 class SessionKV:
-    """The cached keys/values of one sequence, and the token ids they were computed from."""
+    """The cached keys/values of one sequence (one slot of a `KVPool`), and the token ids
+    they were computed from. Without a pool it holds tokens only (runners that keep their
+    own cache, like HFRunner)."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, capacity: int = 64) -> None:
-        shape = (num_kv_heads, capacity, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    def __init__(self, pool: KVPool | None) -> None:
+        self.pool = pool
+        self.bucket: SlotBucket | None = None
+        self.slot = -1
+        self._finalizer: weakref.finalize | None = None
         self.token_ids: list[int] = []  # tokens whose KV is cached, in order
 
     @property
@@ -30,26 +127,43 @@ class SessionKV:
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[1]
+        return self.bucket.capacity if self.bucket is not None else 0
+
+    @property
+    def has_buffers(self) -> bool:
+        """Whether the KV lives here (and can be stored or restored), not in a model's own cache."""
+        return self.pool is not None and self.pool.num_layers > 0
 
     def reserve(self, total: int) -> None:
-        """Make room for `total` positions (doubling, copying only the valid prefix)."""
+        """Make room for `total` positions: move to a slot of a larger class if needed,
+        copying only the valid prefix."""
         if total <= self.capacity:
             return
-        new_cap = max(total, 2 * self.capacity)
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                new = torch.empty((old.shape[0], new_cap, old.shape[2]), dtype=old.dtype, device=old.device)
-                new[:, : self.length] = old[:, : self.length]
-                buffers[i] = new
+        assert self.pool is not None, "this cache has no buffers"
+        bucket, slot = self.pool.acquire(total)
+        old, old_slot, n = self.bucket, self.slot, self.length
+        if old is not None:
+            for new_buf, old_buf in zip((*bucket.keys, *bucket.values), (*old.keys, *old.values)):
+                new_buf[slot, :, :n] = old_buf[old_slot, :, :n]
+            self._finalizer.detach()  # type: ignore[union-attr]
+            self.pool.release(old, old_slot)
+        self.bucket, self.slot = bucket, slot
+        self._finalizer = weakref.finalize(self, self.pool.release, bucket, slot)
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [kv_heads, t, head_dim] at positions start..start+t; return views of
-        positions 0..start+t for attention."""
+        positions 0..start+t."""
         end = start + k.shape[1]
-        self.keys[layer][:, start:end] = k
-        self.values[layer][:, start:end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
+        keys, values = self.read(layer, 0, end)
+        keys[:, start:end] = k
+        values[:, start:end] = v
+        return keys, values
+
+    def read(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the keys and values [kv_heads, end-start, head_dim] at positions start..end."""
+        assert self.bucket is not None and end <= self.capacity
+        return (self.bucket.keys[layer][self.slot, :, start:end],
+                self.bucket.values[layer][self.slot, :, start:end])
 
     def commit(self, token_ids: list[int]) -> None:
         """Record that KV for `token_ids` was written after the current length."""
@@ -71,9 +185,6 @@ class SessionKV:
         while i < n and cached[i] == tokens[i]:
             i += 1
         return i
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
 class SessionTable:

@@ -2,9 +2,9 @@
 
 `ModelRunner` runs a Llama-family HF model (llama, mistral, qwen2, qwen3) layer by layer on
 *flattened* tokens: the new tokens of every sequence in the batch are concatenated, so the
-projections and MLPs run as one matrix product over all of them, and only attention is
-done per sequence, against a view of that sequence's own cache (no padding, no copies of
-anyone's context). Other architectures fall back to `HFRunner`, which calls the model's
+projections and MLPs run as one matrix product over all of them. Attention reads each
+sequence's cache in place, in its slot of the runner's `KVPool`, batched across sessions
+where their slots sit together (`core/attention.py`); nobody's context is copied. Other architectures fall back to `HFRunner`, which calls the model's
 own forward per sequence with a rolled-back DynamicCache.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from specdec.core.kv_cache import SessionKV
+from specdec.core.attention import BatchAttention
+from specdec.core.kv_cache import KVPool, SessionKV
 from specdec.core.linear import FusedLinear
 
 FLAT_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -50,17 +50,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _causal_mask(start: int, num_new: int, group: int, device: torch.device) -> torch.Tensor | None:
-    """[1, 1, group*num_new, start+num_new] bool: query t (absolute start+t) sees keys
-    0..start+t; repeated for the `group` query heads folded onto each kv head (see _attend).
-    Built once per forward pass, not per layer."""
-    if num_new == 1:
-        return None
-    keys = torch.arange(start + num_new, device=device)
-    queries = torch.arange(start, start + num_new, device=device)
-    return (keys[None, :] <= queries[:, None]).repeat(group, 1)[None, None]
-
-
 class ModelRunner:
     """Flattened-batch runner for Llama-family decoder-only models."""
 
@@ -82,9 +71,10 @@ class ModelRunner:
                         for l in self.layers]
         self.down = [FusedLinear([l.mlp.down_proj], pack) if _gated_mlp(l.mlp) else None for l in self.layers]
         self.lm_head = FusedLinear([model.lm_head], pack)
+        self.pool = KVPool(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
 
     def new_kv(self) -> SessionKV:
-        return SessionKV(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        return SessionKV(self.pool)
 
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
@@ -102,17 +92,16 @@ class ModelRunner:
         hidden = self.inner.embed_tokens(ids)  # [num_tokens, hidden]
         cos, sin = self.inner.rotary_emb(hidden[None], positions[None])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [num_tokens, 1, head_dim]
-        group = self.num_heads // self.num_kv_heads
-        masks = [_causal_mask(s, n, group, self.device) for s, n in zip(starts, sizes)]
+        attention = BatchAttention([item.kv for item in items], starts, sizes, self.num_heads, self.num_kv_heads,
+                                   self.device)
         for layer_idx, layer in enumerate(self.layers):
-            hidden = self._layer(layer_idx, layer, hidden, cos, sin, items, starts, sizes, masks)
+            hidden = self._layer(layer_idx, layer, hidden, cos, sin, attention)
         for item in items:
             item.kv.commit(item.tokens)
         return self._logits(hidden, sizes, [item.num_logits for item in items])
 
     def _layer(self, layer_idx: int, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, items: list[ForwardItem], starts: list[int], sizes: list[int],
-               masks: list[torch.Tensor | None]) -> torch.Tensor:
+               sin: torch.Tensor, attention: BatchAttention) -> torch.Tensor:
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         n = x.shape[0]
@@ -125,28 +114,9 @@ class ModelRunner:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        out = torch.empty_like(q)
-        offset = 0
-        for item, start, size, mask in zip(items, starts, sizes, masks):
-            span = slice(offset, offset + size)
-            keys, values = item.kv.write(layer_idx, start, k[span].transpose(0, 1), v[span].transpose(0, 1))
-            out[span] = self._attend(q[span], keys, values, mask, attn.scaling)
-            offset += size
+        out = attention(layer_idx, q, k, v, attn.scaling)
         hidden = hidden + self.o_proj[layer_idx](out.reshape(n, -1))
         return hidden + self._mlp(layer_idx, layer, layer.post_attention_layernorm(hidden))
-
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                scale: float) -> torch.Tensor:
-        """q [t, heads, d] against one sequence's cache views [kv_heads, len, d] -> [t, heads, d].
-
-        Grouped-query heads are folded into the query rows ([kv_heads, group*t, d]) so the
-        cache is read in place instead of being expanded per query head."""
-        t, group = q.shape[0], self.num_heads // self.num_kv_heads
-        q = q.transpose(0, 1).reshape(self.num_kv_heads, group * t, self.head_dim)
-        # 4-D inputs let CPU torch pick its flash kernel (3-D ones take the slower math
-        # path: 45 vs 29 us per call on SmolLM2's shapes).
-        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=scale)
-        return out[0].reshape(self.num_heads, t, self.head_dim).transpose(0, 1)
 
     def _mlp(self, layer_idx: int, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up[layer_idx]
@@ -190,7 +160,7 @@ class HFRunner:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def new_kv(self) -> SessionKV:
-        kv = SessionKV(0, 0, 0, torch.float32, "cpu", capacity=0)
+        kv = SessionKV(None)
         kv.hf_cache = self._cache_cls(config=self.model.config)  # type: ignore[attr-defined]
         return kv
 

@@ -190,7 +190,7 @@ class RedisKVStore:
 
     def restore(self, tokens: list[int], kv: SessionKV) -> int:
         n = self.identity.chunk_tokens
-        if not kv.keys or len(tokens) - kv.length < n or not self._available():
+        if not kv.has_buffers or len(tokens) - kv.length < n or not self._available():
             return 0  # nothing a whole chunk could add (the usual decode step), or Redis is down
         first, last = kv.length // n, len(tokens) // n
         keys = self.identity.chunk_keys(tokens, last)[first:]
@@ -201,8 +201,10 @@ class RedisKVStore:
             self._failed(exc)
             return 0
         self._recovered()
-        layers, (kv_heads, _, head_dim) = len(kv.keys), kv.keys[0].shape
-        shape, dtype = (layers, 2, kv_heads, n, head_dim), kv.keys[0].dtype
+        pool = kv.pool
+        assert pool is not None
+        layers = pool.num_layers
+        shape, dtype = (layers, 2, pool.num_kv_heads, n, pool.head_dim), pool.dtype
         chunks: list[torch.Tensor] = []
         for key, raw in zip(keys, raws):
             tensor = None if raw is None else decode_chunk(raw, key, shape, dtype)
@@ -220,7 +222,7 @@ class RedisKVStore:
         kv.truncate(start)
         kv.reserve(end)
         for j, tensor in enumerate(chunks):
-            tensor = tensor.to(kv.keys[0].device)
+            tensor = tensor.to(pool.device)
             for layer in range(layers):
                 kv.write(layer, start + j * n, tensor[layer, 0], tensor[layer, 1])
         kv.commit(tokens[start:end])
@@ -232,7 +234,7 @@ class RedisKVStore:
     # -- writes (worker thread enqueues, writer thread sends) ------------------------------
 
     def offer(self, tokens: list[int], kv: SessionKV) -> None:
-        if not kv.keys:
+        if not kv.has_buffers:
             return
         n = self.identity.chunk_tokens
         complete = kv.common_prefix(tokens) // n
@@ -246,8 +248,7 @@ class RedisKVStore:
         self._offered[kv] = complete
         for key in self.identity.chunk_keys(tokens, complete)[done:]:
             s, e = key.index * n, (key.index + 1) * n
-            tensor = torch.stack([torch.stack([kv.keys[l][:, s:e], kv.values[l][:, s:e]])
-                                  for l in range(len(kv.keys))])
+            tensor = torch.stack([torch.stack(kv.read(layer, s, e)) for layer in range(kv.pool.num_layers)])
             size = tensor.numel() * tensor.element_size()
             with self._lock:
                 if self._pending_bytes + size > self.max_pending_bytes:
@@ -339,7 +340,7 @@ class RedisKVStore:
 def store_for(settings, tier: str, model: torch.nn.Module, runner) -> RedisKVStore | None:
     """The tier's KV store when Redis is configured and the runner keeps per-layer buffers
     (the flattened runner; HF-cache runners are not stored)."""
-    if not settings.redis_url or settings.kv_chunk_tokens <= 0 or not runner.new_kv().keys:
+    if not settings.redis_url or settings.kv_chunk_tokens <= 0 or not runner.new_kv().has_buffers:
         return None
     identity = KVIdentity(model_fingerprint(model), str(runner.dtype).removeprefix("torch."), LAYOUT, tier,
                           settings.kv_chunk_tokens)
