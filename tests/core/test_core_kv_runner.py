@@ -11,6 +11,7 @@ from tiny_models import VOCAB, IdTokenizer, run
 from specdec.core.attention import BatchAttention
 from specdec.core.drafters.base import DraftWorker
 from specdec.core.generation import generate
+from specdec.core import kv_cache
 from specdec.core.kv_cache import KVPool, SessionKV, SessionTable
 from specdec.core.local import LocalDrafter, LocalVerifier
 from specdec.core.loop import GenerationRequest
@@ -86,7 +87,7 @@ def test_session_kv_bookkeeping() -> None:
     kv.commit([7, 8, 9])
     assert keys.shape == (2, 3, 4) and torch.equal(keys, k) and torch.equal(values, -k)
     kv.reserve(100)  # moving to a larger slot keeps the valid prefix and frees the old slot
-    assert kv.capacity == 128 and pool.buckets[64].used == 0 and pool.buckets[128].used == 1
+    assert kv.capacity == 128 and pool.classes[64].slabs[0].used == 0 and pool.classes[128].slabs[0].used == 1
     assert torch.equal(kv.read(0, 0, 3)[0], k) and torch.equal(kv.read(0, 0, 3)[1], -k)
     assert kv.common_prefix([7, 8, 9, 10]) == 3
     assert kv.common_prefix([7, 5, 9]) == 1
@@ -105,19 +106,27 @@ def test_session_kv_bookkeeping() -> None:
         SessionTable(0)
 
 
-def test_slots_are_packed_reused_and_freed() -> None:
+def test_slots_are_packed_reused_and_freed(monkeypatch) -> None:
+    monkeypatch.setattr(kv_cache, "MAX_SLAB_SLOTS", 4)
     pool = KVPool(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
     kvs = [SessionKV(pool) for _ in range(6)]
     for kv in kvs:
         kv.reserve(10)
-    assert [kv.slot for kv in kvs] == list(range(6))  # lowest free first; the bucket grew 4 -> 8
-    assert pool.buckets[64].slots == 8
+    slots = pool.classes[64]
+    assert [(kv.slab.number, kv.index) for kv in kvs] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    first = kvs[0].slab.keys[0]
     del kvs[1]  # garbage collection frees the slot, and it is reused first
     late = SessionKV(pool)
     late.reserve(1)
-    assert late.slot == 1 and pool.buckets[64].used == 6
-    del kvs, late, kv
-    assert pool.buckets[64].used == 0 and pool.buckets[64].slots == 0  # memory back after the peak
+    assert (late.slab.number, late.index) == (0, 1)
+    assert late.slab.keys[0] is first  # a new slab was added, nothing was moved
+    del kvs[3:], kv  # slab 1 empties: kept as the one spare
+    assert sorted(slots.slabs) == [0, 1]
+    del kvs, late
+    assert sorted(slots.slabs) == [0] and slots.slabs[0].used == 0  # memory back after the peak
+    again = SessionKV(pool)
+    again.reserve(1)
+    assert (again.slab.number, again.index) == (0, 0)
 
 
 def test_grouped_attention_equals_hf_with_idle_slots_between(target_model) -> None:
@@ -131,7 +140,7 @@ def test_grouped_attention_equals_hf_with_idle_slots_between(target_model) -> No
     items = [ForwardItem(kv, s[a:b], b - a) for kv, s, a, b in feeds]
     plan = BatchAttention([item.kv for item in items], [20] * 4, [b - a for _, _, a, b in feeds],
                           runner.num_heads, runner.num_kv_heads, runner.device)
-    assert len(plan.groups) == 1 and not plan.singles and plan.groups[0].num_slots == 6
+    assert len(plan.groups) == 1 and not plan.singles and plan.groups[0].num_slots == 6  # slots 0..5 of one slab
     outs = runner.forward(items)
     for (kv, s, a, b), out in zip(feeds, outs):
         assert torch.allclose(out, hf_logits(target_model, s[:b])[a:b], atol=1e-4)

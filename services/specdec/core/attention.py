@@ -3,19 +3,20 @@
 Decode and verify steps feed a few tokens per session. Attending per session costs one
 kernel call (plus cache writes and reshapes) per session and layer, which dominated a
 batched pass on CPU (8 sessions: 460 us of a layer's attention vs 200 us batched).
-Sessions whose slots share a bucket are therefore attended together: their new keys and
+Sessions whose slots share a slab are therefore attended together: their new keys and
 values are written with one indexed store, and one call attends over a view of the
-bucket's slot range, queries padded to the longest session's rows and keys masked to each
+slab's slot range, queries padded to the longest session's rows and keys masked to each
 session's own length. Prefills (many rows) and lone sessions attend by themselves.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 
-from specdec.core.kv_cache import SessionKV, SlotBucket
+from specdec.core.kv_cache import SessionKV, Slab
 
 GROUP_MAX_ROWS = 16  # a session feeding more rows than this (a prefill) attends alone
 
@@ -30,10 +31,10 @@ class _Single:
 
 @dataclass
 class _Group:
-    bucket: SlotBucket
+    slab: Slab
     first_slot: int
     rows: torch.Tensor  # [n] rows of the flattened batch, session by session
-    slots: torch.Tensor  # [n] absolute slot of each row
+    slots: torch.Tensor  # [n] slot of each row (in the slab)
     positions: torch.Tensor  # [n] absolute position of each row
     slot_offsets: torch.Tensor  # [n] slot - first_slot
     row_offsets: torch.Tensor  # [n] row within its session
@@ -52,15 +53,15 @@ class BatchAttention:
         self.group = num_heads // num_kv_heads
         self.singles: list[_Single] = []
         self.groups: list[_Group] = []
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        by_bucket: dict[int, list[int]] = {}
+        offsets = [0, *accumulate(sizes)][:-1]
+        by_slab: dict[int, list[int]] = {}
         for i, (kv, size) in enumerate(zip(kvs, sizes)):
-            if size <= GROUP_MAX_ROWS and kv.bucket is not None:
-                by_bucket.setdefault(id(kv.bucket), []).append(i)
+            if size <= GROUP_MAX_ROWS and kv.slab is not None:
+                by_slab.setdefault(id(kv.slab), []).append(i)
             else:
                 self._single(kv, offsets[i], starts[i], size, device)
-        for members in by_bucket.values():
-            slots = [kvs[i].slot for i in members]
+        for members in by_slab.values():
+            slots = [kvs[i].index for i in members]
             if len(members) == 1 or max(slots) - min(slots) + 1 > 2 * len(members):
                 for i in members:  # alone, or too many idle slots between them to pad over
                     self._single(kvs[i], offsets[i], starts[i], sizes[i], device)
@@ -79,8 +80,8 @@ class BatchAttention:
 
     def _plan_group(self, kvs: list[SessionKV], offsets: list[int], starts: list[int], sizes: list[int],
                     device: torch.device) -> _Group:
-        first = min(kv.slot for kv in kvs)
-        num_slots = max(kv.slot for kv in kvs) - first + 1
+        first = min(kv.index for kv in kvs)
+        num_slots = max(kv.index for kv in kvs) - first + 1
         max_rows = max(sizes)
         rows, slots, positions, slot_offsets, row_offsets = [], [], [], [], []
         # limit[s][r]: the last key that row r of slot s may see; padding sees key 0 only
@@ -89,17 +90,17 @@ class BatchAttention:
         for kv, offset, start, size in zip(kvs, offsets, starts, sizes):
             for r in range(size):
                 rows.append(offset + r)
-                slots.append(kv.slot)
+                slots.append(kv.index)
                 positions.append(start + r)
-                slot_offsets.append(kv.slot - first)
+                slot_offsets.append(kv.index - first)
                 row_offsets.append(r)
-                limit[kv.slot - first][r] = start + r
+                limit[kv.index - first][r] = start + r
         length = max(s + n for s, n in zip(starts, sizes))
         keys = torch.arange(length, device=device)
         visible = keys <= torch.tensor(limit, device=device)[:, :, None]  # [slots, max_rows, length]
         mask = visible[:, None, None].expand(num_slots, 1, self.group, max_rows, length)
         index = [torch.tensor(xs, device=device) for xs in (rows, slots, positions, slot_offsets, row_offsets)]
-        return _Group(kvs[0].bucket, first, *index, num_slots, max_rows, length,  # type: ignore[arg-type]
+        return _Group(kvs[0].slab, first, *index, num_slots, max_rows, length,  # type: ignore[arg-type]
                       mask.reshape(num_slots, 1, self.group * max_rows, length))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -128,7 +129,7 @@ class BatchAttention:
 
     def _attend_group(self, g: _Group, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scale: float) -> torch.Tensor:
-        cache_k, cache_v = g.bucket.keys[layer], g.bucket.values[layer]
+        cache_k, cache_v = g.slab.keys[layer], g.slab.values[layer]
         cache_k[g.slots, :, g.positions] = k
         cache_v[g.slots, :, g.positions] = v
         d = q.shape[-1]

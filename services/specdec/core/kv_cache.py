@@ -1,14 +1,16 @@
 """KV caches in shared slots, rolled back instead of rebuilt.
 
-A `KVPool` (one per runner) keeps, per capacity class (64, 128, 256, ... positions), one
-tensor per layer of shape [slots, kv_heads, capacity, head_dim] for keys and one for
-values. Each session's `SessionKV` owns one slot. Appending writes in place; rejection
-truncates the length (O(1)); outgrowing a slot moves the session to a slot of the next
-class (one copy of its valid prefix, amortised O(1) per token, like doubling).
+A `KVPool` (one per runner) keeps every session's KV in slabs: a slab holds a few slots of
+one capacity class (64, 128, 256, ... positions) as one tensor per layer for keys and one
+for values, [slots, kv_heads, capacity, head_dim]. Each session's `SessionKV` owns one
+slot. Appending writes in place; rejection truncates the length (O(1)); outgrowing a slot
+moves the session to a slot of the next class (one copy of its valid prefix, amortised
+O(1) per token, like doubling). A full class gets a new slab; nothing already stored is
+ever copied to make room.
 
-Because sessions of one class sit side by side in one tensor, a batched forward can
-attend for all of them in one call over a view of that tensor, instead of one call per
-session; nobody's context is copied or concatenated (see `core/attention.py`).
+Because the sessions of a slab sit side by side in one tensor, a batched forward attends
+for all of them in one call over a view of it, instead of one call per session; nobody's
+context is copied or concatenated (see `core/attention.py`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from typing import Protocol, TypeVar
 import torch
 
 MIN_CAPACITY = 64
+SLAB_BYTES = 128 << 20  # slots per slab: as many as fit (at most MAX_SLAB_SLOTS), at least one
+MAX_SLAB_SLOTS = 16
 
 
 def capacity_class(total: int) -> int:
@@ -32,81 +36,84 @@ def capacity_class(total: int) -> int:
     return capacity
 
 
-class SlotBucket:
-    """All slots of one capacity: per layer, keys and values [slots, kv_heads, capacity, head_dim].
+class Slab:
+    """Slots of one capacity: per layer, keys and values [slots, kv_heads, capacity, head_dim]."""
 
-    Slot numbers are handed out lowest first, so live sessions stay packed at the front and
-    a batch's slots span a short range. The tensors grow by doubling the slot count and
-    are dropped when the last slot is freed (memory comes back after a load peak)."""
-
-    def __init__(self, pool: KVPool, capacity: int) -> None:
-        self.pool, self.capacity = pool, capacity
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self._free: list[int] = []  # a heap
-        self.used = 0
+    # Normal tensors even when created inside a forward pass (inference mode): the KV
+    # store restores into them from outside one.
+    @torch.inference_mode(False)
+    def __init__(self, pool: KVPool, capacity: int, slots: int, number: int) -> None:
+        self.capacity, self.number, self.used = capacity, number, 0
+        shape = (slots, pool.num_kv_heads, capacity, pool.head_dim)
+        # Zeros, not empty: a batched attention reads (masked) positions past a session's
+        # length, and a masked NaN would still poison P @ V.
+        self.keys = [torch.zeros(shape, dtype=pool.dtype, device=pool.device) for _ in range(pool.num_layers)]
+        self.values = [torch.zeros(shape, dtype=pool.dtype, device=pool.device) for _ in range(pool.num_layers)]
 
     @property
     def slots(self) -> int:
         return self.keys[0].shape[0] if self.keys else 0
 
-    def acquire(self) -> int:
+
+class SlotClass:
+    """All slabs of one capacity. Slots are handed out lowest first, so live sessions stay
+    packed in the first slabs and a batch spans few of them. A slab whose last session
+    leaves is dropped (memory comes back after a load peak), except one kept spare so a
+    lone request does not allocate and zero a slab every time."""
+
+    def __init__(self, pool: KVPool, capacity: int) -> None:
+        self.pool, self.capacity = pool, capacity
+        slot_bytes = 2 * pool.num_layers * pool.num_kv_heads * capacity * pool.head_dim * pool.dtype.itemsize
+        self.slab_slots = max(1, min(MAX_SLAB_SLOTS, SLAB_BYTES // max(1, slot_bytes)))
+        self.slabs: dict[int, Slab] = {}
+        self._free: list[int] = []  # a heap of free slot numbers over all slabs
+
+    def acquire(self) -> tuple[Slab, int]:
         if not self._free:
-            self._grow()
-        self.used += 1
-        return heapq.heappop(self._free)
+            number = next(n for n in range(len(self.slabs) + 1) if n not in self.slabs)
+            self.slabs[number] = Slab(self.pool, self.capacity, self.slab_slots, number)
+            for index in range(self.slab_slots):
+                heapq.heappush(self._free, number * self.slab_slots + index)
+        slot = heapq.heappop(self._free)
+        slab = self.slabs[slot // self.slab_slots]
+        slab.used += 1
+        return slab, slot % self.slab_slots
 
-    def release(self, slot: int) -> None:
-        heapq.heappush(self._free, slot)
-        self.used -= 1
-        if self.used == 0:
-            self.keys, self.values, self._free = [], [], []
-
-    # Normal tensors even when growth happens inside a forward pass (inference mode): the
-    # KV store restores into them from outside one.
-    @torch.inference_mode(False)
-    def _grow(self) -> None:
-        old = self.slots
-        new = max(4, 2 * old)
-        p = self.pool
-        shape = (new, p.num_kv_heads, self.capacity, p.head_dim)
-        for buffers in (self.keys, self.values):
-            for i in range(p.num_layers):
-                # Zeros, not empty: a batched attention reads (masked) positions past a
-                # session's length, and a masked NaN would still poison P @ V.
-                tensor = torch.zeros(shape, dtype=p.dtype, device=p.device)
-                if old:
-                    tensor[:old] = buffers[i]
-                    buffers[i] = tensor
-                else:
-                    buffers.append(tensor)
-        for slot in range(old, new):
-            heapq.heappush(self._free, slot)
+    def release(self, slab: Slab, index: int) -> None:
+        slab.used -= 1
+        heapq.heappush(self._free, slab.number * self.slab_slots + index)
+        empty = [s for s in self.slabs.values() if s.used == 0]
+        if len(empty) > 1:  # keep one spare: the lowest, where the next session goes
+            drop = max(empty, key=lambda s: s.number)
+            del self.slabs[drop.number]
+            first = drop.number * self.slab_slots
+            self._free = [n for n in self._free if not first <= n < first + self.slab_slots]
+            heapq.heapify(self._free)
 
 
 class KVPool:
-    """Every session's KV for one model, in slot buckets by capacity class."""
+    """Every session's KV for one model, in slabs by capacity class."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
-        self.buckets: dict[int, SlotBucket] = {}
+        self.classes: dict[int, SlotClass] = {}
         # Slots are freed when a SessionKV is garbage collected, which may happen on any
         # thread; handing out and taking back slots is serialised here.
         self._lock = threading.Lock()
 
-    def acquire(self, total: int) -> tuple[SlotBucket, int]:
+    def acquire(self, total: int) -> tuple[Slab, int]:
         capacity = capacity_class(total)
         with self._lock:
-            bucket = self.buckets.get(capacity)
-            if bucket is None:
-                bucket = self.buckets[capacity] = SlotBucket(self, capacity)
-            return bucket, bucket.acquire()
+            slots = self.classes.get(capacity)
+            if slots is None:
+                slots = self.classes[capacity] = SlotClass(self, capacity)
+            return slots.acquire()
 
-    def release(self, bucket: SlotBucket, slot: int) -> None:
+    def release(self, slab: Slab, index: int) -> None:
         with self._lock:
-            bucket.release(slot)
+            self.classes[slab.capacity].release(slab, index)
 
 
 class SessionKV:
@@ -116,8 +123,8 @@ class SessionKV:
 
     def __init__(self, pool: KVPool | None) -> None:
         self.pool = pool
-        self.bucket: SlotBucket | None = None
-        self.slot = -1
+        self.slab: Slab | None = None
+        self.index = -1  # the slot within the slab
         self._finalizer: weakref.finalize | None = None
         self.token_ids: list[int] = []  # tokens whose KV is cached, in order
 
@@ -127,7 +134,7 @@ class SessionKV:
 
     @property
     def capacity(self) -> int:
-        return self.bucket.capacity if self.bucket is not None else 0
+        return self.slab.capacity if self.slab is not None else 0
 
     @property
     def has_buffers(self) -> bool:
@@ -140,15 +147,15 @@ class SessionKV:
         if total <= self.capacity:
             return
         assert self.pool is not None, "this cache has no buffers"
-        bucket, slot = self.pool.acquire(total)
-        old, old_slot, n = self.bucket, self.slot, self.length
+        slab, index = self.pool.acquire(total)
+        old, old_index, n = self.slab, self.index, self.length
         if old is not None:
-            for new_buf, old_buf in zip((*bucket.keys, *bucket.values), (*old.keys, *old.values)):
-                new_buf[slot, :, :n] = old_buf[old_slot, :, :n]
+            for new_buf, old_buf in zip((*slab.keys, *slab.values), (*old.keys, *old.values)):
+                new_buf[index, :, :n] = old_buf[old_index, :, :n]
             self._finalizer.detach()  # type: ignore[union-attr]
-            self.pool.release(old, old_slot)
-        self.bucket, self.slot = bucket, slot
-        self._finalizer = weakref.finalize(self, self.pool.release, bucket, slot)
+            self.pool.release(old, old_index)
+        self.slab, self.index = slab, index
+        self._finalizer = weakref.finalize(self, self.pool.release, slab, index)
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [kv_heads, t, head_dim] at positions start..start+t; return views of
@@ -161,9 +168,9 @@ class SessionKV:
 
     def read(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the keys and values [kv_heads, end-start, head_dim] at positions start..end."""
-        assert self.bucket is not None and end <= self.capacity
-        return (self.bucket.keys[layer][self.slot, :, start:end],
-                self.bucket.values[layer][self.slot, :, start:end])
+        assert self.slab is not None and end <= self.capacity
+        return (self.slab.keys[layer][self.index, :, start:end],
+                self.slab.values[layer][self.index, :, start:end])
 
     def commit(self, token_ids: list[int]) -> None:
         """Record that KV for `token_ids` was written after the current length."""
