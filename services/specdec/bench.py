@@ -113,34 +113,38 @@ async def _sequential(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConf
 
 
 async def _aggregate(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig, drafter: str,
-                     concurrency: int) -> float:
-    """Aggregate tokens/s with `concurrency` requests in flight.
+                     concurrency: int, reference: list[list[int]]) -> tuple[float, bool]:
+    """Aggregate tokens/s with `concurrency` requests in flight, and whether every output
+    equals the prompt's plain decoding run alone (batching must not change a token).
 
     Runs `waves` times `concurrency` requests (at least one per prompt), so the ragged end,
     when the last requests finish alone, weighs as little on the figure as it would on a
     server under steady load."""
     total = max(cfg.waves * concurrency, len(rows))
     gate = asyncio.Semaphore(concurrency)
-    tokens = 0
+    tokens, identical = 0, True
 
     async def one(i: int) -> None:
-        nonlocal tokens
+        nonlocal tokens, identical
         async with gate:
             result = await engine.complete_async(_spec(rows[i % len(rows)], cfg, drafter))
             tokens += result.stats.generated_tokens
+            identical &= result.token_ids == reference[i % len(rows)]
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(total)))
-    return tokens / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start), identical
 
 
-async def _by_concurrency(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any]]:
+async def _by_concurrency(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig,
+                          reference: list[list[int]]) -> list[dict[str, Any]]:
     out = []
     for n, level in enumerate(cfg.concurrency):
         _progress(n, len(cfg.concurrency), f"concurrency {level}")
-        plain = await _aggregate(engine, rows, cfg, "none", level)
-        spec = await _aggregate(engine, rows, cfg, cfg.drafter, level)
+        plain, plain_same = await _aggregate(engine, rows, cfg, "none", level, reference)
+        spec, spec_same = await _aggregate(engine, rows, cfg, cfg.drafter, level, reference)
         out.append({"concurrency": level, "plain_tokens_per_s": round(plain, 3), "spec_tokens_per_s": round(spec, 3),
-                    "spec_vs_plain": round(spec / plain, 4) if plain else 0.0})
+                    "spec_vs_plain": round(spec / plain, 4) if plain else 0.0,
+                    "outputs_identical": plain_same and spec_same})
     _progress(len(cfg.concurrency), len(cfg.concurrency), "concurrency done")
     return out
 
@@ -184,8 +188,9 @@ def _distributed(rows: list[dict[str, Any]], cfg: BenchConfig, reference: list[l
     return {"tally": tally, "identical": identical}
 
 
-def _hf(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, float]:
-    """transformers' own generate: plain, and its matching speculative mode."""
+def _hf(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig, reference: list[list[int]]) -> dict[str, Any]:
+    """transformers' own generate: plain, and its matching speculative mode; and whether
+    their outputs equal this engine's plain decoding."""
     import torch
 
     model = engine.verifier.worker.runner.model
@@ -196,6 +201,7 @@ def _hf(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig) -> dict[st
     elif cfg.drafter.startswith("model:") and engine.drafter.worker.runner is not None:
         extra = {"assistant_model": engine.drafter.worker.runner.model}
     plain, spec = Tally(), Tally()
+    identical = True
     for i, row in enumerate(rows):
         _progress(i, len(rows), "transformers generate")
         if "messages" in row:
@@ -209,8 +215,9 @@ def _hf(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig) -> dict[st
             out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=cfg.max_new_tokens,
                                  do_sample=False, pad_token_id=tok.eos_token_id, **kwargs)
             tally.add(out.shape[1] - len(ids), time.perf_counter() - start)
+            identical &= out[0, len(ids):].tolist() == reference[i]
     _progress(len(rows), len(rows), "transformers done")
-    return {"plain": plain.rate, "spec": spec.rate if extra else 0.0}
+    return {"plain": plain.rate, "spec": spec.rate if extra else 0.0, "identical": identical}
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -220,7 +227,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     async def embedded() -> dict[str, Any]:
         await engine.complete_async(_spec(rows[0], cfg, "none"))  # warm-up
         seq = await _sequential(engine, rows, cfg)
-        seq["by_concurrency"] = await _by_concurrency(engine, rows, cfg)
+        seq["by_concurrency"] = await _by_concurrency(engine, rows, cfg, seq["outputs"])
         seq["by_draft_length"] = await _draft_length_sweep(engine, rows, cfg) if cfg.plot else []
         await engine.aclose()
         return seq
@@ -237,14 +244,15 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "by_concurrency": seq["by_concurrency"], "by_draft_length": seq["by_draft_length"],
         "per_prompt": seq["per_prompt"],
     }
-    identical = seq["identical"]
+    identical = seq["identical"] and all(level["outputs_identical"] for level in seq["by_concurrency"])
     if cfg.distributed:
         dist = _distributed(rows, cfg, seq["outputs"])
         identical &= dist["identical"]
         result["distributed_tokens_per_s"] = round(dist["tally"].rate, 3)
         result["distributed_vs_embedded"] = round(dist["tally"].rate / spec.rate, 4) if spec.rate else 0.0
     if cfg.compare_hf:
-        hf = compute.run_sync(_hf, engine, rows, cfg)  # on the engine's thread: see core.compute
+        hf = compute.run_sync(_hf, engine, rows, cfg, seq["outputs"])  # on the engine's thread: see core.compute
+        identical &= hf["identical"]
         result["hf_plain_tokens_per_s"] = round(hf["plain"], 3)
         result["hf_spec_tokens_per_s"] = round(hf["spec"], 3)
         result["speedup_vs_hf_spec"] = round(spec.rate / hf["spec"], 4) if hf["spec"] else 0.0

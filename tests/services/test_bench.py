@@ -25,6 +25,7 @@ def test_bench_all_configurations(tiny_models, tmp_path: Path) -> None:
     assert result["outputs_identical"] is True
     assert [r["concurrency"] for r in result["by_concurrency"]] == [1, 2]
     assert all(r["plain_tokens_per_s"] > 0 and r["spec_tokens_per_s"] > 0 for r in result["by_concurrency"])
+    assert all(r["outputs_identical"] is True for r in result["by_concurrency"])
     assert len(result["per_prompt"]) == 2 and result["distributed_tokens_per_s"] > 0
     assert result["hf_spec_tokens_per_s"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
