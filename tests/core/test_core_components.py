@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import math
 import threading
 
@@ -401,3 +402,34 @@ def test_batcher_waits_briefly_for_the_rest_of_the_last_batch() -> None:
         await lone.stop()
     run(main())
     assert sizes == [4, 4, 1]
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_paired_batchers_gather_while_the_other_runs(paired: bool) -> None:
+    """Embedded, drafting and verification share one compute thread. Sessions that skip
+    drafting must not run ahead in a verify batch of their own while the others' drafts
+    are computing: that splits the sessions into two half-full cohorts for good."""
+    verify_sizes: list[int] = []
+
+    def verify(items: list[int]) -> list[int]:
+        verify_sizes.append(len(items))
+        return items
+
+    def draft(items: list[int]) -> list[int]:
+        time.sleep(0.1)  # a draft model's forward pass, on the compute thread
+        return items
+
+    async def main() -> None:
+        verifier = MicroBatcher(verify, max_batch_size=8, gather_s=0.02)
+        drafter = MicroBatcher(draft, max_batch_size=8, gather_s=0.02)
+        if paired:
+            verifier.share_compute_with(drafter, gather_s=0.02)
+        await asyncio.gather(*(verifier.submit(i) for i in range(4)))  # the last batch held 4
+
+        async def drafted(item: int) -> int:
+            return await verifier.submit(await drafter.submit(item))
+        await asyncio.gather(verifier.submit(10), verifier.submit(11), drafted(12), drafted(13))
+        await verifier.stop()
+        await drafter.stop()
+    run(main())
+    assert verify_sizes == ([4, 4] if paired else [4, 2, 2])
