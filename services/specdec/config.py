@@ -30,7 +30,6 @@ class Settings:
     tier_timeout_s: float = 60.0  # a draft/verify call slower than this counts as a failure
     max_failovers: int = 4  # replica switches per call before giving up
     overlap: bool = False  # default for requests: pre-draft step n+1 while step n is verified
-    verify_row_budget: int = 16  # tokens a verify pass takes at ~flat cost (CPU ~16, GPU hundreds); 0 = no cap
     metrics_port: int = 0  # Prometheus scrape endpoint (/metrics) on host:port; 0 = off
     kv_chunk_tokens: int = 256  # tokens per KV chunk in Redis (prefix reuse, failover); 0 = no KV in Redis
     kv_ttl_s: float = 3600.0  # lifetime of a KV chunk in Redis (Redis's maxmemory policy may evict sooner)

@@ -67,8 +67,7 @@ class Coordinator:
 
     async def stream(self, spec: RequestSpec, result: GenerationResult) -> AsyncIterator[Chunk]:
         request, stops = build_request(spec, self.tokenizer, self.limits, self.settings.drafter,
-                                       await self.drafters(), self.settings.overlap,
-                                       self.settings.verify_row_budget)
+                                       await self.drafters(), self.settings.overlap)
         drafter = None if request.drafter == "none" else self.drafter
         self._record(spec, request, result, "queued")
         # aclosing: a client that goes away closes the run at once, releasing its slot and

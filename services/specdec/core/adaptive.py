@@ -1,66 +1,82 @@
 """Draft-length control: speculate only as far as it pays, per request.
 
-The controller keeps two running estimates from the request's own steps:
+The controller keeps two running estimates from the request's own steps: how often the
+first draft token is kept (α₁), and how often a draft token is kept when the one before
+it was (α₂). Acceptance comes in runs: an n-gram draft copying text is usually kept
+whole, one that guessed wrong usually loses its first token. So a token i deep is kept
+with probability α₁·α₂^(i-1), and a k-token draft commits on average
+E(k) = 1 + Σ α₁·α₂^(i-1) tokens, the target's own token included.
 
-* how often the first draft token is kept (α₁), and how often a draft token is kept
-  when the one before it was (α₂). Acceptance comes in runs: an n-gram draft copying
-  text is usually kept whole, one that guessed wrong usually loses its first token. So a
-  token i deep is kept with probability α₁·α₂^(i-1), and a k-token draft commits on
-  average E(k) = 1 + Σ α₁·α₂^(i-1) tokens, the target's own token included. (One
-  per-token rate would badly undervalue long drafts: measured on the bundled prompts,
-  this model gave n-gram drafting +3% on the copy prompts and +15% on chat.)
-* the cost of a step, base + per_token * k, timed around the draft and the verification
-  of real steps. Under load the verifier's queueing and batch cost show up in both.
+What a step costs comes from the tiers themselves, not from the request's wall clock:
+the verifier reports its fitted pass cost, base + row_s × rows (`core/cost.py`), and a
+model drafter its own (one pass per drafted token: d_base + d_row × rows). With n
+sequences sharing each pass, a step with k drafts costs
 
-It also caps k by the target's load: a verification pass costs about the same up to some
-number of rows (`row_budget` tokens) and then grows linearly (compute-bound). Each of the
-`batch_size` sequences may fill its share of the flat rows (budget/batch - 1 drafts);
-past that a drafted row costs as much as any other, and the i-th draft token is worth its
-row only if it is likely to be kept: α₁·α₂^(i-1) >= batch_size / row_budget. A
-request copying text verbatim keeps drafting far under load while one whose drafts are
-kept half the time drafts a token or none, which spends the shared rows where they pay
-most, with no coordination between requests.
+    T(k) = k·(d_base + d_row·n) + base + row_s · n · (k + 1)
 
-It picks the k in 0..cap with the most expected tokens per second. k = 0 is plain
-decoding, so a request whose drafts do not pay falls back to it instead of getting slower
-(the vLLM #17984 failure); a plain step now and then re-measures the base cost, and a
-short draft now and then re-measures acceptance (and again at once while those drafts
-are all kept, so a request notices within a few steps that its text has become copyable).
+counting every sequence's rows as if all drafted like this one: under load each extra row
+is paid by the whole batch, and a request that only counted its own rows would draft far
+past what pays (each one's rows are cheap, everyone's are not). The wall clock could not
+tell this: in a shared batch a request's plain step takes as long as the others' drafting.
+
+It picks the k in 0..max_k with the most expected tokens per second, E(k) / T(k). So a
+request copying text keeps drafting under load while one whose drafts are rarely kept, or
+whose draft model costs as much as the target (an int8 copy of it on a busy CPU), decodes
+plainly instead of getting slower (the vLLM #17984 failure). A short draft now and then
+re-measures acceptance (and again at once while those drafts are all kept, so a request
+notices within a few steps that its text has become copyable), unless drafting would not
+pay even if every draft were kept: then only a change in cost brings drafting back.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 EMA = 0.25  # weight of the newest observation
-PROBE_EVERY = 16  # steps between re-measurements of the branch not taken
+PROBE_EVERY = 16  # steps between re-measurements of acceptance while decoding plainly
+PRIOR_TOKEN_COST = 0.2  # a drafted token's cost relative to a plain step, before any report
+
+
+@dataclass
+class StepCosts:
+    """What the tiers last reported. One object is shared by all the requests that use the
+    same drafter and verifier (see `core/loop.py`), so a new request starts from what the
+    others learned instead of drafting blind into a busy tier."""
+
+    draft_pass_base_s: float = 0.0  # the drafter's cost line per drafted token (0 = not reported)
+    draft_row_s: float = 0.0
+    pass_base_s: float = 0.0  # the verifier's cost line (0 = not reported yet)
+    row_s: float = 0.0
+    batch_size: int = 1  # sequences in the last verify pass
 
 
 class DraftLength:
     def __init__(self, max_k: int, adaptive: bool, prior_acceptance: float = 0.7,
-                 prior_token_cost: float = 0.2, row_budget: int = 0) -> None:
+                 costs: StepCosts | None = None) -> None:
         if max_k < 0:
             raise ValueError("max_k must be >= 0")
         self.max_k, self.adaptive = max_k, adaptive
         self.first = prior_acceptance  # P(the first draft token is kept)
         self.follow = prior_acceptance  # P(a draft token is kept | the one before it was)
-        self.base_s: float | None = None  # time of a plain step
-        self.token_cost = prior_token_cost  # extra time per drafted token, relative to base_s
-        self.row_budget = row_budget  # 0 = no load cap
-        self.load_cap = max_k
-        self._steps = 0
+        self.costs = costs if costs is not None else StepCosts()
         self._since_probe = 0
-        self.k = self._best() if adaptive else max_k
+        # With no cost reported yet, the first step (it carries the prompt's prefill) drafts
+        # nothing rather than paying for k draft passes that may not pay on a busy tier.
+        self.k = max_k if not adaptive else self._best() if self.costs.pass_base_s > 0 else 0
 
-    def update(self, proposed: int, accepted: int, step_s: float | None = None, batch_size: int = 1) -> None:
-        """Record a step: drafts proposed and accepted, its wall time (None: untimed, e.g.
-        the first step, which carries the prefill) and the sequences in its verify pass."""
-        self._steps += 1
+    def update(self, proposed: int, accepted: int, batch_size: int = 1, draft_pass_base_s: float = 0.0,
+               draft_row_s: float = 0.0, pass_base_s: float = 0.0, row_s: float = 0.0) -> None:
+        """Record a step: drafts proposed and accepted, the sequences in its verify pass,
+        and the costs the tiers reported with it (0 = not reported)."""
         if not self.adaptive:
             return
         if proposed:
             self._observe_acceptance(proposed, accepted)
-        if self.row_budget:
-            self.load_cap = self._load_cap(batch_size)
-        if step_s is not None:
-            self._observe_cost(proposed, step_s)
+        c = self.costs
+        if draft_pass_base_s > 0:
+            c.draft_pass_base_s, c.draft_row_s = draft_pass_base_s, draft_row_s
+        if pass_base_s > 0:
+            c.pass_base_s, c.row_s = pass_base_s, row_s
+        c.batch_size = max(1, batch_size)
         self.k = self._choose(all_kept=proposed > 0 and accepted == proposed)
 
     def _observe_acceptance(self, proposed: int, accepted: int) -> None:
@@ -75,40 +91,38 @@ class DraftLength:
         """P(the i-th draft token, 1-based, is kept)."""
         return self.first * self.follow ** (i - 1)
 
-    def _observe_cost(self, proposed: int, step_s: float) -> None:
-        if proposed == 0:
-            self.base_s = step_s if self.base_s is None else self.base_s + EMA * (step_s - self.base_s)
-        elif self.base_s is not None:
-            per_token = max(0.0, (step_s / self.base_s - 1.0) / proposed)
-            self.token_cost += EMA * (per_token - self.token_cost)
-
-    def _load_cap(self, batch_size: int) -> int:
-        """Each sequence's fair share of the flat-cost rows, or beyond it the longest
-        draft whose every token is kept with probability >= the load."""
-        free = self.row_budget // max(1, batch_size) - 1
-        threshold = min(1.0, batch_size / self.row_budget)
-        k = 0
-        while k < self.max_k and self.kept_probability(k + 1) >= threshold:
-            k += 1
-        return min(self.max_k, max(free, k))
-
     def expected_tokens(self, k: int) -> float:
         return 1.0 + sum(self.kept_probability(i) for i in range(1, k + 1))
 
+    def step_cost(self, k: int) -> float:
+        """T(k) in seconds; before the verifier has reported, relative to a plain step."""
+        c = self.costs
+        if c.pass_base_s <= 0:
+            return 1.0 + PRIOR_TOKEN_COST * k
+        draft_token_s = c.draft_pass_base_s + c.draft_row_s * c.batch_size
+        return k * draft_token_s + c.pass_base_s + c.row_s * c.batch_size * (k + 1)
+
     def _best(self) -> int:
-        return max(range(self.load_cap + 1), key=lambda k: self.expected_tokens(k) / (1.0 + self.token_cost * k))
+        return max(range(self.max_k + 1), key=lambda k: self.expected_tokens(k) / self.step_cost(k))
 
     def _choose(self, all_kept: bool) -> int:
-        self._since_probe += 1
         best = self._best()
-        if self.base_s is None and self._steps >= 1:
-            return 0  # measure the plain step once, early
-        if best == 0 and all_kept:
+        self._since_probe = self._since_probe + 1 if best == 0 else 0
+        if best > 0:
+            # Everything drafted was kept: one more token next time. Without this a request
+            # at k = 1 would never measure α₂ (nothing follows its one token).
+            return min(best + 1, self.max_k) if all_kept else best
+        if not self._pays_if_always_kept():
+            return 0  # would not pay even if every draft were kept: no probe
+        if all_kept:
             return min(2, self.max_k)  # the last probe was all kept: keep probing while the text copies
         if self._since_probe >= PROBE_EVERY:
             self._since_probe = 0
-            # Re-measure the branch not taken. A short draft probes acceptance even past
-            # the load cap: it only moves when something is drafted, and a request stuck
-            # at k = 0 would otherwise never notice that its text became copyable again.
-            return 0 if best > 0 else min(2, self.max_k)
-        return best
+            # Acceptance only moves when something is drafted: a request stuck at k = 0
+            # would otherwise never notice that its text became copyable.
+            return min(2, self.max_k)
+        return 0
+
+    def _pays_if_always_kept(self) -> bool:
+        plain = 1.0 / self.step_cost(0)
+        return any((1 + k) / self.step_cost(k) > plain for k in range(1, self.max_k + 1))

@@ -25,7 +25,7 @@ from specdec.core.target import TargetWorker
 class Engine:
     def __init__(self, target_model: torch.nn.Module, tokenizer, drafter: str = "ngram",
                  draft_model: torch.nn.Module | None = None, draft_model_name: str = "",
-                 overlap: bool = False, verify_row_budget: int = 16) -> None:
+                 overlap: bool = False) -> None:
         runner = compute.run_sync(build_runner, target_model)  # packs weights: torch work
         self.tokenizer = tokenizer
         self.verifier = LocalVerifier(TargetWorker(runner))
@@ -34,7 +34,6 @@ class Engine:
         self.verifier.batcher.share_compute_with(self.drafter.batcher)
         self.default_drafter = drafter
         self.default_overlap = overlap
-        self.verify_row_budget = verify_row_budget
         self.limits = ModelLimits(vocab_size=runner.vocab_size, max_context=runner.max_context)
 
     @classmethod
@@ -52,7 +51,7 @@ class Engine:
 
     def _build(self, spec: RequestSpec):
         request, stops = build_request(spec, self.tokenizer, self.limits, self.default_drafter, self.available_drafters,
-                                       self.default_overlap, self.verify_row_budget)
+                                       self.default_overlap)
         drafter = None if request.drafter == "none" else self.drafter
         return request, stops, drafter
 

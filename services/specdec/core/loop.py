@@ -7,17 +7,21 @@ them. Output is the target's own: the loop only decides how much to speculate.
 from __future__ import annotations
 
 import asyncio
-import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from specdec.core.adaptive import DraftLength
+from specdec.core.adaptive import DraftLength, StepCosts
 from specdec.core.interfaces import Drafter, Verifier
 from specdec.core.sampling import SamplingParams
 from specdec.core.stats import SpecStats
 from specdec.core.types import Proposal, ProposeItem, VerifyItem
 
 MAX_RESYNCS = 3
+
+# The tiers' last reported costs, per verifier and drafter name, shared by all requests
+# (see adaptive.StepCosts); weak, so a closed engine's entries go with it.
+_COSTS: weakref.WeakKeyDictionary[Verifier, dict[str, StepCosts]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -32,7 +36,6 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = frozenset()
     max_context: int = 1 << 30
     overlap: bool = False  # pre-draft step n+1 while step n is being verified
-    verify_row_budget: int = 0  # rows a verify pass takes at ~flat cost; caps k under load (0 = off)
 
 
 @dataclass
@@ -55,8 +58,8 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
     """Yield committed tokens step by step until a stop condition; frees tier state at the end."""
     committed = list(request.prompt_ids)
     sync = _Sync()
-    k = DraftLength(request.max_draft_tokens if drafter is not None else 0, request.adaptive,
-                    row_budget=request.verify_row_budget)
+    costs = _COSTS.setdefault(verifier, {}).setdefault(request.drafter, StepCosts())
+    k = DraftLength(request.max_draft_tokens if drafter is not None else 0, request.adaptive, costs=costs)
     stats.prompt_tokens, stats.drafter = len(committed), request.drafter
     predraft: asyncio.Task[Proposal] | None = None
     predraft_len = 0  # committed length at which the pending pre-draft is valid
@@ -66,7 +69,6 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
             # Drafts beyond this would let accepted drafts plus the target's own token
             # overshoot max_context, which plain decoding never does.
             want = min(k.k, remaining - 1, request.max_context - len(committed) - 1)
-            started = time.perf_counter()
             ready = await predraft if predraft is not None else None
             proposal = _use_predraft(ready, len(committed) == predraft_len, committed, want, stats)
             predraft = None
@@ -84,14 +86,13 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
             if verdict.needs_resync:
                 _resync(sync, "target")
                 continue
-            replayed, sync.resyncs = sync.resyncs > 0, 0
+            sync.resyncs = 0
             if predraft is not None:  # the drafter assumed every draft would be accepted
                 sync.draft = min(sync.draft, len(committed) + verdict.num_accepted)
             committed.extend(verdict.tokens)
             sync.target = len(committed)
-            timed = stats.steps > 0 and not replayed  # these steps carry a (re)prefill
-            k.update(len(proposal.tokens), verdict.num_accepted, time.perf_counter() - started if timed else None,
-                     verdict.batch_size)
+            k.update(len(proposal.tokens), verdict.num_accepted, verdict.batch_size, proposal.draft_pass_base_s,
+                     proposal.draft_row_s, verdict.pass_base_s, verdict.row_s)
             out = _finish(request, verdict.tokens, remaining, len(committed))
             stats.steps += 1
             stats.proposed_tokens += len(proposal.tokens)
@@ -129,7 +130,7 @@ def _use_predraft(predraft: Proposal | None, all_accepted: bool, committed: list
     stats.predrafts_used += 1
     tokens = predraft.tokens[1:want + 1]
     probs = None if predraft.probs is None else predraft.probs[1:want + 1]
-    return Proposal(tokens, probs)
+    return Proposal(tokens, probs, draft_pass_base_s=predraft.draft_pass_base_s, draft_row_s=predraft.draft_row_s)
 
 
 async def _propose(request: GenerationRequest, drafter: Drafter | None, committed: list[int],

@@ -50,8 +50,7 @@ class ModelLimits:
 
 
 def build_request(spec: RequestSpec, tokenizer, limits: ModelLimits, default_drafter: str,
-                  available_drafters: list[str], default_overlap: bool = False,
-                  verify_row_budget: int = 0) -> tuple[GenerationRequest, list[str]]:
+                  available_drafters: list[str], default_overlap: bool = False) -> tuple[GenerationRequest, list[str]]:
     """-> (the loop's request, stop strings). Raises InvalidArgument."""
     prompt_ids = _prompt_ids(spec, tokenizer, limits)
     max_new = DEFAULT_MAX_NEW_TOKENS if spec.max_new_tokens is None else spec.max_new_tokens
@@ -73,7 +72,6 @@ def build_request(spec: RequestSpec, tokenizer, limits: ModelLimits, default_dra
         session_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_new_tokens=max_new, sampling=sampling,
         drafter=drafter, max_draft_tokens=k, adaptive=True if spec.adaptive is None else spec.adaptive,
         stop_token_ids=stops, max_context=limits.max_context, overlap=default_overlap if spec.overlap is None else spec.overlap,
-        verify_row_budget=verify_row_budget,
     )
     return request, list(spec.stop)
 

@@ -28,6 +28,11 @@ class Proposal:
     tokens: list[int] = field(default_factory=list)  # [k] drafted ids; empty = nothing to propose
     probs: torch.Tensor | None = None  # [k, vocab] float64 q; None = one-hot (deterministic)
     needs_resync: bool = False
+    # The drafter's cost line, fitted over its recent draft passes (core/cost.py): one
+    # drafted token per sequence takes about draft_pass_base_s + draft_row_s * rows.
+    # 0, 0 = not measured (model-free drafters cost next to nothing).
+    draft_pass_base_s: float = 0.0
+    draft_row_s: float = 0.0
 
 
 @dataclass
@@ -46,3 +51,7 @@ class Verdict:
     tokens: list[int] = field(default_factory=list)  # accepted drafts + the target's own token
     batch_size: int = 0  # sequences in the forward pass that produced this verdict
     needs_resync: bool = False
+    # The verifier's current cost line, fitted over its recent passes (core/cost.py): a
+    # pass takes about pass_base_s + row_s * rows. 0, 0 = unknown.
+    pass_base_s: float = 0.0
+    row_s: float = 0.0

@@ -45,12 +45,14 @@ def propose_item_from_proto(m: draft_pb2.ProposeItem) -> ProposeItem:
 
 def proposal_to_proto(tag: int, p: Proposal) -> draft_pb2.ProposeResult:
     return draft_pb2.ProposeResult(tag=tag, tokens=p.tokens, draft_probs_f16=probs_to_bytes(p.probs),
-                                   needs_resync=p.needs_resync)
+                                   needs_resync=p.needs_resync, draft_pass_base_seconds=p.draft_pass_base_s,
+                                   draft_row_seconds=p.draft_row_s)
 
 
 def proposal_from_proto(m: draft_pb2.ProposeResult) -> Proposal:
     tokens = list(m.tokens)
-    return Proposal(tokens, probs_from_bytes(m.draft_probs_f16, len(tokens)), m.needs_resync)
+    return Proposal(tokens, probs_from_bytes(m.draft_probs_f16, len(tokens)), m.needs_resync,
+                    m.draft_pass_base_seconds, m.draft_row_seconds)
 
 
 def verify_item_to_proto(tag: int, item: VerifyItem, traceparent: str = "") -> target_pb2.VerifyItem:
@@ -68,8 +70,9 @@ def verify_item_from_proto(m: target_pb2.VerifyItem) -> VerifyItem:
 
 def verdict_to_proto(tag: int, v: Verdict) -> target_pb2.VerifyResult:
     return target_pb2.VerifyResult(tag=tag, num_accepted=v.num_accepted, tokens=v.tokens,
-                                   batch_size=v.batch_size, needs_resync=v.needs_resync)
+                                   batch_size=v.batch_size, needs_resync=v.needs_resync,
+                                   pass_base_seconds=v.pass_base_s, row_seconds=v.row_s)
 
 
 def verdict_from_proto(m: target_pb2.VerifyResult) -> Verdict:
-    return Verdict(m.num_accepted, list(m.tokens), m.batch_size, m.needs_resync)
+    return Verdict(m.num_accepted, list(m.tokens), m.batch_size, m.needs_resync, m.pass_base_seconds, m.row_seconds)

@@ -36,20 +36,24 @@ class VerifyRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[VerifyItem, _Mapping]]] = ..., release_session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("tag", "num_accepted", "tokens", "batch_size", "needs_resync", "error")
+    __slots__ = ("tag", "num_accepted", "tokens", "batch_size", "needs_resync", "error", "pass_base_seconds", "row_seconds")
     TAG_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     NEEDS_RESYNC_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PASS_BASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     tag: int
     num_accepted: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     batch_size: int
     needs_resync: bool
     error: str
-    def __init__(self, tag: _Optional[int] = ..., num_accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., needs_resync: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    pass_base_seconds: float
+    row_seconds: float
+    def __init__(self, tag: _Optional[int] = ..., num_accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., needs_resync: _Optional[bool] = ..., error: _Optional[str] = ..., pass_base_seconds: _Optional[float] = ..., row_seconds: _Optional[float] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("results",)

@@ -2,10 +2,13 @@
 that one draft replica serves."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from specdec.core.attention import GROUP_MAX_ROWS
+from specdec.core.cost import PassCost
 from specdec.core.drafters.ngram import ngram_propose
 from specdec.core.errors import InvalidArgument
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session
@@ -42,6 +45,7 @@ class DraftWorker:
         self.prefix_store = prefix_store  # shared draft-model KV chunks (e.g. Redis)
         self.sessions = SessionTable(max_sessions)
         self.drafted_tokens = 0  # running total, for the tier's load figures
+        self.cost = PassCost()  # of a draft-model pass: reported with each proposal
 
     @property
     def drafters(self) -> list[str]:
@@ -86,7 +90,10 @@ class DraftWorker:
             feeds.append(session.tokens[prepare_cache(session.kv, session.tokens, self.prefix_store):])
         live = [j for j, (_, _, item) in enumerate(rows) if item.num_tokens > 0]
         while live:
+            started = time.perf_counter()
             logits = runner.forward([ForwardItem(rows[j][1].kv, feeds[j], 1) for j in live])
+            if all(len(feeds[j]) <= GROUP_MAX_ROWS for j in live):  # not a prompt's prefill
+                self.cost.observe(sum(len(feeds[j]) for j in live), time.perf_counter() - started)
             for j, row_logits in zip(live, logits):
                 item = rows[j][2]
                 token, q = self._sample(row_logits, item, len(rows[j][1].tokens) + len(drafts[j]))
@@ -98,7 +105,8 @@ class DraftWorker:
             for _, session, _ in rows:  # the store keeps only the committed part of the cache
                 self.prefix_store.offer(session.tokens, session.kv)
         return [
-            Proposal(drafts[j], None if rows[j][2].sampling.greedy else torch.stack(probs[j]))
+            Proposal(drafts[j], None if rows[j][2].sampling.greedy else torch.stack(probs[j]),
+                     draft_pass_base_s=self.cost.base_s, draft_row_s=self.cost.row_s)
             for j in range(len(rows))
         ]
 
