@@ -127,13 +127,20 @@ class MicroBatcher(Generic[Item, Result]):
         start = time.monotonic()
         deadline = start + self.gather_s
         want = min(self._last_size, self.max_batch_size)
+        waited_on_partner = False
         while len(self._pending) < self.max_batch_size:
             now = time.monotonic()
             if self._partner_busy() and now - start < MAX_PARTNER_WAIT_S:
                 # The compute thread is busy with the partner's batch, so waiting costs
                 # nothing, and its sessions come here next: merge them, whatever the last
                 # batch size was (a pair split into cohorts has last size 1 for good).
-                deadline = now + self.gather_s
+                deadline, waited_on_partner = now + self.gather_s, True
+            elif waited_on_partner:
+                # Its sessions resubmit an event-loop turn after it finishes: let them.
+                waited_on_partner = False
+                for _ in range(2):
+                    await asyncio.sleep(0)
+                continue
             elif len(self._pending) >= want or now >= deadline:
                 return
             await asyncio.sleep(0.0005)
