@@ -58,3 +58,15 @@ def reference(tiny_models, prompt_ids) -> list[int]:
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[0], dtype=torch.float32).eval()
     return hf_greedy(model, prompt_ids, 24)
+
+
+async def ngram_stream(client, prompt_ids: list[int]) -> tuple[list[int], float]:
+    """One streamed greedy n-gram generation of 24 tokens -> (token ids, mean verify batch size)."""
+    ids, batch = [], 0.0
+    async for event in client.generate(token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True,
+                                       drafter="ngram", k=3, adaptive=False):
+        if event.HasField("chunk"):
+            ids.extend(event.chunk.token_ids)
+        else:
+            batch = event.done.stats.mean_verify_batch_size
+    return ids, batch

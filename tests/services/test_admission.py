@@ -8,7 +8,7 @@ import pytest
 from specdec.client import AsyncClient
 from specdec.coordinator.admission import Admission
 
-from tests.services.conftest import start
+from tests.services.conftest import ngram_stream, start
 
 
 async def test_admission_runs_at_most_the_limit_and_queues_the_rest() -> None:
@@ -40,18 +40,8 @@ async def test_admission_runs_at_most_the_limit_and_queues_the_rest() -> None:
 async def test_requests_past_the_limit_queue_and_stay_exact(tiny_models, valkey, prompt_ids, reference):
     stack = start(tiny_models[0], "ngram", valkey, extra_env={"SPECDEC_MAX_RUNNING_REQUESTS": "1"})
     try:
-        async def one(client: AsyncClient) -> tuple[list[int], float]:
-            ids, batch = [], 0.0
-            async for event in client.generate(token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True,
-                                               drafter="ngram", k=3, adaptive=False):
-                if event.HasField("chunk"):
-                    ids.extend(event.chunk.token_ids)
-                else:
-                    batch = event.done.stats.mean_verify_batch_size
-            return ids, batch
-
         async with AsyncClient(stack.address, timeout_s=120) as client:
-            results = await asyncio.gather(*(one(client) for _ in range(4)))
+            results = await asyncio.gather(*(ngram_stream(client, prompt_ids) for _ in range(4)))
     finally:
         stack.stack.stop()
     assert all(ids == reference for ids, _ in results)

@@ -10,7 +10,7 @@ import sys
 import pytest
 from specdec.client import AsyncClient, Client
 
-from tests.services.conftest import PROMPT
+from tests.services.conftest import PROMPT, ngram_stream
 
 
 def complete_ids(client: Client, prompt_ids: list[int], **params) -> tuple[list[int], object]:
@@ -56,18 +56,8 @@ def test_sampling_with_seed_is_reproducible(tiny_stack, tiny_models, prompt_ids)
 
 
 async def test_eight_concurrent_streams_are_correct_and_batched(tiny_stack, prompt_ids, reference):
-    async def one(client: AsyncClient) -> tuple[list[int], float]:
-        ids, batch = [], 0.0
-        async for event in client.generate(token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True,
-                                           drafter="ngram", k=3, adaptive=False):
-            if event.HasField("chunk"):
-                ids.extend(event.chunk.token_ids)
-            else:
-                batch = event.done.stats.mean_verify_batch_size
-        return ids, batch
-
     async with AsyncClient(tiny_stack.address, timeout_s=120) as client:
-        results = await asyncio.gather(*(one(client) for _ in range(8)))
+        results = await asyncio.gather(*(ngram_stream(client, prompt_ids) for _ in range(8)))
     assert all(ids == reference for ids, _ in results)
     assert max(batch for _, batch in results) > 1.0, "the target never verified two sessions in one pass"
 
