@@ -9,6 +9,15 @@ reports them with every verdict; nobody has to configure a row budget per machin
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from specdec.core.attention import GROUP_MAX_ROWS
+from specdec.core.runner import ForwardItem
+
+R = TypeVar("R")
+
 
 class PassCost:
     """Exponentially weighted least-squares fit of pass time on rows over recent passes.
@@ -34,6 +43,15 @@ class PassCost:
         variance = self._xx - self._x * self._x
         if variance > 1.0:  # rows have spread over more than about one row
             self.row_s = max(0.0, (self._xy - self._x * self._y) / variance)
+
+    def timed(self, forward: Callable[[list[ForwardItem]], R], items: list[ForwardItem]) -> R:
+        """Run a forward pass and learn from it. Only decode-like passes are fitted: a
+        prefill's rows cost what its attention makes them cost, not what a drafted row does."""
+        started = time.perf_counter()
+        out = forward(items)
+        if all(len(item.tokens) <= GROUP_MAX_ROWS for item in items):
+            self.observe(sum(len(item.tokens) for item in items), time.perf_counter() - started)
+        return out
 
     @property
     def base_s(self) -> float:

@@ -1,10 +1,8 @@
 """The target worker: one batched forward pass verifies many sessions' drafts."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-from specdec.core.attention import GROUP_MAX_ROWS
 from specdec.core.cost import PassCost
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session
 from specdec.core.prefix_store import PrefixStore, prepare_cache
@@ -53,23 +51,12 @@ class TargetWorker:
             else:
                 work.append((i, session, item))
         if work:
-            started = time.perf_counter()
             forward_items = [self._forward_item(session, item) for _, session, item in work]
-            logits = self.runner.forward(forward_items)
+            logits = self.cost.timed(self.runner.forward, forward_items)
             self._count(forward_items)
             for (i, session, item), row_logits in zip(work, logits):
                 verdicts[i] = self._judge(session, item, row_logits, len(work))
-            self._observe_cost(forward_items, time.perf_counter() - started, verdicts)
         return [v for v in verdicts if v is not None]
-
-    def _observe_cost(self, items: list[ForwardItem], seconds: float, verdicts: list[Verdict | None]) -> None:
-        """Fit the pass cost on decode-like passes only: a prefill costs per row what its
-        attention makes it cost, not what a drafted row costs."""
-        if all(len(item.tokens) <= GROUP_MAX_ROWS for item in items):
-            self.cost.observe(sum(len(item.tokens) for item in items), seconds)
-        for verdict in verdicts:
-            if verdict is not None and not verdict.needs_resync:
-                verdict.pass_base_s, verdict.row_s = self.cost.base_s, self.cost.row_s
 
     def _sync(self, item: VerifyItem) -> TargetSession | None:
         session = sync_session(self.sessions, item.session_id, item.prefix_len, item.tokens,
@@ -102,7 +89,7 @@ class TargetWorker:
         session.kv.truncate(len(session.tokens) - 1)
         if self.prefix_store is not None:
             self.prefix_store.offer(session.tokens, session.kv)
-        return Verdict(out.num_accepted, out.tokens, batch_size)
+        return Verdict(out.num_accepted, out.tokens, batch_size, pass_base_s=self.cost.base_s, row_s=self.cost.row_s)
 
     def _count(self, items: list[ForwardItem]) -> None:
         self.stats.forward_passes += 1

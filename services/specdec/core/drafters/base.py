@@ -2,12 +2,10 @@
 that one draft replica serves."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from specdec.core.attention import GROUP_MAX_ROWS
 from specdec.core.cost import PassCost
 from specdec.core.drafters.ngram import ngram_propose
 from specdec.core.errors import InvalidArgument
@@ -90,10 +88,7 @@ class DraftWorker:
             feeds.append(session.tokens[prepare_cache(session.kv, session.tokens, self.prefix_store):])
         live = [j for j, (_, _, item) in enumerate(rows) if item.num_tokens > 0]
         while live:
-            started = time.perf_counter()
-            logits = runner.forward([ForwardItem(rows[j][1].kv, feeds[j], 1) for j in live])
-            if all(len(feeds[j]) <= GROUP_MAX_ROWS for j in live):  # not a prompt's prefill
-                self.cost.observe(sum(len(feeds[j]) for j in live), time.perf_counter() - started)
+            logits = self.cost.timed(runner.forward, [ForwardItem(rows[j][1].kv, feeds[j], 1) for j in live])
             for j, row_logits in zip(live, logits):
                 item = rows[j][2]
                 token, q = self._sample(row_logits, item, len(rows[j][1].tokens) + len(drafts[j]))
