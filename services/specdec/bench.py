@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from specdec.core import compute
+from specdec.core.drafters.registry import parse_drafter
 from specdec.core.engine import Engine
-from specdec.core.request import RequestSpec
+from specdec.core.request import RequestSpec, chat_prompt_ids
 
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
 
@@ -198,15 +199,14 @@ def _hf(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig, reference:
     extra: dict[str, Any] = {}
     if cfg.drafter == "ngram":
         extra = {"prompt_lookup_num_tokens": cfg.k}
-    elif cfg.drafter.startswith("model:") and engine.drafter.worker.runner is not None:
-        extra = {"assistant_model": engine.drafter.worker.runner.model}
+    elif parse_drafter(cfg.drafter).needs_model:
+        extra = {"assistant_model": engine.drafter.worker.methods[cfg.drafter].runner.model}
     plain, spec = Tally(), Tally()
     identical = True
     for i, row in enumerate(rows):
         _progress(i, len(rows), "transformers generate")
         if "messages" in row:
-            ids = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            ids = chat_prompt_ids(tok, row["messages"])
         else:
             ids = tok.encode(row["prompt"], add_special_tokens=False)
         inputs = torch.tensor([ids])
@@ -222,7 +222,7 @@ def _hf(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig, reference:
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     rows = load_prompts(cfg.prompts, cfg.kinds)
-    engine = Engine.load(cfg.model, cfg.drafter if cfg.drafter != "none" else "ngram")
+    engine = Engine.load(cfg.model, cfg.drafter)
 
     async def embedded() -> dict[str, Any]:
         await engine.complete_async(_spec(rows[0], cfg, "none"))  # warm-up

@@ -262,9 +262,8 @@ def _generate_local(args: argparse.Namespace, prompt: dict, params: dict) -> dic
     from specdec.core.request import RequestSpec
 
     settings = _settings(args)
-    drafter = params.get("drafter") or settings.drafter
-    engine = Engine.load(settings.model, drafter if drafter != "none" else "ngram", settings.device, settings.dtype)
     try:
+        engine = Engine.load(settings.model, params.get("drafter") or settings.drafter, settings.device, settings.dtype)
         result = engine.complete(RequestSpec(**prompt, **params))
     except InvalidArgument as exc:
         raise SystemExit(f"invalid argument: {exc}")
@@ -276,6 +275,7 @@ def _generate_remote(args: argparse.Namespace, prompt: dict, params: dict) -> di
     import grpc
 
     from specdec.client import Client
+    from specdec.rpc.convert import stats_from_proto
     from specdec.v1 import generation_pb2
 
     with Client(args.coordinator) as client:
@@ -283,15 +283,9 @@ def _generate_remote(args: argparse.Namespace, prompt: dict, params: dict) -> di
             reply = client.complete(**prompt, **params)
         except grpc.RpcError as exc:
             raise SystemExit(f"{exc.code().name}: {exc.details()}")
-    s = reply.stats
     reason = generation_pb2.FinishReason.Name(reply.finish_reason).removeprefix("FINISH_REASON_").lower()
-    return {"text": reply.text, "token_ids": list(reply.token_ids), "finish_reason": reason, "stats": {
-        "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
-        "proposed_tokens": s.proposed_tokens, "accepted_tokens": s.accepted_tokens,
-        "acceptance_rate": round(s.acceptance_rate, 4), "mean_accepted_length": round(s.mean_accepted_length, 4),
-        "steps": s.steps, "ttft_s": round(s.ttft_ms / 1e3, 4), "elapsed_s": round(s.elapsed_ms / 1e3, 4),
-        "tokens_per_s": round(s.tokens_per_s, 3), "mean_verify_batch_size": round(s.mean_verify_batch_size, 3),
-        "drafter": s.drafter}}
+    return {"text": reply.text, "token_ids": list(reply.token_ids), "finish_reason": reason,
+            "stats": stats_from_proto(reply.stats).as_dict()}
 
 
 if __name__ == "__main__":

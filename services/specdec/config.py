@@ -50,9 +50,6 @@ class Settings:
     def port_for(self, tier: str) -> int:
         return self.port or DEFAULT_PORTS[tier]
 
-    def address_for(self, tier: str) -> str:
-        return f"{self.advertise_host or self.host}:{self.port_for(tier)}"
-
 
 def _parse(kind: object, raw: str, name: str) -> object:
     try:

@@ -114,17 +114,19 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
                 redis_url: str = "", device: str = "cpu", dtype: str = "float32",
                 extra_env: dict[str, str] | None = None) -> Stack:
     """Start everything and return once every tier answers its health check."""
+    from specdec.core.drafters.registry import parse_drafter
     from specdec.core.models import resolve_model_path
 
+    spec = parse_drafter(drafter, "--drafter")
     stack = Stack(Path(tempfile.mkdtemp(prefix="specdec-up-")))
     try:
         stack.redis_url = redis_url or start_valkey(stack)
         resolve_model_path(model)  # convert/cache once here, not in every tier at once
-        if drafter.startswith("model:"):
-            resolve_model_path(drafter[len("model:"):])
+        if spec.needs_model:
+            resolve_model_path(spec.model)
         env = {**os.environ, **(extra_env or {}), "SPECDEC_REDIS_URL": stack.redis_url, "SPECDEC_MODEL": model,
                "SPECDEC_DRAFTER": drafter, "SPECDEC_DEVICE": device, "SPECDEC_DTYPE": dtype}
-        threads = _torch_threads(env, device, drafter)
+        threads = _torch_threads(env, device, spec.needs_model)
         stack.env = env
         tiers = [("target", i) for i in range(target_replicas)] + [("draft", i) for i in range(draft_replicas)]
 
@@ -158,15 +160,15 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
         raise
 
 
-def _torch_threads(env: dict[str, str], device: str, drafter: str) -> dict[str, str]:
+def _torch_threads(env: dict[str, str], device: str, draft_model: bool) -> dict[str, str]:
     """Cores per tier on one machine: the target gets them all unless a draft model shares
     them (then half each). SPECDEC_TORCH_THREADS, when set, applies to every tier."""
     if env.get("SPECDEC_TORCH_THREADS") or device != "cpu":
         fixed = env.get("SPECDEC_TORCH_THREADS") or "0"
         return {"target": fixed, "draft": fixed}
     cores = os.cpu_count() or 2
-    draft = max(1, cores // 2) if drafter.startswith("model:") else 1
-    target = max(1, cores - draft) if drafter.startswith("model:") else cores
+    draft = max(1, cores // 2) if draft_model else 1
+    target = max(1, cores - draft) if draft_model else cores
     return {"target": str(target), "draft": str(draft)}
 
 

@@ -10,11 +10,11 @@ import threading
 import pytest
 from tiny_models import run
 
-from specdec.core.adaptive import DraftLength
+from specdec.core.adaptive import DraftLength, StepCosts
 from specdec.core.cost import PassCost
 from specdec.core.batcher import MicroBatcher
 from specdec.core.detokenize import IncrementalDetokenizer
-from specdec.core.drafters.base import parse_drafter
+from specdec.core.drafters.registry import parse_drafter
 from specdec.core.drafters.ngram import ngram_propose
 from specdec.core.errors import InvalidArgument
 from specdec.core.request import MAX_DRAFT_TOKENS, ModelLimits, RequestSpec, build_request
@@ -53,7 +53,7 @@ def test_parse_drafter_and_draft_length() -> None:
             parse_drafter(bad)
         assert err.value.field == "speculation.drafter"
     fixed = DraftLength(3, adaptive=False)
-    fixed.update(3, 0, batch_size=8, draft_pass_base_s=1.0, pass_base_s=0.01, row_s=0.01)
+    fixed.update(3, 0, StepCosts(draft_pass_base_s=1.0, pass_base_s=0.01, row_s=0.01, batch_size=8))
     assert fixed.k == 3
 
 
@@ -62,8 +62,8 @@ def _steer(k: DraftLength, accept_rate: float, base_s: float, token_s: float, st
     """Feed the controller steps with these costs reported by the tiers."""
     for _ in range(steps):
         proposed = k.k
-        k.update(proposed, round(proposed * accept_rate), batch, draft_pass_base_s=token_s, pass_base_s=base_s,
-                 row_s=row_s)
+        k.update(proposed, round(proposed * accept_rate),
+                 StepCosts(draft_pass_base_s=token_s, pass_base_s=base_s, row_s=row_s, batch_size=batch))
 
 
 def test_draft_length_grows_when_drafts_pay() -> None:
@@ -222,14 +222,14 @@ def test_valid_request_is_built() -> None:
     assert request.prompt_ids == [5, 6] and request.max_new_tokens == 9
     assert (request.sampling.temperature, request.sampling.top_k, request.sampling.top_p, request.sampling.seed) == (
         0.5, 3, 0.9, 42)
-    assert request.drafter == "model:small" and request.max_draft_tokens == 16 and request.adaptive
+    assert str(request.drafter) == "model:small" and request.max_draft_tokens == 16 and request.adaptive
     assert request.stop_token_ids == frozenset({7, 0})  # EOS added
     assert stops == ["x"] and request.max_context == 64
     request, _ = build(token_ids=list(range(63)), ignore_eos=True)  # 63 < 64: fits
     assert request.stop_token_ids == frozenset()
-    assert request.drafter == "ngram" and request.sampling.greedy
+    assert str(request.drafter) == "ngram" and request.sampling.greedy
     request, _ = build(token_ids=None, prompt="hi", drafter="none")
-    assert request.prompt_ids == [104, 105] and request.drafter == "none"
+    assert request.prompt_ids == [104, 105] and str(request.drafter) == "none"
     seeds = {build()[0].sampling.seed for _ in range(5)}  # no seed given: a random one
     assert len(seeds) > 1
 
@@ -314,7 +314,7 @@ def _chosen(batch: int, acceptance: float, row_s: float, draft_base_s: float = 0
     of `batch` sequences costing 35 ms + row_s per row (35 ms: SmolLM2-135M on 2 cores)."""
     k = DraftLength(8, adaptive=True)
     k.first = k.follow = acceptance
-    k.update(0, 0, batch, draft_pass_base_s=draft_base_s, draft_row_s=draft_row_s, pass_base_s=0.035, row_s=row_s)
+    k.update(0, 0, StepCosts(draft_base_s, draft_row_s, pass_base_s=0.035, row_s=row_s, batch_size=batch))
     return k.k
 
 
@@ -346,7 +346,7 @@ def test_draft_length_learns_that_acceptance_comes_in_runs() -> None:
     chosen = []
     for step in range(80):
         proposed = k.k
-        k.update(proposed, proposed if step % 2 else 0, 1, pass_base_s=0.05, row_s=0.001)
+        k.update(proposed, proposed if step % 2 else 0, StepCosts(pass_base_s=0.05, row_s=0.001, batch_size=1))
         chosen.append(proposed)
     assert 0.3 < k.first < 0.7 and k.follow > 0.99
     assert k.kept_probability(8) > 0.3 and max(chosen[-8:]) == 8
@@ -358,12 +358,12 @@ def test_draft_length_learns_that_acceptance_comes_in_runs() -> None:
 
 def test_draft_length_recovers_when_the_text_becomes_copyable_under_load() -> None:
     k = DraftLength(8, adaptive=True)
-    costs = {"pass_base_s": 0.035, "row_s": 0.0014}  # 2 CPU cores
+    costs = StepCosts(pass_base_s=0.035, row_s=0.0014, batch_size=12)  # 2 CPU cores
     for _ in range(40):  # nothing copies: back to plain decoding
-        k.update(k.k, 0, 12, **costs)
+        k.update(k.k, 0, costs)
     assert k.k == 0
     for _ in range(60):  # now everything drafted is kept: the probes find it
-        k.update(k.k, k.k, 12, **costs)
+        k.update(k.k, k.k, costs)
     assert k.k >= 4  # 12 sequences, every row paid for: kept drafts still pay
 
 

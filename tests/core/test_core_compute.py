@@ -31,7 +31,7 @@ def test_engine_forward_passes_all_run_on_the_compute_thread() -> None:
     engine = Engine(target, IdTokenizer(), drafter="model:small", draft_model=build_draft(target),
                     draft_model_name="small")
     threads: set[int] = set()
-    for runner in (engine.verifier.worker.runner, engine.drafter.worker.runner):
+    for runner in (engine.verifier.worker.runner, engine.drafter.worker.methods["model:small"].runner):
         forward = runner.forward
 
         def recorded(items, forward=forward):

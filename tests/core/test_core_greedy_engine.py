@@ -9,9 +9,10 @@ import pytest
 import torch
 from tiny_models import IdTokenizer, run
 
-from specdec.core.drafters.base import DraftWorker
+from specdec.core.drafters.worker import DraftWorker
 from specdec.core.engine import Engine
 from specdec.core.generation import generate
+from specdec.core.interfaces import Tiers
 from specdec.core.local import LocalDrafter, LocalVerifier
 from specdec.core.loop import GenerationRequest
 from specdec.core.request import RequestSpec
@@ -127,7 +128,7 @@ def test_lost_sessions_resync_without_changing_output(target_model, draft_model,
                                             (PROMPTS[2], "model:small")])]
 
     async def main():
-        return await asyncio.gather(*[generate(r, drafter, verifier, IdTokenizer(), []) for r in requests])
+        return await asyncio.gather(*[generate(r, Tiers(verifier, drafter), IdTokenizer(), []) for r in requests])
 
     for request, result in zip(requests, run(main())):
         assert result.token_ids == hf_greedy[tuple(request.prompt_ids)], request.session_id
@@ -140,7 +141,7 @@ def test_hf_runner_speculation_matches(target_model, draft_model, hf_greedy) -> 
     for prompt in PROMPTS[1:]:
         request = GenerationRequest("h", list(prompt), NEW_TOKENS, SamplingParams(), drafter="model:small",
                                     max_draft_tokens=5, adaptive=False)
-        result = run(generate(request, drafter, verifier, IdTokenizer(), []))
+        result = run(generate(request, Tiers(verifier, drafter), IdTokenizer(), []))
         assert result.token_ids == hf_greedy[tuple(prompt)]
         assert 0 < result.stats.accepted_tokens < result.stats.proposed_tokens
 

@@ -9,8 +9,9 @@ import torch
 from tiny_models import VOCAB, IdTokenizer, run
 
 from specdec.core.attention import BatchAttention
-from specdec.core.drafters.base import DraftWorker
+from specdec.core.drafters.worker import DraftWorker
 from specdec.core.generation import generate
+from specdec.core.interfaces import Tiers
 from specdec.core import kv_cache
 from specdec.core.kv_cache import KVPool, SessionKV, SessionTable
 from specdec.core.local import LocalDrafter, LocalVerifier
@@ -177,7 +178,7 @@ def test_target_cache_never_holds_uncommitted_tokens(target_model, draft_model, 
                               drafter=d, max_draft_tokens=4)
             for i, (p, d) in enumerate([(p, d) for p in prompts for d in ("model:small", "ngram")])
         ]
-        return await asyncio_gather(*[generate(r, drafter, verifier, IdTokenizer(), []) for r in requests])
+        return await asyncio_gather(*[generate(r, Tiers(verifier, drafter), IdTokenizer(), []) for r in requests])
 
     results = run(main())
     assert all(len(r.token_ids) == 30 for r in results)

@@ -16,7 +16,7 @@ def test_off_without_otel_environment():
     async def chunks():
         yield 1
     stream = chunks()
-    assert traced_chunks(stream, None, None, lambda _: {}) is stream
+    assert traced_chunks(stream, None, None) is stream
 
     def run(items):
         return items

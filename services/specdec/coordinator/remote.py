@@ -28,8 +28,9 @@ class RemoteTier:
     def __init__(self, pool: ReplicaPool, timeout_s: float, max_failovers: int) -> None:
         self.pool, self.timeout_s, self.max_failovers = pool, timeout_s, max_failovers
 
-    async def call(self, session_id: str, prefix_len: int, build: Callable[[int], Any]) -> Any | None:
-        """The result message, or None when the session must be resent from 0."""
+    async def call(self, session_id: str, prefix_len: int, build: Callable[[int], Any]) -> tuple[Any, str] | None:
+        """(the result message, the replica that answered), or None when the session must be
+        resent from 0."""
         for _ in range(self.max_failovers + 1):
             client = await self.pool.client_for(session_id)
             try:
@@ -42,7 +43,7 @@ class RemoteTier:
                 continue
             if result.error:
                 raise RuntimeError(f"{self.pool.tier} replica {client.address}: {result.error}")
-            return result
+            return result, client.address
         raise TierUnavailable(self.pool.tier, f"{self.max_failovers + 1} replicas failed in a row")
 
     async def release(self, session_id: str) -> None:
@@ -54,7 +55,7 @@ class RemoteVerifier(RemoteTier):
         parent = traceparent()  # the step's span: the target's span joins the request's trace
         result = await self.call(item.session_id, item.prefix_len,
                                  lambda tag: convert.verify_item_to_proto(tag, item, parent))
-        return Verdict(needs_resync=True) if result is None else convert.verdict_from_proto(result)
+        return Verdict(needs_resync=True) if result is None else convert.verdict_from_proto(*result)
 
 
 class RemoteDrafter(RemoteTier):
@@ -68,4 +69,4 @@ class RemoteDrafter(RemoteTier):
         except TierUnavailable as exc:
             log.info("no draft replica (%s); decoding without speculation", exc)
             return Proposal()
-        return Proposal(needs_resync=True) if result is None else convert.proposal_from_proto(result)
+        return Proposal(needs_resync=True) if result is None else convert.proposal_from_proto(*result)

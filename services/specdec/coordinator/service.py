@@ -12,11 +12,14 @@ from specdec.config import Settings
 from specdec.coordinator.admission import Admission
 from specdec.coordinator.remote import RemoteDrafter, RemoteVerifier
 from specdec.coordinator.routing import ReplicaPool
+from specdec.core.drafters.registry import NONE, parse_drafter
 from specdec.core.errors import InvalidArgument
 from specdec.core.generation import Chunk, GenerationResult, generate_stream
-from specdec.core.loop import GenerationRequest
+from specdec.core.interfaces import Tiers
+from specdec.core.loop import GenerationRequest, Step
 from specdec.core.models import load_tokenizer, resolve_model_path
 from specdec.core.request import ModelLimits, RequestSpec, build_request
+from specdec.rpc.convert import stats_to_proto
 from specdec.rpc.errors import grpc_errors
 from specdec.rpc.server import TierServer
 from specdec.state.registry import IntervalRates, Registry
@@ -50,8 +53,9 @@ class Coordinator:
         self.target_pool = ReplicaPool(
             "target", registry, settings.target_addresses, lambda ch: target_pb2_grpc.TargetServiceStub(ch).Verify(),
             lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel))
-        self.drafter = RemoteDrafter(self.draft_pool, settings.tier_timeout_s, settings.max_failovers)
-        self.verifier = RemoteVerifier(self.target_pool, settings.tier_timeout_s, settings.max_failovers)
+        self.tiers = Tiers(RemoteVerifier(self.target_pool, settings.tier_timeout_s, settings.max_failovers),
+                           RemoteDrafter(self.draft_pool, settings.tier_timeout_s, settings.max_failovers))
+        self.default_drafter = parse_drafter(settings.drafter, "SPECDEC_DRAFTER")
         self.admission = Admission(settings.max_running_requests)
         self.active = 0  # requests running (admitted)
         self.generated_tokens = 0
@@ -63,39 +67,40 @@ class Coordinator:
 
     async def drafters(self) -> list[str]:
         served = {d for r in await self.draft_pool.replicas() for d in r.drafters}
-        return sorted({"ngram", self.settings.drafter, *served} - {"none"})
+        return sorted({"ngram", str(self.default_drafter), *served} - {NONE})
 
     async def stream(self, spec: RequestSpec, result: GenerationResult) -> AsyncIterator[Chunk]:
-        request, stops = build_request(spec, self.tokenizer, self.limits, self.settings.drafter,
+        request, stops = build_request(spec, self.tokenizer, self.limits, self.default_drafter,
                                        await self.drafters(), self.settings.overlap)
-        drafter = None if request.drafter == "none" else self.drafter
         self._record(spec, request, result, "queued")
         # aclosing: a client that goes away closes the run at once, releasing its slot and
         # its sessions on the tiers.
-        async with self.admission.slot(), aclosing(self._run(spec, request, stops, drafter, result)) as run:
+        async with self.admission.slot(), aclosing(self._run(spec, request, stops, result)) as run:
             async for chunk in run:
                 yield chunk
 
-    async def _run(self, spec: RequestSpec, request: GenerationRequest, stops, drafter: RemoteDrafter | None,
+    async def _run(self, spec: RequestSpec, request: GenerationRequest, stops: list[str],
                    result: GenerationResult) -> AsyncIterator[Chunk]:
         self.active += 1
         self._record(spec, request, result, "running")
         try:
-            chunks = generate_stream(request, drafter, self.verifier, self.tokenizer, stops, result)
+            chunks = generate_stream(request, self.tiers, self.tokenizer, stops, result)
             # Close both generators when the client goes away: that releases the session on the tiers.
-            async with aclosing(chunks) as inner, aclosing(traced_chunks(inner, request, result,
-                                                                         self._placement)) as stream:
+            step = None
+            async with aclosing(chunks) as inner, aclosing(traced_chunks(inner, request, result)) as stream:
                 async for chunk in stream:
+                    step = chunk.step
                     self.generated_tokens += len(chunk.token_ids)
-                    self._record(spec, request, result, "running")
+                    self._record(spec, request, result, "running", step)
                     yield chunk
-            self._record(spec, request, result, "done")
+            self._record(spec, request, result, "done", step)
         finally:
             self.active -= 1
             self.proposed_tokens += result.stats.proposed_tokens
             self.accepted_tokens += result.stats.accepted_tokens
 
-    def _record(self, spec: RequestSpec, request: GenerationRequest, result: GenerationResult, state: str) -> None:
+    def _record(self, spec: RequestSpec, request: GenerationRequest, result: GenerationResult, state: str,
+                step: Step | None = None) -> None:
         if self.sessions is None:
             return
         s = request.sampling
@@ -103,14 +108,10 @@ class Coordinator:
             "request_id": spec.request_id, "state": state, "prompt_ids": request.prompt_ids,
             "generated_ids": result.token_ids, "max_new_tokens": request.max_new_tokens,
             "sampling": {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed},
-            "drafter": request.drafter, "max_draft_tokens": request.max_draft_tokens,
-            "placement": self._placement(request.session_id),
+            "drafter": str(request.drafter), "max_draft_tokens": request.max_draft_tokens,
+            "placement": {"draft": step.draft_replica or None, "target": step.target_replica or None} if step else {},
             "updated_at": time.time(),
         })
-
-    def _placement(self, session_id: str) -> dict[str, str | None]:
-        return {"draft": self.draft_pool.placement.get(session_id),
-                "target": self.target_pool.placement.get(session_id)}
 
     def load(self) -> dict:
         return {"queue_depth": self.admission.waiting, "active_sessions": self.active, "batch_utilization": 0.0,
@@ -135,16 +136,6 @@ def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteR
     )
 
 
-def stats_to_proto(result: GenerationResult) -> generation_pb2.SpeculationStats:
-    st = result.stats
-    return generation_pb2.SpeculationStats(
-        prompt_tokens=st.prompt_tokens, generated_tokens=st.generated_tokens, proposed_tokens=st.proposed_tokens,
-        accepted_tokens=st.accepted_tokens, steps=st.steps, acceptance_rate=st.acceptance_rate,
-        mean_accepted_length=st.mean_accepted_length, ttft_ms=st.ttft_s * 1e3, elapsed_ms=st.elapsed_s * 1e3,
-        tokens_per_s=st.tokens_per_s, mean_verify_batch_size=st.mean_verify_batch_size, drafter=st.drafter,
-        predrafts=st.predrafts, predrafts_used=st.predrafts_used)
-
-
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
@@ -157,7 +148,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 request_id=request.request_id,
                 chunk=generation_pb2.TokenChunk(token_ids=chunk.token_ids, text=chunk.text))
         yield generation_pb2.GenerateResponse(request_id=request.request_id, done=generation_pb2.GenerationDone(
-            finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result)))
+            finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result.stats)))
 
     @grpc_errors
     async def Complete(self, request: generation_pb2.CompleteRequest, context: grpc.aio.ServicerContext):
@@ -166,7 +157,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             pass
         return generation_pb2.CompleteResponse(
             request_id=request.request_id, text=result.text, token_ids=result.token_ids,
-            finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result))
+            finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result.stats))
 
 
 def build(settings: Settings) -> TierServer:

@@ -38,15 +38,26 @@ PRIOR_TOKEN_COST = 0.2  # a drafted token's cost relative to a plain step, befor
 
 @dataclass
 class StepCosts:
-    """What the tiers last reported. One object is shared by all the requests that use the
-    same drafter and verifier (see `core/loop.py`), so a new request starts from what the
-    others learned instead of drafting blind into a busy tier."""
+    """What the tiers reported: with one step (`Step.reported`), or last of all (one object
+    shared through a `CostBook` by the requests that use the same drafter, so a new
+    request starts from what the others learned instead of drafting blind into a busy tier)."""
 
     draft_pass_base_s: float = 0.0  # the drafter's cost line per drafted token (0 = not reported)
     draft_row_s: float = 0.0
     pass_base_s: float = 0.0  # the verifier's cost line (0 = not reported yet)
     row_s: float = 0.0
     batch_size: int = 1  # sequences in the last verify pass
+
+
+class CostBook:
+    """The tiers' last reported costs, per drafter. Owned by whoever owns the tiers (the
+    embedded engine, the coordinator) and passed to each request's loop."""
+
+    def __init__(self) -> None:
+        self._by_drafter: dict[str, StepCosts] = {}
+
+    def for_drafter(self, drafter: str) -> StepCosts:
+        return self._by_drafter.setdefault(drafter, StepCosts())
 
 
 class DraftLength:
@@ -63,20 +74,19 @@ class DraftLength:
         # nothing rather than paying for k draft passes that may not pay on a busy tier.
         self.k = max_k if not adaptive else self._best() if self.costs.pass_base_s > 0 else 0
 
-    def update(self, proposed: int, accepted: int, batch_size: int = 1, draft_pass_base_s: float = 0.0,
-               draft_row_s: float = 0.0, pass_base_s: float = 0.0, row_s: float = 0.0) -> None:
-        """Record a step: drafts proposed and accepted, the sequences in its verify pass,
-        and the costs the tiers reported with it (0 = not reported)."""
+    def update(self, proposed: int, accepted: int, reported: StepCosts | None = None) -> None:
+        """Record a step: drafts proposed and accepted, and what the tiers reported with it
+        (its verify pass's size and cost lines; a cost of 0 = not reported)."""
         if not self.adaptive:
             return
         if proposed:
             self._observe_acceptance(proposed, accepted)
-        c = self.costs
-        if draft_pass_base_s > 0:
-            c.draft_pass_base_s, c.draft_row_s = draft_pass_base_s, draft_row_s
-        if pass_base_s > 0:
-            c.pass_base_s, c.row_s = pass_base_s, row_s
-        c.batch_size = max(1, batch_size)
+        c, r = self.costs, reported or StepCosts()
+        if r.draft_pass_base_s > 0:
+            c.draft_pass_base_s, c.draft_row_s = r.draft_pass_base_s, r.draft_row_s
+        if r.pass_base_s > 0:
+            c.pass_base_s, c.row_s = r.pass_base_s, r.row_s
+        c.batch_size = max(1, r.batch_size)
         self.k = self._choose(all_kept=proposed > 0 and accepted == proposed)
 
     def _observe_acceptance(self, proposed: int, accepted: int) -> None:

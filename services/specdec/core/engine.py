@@ -8,13 +8,14 @@ Usable as a library and the benchmark baseline; runs the same loop the coordinat
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import torch
 
 from specdec.core import compute
-from specdec.core.drafters.base import DraftWorker, parse_drafter
-from specdec.core.generation import Chunk, GenerationResult, generate, generate_stream
+from specdec.core.drafters.registry import DrafterSpec, parse_drafter
+from specdec.core.drafters.worker import DraftWorker
+from specdec.core.generation import GenerationResult, generate
+from specdec.core.interfaces import Tiers
 from specdec.core.local import LocalDrafter, LocalVerifier
 from specdec.core.models import load_model, load_tokenizer
 from specdec.core.request import ModelLimits, RequestSpec, build_request
@@ -23,7 +24,7 @@ from specdec.core.target import TargetWorker
 
 
 class Engine:
-    def __init__(self, target_model: torch.nn.Module, tokenizer, drafter: str = "ngram",
+    def __init__(self, target_model: torch.nn.Module, tokenizer, drafter: str | DrafterSpec = "ngram",
                  draft_model: torch.nn.Module | None = None, draft_model_name: str = "",
                  overlap: bool = False) -> None:
         runner = compute.run_sync(build_runner, target_model)  # packs weights: torch work
@@ -32,37 +33,31 @@ class Engine:
         draft_runner = compute.run_sync(build_runner, draft_model) if draft_model is not None else None
         self.drafter = LocalDrafter(DraftWorker(draft_runner, draft_model_name))
         self.verifier.batcher.share_compute_with(self.drafter.batcher)
-        self.default_drafter = drafter
+        self.tiers = Tiers(self.verifier, self.drafter)
+        self.default_drafter = parse_drafter(drafter)
         self.default_overlap = overlap
         self.limits = ModelLimits(vocab_size=runner.vocab_size, max_context=runner.max_context)
 
     @classmethod
-    def load(cls, model: str, drafter: str = "ngram", device: str = "cpu", dtype: str = "float32") -> "Engine":
-        kind, draft_name = parse_drafter(drafter)
+    def load(cls, model: str, drafter: str | DrafterSpec = "ngram", device: str = "cpu",
+             dtype: str = "float32") -> Engine:
+        """The target `model`, and the draft model `drafter` names, if any (every engine
+        also serves the model-free drafters)."""
+        spec = parse_drafter(drafter)
         target = compute.run_sync(load_model, model, device, dtype)
         draft = None
-        if kind == "model":
-            draft = target if draft_name == model else compute.run_sync(load_model, draft_name, device, dtype)
-        return cls(target, load_tokenizer(model), drafter, draft, draft_name)
+        if spec.needs_model:
+            draft = target if spec.model == model else compute.run_sync(load_model, spec.model, device, dtype)
+        return cls(target, load_tokenizer(model), spec, draft, spec.model)
 
     @property
     def available_drafters(self) -> list[str]:
         return self.drafter.worker.drafters
 
-    def _build(self, spec: RequestSpec):
-        request, stops = build_request(spec, self.tokenizer, self.limits, self.default_drafter, self.available_drafters,
-                                       self.default_overlap)
-        drafter = None if request.drafter == "none" else self.drafter
-        return request, stops, drafter
-
-    async def stream(self, spec: RequestSpec, result: GenerationResult) -> AsyncIterator[Chunk]:
-        request, stops, drafter = self._build(spec)
-        async for chunk in generate_stream(request, drafter, self.verifier, self.tokenizer, stops, result):
-            yield chunk
-
     async def complete_async(self, spec: RequestSpec) -> GenerationResult:
-        request, stops, drafter = self._build(spec)
-        return await generate(request, drafter, self.verifier, self.tokenizer, stops)
+        request, stops = build_request(spec, self.tokenizer, self.limits, self.default_drafter,
+                                       self.available_drafters, self.default_overlap)
+        return await generate(request, self.tiers, self.tokenizer, stops)
 
     def complete(self, spec: RequestSpec) -> GenerationResult:
         """Synchronous convenience for scripts; not for use inside a running event loop."""

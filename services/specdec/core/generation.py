@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from specdec.core.detokenize import IncrementalDetokenizer
-from specdec.core.interfaces import Drafter, Verifier
-from specdec.core.loop import GenerationRequest, speculate
+from specdec.core.interfaces import Tiers
+from specdec.core.loop import GenerationRequest, Step, speculate
 from specdec.core.stats import SpecStats
 
 
@@ -15,6 +15,7 @@ from specdec.core.stats import SpecStats
 class Chunk:
     token_ids: list[int]
     text: str
+    step: Step  # the step that committed these tokens
 
 
 @dataclass
@@ -25,15 +26,17 @@ class GenerationResult:
     stats: SpecStats = field(default_factory=SpecStats)
 
 
-async def generate_stream(request: GenerationRequest, drafter: Drafter | None, verifier: Verifier,
-                          tokenizer, stop_strings: list[str], result: GenerationResult) -> AsyncIterator[Chunk]:
-    """Yield chunks as tokens are verified; fill `result` (text, ids, reason, stats)."""
+async def generate_stream(request: GenerationRequest, tiers: Tiers, tokenizer, stop_strings: list[str],
+                          result: GenerationResult) -> AsyncGenerator[Chunk, None]:
+    """Yield one chunk per step as tokens are verified; fill `result` (text, ids, reason, stats)."""
     start = time.perf_counter()
     detok = IncrementalDetokenizer(tokenizer, stop_strings)
     stats = result.stats
-    steps = speculate(request, drafter, verifier, stats)
+    stats.prompt_tokens, stats.drafter = len(request.prompt_ids), str(request.drafter)
+    steps = speculate(request, tiers.drafter, tiers.verifier, tiers.costs)
     try:
         async for step in steps:
+            stats.record(step)
             if not result.token_ids and step.tokens:
                 stats.ttft_s = time.perf_counter() - start
             delta = detok.add(step.tokens, final=step.finish_reason is not None)
@@ -42,7 +45,7 @@ async def generate_stream(request: GenerationRequest, drafter: Drafter | None, v
                 result.finish_reason = "stop"
             elif step.finish_reason is not None:
                 result.finish_reason = step.finish_reason
-            yield Chunk(step.tokens, delta.text)
+            yield Chunk(step.tokens, delta.text, step)
             if delta.stopped:
                 break
     finally:
@@ -51,9 +54,8 @@ async def generate_stream(request: GenerationRequest, drafter: Drafter | None, v
         result.text = detok.text
 
 
-async def generate(request: GenerationRequest, drafter: Drafter | None, verifier: Verifier,
-                   tokenizer, stop_strings: list[str]) -> GenerationResult:
+async def generate(request: GenerationRequest, tiers: Tiers, tokenizer, stop_strings: list[str]) -> GenerationResult:
     result = GenerationResult()
-    async for _ in generate_stream(request, drafter, verifier, tokenizer, stop_strings, result):
+    async for _ in generate_stream(request, tiers, tokenizer, stop_strings, result):
         pass
     return result

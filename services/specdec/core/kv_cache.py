@@ -219,8 +219,8 @@ class SessionTable:
         while len(self._items) > self.max_sessions:
             self._items.popitem(last=False)
 
-    def pop(self, session_id: str) -> None:
-        self._items.pop(session_id, None)
+    def pop(self, session_id: str) -> object | None:
+        return self._items.pop(session_id, None)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from specdec.core.batcher import MicroBatcher
-from specdec.core.drafters.base import DraftWorker
+from specdec.core.drafters.worker import DraftWorker
 from specdec.core.target import TargetWorker
 from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
 

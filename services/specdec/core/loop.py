@@ -3,25 +3,26 @@
 Each step: the drafter proposes k tokens after the committed ones, the verifier keeps the
 longest prefix the target agrees with plus one token of its own, and the loop commits
 them. Output is the target's own: the loop only decides how much to speculate.
+
+Each step is yielded as one `Step` record: what was committed, what was drafted and kept,
+what the tiers reported, who served it and how long it waited. Request statistics,
+telemetry, session records and the draft-length controller all read that record; nothing
+is reconstructed afterwards.
 """
 from __future__ import annotations
 
 import asyncio
-import weakref
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from specdec.core.adaptive import DraftLength, StepCosts
+from specdec.core.adaptive import CostBook, DraftLength, StepCosts
+from specdec.core.drafters.registry import NONE, DrafterSpec, parse_drafter
 from specdec.core.interfaces import Drafter, Verifier
 from specdec.core.sampling import SamplingParams
-from specdec.core.stats import SpecStats
-from specdec.core.types import Proposal, ProposeItem, VerifyItem
+from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
 
 MAX_RESYNCS = 3
-
-# The tiers' last reported costs, per verifier and drafter name, shared by all requests
-# (see adaptive.StepCosts); weak, so a closed engine's entries go with it.
-_COSTS: weakref.WeakKeyDictionary[Verifier, dict[str, StepCosts]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -30,18 +31,38 @@ class GenerationRequest:
     prompt_ids: list[int]
     max_new_tokens: int
     sampling: SamplingParams
-    drafter: str = "none"  # "none" | "ngram" | "model:NAME"
+    drafter: DrafterSpec = DrafterSpec(NONE)
     max_draft_tokens: int = 5
     adaptive: bool = True
     stop_token_ids: frozenset[int] = frozenset()
     max_context: int = 1 << 30
     overlap: bool = False  # pre-draft step n+1 while step n is being verified
 
+    def __post_init__(self) -> None:
+        self.drafter = parse_drafter(self.drafter)  # a spec string is accepted, and parsed here once
+
 
 @dataclass
-class StepOutput:
+class Step:
+    """One verified step."""
+
     tokens: list[int]  # newly committed tokens (cut at a stop token or the length limit)
     finish_reason: str | None = None  # "length" | "stop" | "context" on the last step
+    proposed: int = 0  # draft tokens sent to the verifier
+    accepted: int = 0  # of them, kept and committed
+    batch_size: int = 0  # sequences in the verify pass
+    reported: StepCosts = field(default_factory=StepCosts)  # what the tiers reported with this step
+    predrafted: bool = False  # the next step was drafted while this one was verified
+    used_predraft: bool = False  # this step's draft was the previous step's pre-draft
+    draft_replica: str = ""  # who drafted and verified it ("" in-process)
+    target_replica: str = ""
+    draft_s: float = 0.0  # waiting for the draft (0 when pre-drafted)
+    verify_s: float = 0.0  # waiting for the verdict
+
+    @property
+    def first_rejected(self) -> int | None:
+        """Index of the first draft token the target rejected, if any."""
+        return self.accepted if self.accepted < self.proposed else None
 
 
 @dataclass
@@ -51,36 +72,41 @@ class _Sync:
     draft: int = 0
     target: int = 0
     resyncs: int = field(default=0)
+    draft_replica: str = ""  # the replica holding the session's draft state (kept while steps draft nothing)
 
 
 async def speculate(request: GenerationRequest, drafter: Drafter | None, verifier: Verifier,
-                    stats: SpecStats) -> AsyncIterator[StepOutput]:
-    """Yield committed tokens step by step until a stop condition; frees tier state at the end."""
+                    costs: CostBook) -> AsyncIterator[Step]:
+    """Yield one `Step` per verification until a stop condition; frees tier state at the end.
+    `costs` holds the tiers' reported costs, shared by the requests of one engine."""
+    drafter = drafter if request.drafter.speculates else None
     committed = list(request.prompt_ids)
     sync = _Sync()
-    costs = _COSTS.setdefault(verifier, {}).setdefault(request.drafter, StepCosts())
-    k = DraftLength(request.max_draft_tokens if drafter is not None else 0, request.adaptive, costs=costs)
-    stats.prompt_tokens, stats.drafter = len(committed), request.drafter
+    k = DraftLength(request.max_draft_tokens if drafter is not None else 0, request.adaptive,
+                    costs=costs.for_drafter(str(request.drafter)))
+    generated = 0
     predraft: asyncio.Task[Proposal] | None = None
     predraft_len = 0  # committed length at which the pending pre-draft is valid
     try:
         while True:
-            remaining = request.max_new_tokens - stats.generated_tokens
+            remaining = request.max_new_tokens - generated
             # Drafts beyond this would let accepted drafts plus the target's own token
             # overshoot max_context, which plain decoding never does.
             want = min(k.k, remaining - 1, request.max_context - len(committed) - 1)
+            started = time.perf_counter()
             ready = await predraft if predraft is not None else None
-            proposal = _use_predraft(ready, len(committed) == predraft_len, committed, want, stats)
-            predraft = None
+            proposal = _use_predraft(ready, len(committed) == predraft_len, committed, want)
+            used_predraft, predraft = proposal is not None, None
             if proposal is None:
                 proposal = await _propose(request, drafter, committed, sync, want)
                 if proposal is None:
                     continue  # drafter asked for a resync
+            drafted = time.perf_counter()
             verifying = asyncio.ensure_future(verifier.verify(VerifyItem(
                 request.session_id, sync.target, committed[sync.target:], proposal.tokens,
                 proposal.probs, request.sampling)))
             if request.overlap and drafter is not None and proposal.tokens and want > 0:
-                predraft = _start_predraft(request, drafter, committed, sync, proposal, want, stats)
+                predraft = _start_predraft(request, drafter, committed, sync, proposal, want)
                 predraft_len = len(committed) + len(proposal.tokens) + 1
             verdict = await verifying
             if verdict.needs_resync:
@@ -91,16 +117,15 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
                 sync.draft = min(sync.draft, len(committed) + verdict.num_accepted)
             committed.extend(verdict.tokens)
             sync.target = len(committed)
-            k.update(len(proposal.tokens), verdict.num_accepted, verdict.batch_size, proposal.draft_pass_base_s,
-                     proposal.draft_row_s, verdict.pass_base_s, verdict.row_s)
-            out = _finish(request, verdict.tokens, remaining, len(committed))
-            stats.steps += 1
-            stats.proposed_tokens += len(proposal.tokens)
-            stats.accepted_tokens += min(verdict.num_accepted, len(out.tokens))
-            stats.generated_tokens += len(out.tokens)
-            stats.batch_size_sum += verdict.batch_size
-            yield out
-            if out.finish_reason is not None:
+            sync.draft_replica = proposal.replica or sync.draft_replica
+            step = _step(request, proposal, verdict, remaining, len(committed))
+            step.draft_replica = sync.draft_replica
+            step.predrafted, step.used_predraft = predraft is not None, used_predraft
+            step.draft_s, step.verify_s = drafted - started, time.perf_counter() - drafted
+            k.update(step.proposed, verdict.num_accepted, step.reported)
+            generated += len(step.tokens)
+            yield step
+            if step.finish_reason is not None:
                 return
     finally:
         if predraft is not None:
@@ -108,29 +133,36 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
         await _release(request.session_id, drafter, verifier)
 
 
+def _step(request: GenerationRequest, proposal: Proposal, verdict: Verdict, remaining: int, length: int) -> Step:
+    """The step record: the verdict's tokens cut at a stop token or a limit, and what it cost."""
+    tokens, reason = _finish(request, verdict.tokens, remaining, length)
+    reported = StepCosts(proposal.draft_pass_base_s, proposal.draft_row_s, verdict.pass_base_s, verdict.row_s,
+                         verdict.batch_size)
+    return Step(tokens, reason, proposed=len(proposal.tokens), accepted=min(verdict.num_accepted, len(tokens)),
+                batch_size=verdict.batch_size, reported=reported, target_replica=verdict.replica)
+
+
 def _start_predraft(request: GenerationRequest, drafter: Drafter, committed: list[int], sync: _Sync,
-                    proposal: Proposal, k: int, stats: SpecStats) -> asyncio.Task[Proposal]:
+                    proposal: Proposal, k: int) -> asyncio.Task[Proposal]:
     """Draft the next step now, as if `proposal` will be accepted whole. The first token is
     the drafter's guess at the target's own token; the rest is the next draft (PEARL)."""
-    stats.predrafts += 1
     item = ProposeItem(request.session_id, sync.draft, committed[sync.draft:] + proposal.tokens, k + 1,
-                       request.sampling, request.drafter)
+                       request.sampling, str(request.drafter))
     sync.draft = len(committed) + len(proposal.tokens)
     return asyncio.ensure_future(drafter.propose(item))
 
 
-def _use_predraft(predraft: Proposal | None, all_accepted: bool, committed: list[int], want: int,
-                  stats: SpecStats) -> Proposal | None:
+def _use_predraft(predraft: Proposal | None, all_accepted: bool, committed: list[int], want: int) -> Proposal | None:
     """The pre-draft's tail when every draft was accepted and its guess equals the target's
     own token (the last committed one), else None."""
     if predraft is None or not all_accepted or predraft.needs_resync or len(predraft.tokens) < 2 or want <= 0:
         return None
     if predraft.tokens[0] != committed[-1]:
         return None
-    stats.predrafts_used += 1
     tokens = predraft.tokens[1:want + 1]
     probs = None if predraft.probs is None else predraft.probs[1:want + 1]
-    return Proposal(tokens, probs, draft_pass_base_s=predraft.draft_pass_base_s, draft_row_s=predraft.draft_row_s)
+    return Proposal(tokens, probs, draft_pass_base_s=predraft.draft_pass_base_s, draft_row_s=predraft.draft_row_s,
+                    replica=predraft.replica)
 
 
 async def _propose(request: GenerationRequest, drafter: Drafter | None, committed: list[int],
@@ -138,7 +170,7 @@ async def _propose(request: GenerationRequest, drafter: Drafter | None, committe
     if drafter is None or k <= 0:
         return Proposal()
     proposal = await drafter.propose(ProposeItem(
-        request.session_id, sync.draft, committed[sync.draft:], k, request.sampling, request.drafter))
+        request.session_id, sync.draft, committed[sync.draft:], k, request.sampling, str(request.drafter)))
     if proposal.needs_resync:
         _resync(sync, "draft")
         return None
@@ -156,16 +188,17 @@ def _resync(sync: _Sync, tier: str) -> None:
         sync.target = 0
 
 
-def _finish(request: GenerationRequest, tokens: list[int], remaining: int, length: int) -> StepOutput:
+def _finish(request: GenerationRequest, tokens: list[int], remaining: int, length: int
+            ) -> tuple[list[int], str | None]:
     """Cut the step's tokens at the first stop token or the length limit."""
     for i, token in enumerate(tokens[:remaining]):
         if token in request.stop_token_ids:
-            return StepOutput(tokens[: i + 1], "stop")
+            return tokens[: i + 1], "stop"
     if len(tokens) >= remaining:
-        return StepOutput(tokens[:remaining], "length")
+        return tokens[:remaining], "length"
     if length >= request.max_context:
-        return StepOutput(tokens, "context")
-    return StepOutput(tokens)
+        return tokens, "context"
+    return tokens, None
 
 
 async def _release(session_id: str, drafter: Drafter | None, verifier: Verifier) -> None:

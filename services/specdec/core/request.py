@@ -10,7 +10,7 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 
-from specdec.core.drafters.base import parse_drafter
+from specdec.core.drafters.registry import DrafterSpec, parse_drafter
 from specdec.core.errors import InvalidArgument
 from specdec.core.loop import GenerationRequest
 from specdec.core.sampling import SamplingParams
@@ -49,7 +49,7 @@ class ModelLimits:
     max_new_tokens: int = 4096  # server cap on one request
 
 
-def build_request(spec: RequestSpec, tokenizer, limits: ModelLimits, default_drafter: str,
+def build_request(spec: RequestSpec, tokenizer, limits: ModelLimits, default_drafter: DrafterSpec | str,
                   available_drafters: list[str], default_overlap: bool = False) -> tuple[GenerationRequest, list[str]]:
     """-> (the loop's request, stop strings). Raises InvalidArgument."""
     prompt_ids = _prompt_ids(spec, tokenizer, limits)
@@ -62,7 +62,7 @@ def build_request(spec: RequestSpec, tokenizer, limits: ModelLimits, default_dra
         top_p=1.0 if spec.top_p is None else spec.top_p,
         seed=secrets.randbits(63) if spec.seed is None else spec.seed,
     ).validate("decoding.")
-    drafter = _drafter(spec.drafter or default_drafter, available_drafters)
+    drafter = _drafter(parse_drafter(spec.drafter or default_drafter), available_drafters)
     k = DEFAULT_DRAFT_TOKENS if spec.max_draft_tokens is None else spec.max_draft_tokens
     if not 1 <= k <= MAX_DRAFT_TOKENS:
         raise InvalidArgument("speculation.max_draft_tokens", f"must be in [1, {MAX_DRAFT_TOKENS}], got {k}")
@@ -98,6 +98,15 @@ def _prompt_ids(spec: RequestSpec, tokenizer, limits: ModelLimits) -> list[int]:
     return ids
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template applied, as a plain list of token ids (transformers returns a list
+    or, in newer versions, a dict-like with input_ids)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def _chat_ids(messages: list[dict[str, str]], tokenizer) -> list[int]:
     if not messages:
         raise InvalidArgument("chat.messages", "must not be empty")
@@ -108,17 +117,14 @@ def _chat_ids(messages: list[dict[str, str]], tokenizer) -> list[int]:
         raise InvalidArgument("chat.messages", "all messages are empty")
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidArgument("chat", "this model has no chat template; send a prompt instead")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
+    return chat_prompt_ids(tokenizer, messages)
 
 
-def _drafter(name: str, available: list[str]) -> str:
-    parse_drafter(name)  # syntax
-    if name != "none" and name not in available:
-        raise InvalidArgument("speculation.drafter", f"drafter {name!r} is not served here; available: {['none', *available]}")
-    return name
+def _drafter(drafter: DrafterSpec, available: list[str]) -> DrafterSpec:
+    if drafter.speculates and str(drafter) not in available:
+        raise InvalidArgument("speculation.drafter",
+                              f"drafter {str(drafter)!r} is not served here; available: {['none', *available]}")
+    return drafter
 
 
 def _stop_token_ids(spec: RequestSpec, tokenizer, limits: ModelLimits) -> frozenset[int]:

@@ -1,7 +1,13 @@
-"""Per-request speculation counters; rates are derived where they are read."""
+"""Per-request speculation counters, summed from the loop's step records; rates are
+derived where they are read. The one place a request's statistics are shaped: the
+services convert this to and from protobuf (`rpc/convert.py`), the CLI prints `as_dict`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specdec.core.loop import Step
 
 
 @dataclass
@@ -17,6 +23,15 @@ class SpecStats:
     ttft_s: float = 0.0
     elapsed_s: float = 0.0
     drafter: str = "none"
+
+    def record(self, step: Step) -> None:
+        self.steps += 1
+        self.proposed_tokens += step.proposed
+        self.accepted_tokens += step.accepted
+        self.generated_tokens += len(step.tokens)
+        self.batch_size_sum += step.batch_size
+        self.predrafts += step.predrafted
+        self.predrafts_used += step.used_predraft
 
     @property
     def acceptance_rate(self) -> float:

@@ -19,10 +19,10 @@ class TargetSession:
 
 @dataclass
 class TargetStats:
+    """Running totals: the tier's load figures (rates per interval) and tests read them."""
+
     forward_passes: int = 0
-    sequences: int = 0  # sum of batch sizes
     max_batch_size: int = 0
-    tokens_verified: int = 0  # logits rows computed (drafts + 1 per sequence)
     draft_tokens: int = 0  # drafts judged
     accepted_tokens: int = 0  # drafts kept
     committed_tokens: int = 0  # tokens committed (accepted drafts + the target's own)
@@ -53,7 +53,7 @@ class TargetWorker:
         if work:
             forward_items = [self._forward_item(session, item) for _, session, item in work]
             logits = self.cost.timed(self.runner.forward, forward_items)
-            self._count(forward_items)
+            self._count(len(forward_items))
             for (i, session, item), row_logits in zip(work, logits):
                 verdicts[i] = self._judge(session, item, row_logits, len(work))
         return [v for v in verdicts if v is not None]
@@ -91,8 +91,6 @@ class TargetWorker:
             self.prefix_store.offer(session.tokens, session.kv)
         return Verdict(out.num_accepted, out.tokens, batch_size, pass_base_s=self.cost.base_s, row_s=self.cost.row_s)
 
-    def _count(self, items: list[ForwardItem]) -> None:
+    def _count(self, batch_size: int) -> None:
         self.stats.forward_passes += 1
-        self.stats.sequences += len(items)
-        self.stats.max_batch_size = max(self.stats.max_batch_size, len(items))
-        self.stats.tokens_verified += sum(item.num_logits for item in items)
+        self.stats.max_batch_size = max(self.stats.max_batch_size, batch_size)

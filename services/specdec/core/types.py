@@ -33,6 +33,7 @@ class Proposal:
     # 0, 0 = not measured (model-free drafters cost next to nothing).
     draft_pass_base_s: float = 0.0
     draft_row_s: float = 0.0
+    replica: str = ""  # the draft replica that answered ("" in-process)
 
 
 @dataclass
@@ -55,3 +56,4 @@ class Verdict:
     # pass takes about pass_base_s + row_s * rows. 0, 0 = unknown.
     pass_base_s: float = 0.0
     row_s: float = 0.0
+    replica: str = ""  # the target replica that answered ("" in-process)

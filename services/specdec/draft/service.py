@@ -7,7 +7,8 @@ import grpc
 
 from specdec.config import Settings
 from specdec.core import compute
-from specdec.core.drafters.base import DraftWorker, parse_drafter
+from specdec.core.drafters.registry import parse_drafter
+from specdec.core.drafters.worker import DraftWorker
 from specdec.core.local import LocalDrafter
 from specdec.core.models import load_model
 from specdec.core.runner import build_runner
@@ -64,8 +65,9 @@ def _respond(results: list[draft_pb2.ProposeResult]) -> draft_pb2.ProposeRespons
 
 def build(settings: Settings) -> TierServer:
     """A draft replica serving `ngram` plus the model of `model:NAME` when configured."""
-    kind, model_name = parse_drafter(settings.drafter)
-    model = compute.run_sync(load_model, model_name, settings.device, settings.dtype) if kind == "model" else None
+    spec = parse_drafter(settings.drafter, "SPECDEC_DRAFTER")
+    model_name = spec.model
+    model = compute.run_sync(load_model, model_name, settings.device, settings.dtype) if spec.needs_model else None
     runner = compute.run_sync(build_runner, model) if model is not None else None
     store = store_for(settings, "draft", model, runner) if model is not None else None
     drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions, store), settings.max_batch_size)

@@ -5,8 +5,9 @@ import numpy as np
 import torch
 
 from specdec.core.sampling import SamplingParams, renormalised_f16
+from specdec.core.stats import SpecStats
 from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
-from specdec.v1 import draft_pb2, sampling_pb2, target_pb2
+from specdec.v1 import draft_pb2, generation_pb2, sampling_pb2, target_pb2
 
 
 def probs_to_bytes(probs: torch.Tensor | None) -> bytes:
@@ -49,10 +50,10 @@ def proposal_to_proto(tag: int, p: Proposal) -> draft_pb2.ProposeResult:
                                    draft_row_seconds=p.draft_row_s)
 
 
-def proposal_from_proto(m: draft_pb2.ProposeResult) -> Proposal:
+def proposal_from_proto(m: draft_pb2.ProposeResult, replica: str = "") -> Proposal:
     tokens = list(m.tokens)
     return Proposal(tokens, probs_from_bytes(m.draft_probs_f16, len(tokens)), m.needs_resync,
-                    m.draft_pass_base_seconds, m.draft_row_seconds)
+                    m.draft_pass_base_seconds, m.draft_row_seconds, replica)
 
 
 def verify_item_to_proto(tag: int, item: VerifyItem, traceparent: str = "") -> target_pb2.VerifyItem:
@@ -74,5 +75,24 @@ def verdict_to_proto(tag: int, v: Verdict) -> target_pb2.VerifyResult:
                                    pass_base_seconds=v.pass_base_s, row_seconds=v.row_s)
 
 
-def verdict_from_proto(m: target_pb2.VerifyResult) -> Verdict:
-    return Verdict(m.num_accepted, list(m.tokens), m.batch_size, m.needs_resync, m.pass_base_seconds, m.row_seconds)
+def verdict_from_proto(m: target_pb2.VerifyResult, replica: str = "") -> Verdict:
+    return Verdict(m.num_accepted, list(m.tokens), m.batch_size, m.needs_resync, m.pass_base_seconds, m.row_seconds,
+                   replica)
+
+
+def stats_to_proto(st: SpecStats) -> generation_pb2.SpeculationStats:
+    return generation_pb2.SpeculationStats(
+        prompt_tokens=st.prompt_tokens, generated_tokens=st.generated_tokens, proposed_tokens=st.proposed_tokens,
+        accepted_tokens=st.accepted_tokens, steps=st.steps, acceptance_rate=st.acceptance_rate,
+        mean_accepted_length=st.mean_accepted_length, ttft_ms=st.ttft_s * 1e3, elapsed_ms=st.elapsed_s * 1e3,
+        tokens_per_s=st.tokens_per_s, mean_verify_batch_size=st.mean_verify_batch_size, drafter=st.drafter,
+        predrafts=st.predrafts, predrafts_used=st.predrafts_used)
+
+
+def stats_from_proto(m: generation_pb2.SpeculationStats) -> SpecStats:
+    """The counters back; rates are derived from them again (they equal the sent ones)."""
+    return SpecStats(
+        prompt_tokens=m.prompt_tokens, generated_tokens=m.generated_tokens, proposed_tokens=m.proposed_tokens,
+        accepted_tokens=m.accepted_tokens, steps=m.steps,
+        batch_size_sum=round(m.mean_verify_batch_size * m.steps), predrafts=m.predrafts,
+        predrafts_used=m.predrafts_used, ttft_s=m.ttft_ms / 1e3, elapsed_s=m.elapsed_ms / 1e3, drafter=m.drafter)

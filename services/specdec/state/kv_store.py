@@ -24,6 +24,7 @@ import struct
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import redis
@@ -163,8 +164,20 @@ class KVStoreStats:
         return {f"kv_{name}": value for name, value in asdict(self).items()}
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """One restore that read Redis, for whoever watches (telemetry: a span and a histogram)."""
+
+    start_ns: int  # wall clock, time.time_ns()
+    end_ns: int
+    hit_chunks: int
+    restored_tokens: int
+
+
 class RedisKVStore:
     """`specdec.core.prefix_store.PrefixStore` over Redis; see the module docstring."""
+
+    on_lookup: Callable[[Lookup], None] | None = None  # called on the worker thread after each read
 
     def __init__(self, redis_url: str, prefix: str, identity: KVIdentity, ttl_s: float = 3600.0,
                  max_pending_bytes: int = 256 << 20, batch_chunks: int = 16) -> None:
@@ -189,6 +202,13 @@ class RedisKVStore:
     # -- reads (worker thread) ---------------------------------------------------------
 
     def restore(self, tokens: list[int], kv: SessionKV) -> int:
+        lookups, hits, start = self.stats.lookups, self.stats.hit_chunks, time.time_ns()
+        restored = self._restore(tokens, kv)
+        if self.on_lookup is not None and self.stats.lookups != lookups:
+            self.on_lookup(Lookup(start, time.time_ns(), self.stats.hit_chunks - hits, restored))
+        return restored
+
+    def _restore(self, tokens: list[int], kv: SessionKV) -> int:
         n = self.identity.chunk_tokens
         if not kv.has_buffers or len(tokens) - kv.length < n or not self._available():
             return 0  # nothing a whole chunk could add (the usual decode step), or Redis is down

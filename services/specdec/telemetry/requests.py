@@ -2,16 +2,20 @@
 
 The loop stays telemetry-free: `traced_chunks` drives the generation's chunk iterator one
 step at a time with the step's span current (so the remote tiers receive it as their
-parent through `traceparent`), and reads what the step did from the request's `SpecStats`
-counters, which the loop has updated by the time the step's chunk arrives.
+parent through `traceparent`), and reads what the step did from the step record each
+chunk carries (`core.loop.Step`).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from specdec.telemetry.setup import STATE
+
+if TYPE_CHECKING:
+    from specdec.core.generation import Chunk, GenerationResult
+    from specdec.core.loop import GenerationRequest, Step
 
 # Step attributes, also read by tests and dashboards' trace queries.
 STEP_SPAN, GENERATION_SPAN, RELEASE_SPAN = "specdec.step", "specdec.generation", "specdec.release"
@@ -29,25 +33,25 @@ def traceparent() -> str:
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
-def traced_chunks(chunks: AsyncIterator[Any], request: Any, result: Any,
-                  placement: Callable[[str], dict[str, str | None]]) -> AsyncIterator[Any]:
+def traced_chunks(chunks: AsyncGenerator[Chunk, None], request: GenerationRequest,
+                  result: GenerationResult) -> AsyncIterator[Chunk]:
     """Wrap a generation's chunk stream (one chunk per step) in spans and metrics; the
     stream itself when telemetry is off."""
     if not STATE.enabled:
         return chunks
-    return _traced(chunks, request, result, placement)
+    return _traced(chunks, request, result)
 
 
-async def _traced(chunks: AsyncIterator[Any], request: Any, result: Any,
-                  placement: Callable[[str], dict[str, str | None]]) -> AsyncIterator[Any]:
+async def _traced(chunks: AsyncGenerator[Chunk, None], request: GenerationRequest,
+                  result: GenerationResult) -> AsyncIterator[Chunk]:
     from opentelemetry import context, trace
     from opentelemetry.trace import Status, StatusCode
 
     tracer, m = STATE.tracer, STATE.instruments
-    labels = {"drafter": request.drafter}
+    labels = {"drafter": str(request.drafter)}
     stats = result.stats
     gen_span = tracer.start_span(GENERATION_SPAN, attributes={
-        "specdec.session_id": request.session_id, "specdec.drafter": request.drafter,
+        "specdec.session_id": request.session_id, "specdec.drafter": str(request.drafter),
         "specdec.max_draft_tokens": request.max_draft_tokens, "specdec.adaptive": request.adaptive,
         "specdec.max_new_tokens": request.max_new_tokens, "specdec.prompt_tokens": len(request.prompt_ids),
         "specdec.temperature": request.sampling.temperature})
@@ -57,14 +61,13 @@ async def _traced(chunks: AsyncIterator[Any], request: Any, result: Any,
     finished = False
     try:
         while True:
-            before = (stats.proposed_tokens, stats.accepted_tokens, stats.generated_tokens, stats.batch_size_sum)
             position = len(request.prompt_ids) + stats.generated_tokens
             step_start = time.perf_counter()
             span = tracer.start_span(STEP_SPAN, context=gen_ctx, attributes={
                 "specdec.step": stats.steps, "specdec.position": position})
             token = context.attach(trace.set_span_in_context(span, gen_ctx))
             try:
-                chunk = await anext(chunks)  # type: ignore[call-overload]
+                chunk = await anext(chunks)
             except StopAsyncIteration:
                 finished = True
                 span.update_name(RELEASE_SPAN)  # the session's state is freed on the tiers
@@ -77,23 +80,15 @@ async def _traced(chunks: AsyncIterator[Any], request: Any, result: Any,
                 raise
             finally:
                 context.detach(token)
-            proposed, accepted, committed = (stats.proposed_tokens - before[0], stats.accepted_tokens - before[1],
-                                             stats.generated_tokens - before[2])
-            where = placement(request.session_id)
-            attributes = {"specdec.draft_tokens": proposed, "specdec.accepted_tokens": accepted,
-                          "specdec.committed_tokens": committed,
-                          "specdec.verify.batch_size": stats.batch_size_sum - before[3]}
-            if accepted < proposed:
-                attributes["specdec.first_rejected_index"] = accepted  # acceptance position
-            attributes.update({f"specdec.{tier}.replica": address for tier, address in where.items() if address})
-            span.set_attributes(attributes)
+            step = chunk.step
+            span.set_attributes(_step_attributes(step))
             span.end()
             now = time.perf_counter()
             m["specdec_step_duration_seconds"].record(now - step_start, labels, context=gen_ctx)
-            m["specdec_generated_tokens"].add(committed, labels)
-            m["specdec_draft_tokens_proposed"].add(proposed, labels)
-            m["specdec_draft_tokens_accepted"].add(accepted, labels)
-            m["specdec_accepted_length"].record(committed, labels)
+            m["specdec_generated_tokens"].add(len(step.tokens), labels)
+            m["specdec_draft_tokens_proposed"].add(step.proposed, labels)
+            m["specdec_draft_tokens_accepted"].add(step.accepted, labels)
+            m["specdec_accepted_length"].record(len(step.tokens), labels)
             if chunk.token_ids:
                 if last == start:
                     m["specdec_time_to_first_token_seconds"].record(now - start, labels, context=gen_ctx)
@@ -108,8 +103,21 @@ async def _traced(chunks: AsyncIterator[Any], request: Any, result: Any,
         raise
     finally:
         if not finished:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
         _finish(gen_span, gen_ctx, stats, result, labels, time.perf_counter() - start, finished)
+
+
+def _step_attributes(step: Step) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "specdec.draft_tokens": step.proposed, "specdec.accepted_tokens": step.accepted,
+        "specdec.committed_tokens": len(step.tokens), "specdec.verify.batch_size": step.batch_size,
+        "specdec.draft.wait_ms": step.draft_s * 1e3, "specdec.verify.wait_ms": step.verify_s * 1e3}
+    if step.first_rejected is not None:
+        attributes["specdec.first_rejected_index"] = step.first_rejected  # acceptance position
+    for tier, address in (("draft", step.draft_replica), ("target", step.target_replica)):
+        if address:
+            attributes[f"specdec.{tier}.replica"] = address
+    return attributes
 
 
 def _finish(span: Any, ctx: Any, stats: Any, result: Any, labels: dict[str, str], elapsed_s: float,

@@ -66,22 +66,17 @@ class TierTelemetry:
         observe("specdec_kv_chunks", lambda: [(getattr(stats, field), {**self.labels, "result": result})
                                               for result, field in outcomes.items()])
         observe("specdec_kv_restored_tokens", lambda: [(stats.restored_tokens, self.labels)])
-        restore = store.restore
+        store.on_lookup = self._record_lookup
 
-        def traced_restore(tokens: list[int], kv: Any) -> int:
-            """A span (child of the batch span) for each restore that actually read Redis."""
-            lookups, hits, start = stats.lookups, stats.hit_chunks, time.time_ns()
-            restored = restore(tokens, kv)
-            if stats.lookups != lookups:
-                end = time.time_ns()
-                STATE.instruments["specdec_kv_lookup_duration_seconds"].record((end - start) / 1e9, self.labels)
-                span = STATE.tracer.start_span("kv.restore", start_time=start, attributes={
-                    "specdec.tier": self.tier, "db.system": "redis", "db.operation": "MGET",
-                    "specdec.kv.hit_chunks": stats.hit_chunks - hits, "specdec.kv.restored_tokens": restored,
-                    "specdec.kv.hit": restored > 0})
-                span.end(end_time=end)
-            return restored
-        store.restore = traced_restore
+    def _record_lookup(self, lookup: Any) -> None:
+        """A span (child of the batch span) and a duration for each restore that read Redis."""
+        STATE.instruments["specdec_kv_lookup_duration_seconds"].record(
+            (lookup.end_ns - lookup.start_ns) / 1e9, self.labels)
+        span = STATE.tracer.start_span("kv.restore", start_time=lookup.start_ns, attributes={
+            "specdec.tier": self.tier, "db.system": "redis", "db.operation": "MGET",
+            "specdec.kv.hit_chunks": lookup.hit_chunks, "specdec.kv.restored_tokens": lookup.restored_tokens,
+            "specdec.kv.hit": lookup.restored_tokens > 0})
+        span.end(end_time=lookup.end_ns)
 
     def wrap_batch(self, run_batch: Callable[[list[Item]], list[Result]]) -> Callable[[list[Item]], list[Result]]:
         """`run_batch` recording a batch span (linked to each item's step) and batch metrics."""

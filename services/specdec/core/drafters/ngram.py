@@ -7,7 +7,16 @@ last token, then match lengths grow by comparing one step further back for all a
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import numpy as np
+
+from specdec.core.types import Proposal
+
+if TYPE_CHECKING:
+    from specdec.core.drafters.base import DraftRow, DraftSession
+    from specdec.core.prefix_store import PrefixStore
+    from specdec.core.runner import Runner
 
 
 def ngram_propose(tokens: list[int], k: int, max_ngram: int = 4, min_ngram: int = 1) -> list[int]:
@@ -31,3 +40,26 @@ def ngram_propose(tokens: list[int], k: int, max_ngram: int = 4, min_ngram: int 
         return []
     end = int(ends[np.flatnonzero(lengths == best)[-1]])  # the most recent of the longest
     return tokens[end + 1:end + 1 + k]
+
+
+class NgramDrafter:
+    """Prompt lookup over the session's own tokens: no model, no state of its own."""
+
+    kind: ClassVar[str] = "ngram"
+    needs_model: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.name = self.kind
+
+    @classmethod
+    def create(cls, runner: Runner | None, model_name: str, prefix_store: PrefixStore | None) -> NgramDrafter:
+        return cls()
+
+    def propose(self, rows: list[DraftRow]) -> list[Proposal]:
+        return [Proposal(ngram_propose(session.tokens, item.num_tokens)) for session, item in rows]
+
+    def learn(self, session: DraftSession, committed: list[int]) -> None:
+        pass  # the lookup reads the session's tokens afresh each time
+
+    def release(self, session: DraftSession) -> None:
+        pass

@@ -1,0 +1,76 @@
+"""Drafting with a small causal LM that shares the target's tokenizer.
+
+All sessions of a batch draft together, one batched forward pass per drafted token. Each
+session's cache is rolled back to its committed tokens before it drafts again (never
+rebuilt), and with a prefix store its committed chunks are shared through Redis.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from specdec.core.cost import PassCost
+from specdec.core.drafters.base import DraftRow, DraftSession
+from specdec.core.prefix_store import PrefixStore, prepare_cache
+from specdec.core.rng import Purpose, sample_index, uniform
+from specdec.core.runner import ForwardItem, Runner
+from specdec.core.sampling import probs_from_logits, quantize_f16
+from specdec.core.types import Proposal, ProposeItem
+
+
+class ModelDrafter:
+    """`model:NAME`: the draft model held by this replica's runner."""
+
+    kind: ClassVar[str] = "model"
+    needs_model: ClassVar[bool] = True
+
+    def __init__(self, runner: Runner, model_name: str, prefix_store: PrefixStore | None = None) -> None:
+        self.runner, self.prefix_store = runner, prefix_store
+        self.name = f"{self.kind}:{model_name}"
+        self.cost = PassCost()  # of one draft pass: reported with each proposal
+
+    @classmethod
+    def create(cls, runner: Runner | None, model_name: str, prefix_store: PrefixStore | None) -> ModelDrafter | None:
+        return cls(runner, model_name, prefix_store) if runner is not None else None
+
+    def propose(self, rows: list[DraftRow]) -> list[Proposal]:
+        """Draft autoregressively, all sessions batched at each of the k steps."""
+        drafts: list[list[int]] = [[] for _ in rows]
+        probs: list[list[torch.Tensor]] = [[] for _ in rows]
+        feeds = [self._feed(session) for session, _ in rows]
+        live = [j for j, (_, item) in enumerate(rows) if item.num_tokens > 0]
+        while live:
+            logits = self.cost.timed(self.runner.forward, [ForwardItem(rows[j][0].kv, feeds[j], 1) for j in live])
+            for j, row_logits in zip(live, logits):
+                session, item = rows[j]
+                token, q = _sample(row_logits, item, len(session.tokens) + len(drafts[j]))
+                drafts[j].append(token)
+                probs[j].append(q)
+                feeds[j] = [token]
+            live = [j for j in live if len(drafts[j]) < rows[j][1].num_tokens]
+        if self.prefix_store is not None:
+            for session, _ in rows:  # the store keeps only the committed part of the cache
+                self.prefix_store.offer(session.tokens, session.kv)
+        return [Proposal(drafts[j], None if item.sampling.greedy else torch.stack(probs[j]),
+                         draft_pass_base_s=self.cost.base_s, draft_row_s=self.cost.row_s)
+                for j, (_, item) in enumerate(rows)]
+
+    def _feed(self, session: DraftSession) -> list[int]:
+        """The committed tokens the cache lacks, after rolling it back (or restoring a prefix)."""
+        if session.kv is None:
+            session.kv = self.runner.new_kv()
+        return session.tokens[prepare_cache(session.kv, session.tokens, self.prefix_store):]
+
+    def learn(self, session: DraftSession, committed: list[int]) -> None:
+        pass  # the rollback happens lazily in _feed, against the committed tokens
+
+    def release(self, session: DraftSession) -> None:
+        session.kv = None  # its slot returns to the pool
+
+
+def _sample(logits: torch.Tensor, item: ProposeItem, position: int) -> tuple[int, torch.Tensor]:
+    if item.sampling.greedy:
+        return int(logits[-1].argmax()), logits[-1]
+    q = quantize_f16(probs_from_logits(logits[-1:], item.sampling))[0]
+    return sample_index(q, uniform(item.sampling.seed, position, Purpose.DRAFT)), q

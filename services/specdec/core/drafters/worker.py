@@ -1,0 +1,56 @@
+"""The draft worker: per-session drafting state and batched proposals for every drafter
+that one draft replica serves."""
+from __future__ import annotations
+
+from specdec.core.drafters.base import DraftMethod, DraftRow, DraftSession
+from specdec.core.drafters.registry import build_methods
+from specdec.core.errors import InvalidArgument
+from specdec.core.kv_cache import SessionTable, sync_session
+from specdec.core.prefix_store import PrefixStore
+from specdec.core.runner import Runner
+from specdec.core.types import Proposal, ProposeItem
+
+
+class DraftWorker:
+    """Serves every registered drafter that can run on this replica: the model-free ones
+    always, a model drafter given a runner. Not thread-safe: one batch at a time (the
+    batcher guarantees it)."""
+
+    def __init__(self, runner: Runner | None = None, model_name: str = "", max_sessions: int = 1024,
+                 prefix_store: PrefixStore | None = None) -> None:
+        self.methods: dict[str, DraftMethod] = {m.name: m for m in build_methods(runner, model_name, prefix_store)}
+        self.prefix_store = prefix_store  # shared draft-model KV chunks (e.g. Redis)
+        self.sessions = SessionTable(max_sessions)
+        self.drafted_tokens = 0  # running total, for the tier's load figures
+
+    @property
+    def drafters(self) -> list[str]:
+        return list(self.methods)
+
+    def release(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id)
+        if session is not None:
+            for method in self.methods.values():
+                method.release(session)
+
+    def propose_batch(self, items: list[ProposeItem]) -> list[Proposal]:
+        results: list[Proposal] = [Proposal(needs_resync=True)] * len(items)
+        groups: dict[str, list[tuple[int, DraftRow]]] = {}
+        for i, item in enumerate(items):
+            method = self.methods.get(item.drafter)
+            if method is None:
+                raise InvalidArgument("drafter", f"this replica serves {self.drafters}, not {item.drafter!r}")
+            session = self._sync(item, method)
+            if session is not None:
+                groups.setdefault(item.drafter, []).append((i, (session, item)))
+        for name, rows in groups.items():
+            for (i, _), proposal in zip(rows, self.methods[name].propose([row for _, row in rows])):
+                results[i] = proposal
+        self.drafted_tokens += sum(len(p.tokens) for p in results)
+        return results
+
+    def _sync(self, item: ProposeItem, method: DraftMethod) -> DraftSession | None:
+        session = sync_session(self.sessions, item.session_id, item.prefix_len, item.tokens, DraftSession)
+        if session is not None and item.tokens:
+            method.learn(session, item.tokens)
+        return session
