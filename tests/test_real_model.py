@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from specdec.client import Client
 from specdec.core.engine import Engine
-from specdec.core.request import RequestSpec
+from specdec.core.request import RequestSpec, chat_prompt_ids
 from tests.reference import hf_greedy
 
 pytestmark = pytest.mark.real_model
@@ -22,8 +22,7 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def prompt_ids(engine: Engine) -> list[int]:
-    ids = engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return chat_prompt_ids(engine.tokenizer, MESSAGES)
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,3 @@ def _greedy(logits: torch.Tensor, draft: list[int]) -> RejectionOutput:
         accepted += 1
     return RejectionOutput(accepted, [*draft[:accepted], argmax[accepted]])
 
-
-def rejection_sample_batch(items: list[RejectionInput]) -> list[RejectionOutput]:
-    """Verify many sequences' drafts (each independently keyed by its own seed/positions)."""
-    return [rejection_sample(item) for item in items]
