@@ -107,6 +107,46 @@ def test_session_kv_bookkeeping() -> None:
         SessionTable(0)
 
 
+def test_a_collection_inside_slab_allocation_does_not_deadlock(monkeypatch) -> None:
+    """Allocating a slab can run the garbage collector while the pool's lock is held; the
+    finalizer of a dropped session then releases its slot on the same thread. That must
+    not wait for the lock (it did: the tier froze for good), and the slot must come back."""
+    import gc
+    import threading
+
+    monkeypatch.setattr(kv_cache, "MAX_SLAB_SLOTS", 1)  # every session needs a new slab
+    pool = KVPool(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
+    init = kv_cache.Slab.__init__
+
+    def collecting_init(self, *args, **kwargs):
+        gc.collect()  # what a large allocation may trigger
+        init(self, *args, **kwargs)
+    monkeypatch.setattr(kv_cache.Slab, "__init__", collecting_init)
+
+    def load() -> None:
+        for _ in range(20):
+            dropped = SessionKV(pool)
+            dropped.reserve(10)
+            dropped.cycle = dropped  # only the collector frees it: inside the next allocation
+            del dropped
+            kept = SessionKV(pool)
+            kept.reserve(10)
+            del kept
+    gc.disable()  # collections happen only where this test puts them
+    try:
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(timeout=20)
+        assert not worker.is_alive(), "the pool deadlocked on a release from inside an allocation"
+    finally:
+        gc.enable()
+    gc.collect()
+    spare = SessionKV(pool)
+    spare.reserve(1)  # takes back every queued slot
+    assert sum(slab.used for slab in pool.classes[64].slabs.values()) == 1
+    assert len(pool.classes[64].slabs) <= 2  # emptied slabs were dropped, one spare kept
+
+
 def test_slots_are_packed_reused_and_freed(monkeypatch) -> None:
     monkeypatch.setattr(kv_cache, "MAX_SLAB_SLOTS", 4)
     pool = KVPool(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")

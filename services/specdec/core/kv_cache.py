@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -100,19 +100,34 @@ class KVPool:
         self.dtype, self.device = dtype, torch.device(device)
         self.classes: dict[int, SlotClass] = {}
         # Slots are freed when a SessionKV is garbage collected, which may happen on any
-        # thread; handing out and taking back slots is serialised here.
+        # thread, and also on this one in the middle of acquire(): allocating a slab can
+        # run the collector while the lock is held. So a release never waits for the lock:
+        # it queues the slot, and whoever holds the lock takes queued slots back.
         self._lock = threading.Lock()
+        self._returned: deque[tuple[Slab, int]] = deque()  # append/popleft are atomic
 
     def acquire(self, total: int) -> tuple[Slab, int]:
         capacity = capacity_class(total)
         with self._lock:
+            self._take_back()
             slots = self.classes.get(capacity)
             if slots is None:
                 slots = self.classes[capacity] = SlotClass(self, capacity)
             return slots.acquire()
 
     def release(self, slab: Slab, index: int) -> None:
-        with self._lock:
+        """Give a slot back. Never blocks (see __init__): if another caller holds the lock,
+        the slot is taken back by that caller's next acquire or release."""
+        self._returned.append((slab, index))
+        if self._lock.acquire(blocking=False):
+            try:
+                self._take_back()
+            finally:
+                self._lock.release()
+
+    def _take_back(self) -> None:
+        while self._returned:
+            slab, index = self._returned.popleft()
             self.classes[slab.capacity].release(slab, index)
 
 
