@@ -16,6 +16,7 @@ from specdec.core.errors import TierUnavailable
 from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
 from specdec.coordinator.routing import ReplicaPool
 from specdec.rpc import convert
+from specdec.rpc.errors import raise_item_error
 from specdec.rpc.streams import ReplicaFailed
 from specdec.telemetry import traceparent
 
@@ -41,8 +42,8 @@ class RemoteTier:
                 if prefix_len:
                     return None  # the next replica lacks the prefix: resend everything
                 continue
-            if result.error:
-                raise RuntimeError(f"{self.pool.tier} replica {client.address}: {result.error}")
+            if result.HasField("error"):
+                raise_item_error(result.error, f"{self.pool.tier} replica {client.address}")
             return result, client.address
         raise TierUnavailable(self.pool.tier, f"{self.max_failovers + 1} replicas failed in a row")
 

@@ -30,7 +30,8 @@ class BatcherStats:
 
 class MicroBatcher(Generic[Item, Result]):
     """Runs `run_batch(items) -> results` (same order) on the process's compute thread
-    (`core.compute`), so the event loop keeps accepting work while the model computes."""
+    (`core.compute`), so the event loop keeps accepting work while the model computes. A
+    result that is an Exception fails only its own item's caller."""
 
     def __init__(self, run_batch: Callable[[list[Item]], list[Result]], max_batch_size: int = 32,
                  gather_s: float = 0.004) -> None:
@@ -124,7 +125,11 @@ class MicroBatcher(Generic[Item, Result]):
                     self.running = False
                 self._record(len(batch))
                 for (_, future), result in zip(batch, results):
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):  # that item failed alone (see run_batch)
+                        future.set_exception(result)
+                    else:
                         future.set_result(result)
 
     async def _gather(self) -> None:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from specdec.core.cost import PassCost
+from specdec.core.errors import InvalidArgument
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session
 from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.rejection import RejectionInput, rejection_sample
@@ -41,10 +44,17 @@ class TargetWorker:
     def release(self, session_id: str) -> None:
         self.sessions.pop(session_id)
 
-    def verify_batch(self, items: list[VerifyItem]) -> list[Verdict]:
-        verdicts: list[Verdict | None] = [None] * len(items)
+    def verify_batch(self, items: list[VerifyItem]) -> list[Verdict | InvalidArgument]:
+        """One verdict per item, in order; a bad item gets its own InvalidArgument and the
+        rest of the batch is verified as if it had not been there."""
+        verdicts: list[Verdict | InvalidArgument | None] = [None] * len(items)
         work: list[tuple[int, TargetSession, VerifyItem]] = []
         for i, item in enumerate(items):
+            try:
+                check_item(item, self.runner.vocab_size, self.runner.max_context)
+            except InvalidArgument as exc:
+                verdicts[i] = exc
+                continue
             session = self._sync(item)
             if session is None:
                 verdicts[i] = Verdict(needs_resync=True)
@@ -59,13 +69,8 @@ class TargetWorker:
         return [v for v in verdicts if v is not None]
 
     def _sync(self, item: VerifyItem) -> TargetSession | None:
-        session = sync_session(self.sessions, item.session_id, item.prefix_len, item.tokens,
-                               lambda: TargetSession(kv=self.runner.new_kv()))
-        if session is None:
-            return None
-        if not session.tokens:
-            raise ValueError(f"session {item.session_id}: nothing to verify (no committed tokens)")
-        return session
+        return sync_session(self.sessions, item.session_id, item.prefix_len, item.tokens,
+                            lambda: TargetSession(kv=self.runner.new_kv()))
 
     def _forward_item(self, session: TargetSession, item: VerifyItem) -> ForwardItem:
         kv = session.kv
@@ -94,3 +99,36 @@ class TargetWorker:
     def _count(self, batch_size: int) -> None:
         self.stats.forward_passes += 1
         self.stats.max_batch_size = max(self.stats.max_batch_size, batch_size)
+
+
+MAX_DRAFT_TOKENS = 64  # per item; far above any useful draft, it bounds one item's rows
+
+
+def check_item(item: VerifyItem, vocab_size: int, max_context: int) -> None:
+    """Whatever arrives is checked as if a stranger sent it: a bad item must fail alone,
+    and draft probabilities that are not a distribution would break exactness (a NaN q
+    accepts any draft). Fields are named as in target.proto's VerifyItem."""
+    item.sampling.validate("sampling.")
+    if item.prefix_len < 0:
+        raise InvalidArgument("prefix_len", f"must be >= 0, got {item.prefix_len}")
+    if item.prefix_len == 0 and not item.tokens:
+        raise InvalidArgument("tokens", "a new session needs at least one committed token")
+    if len(item.draft_tokens) > MAX_DRAFT_TOKENS:
+        raise InvalidArgument("draft_tokens", f"at most {MAX_DRAFT_TOKENS}, got {len(item.draft_tokens)}")
+    if item.prefix_len + len(item.tokens) + len(item.draft_tokens) >= max_context:
+        raise InvalidArgument("tokens", f"the session would exceed the model's context of {max_context}")
+    for name, ids in (("tokens", item.tokens), ("draft_tokens", item.draft_tokens)):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument(name, f"token id {bad} outside the vocabulary [0, {vocab_size})")
+    if item.draft_probs is not None:
+        _check_probs(item.draft_probs, item.draft_tokens, vocab_size)
+
+
+def _check_probs(q: torch.Tensor, draft: list[int], vocab_size: int) -> None:
+    if tuple(q.shape) != (len(draft), vocab_size):
+        raise InvalidArgument("draft_probs_f16", f"shape {tuple(q.shape)}, want [{len(draft)}, {vocab_size}]")
+    if not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
+        raise InvalidArgument("draft_probs_f16", "probabilities must be finite and non-negative")
+    if not torch.allclose(q.sum(dim=-1), torch.ones(len(draft), dtype=q.dtype), atol=1e-3):
+        raise InvalidArgument("draft_probs_f16", "each row must sum to 1")

@@ -14,6 +14,7 @@ from specdec.core.models import load_model
 from specdec.core.runner import build_runner
 from specdec.core.types import Proposal, ProposeItem
 from specdec.rpc import convert
+from specdec.rpc.errors import item_error
 from specdec.rpc.server import Drain, TierServer
 from specdec.rpc.streams import serve_tagged
 from specdec.state.kv_store import store_for
@@ -56,7 +57,7 @@ def _proposal_attributes(item: ProposeItem, proposal: Proposal) -> dict:
 
 
 def _failed(item: draft_pb2.ProposeItem, exc: Exception) -> draft_pb2.ProposeResult:
-    return draft_pb2.ProposeResult(tag=item.tag, error=f"{type(exc).__name__}: {exc}")
+    return draft_pb2.ProposeResult(tag=item.tag, error=item_error(exc))
 
 
 def _respond(results: list[draft_pb2.ProposeResult]) -> draft_pb2.ProposeResponse:

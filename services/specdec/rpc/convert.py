@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from specdec.core.errors import InvalidArgument
 from specdec.core.sampling import SamplingParams, renormalised_f16
 from specdec.core.stats import SpecStats
 from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
@@ -21,6 +22,8 @@ def probs_from_bytes(data: bytes, rows: int) -> torch.Tensor | None:
     """Rebuild q exactly as the drafter sampled from it (float16, renormalised in float64)."""
     if not data:
         return None
+    if rows == 0 or len(data) % (2 * rows):
+        raise InvalidArgument("draft_probs_f16", f"{len(data)} bytes are not {rows} rows of float16")
     return renormalised_f16(np.frombuffer(data, dtype="<f2").reshape(rows, -1))
 
 

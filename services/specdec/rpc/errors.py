@@ -1,14 +1,20 @@
-"""Domain exception -> gRPC status, in one place for every servicer method."""
+"""Domain exception -> gRPC status, in one place: for every servicer method, and for one
+failed item of a tier's stream (`ItemError`), which the coordinator raises again as the
+same domain exception so the status survives the hop."""
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
 from collections.abc import Callable
+from typing import NoReturn
 
 import grpc
 
 from specdec.core.errors import InvalidArgument, TierUnavailable
+from specdec.v1 import errors_pb2
+
+MAX_MESSAGE = 500  # characters of an error message that travel; input is never echoed whole
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +51,20 @@ def grpc_errors(method: Callable) -> Callable:
         except Exception as exc:
             await context.abort(*_status_for(exc))
     return unary_wrapper
+
+
+def item_error(exc: Exception) -> errors_pb2.ItemError:
+    """A tier's answer for an item that failed: its status code, field and message."""
+    if isinstance(exc, InvalidArgument):
+        return errors_pb2.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], field=exc.field,
+                                    message=str(exc)[:MAX_MESSAGE])
+    return errors_pb2.ItemError(code=grpc.StatusCode.INTERNAL.value[0],
+                                message=f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE])
+
+
+def raise_item_error(error: errors_pb2.ItemError, where: str) -> NoReturn:
+    """The coordinator's side: a tier's INVALID_ARGUMENT stays one for the client."""
+    if error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
+        message = error.message.removeprefix(f"{error.field}: ")
+        raise InvalidArgument(error.field or "item", f"{message} ({where})"[:MAX_MESSAGE])
+    raise RuntimeError(f"{where}: {error.message}"[:MAX_MESSAGE])

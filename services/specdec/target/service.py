@@ -13,6 +13,7 @@ from specdec.core.runner import build_runner
 from specdec.core.target import TargetWorker
 from specdec.core.types import Verdict, VerifyItem
 from specdec.rpc import convert
+from specdec.rpc.errors import item_error
 from specdec.rpc.server import Drain, TierServer
 from specdec.rpc.streams import serve_tagged
 from specdec.state.kv_store import store_for
@@ -58,7 +59,7 @@ def _verdict_attributes(item: VerifyItem, verdict: Verdict) -> dict:
 
 
 def _failed(item: target_pb2.VerifyItem, exc: Exception) -> target_pb2.VerifyResult:
-    return target_pb2.VerifyResult(tag=item.tag, error=f"{type(exc).__name__}: {exc}")
+    return target_pb2.VerifyResult(tag=item.tag, error=item_error(exc))
 
 
 def _respond(results: list[target_pb2.VerifyResult]) -> target_pb2.VerifyResponse:

@@ -1,3 +1,4 @@
+from specdec.v1 import errors_pb2 as _errors_pb2
 from specdec.v1 import sampling_pb2 as _sampling_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -48,10 +49,10 @@ class ProposeResult(_message.Message):
     tokens: _containers.RepeatedScalarFieldContainer[int]
     draft_probs_f16: bytes
     needs_resync: bool
-    error: str
+    error: _errors_pb2.ItemError
     draft_pass_base_seconds: float
     draft_row_seconds: float
-    def __init__(self, tag: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., draft_probs_f16: _Optional[bytes] = ..., needs_resync: _Optional[bool] = ..., error: _Optional[str] = ..., draft_pass_base_seconds: _Optional[float] = ..., draft_row_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, tag: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., draft_probs_f16: _Optional[bytes] = ..., needs_resync: _Optional[bool] = ..., error: _Optional[_Union[_errors_pb2.ItemError, _Mapping]] = ..., draft_pass_base_seconds: _Optional[float] = ..., draft_row_seconds: _Optional[float] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
     __slots__ = ("results",)

@@ -1,3 +1,4 @@
+from specdec.v1 import errors_pb2 as _errors_pb2
 from specdec.v1 import sampling_pb2 as _sampling_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -50,10 +51,10 @@ class VerifyResult(_message.Message):
     tokens: _containers.RepeatedScalarFieldContainer[int]
     batch_size: int
     needs_resync: bool
-    error: str
+    error: _errors_pb2.ItemError
     pass_base_seconds: float
     row_seconds: float
-    def __init__(self, tag: _Optional[int] = ..., num_accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., needs_resync: _Optional[bool] = ..., error: _Optional[str] = ..., pass_base_seconds: _Optional[float] = ..., row_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, tag: _Optional[int] = ..., num_accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., needs_resync: _Optional[bool] = ..., error: _Optional[_Union[_errors_pb2.ItemError, _Mapping]] = ..., pass_base_seconds: _Optional[float] = ..., row_seconds: _Optional[float] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("results",)

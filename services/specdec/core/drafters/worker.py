@@ -19,6 +19,7 @@ class DraftWorker:
     def __init__(self, runner: Runner | None = None, model_name: str = "", max_sessions: int = 1024,
                  prefix_store: PrefixStore | None = None) -> None:
         self.methods: dict[str, DraftMethod] = {m.name: m for m in build_methods(runner, model_name, prefix_store)}
+        self.vocab_size = runner.vocab_size if runner is not None else None  # None: any id (model-free only)
         self.prefix_store = prefix_store  # shared draft-model KV chunks (e.g. Redis)
         self.sessions = SessionTable(max_sessions)
         self.drafted_tokens = 0  # running total, for the tier's load figures
@@ -33,20 +34,27 @@ class DraftWorker:
             for method in self.methods.values():
                 method.release(session)
 
-    def propose_batch(self, items: list[ProposeItem]) -> list[Proposal]:
-        results: list[Proposal] = [Proposal(needs_resync=True)] * len(items)
+    def propose_batch(self, items: list[ProposeItem]) -> list[Proposal | InvalidArgument]:
+        """One proposal per item, in order; a bad item gets its own InvalidArgument."""
+        results: list[Proposal | InvalidArgument] = [Proposal(needs_resync=True)] * len(items)
         groups: dict[str, list[tuple[int, DraftRow]]] = {}
         for i, item in enumerate(items):
             method = self.methods.get(item.drafter)
             if method is None:
-                raise InvalidArgument("drafter", f"this replica serves {self.drafters}, not {item.drafter!r}")
+                results[i] = InvalidArgument("drafter", f"this replica serves {self.drafters}, not {item.drafter[:100]!r}")
+                continue
+            try:
+                check_item(item, self.vocab_size)
+            except InvalidArgument as exc:
+                results[i] = exc
+                continue
             session = self._sync(item, method)
             if session is not None:
                 groups.setdefault(item.drafter, []).append((i, (session, item)))
         for name, rows in groups.items():
             for (i, _), proposal in zip(rows, self.methods[name].propose([row for _, row in rows])):
                 results[i] = proposal
-        self.drafted_tokens += sum(len(p.tokens) for p in results)
+        self.drafted_tokens += sum(len(p.tokens) for p in results if isinstance(p, Proposal))
         return results
 
     def _sync(self, item: ProposeItem, method: DraftMethod) -> DraftSession | None:
@@ -54,3 +62,19 @@ class DraftWorker:
         if session is not None and item.tokens:
             method.learn(session, item.tokens)
         return session
+
+
+MAX_DRAFT_TOKENS = 64  # per item: bounds one item's draft passes
+
+
+def check_item(item: ProposeItem, vocab_size: int | None) -> None:
+    """Checked as if a stranger sent it; fields named as in draft.proto's ProposeItem."""
+    item.sampling.validate("sampling.")
+    if item.prefix_len < 0:
+        raise InvalidArgument("prefix_len", f"must be >= 0, got {item.prefix_len}")
+    if not 0 <= item.num_tokens <= MAX_DRAFT_TOKENS:
+        raise InvalidArgument("num_tokens", f"must be in [0, {MAX_DRAFT_TOKENS}], got {item.num_tokens}")
+    if vocab_size is not None:
+        bad = next((t for t in item.tokens if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument("tokens", f"token id {bad} outside the vocabulary [0, {vocab_size})")
