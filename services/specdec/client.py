@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from specdec.rpc.streams import CHANNEL_OPTIONS
+from specdec.rpc.options import PUBLIC_MAX_MESSAGE, client_options
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 DECODING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos")
@@ -48,7 +48,7 @@ def make_request(cls: type, prompt: str | None = None, *, messages: list[dict[st
 
 class Client:
     def __init__(self, address: str, timeout_s: float | None = None) -> None:
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.insecure_channel(address, options=client_options(PUBLIC_MAX_MESSAGE))
         self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
         self.timeout_s = timeout_s
 
@@ -72,7 +72,7 @@ class Client:
 
 class AsyncClient:
     def __init__(self, address: str, timeout_s: float | None = None) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=client_options(PUBLIC_MAX_MESSAGE))
         self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
         self.timeout_s = timeout_s
 

@@ -24,6 +24,7 @@ class Settings:
     max_batch_size: int = 32  # sequences per verify/draft forward pass
     max_sessions: int = 1024  # per replica; least recently used are evicted (and recomputed)
     max_new_tokens: int = 4096  # cap on one request
+    max_request_bytes: int = 4 << 20  # coordinator: largest request message (gRPC answers RESOURCE_EXHAUSTED)
     max_running_requests: int = 256  # coordinator: requests run at once; the rest queue (queue_depth)
     torch_threads: int = 0  # 0 = torch's default
     heartbeat_s: float = 2.0  # registry refresh; entries expire after 5 heartbeats

@@ -29,19 +29,27 @@ class RemoteTier:
     def __init__(self, pool: ReplicaPool, timeout_s: float, max_failovers: int) -> None:
         self.pool, self.timeout_s, self.max_failovers = pool, timeout_s, max_failovers
 
-    async def call(self, session_id: str, prefix_len: int, build: Callable[[int], Any]) -> tuple[Any, str] | None:
+    async def call(self, session_id: str, prefix_len: int, build: Callable[[int], Any],
+                   serves: str | None = None) -> tuple[Any, str] | None:
         """(the result message, the replica that answered), or None when the session must be
-        resent from 0."""
+        resent from 0. A replica whose stream broke but that answers a reconnect keeps the
+        session (its state is still there: the item is resent as it was)."""
+        reconnected = False
         for _ in range(self.max_failovers + 1):
-            client = await self.pool.client_for(session_id)
+            client = await self.pool.client_for(session_id, serves)
             try:
                 result = await asyncio.wait_for(client.call(build), self.timeout_s)
             except (ReplicaFailed, asyncio.TimeoutError) as exc:
+                if isinstance(exc, ReplicaFailed) and not reconnected and await self.pool.reconnects(client.address):
+                    reconnected = True
+                    log.info("%s replica %s: stream broke (%s); reconnected", self.pool.tier, client.address, exc)
+                    continue
                 log.warning("%s replica %s failed (%s); failing over", self.pool.tier, client.address, exc)
                 self.pool.mark_failed(client.address)
                 if prefix_len:
                     return None  # the next replica lacks the prefix: resend everything
                 continue
+            self.pool.mark_ok(client.address)
             if result.HasField("error"):
                 raise_item_error(result.error, f"{self.pool.tier} replica {client.address}")
             return result, client.address
@@ -66,8 +74,8 @@ class RemoteDrafter(RemoteTier):
         try:
             parent = traceparent()
             result = await self.call(item.session_id, item.prefix_len,
-                                     lambda tag: convert.propose_item_to_proto(tag, item, parent))
+                                     lambda tag: convert.propose_item_to_proto(tag, item, parent), item.drafter)
         except TierUnavailable as exc:
             log.info("no draft replica (%s); decoding without speculation", exc)
-            return Proposal()
+            return Proposal(unavailable=True)
         return Proposal(needs_resync=True) if result is None else convert.proposal_from_proto(*result)

@@ -2,8 +2,10 @@
 
 Replicas come from the Redis registry (refreshed at most once a second, last good list
 kept if Redis is down) or from static addresses. A session sticks to its replica (that is
-where its cache is); new sessions go to the replica with the least work in flight. A
-replica whose stream broke is quarantined for a while.
+where its cache is); new sessions go to the replica with the least work in flight among
+those that serve what the session needs (a draft replica lists its drafters). A replica
+whose stream broke and that does not answer a reconnect is quarantined, longer each time
+it fails again in a row.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from specdec.state.registry import Registry, ReplicaInfo
 
 log = logging.getLogger(__name__)
 REFRESH_S = 1.0
-QUARANTINE_S = 15.0
+QUARANTINE_S = 15.0  # the first time; doubled for each further failure in a row
+MAX_QUARANTINE_S = 300.0
 EMPTY_GRACE_S = 15.0  # an empty registry right after replicas were seen is a restarted Redis, not a dead tier
 
 
@@ -35,6 +38,7 @@ class ReplicaPool:
         self._refreshing: asyncio.Future[None] | None = None
         self._clients: dict[str, TaggedStreamClient] = {}
         self._quarantine: dict[str, float] = {}
+        self._failures: Counter[str] = Counter()  # failures in a row, per address
         self.placement: dict[str, str] = {}  # session id -> address
 
     async def replicas(self) -> list[ReplicaInfo]:
@@ -66,20 +70,22 @@ class ReplicaPool:
     def _known_static(self) -> list[ReplicaInfo]:
         return [ReplicaInfo(tier=self.tier, address=a) for a in self.static]
 
-    async def client_for(self, session_id: str) -> TaggedStreamClient:
+    async def client_for(self, session_id: str, serves: str | None = None) -> TaggedStreamClient:
+        """The session's replica; a new session's is the least loaded one that `serves` it."""
         address = self.placement.get(session_id)
         if address is None or self._quarantine.get(address, 0) > time.monotonic():
-            address = await self._least_loaded()
+            address = await self._least_loaded(serves)
             self.placement[session_id] = address
         return self._client(address)
 
-    async def _least_loaded(self) -> str:
-        replicas = await self.replicas()
+    async def _least_loaded(self, serves: str | None) -> str:
+        replicas = self._serving(await self.replicas(), serves)
         if not replicas and self.registry is not None:  # all we knew failed: ask now, not in a second
             self._refreshed = 0.0
-            replicas = await self.replicas()
+            replicas = self._serving(await self.replicas(), serves)
         if not replicas:
-            raise TierUnavailable(self.tier, "no healthy replica registered")
+            what = f" serving {serves[:100]!r}" if serves else ""
+            raise TierUnavailable(self.tier, f"no healthy replica{what} registered")
 
         placed = Counter(self.placement.values())  # sessions stick: count them, not only calls in flight
 
@@ -95,8 +101,28 @@ class ReplicaPool:
             self._clients[address] = client
         return client
 
+    @staticmethod
+    def _serving(replicas: list[ReplicaInfo], serves: str | None) -> list[ReplicaInfo]:
+        """Replicas that list `serves`; static ones list nothing and are taken on trust."""
+        return [r for r in replicas if serves is None or not r.drafters or serves in r.drafters]
+
+    async def reconnects(self, address: str) -> bool:
+        """Whether a replica whose stream broke answers a new connection (a GOAWAY or a
+        transient error): then its sessions stay where their state is."""
+        try:
+            await self._client(address).connect()
+        except Exception:
+            return False
+        return True
+
+    def mark_ok(self, address: str) -> None:
+        if address in self._failures:
+            del self._failures[address]
+
     def mark_failed(self, address: str) -> None:
-        self._quarantine[address] = time.monotonic() + QUARANTINE_S
+        self._failures[address] += 1
+        quarantine = min(QUARANTINE_S * 2 ** (self._failures[address] - 1), MAX_QUARANTINE_S)
+        self._quarantine[address] = time.monotonic() + quarantine
         self.placement = {s: a for s, a in self.placement.items() if a != address}
 
     def release(self, session_id: str) -> None:

@@ -54,6 +54,7 @@ class Step:
     reported: StepCosts = field(default_factory=StepCosts)  # what the tiers reported with this step
     predrafted: bool = False  # the next step was drafted while this one was verified
     used_predraft: bool = False  # this step's draft was the previous step's pre-draft
+    drafter_unavailable: bool = False  # no replica served the request's drafter: decoded plainly
     draft_replica: str = ""  # who drafted and verified it ("" in-process)
     target_replica: str = ""
     draft_s: float = 0.0  # waiting for the draft (0 when pre-drafted)
@@ -139,7 +140,8 @@ def _step(request: GenerationRequest, proposal: Proposal, verdict: Verdict, rema
     reported = StepCosts(proposal.draft_pass_base_s, proposal.draft_row_s, verdict.pass_base_s, verdict.row_s,
                          verdict.batch_size)
     return Step(tokens, reason, proposed=len(proposal.tokens), accepted=min(verdict.num_accepted, len(tokens)),
-                batch_size=verdict.batch_size, reported=reported, target_replica=verdict.replica)
+                batch_size=verdict.batch_size, reported=reported, drafter_unavailable=proposal.unavailable,
+                target_replica=verdict.replica)
 
 
 def _start_predraft(request: GenerationRequest, drafter: Drafter, committed: list[int], sync: _Sync,

@@ -20,6 +20,7 @@ class SpecStats:
     batch_size_sum: int = 0  # sum over steps of the verify batch size
     predrafts: int = 0  # next-step drafts made while a step was being verified
     predrafts_used: int = 0  # ... that turned out valid and were used
+    steps_without_drafter: int = 0  # steps decoded plainly because no replica served the drafter
     ttft_s: float = 0.0
     elapsed_s: float = 0.0
     drafter: str = "none"
@@ -32,6 +33,7 @@ class SpecStats:
         self.batch_size_sum += step.batch_size
         self.predrafts += step.predrafted
         self.predrafts_used += step.used_predraft
+        self.steps_without_drafter += step.drafter_unavailable
 
     @property
     def acceptance_rate(self) -> float:
@@ -60,4 +62,5 @@ class SpecStats:
             "tokens_per_s": round(self.tokens_per_s, 3),
             "mean_verify_batch_size": round(self.mean_verify_batch_size, 3), "drafter": self.drafter,
             "predrafts": self.predrafts, "predrafts_used": self.predrafts_used,
+            "steps_without_drafter": self.steps_without_drafter,
         }

@@ -34,6 +34,7 @@ class Proposal:
     draft_pass_base_s: float = 0.0
     draft_row_s: float = 0.0
     replica: str = ""  # the draft replica that answered ("" in-process)
+    unavailable: bool = False  # no replica serves the drafter: this step decodes plainly
 
 
 @dataclass

@@ -89,7 +89,7 @@ def stats_to_proto(st: SpecStats) -> generation_pb2.SpeculationStats:
         accepted_tokens=st.accepted_tokens, steps=st.steps, acceptance_rate=st.acceptance_rate,
         mean_accepted_length=st.mean_accepted_length, ttft_ms=st.ttft_s * 1e3, elapsed_ms=st.elapsed_s * 1e3,
         tokens_per_s=st.tokens_per_s, mean_verify_batch_size=st.mean_verify_batch_size, drafter=st.drafter,
-        predrafts=st.predrafts, predrafts_used=st.predrafts_used)
+        predrafts=st.predrafts, predrafts_used=st.predrafts_used, steps_without_drafter=st.steps_without_drafter)
 
 
 def stats_from_proto(m: generation_pb2.SpeculationStats) -> SpecStats:
@@ -98,4 +98,5 @@ def stats_from_proto(m: generation_pb2.SpeculationStats) -> SpecStats:
         prompt_tokens=m.prompt_tokens, generated_tokens=m.generated_tokens, proposed_tokens=m.proposed_tokens,
         accepted_tokens=m.accepted_tokens, steps=m.steps,
         batch_size_sum=round(m.mean_verify_batch_size * m.steps), predrafts=m.predrafts,
-        predrafts_used=m.predrafts_used, ttft_s=m.ttft_ms / 1e3, elapsed_s=m.elapsed_ms / 1e3, drafter=m.drafter)
+        predrafts_used=m.predrafts_used, steps_without_drafter=m.steps_without_drafter, ttft_s=m.ttft_ms / 1e3,
+        elapsed_s=m.elapsed_ms / 1e3, drafter=m.drafter)

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specdec.config import Settings
-from specdec.rpc.streams import CHANNEL_OPTIONS
+from specdec.rpc.options import INTERNAL_MAX_MESSAGE, server_options
 from specdec.state.registry import Heartbeat, Registry, ReplicaInfo
 from specdec.telemetry import server_interceptors, shutdown as telemetry_shutdown
 
@@ -36,7 +36,8 @@ class TierServer:
                  model: str = "", drafters: list[str] | None = None, drain: Drain | None = None) -> None:
         self.tier, self.settings, self.service_names = tier, settings, service_names
         self.drain = drain
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=server_interceptors())
+        max_message = settings.max_request_bytes if tier == "coordinator" else INTERNAL_MAX_MESSAGE
+        self.server = grpc.aio.server(options=server_options(max_message), interceptors=server_interceptors())
         add_servicers(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -45,7 +46,8 @@ class TierServer:
             self.server)
         self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port_for(tier)}")
         self.address = f"{settings.advertise_host or settings.host}:{self.port}"
-        self.info = ReplicaInfo(tier=tier, address=self.address, model=model, drafters=drafters or [])
+        self.info = ReplicaInfo(tier=tier, address=self.address, model=model, drafters=drafters or [],
+                                heartbeat_s=settings.heartbeat_s)
         self.registry = Registry(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
         self.heartbeat = Heartbeat(self.registry, self.info, load, settings.heartbeat_s) if self.registry else None
 

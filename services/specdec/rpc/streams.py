@@ -14,7 +14,12 @@ from typing import Any
 
 import grpc
 
+from specdec.rpc.options import client_options
+
 log = logging.getLogger(__name__)
+
+
+CONNECT_TIMEOUT_S = 3.0
 
 
 class ReplicaFailed(RuntimeError):
@@ -93,7 +98,7 @@ class TaggedStreamClient:
     def __init__(self, address: str, open_stream: Callable[[grpc.aio.Channel], Any],
                  make_request: Callable[[list[Any], list[str]], Any]) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=client_options())
         self._open_stream = open_stream
         self._make_request = make_request
         self._tags = itertools.count(1)
@@ -103,6 +108,7 @@ class TaggedStreamClient:
         self._wakeup = asyncio.Event()
         self._call: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._connected = False
         self.failed: Exception | None = None
 
     @property
@@ -114,9 +120,22 @@ class TaggedStreamClient:
             self._call = self._open_stream(self._channel)
             self._tasks = [asyncio.create_task(self._write_loop()), asyncio.create_task(self._read_loop())]
 
+    async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Wait until the replica answers at the HTTP/2 level; ReplicaFailed after timeout_s
+        (an address that accepts TCP and never answers costs one timeout, not a call's)."""
+        if self._connected:
+            return
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+        except asyncio.TimeoutError:
+            self._fail(ReplicaFailed(f"no answer within {timeout_s:.0f} s"))
+            raise ReplicaFailed(f"{self.address}: no answer within {timeout_s:.0f} s") from None
+        self._connected = True
+
     async def call(self, build_item: Callable[[int], Any]) -> Any:
         if self.failed is not None:
             raise ReplicaFailed(f"{self.address}: {self.failed}")
+        await self.connect()
         self._ensure_open()
         tag = next(self._tags)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -170,12 +189,3 @@ class TaggedStreamClient:
         if self._call is not None:
             self._call.cancel()
         await self._channel.close()
-
-
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]

@@ -32,15 +32,40 @@ class ReplicaInfo:
     heartbeat_at: float = 0.0
     drafters: list[str] = field(default_factory=list)
     load: dict[str, float | int | None] = field(default_factory=dict)
+    heartbeat_s: float = 2.0  # the replica's beat: a record older than a few beats is stale
 
     def key(self, prefix: str) -> str:
         return f"{prefix}replica:{self.tier}:{self.replica_id}"
 
+    def stale(self, now: float) -> bool:
+        """Not refreshed for STALE_HEARTBEATS beats (plus slack for clocks a little apart)."""
+        return now - self.heartbeat_at > STALE_HEARTBEATS * self.heartbeat_s + CLOCK_SLACK_S
+
     @classmethod
-    def from_json(cls, raw: str | bytes) -> "ReplicaInfo":
+    def from_json(cls, raw: str | bytes) -> ReplicaInfo:
+        """The record, checked field by field; ValueError for anything that is not one."""
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("a replica record is a JSON object")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for name, kinds in _FIELD_TYPES.items():
+            if name in known and (not isinstance(known[name], kinds) or isinstance(known[name], bool)):
+                raise ValueError(f"{name}: {type(known[name]).__name__} is not {kinds}")
+        if not known.get("tier") or not known.get("address"):
+            raise ValueError("tier and address are required")
+        if not all(isinstance(d, str) for d in known.get("drafters", [])):
+            raise ValueError("drafters: not a list of strings")
+        load = known.get("load", {})
+        if not all(isinstance(k, str) and (v is None or isinstance(v, (int, float))) for k, v in load.items()):
+            raise ValueError("load: not a map of names to numbers")
         return cls(**known)
+
+
+STALE_HEARTBEATS = 3
+CLOCK_SLACK_S = 2.0
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "tier": str, "address": str, "model": str, "replica_id": str, "pid": int, "started_at": (int, float),
+    "heartbeat_at": (int, float), "drafters": list, "load": dict, "heartbeat_s": (int, float)}
 
 
 class Registry:
@@ -61,7 +86,18 @@ class Registry:
         if not keys:
             return []
         values = await self.redis.mget(keys)
-        return sorted((ReplicaInfo.from_json(v) for v in values if v), key=lambda r: (r.tier, r.address))
+        now, found = time.time(), []
+        for key, value in zip(keys, values):
+            if not value:
+                continue  # expired between SCAN and MGET
+            try:
+                info = ReplicaInfo.from_json(value)
+            except (ValueError, TypeError) as exc:  # not ours, or not well formed: skip it, never fail on it
+                log.warning("skipping replica record %r: %s", key[:200], str(exc)[:200])
+                continue
+            if not info.stale(now):
+                found.append(info)
+        return sorted(found, key=lambda r: (r.tier, r.address))
 
     async def close(self) -> None:
         await self.redis.aclose()

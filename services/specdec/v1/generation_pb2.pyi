@@ -71,7 +71,7 @@ class SpeculationParams(_message.Message):
     def __init__(self, drafter: _Optional[str] = ..., max_draft_tokens: _Optional[int] = ..., adaptive: _Optional[bool] = ..., overlap: _Optional[bool] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "proposed_tokens", "accepted_tokens", "steps", "acceptance_rate", "mean_accepted_length", "ttft_ms", "elapsed_ms", "tokens_per_s", "mean_verify_batch_size", "drafter", "predrafts", "predrafts_used")
+    __slots__ = ("prompt_tokens", "generated_tokens", "proposed_tokens", "accepted_tokens", "steps", "acceptance_rate", "mean_accepted_length", "ttft_ms", "elapsed_ms", "tokens_per_s", "mean_verify_batch_size", "drafter", "predrafts", "predrafts_used", "steps_without_drafter")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class SpeculationStats(_message.Message):
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     PREDRAFTS_FIELD_NUMBER: _ClassVar[int]
     PREDRAFTS_USED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_WITHOUT_DRAFTER_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     proposed_tokens: int
@@ -100,7 +101,8 @@ class SpeculationStats(_message.Message):
     drafter: str
     predrafts: int
     predrafts_used: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., elapsed_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., mean_verify_batch_size: _Optional[float] = ..., drafter: _Optional[str] = ..., predrafts: _Optional[int] = ..., predrafts_used: _Optional[int] = ...) -> None: ...
+    steps_without_drafter: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., elapsed_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., mean_verify_batch_size: _Optional[float] = ..., drafter: _Optional[str] = ..., predrafts: _Optional[int] = ..., predrafts_used: _Optional[int] = ..., steps_without_drafter: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "chat", "token_ids", "decoding", "speculation", "request_id")
