@@ -26,6 +26,7 @@ class Settings:
     max_new_tokens: int = 4096  # cap on one request
     max_request_bytes: int = 4 << 20  # coordinator: largest request message (gRPC answers RESOURCE_EXHAUSTED)
     max_running_requests: int = 256  # coordinator: requests run at once; the rest queue (queue_depth)
+    max_queued_requests: int = 1024  # coordinator: beyond this many queued, RESOURCE_EXHAUSTED with a retry hint
     torch_threads: int = 0  # 0 = torch's default
     heartbeat_s: float = 2.0  # registry refresh; entries expire after 5 heartbeats
     tier_timeout_s: float = 60.0  # a draft/verify call slower than this counts as a failure

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import grpc
 
@@ -19,6 +20,7 @@ from specdec.core.interfaces import Tiers
 from specdec.core.loop import GenerationRequest, Step
 from specdec.core.models import load_tokenizer, resolve_model_path
 from specdec.core.request import ModelLimits, RequestSpec, build_request
+from specdec.core.tokenizer import Tokenizer
 from specdec.rpc.convert import stats_to_proto
 from specdec.rpc.errors import grpc_errors
 from specdec.rpc.server import TierServer
@@ -42,21 +44,23 @@ FINISH = {"length": generation_pb2.FINISH_REASON_LENGTH, "stop": generation_pb2.
 class Coordinator:
     """Validates requests, runs each one's loop against the remote tiers, records sessions."""
 
-    def __init__(self, settings: Settings, tokenizer, limits: ModelLimits) -> None:
+    def __init__(self, settings: Settings, tokenizer: Tokenizer, limits: ModelLimits) -> None:
         self.settings, self.tokenizer, self.limits = settings, tokenizer, limits
         registry = Registry(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
         self.registry = registry
         self.sessions = SessionStore(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
         self.draft_pool = ReplicaPool(
-            "draft", registry, settings.draft_addresses, lambda ch: draft_pb2_grpc.DraftServiceStub(ch).Propose(),
+            "draft", registry, settings.draft_addresses,
+            lambda ch: draft_pb2_grpc.DraftServiceStub(ch).Propose(),  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
             lambda items, rel: draft_pb2.ProposeRequest(items=items, release_session_ids=rel))
         self.target_pool = ReplicaPool(
-            "target", registry, settings.target_addresses, lambda ch: target_pb2_grpc.TargetServiceStub(ch).Verify(),
+            "target", registry, settings.target_addresses,
+            lambda ch: target_pb2_grpc.TargetServiceStub(ch).Verify(),  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
             lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel))
         self.tiers = Tiers(RemoteVerifier(self.target_pool, settings.tier_timeout_s, settings.max_failovers),
                            RemoteDrafter(self.draft_pool, settings.tier_timeout_s, settings.max_failovers))
         self.default_drafter = parse_drafter(settings.drafter, "SPECDEC_DRAFTER")
-        self.admission = Admission(settings.max_running_requests)
+        self.admission = Admission(settings.max_running_requests, settings.max_queued_requests)
         self.active = 0  # requests running (admitted)
         self.generated_tokens = 0
         self.proposed_tokens = 0  # drafts of finished requests
@@ -80,7 +84,7 @@ class Coordinator:
                 yield chunk
 
     async def _run(self, spec: RequestSpec, request: GenerationRequest, stops: list[str],
-                   result: GenerationResult) -> AsyncIterator[Chunk]:
+                   result: GenerationResult) -> AsyncGenerator[Chunk, None]:
         self.active += 1
         self._record(spec, request, result, "running")
         try:
@@ -113,7 +117,7 @@ class Coordinator:
             "updated_at": time.time(),
         })
 
-    def load(self) -> dict:
+    def load(self) -> dict[str, float | int | None]:
         return {"queue_depth": self.admission.waiting, "active_sessions": self.active, "batch_utilization": 0.0,
                 "generated_tokens": self.generated_tokens,
                 **self.rates.read(self.generated_tokens, self.proposed_tokens, self.accepted_tokens)}
@@ -124,7 +128,9 @@ def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteR
     if which is None:
         raise InvalidArgument("input", "give one of prompt, chat or token_ids")
     d, s = m.decoding, m.speculation
-    opt = lambda msg, name: getattr(msg, name) if msg.HasField(name) else None  # noqa: E731
+
+    def opt(msg: generation_pb2.DecodingParams | generation_pb2.SpeculationParams, name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else None  # None: left unset (proto3 optional)
     return RequestSpec(
         prompt=m.prompt if which == "prompt" else None,
         messages=[{"role": x.role, "content": x.content} for x in m.chat.messages] if which == "chat" else None,
@@ -141,7 +147,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.coordinator = coordinator
 
     @grpc_errors
-    async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def Generate(self, request: generation_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
         result = GenerationResult()
         async for chunk in self.coordinator.stream(spec_from_proto(request), result):
             yield generation_pb2.GenerateResponse(
@@ -151,7 +158,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result.stats)))
 
     @grpc_errors
-    async def Complete(self, request: generation_pb2.CompleteRequest, context: grpc.aio.ServicerContext):
+    async def Complete(self, request: generation_pb2.CompleteRequest,
+                       context: grpc.aio.ServicerContext) -> generation_pb2.CompleteResponse:
         result = GenerationResult()
         async for _ in self.coordinator.stream(spec_from_proto(request), result):
             pass
@@ -170,6 +178,6 @@ def build(settings: Settings) -> TierServer:
     name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
     return TierServer(
         "coordinator", settings, [name],
-        lambda server: generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+        lambda server: generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
             GenerationServicer(coordinator), server),
         coordinator.load, model=settings.model)

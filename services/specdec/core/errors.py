@@ -16,3 +16,11 @@ class TierUnavailable(RuntimeError):
     def __init__(self, tier: str, detail: str = "") -> None:
         super().__init__(f"{tier} tier unavailable" + (f": {detail}" if detail else ""))
         self.tier = tier
+
+
+class Overloaded(RuntimeError):
+    """Too much is queued already; the caller should retry after `retry_after_s`."""
+
+    def __init__(self, what: str, retry_after_s: float) -> None:
+        super().__init__(f"{what}; retry in about {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s

@@ -6,12 +6,12 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
 
 import grpc
 
-from specdec.core.errors import InvalidArgument, TierUnavailable
+from specdec.core.errors import InvalidArgument, Overloaded, TierUnavailable
 from specdec.v1 import errors_pb2
 
 MAX_MESSAGE = 500  # characters of an error message that travel; input is never echoed whole
@@ -24,15 +24,18 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, TierUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     log.exception("internal error")
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
-def grpc_errors(method: Callable) -> Callable:
+def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a unary or server-streaming aio servicer method with status mapping."""
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
-        async def stream_wrapper(self, request, context):
+        async def stream_wrapper(self: object, request: object,
+                                 context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 async for item in method(self, request, context):
                     yield item
@@ -43,7 +46,7 @@ def grpc_errors(method: Callable) -> Callable:
         return stream_wrapper
 
     @functools.wraps(method)
-    async def unary_wrapper(self, request, context):
+    async def unary_wrapper(self: object, request: object, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
