@@ -1,9 +1,11 @@
 """GenerationService: protobuf in, the speculation loop over remote tiers, protobuf out."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Any
 
@@ -19,7 +21,7 @@ from specdec.core.generation import Chunk, GenerationResult, generate_stream
 from specdec.core.interfaces import Tiers
 from specdec.core.loop import GenerationRequest, Step
 from specdec.core.models import load_tokenizer, resolve_model_path
-from specdec.core.request import ModelLimits, RequestSpec, build_request
+from specdec.core.request import ModelLimits, RequestSpec, build_request, check_sizes, longest_token_chars
 from specdec.core.tokenizer import Tokenizer
 from specdec.rpc.convert import stats_to_proto
 from specdec.rpc.errors import grpc_errors
@@ -60,6 +62,7 @@ class Coordinator:
         self.tiers = Tiers(RemoteVerifier(self.target_pool, settings.tier_timeout_s, settings.max_failovers),
                            RemoteDrafter(self.draft_pool, settings.tier_timeout_s, settings.max_failovers))
         self.default_drafter = parse_drafter(settings.drafter, "SPECDEC_DRAFTER")
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.admission = Admission(settings.max_running_requests, settings.max_queued_requests)
         self.active = 0  # requests running (admitted)
         self.generated_tokens = 0
@@ -74,8 +77,14 @@ class Coordinator:
         return sorted({"ngram", str(self.default_drafter), *served} - {NONE})
 
     async def stream(self, spec: RequestSpec, result: GenerationResult) -> AsyncIterator[Chunk]:
-        request, stops = build_request(spec, self.tokenizer, self.limits, self.default_drafter,
-                                       await self.drafters(), self.settings.overlap)
+        check_sizes(spec, self.limits)  # cheap, and before anything is tokenized
+        drafters = await self.drafters()
+        # Tokenizing (and a chat template) takes time in proportion to the prompt: off the
+        # event loop, so other streams and the health check are not kept waiting; on one
+        # thread, because a transformers tokenizer is not safe to call from several at once.
+        request, stops = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizing, build_request, spec, self.tokenizer, self.limits, self.default_drafter, drafters,
+            self.settings.overlap)
         self._record(spec, request, result, "queued")
         # aclosing: a client that goes away closes the run at once, releasing its slot and
         # its sessions on the tiers.
@@ -172,9 +181,10 @@ def build(settings: Settings) -> TierServer:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(resolve_model_path(settings.model))
+    tokenizer = load_tokenizer(settings.model)
     limits = ModelLimits(vocab_size=config.vocab_size, max_context=getattr(config, "max_position_embeddings", 1 << 20),
-                         max_new_tokens=settings.max_new_tokens)
-    coordinator = Coordinator(settings, load_tokenizer(settings.model), limits)
+                         max_new_tokens=settings.max_new_tokens, max_token_chars=longest_token_chars(tokenizer))
+    coordinator = Coordinator(settings, tokenizer, limits)
     name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
     return TierServer(
         "coordinator", settings, [name],

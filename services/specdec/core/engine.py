@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
-
 from specdec.core import compute
 from specdec.core.drafters.registry import DrafterSpec, parse_drafter
 from specdec.core.drafters.worker import DraftWorker
@@ -18,14 +16,15 @@ from specdec.core.generation import GenerationResult, generate
 from specdec.core.interfaces import Tiers
 from specdec.core.local import LocalDrafter, LocalVerifier
 from specdec.core.models import load_model, load_tokenizer
-from specdec.core.request import ModelLimits, RequestSpec, build_request
-from specdec.core.runner import build_runner
+from specdec.core.request import ModelLimits, RequestSpec, build_request, longest_token_chars
+from specdec.core.runner import CausalLM, build_runner
 from specdec.core.target import TargetWorker
+from specdec.core.tokenizer import Tokenizer
 
 
 class Engine:
-    def __init__(self, target_model: torch.nn.Module, tokenizer, drafter: str | DrafterSpec = "ngram",
-                 draft_model: torch.nn.Module | None = None, draft_model_name: str = "",
+    def __init__(self, target_model: CausalLM, tokenizer: Tokenizer, drafter: str | DrafterSpec = "ngram",
+                 draft_model: CausalLM | None = None, draft_model_name: str = "",
                  overlap: bool = False) -> None:
         runner = compute.run_sync(build_runner, target_model)  # packs weights: torch work
         self.tokenizer = tokenizer
@@ -36,7 +35,8 @@ class Engine:
         self.tiers = Tiers(self.verifier, self.drafter)
         self.default_drafter = parse_drafter(drafter)
         self.default_overlap = overlap
-        self.limits = ModelLimits(vocab_size=runner.vocab_size, max_context=runner.max_context)
+        self.limits = ModelLimits(vocab_size=runner.vocab_size, max_context=runner.max_context,
+                                  max_token_chars=longest_token_chars(tokenizer))
 
     @classmethod
     def load(cls, model: str, drafter: str | DrafterSpec = "ngram", device: str = "cpu",

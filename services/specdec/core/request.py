@@ -14,11 +14,15 @@ from specdec.core.drafters.registry import DrafterSpec, parse_drafter
 from specdec.core.errors import InvalidArgument
 from specdec.core.loop import GenerationRequest
 from specdec.core.sampling import SamplingParams
+from specdec.core.tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_DRAFT_TOKENS = 5
 MAX_DRAFT_TOKENS = 16
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # per stop string
+MAX_MESSAGES = 256  # chat messages in one request
+MAX_REQUEST_ID_CHARS = 256
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -47,11 +51,23 @@ class ModelLimits:
     vocab_size: int
     max_context: int
     max_new_tokens: int = 4096  # server cap on one request
+    # The longest token's text: a prompt of n characters has at least n / this many tokens,
+    # so one that cannot fit the context is refused before it is tokenized.
+    max_token_chars: int = 1 << 20
 
 
-def build_request(spec: RequestSpec, tokenizer, limits: ModelLimits, default_drafter: DrafterSpec | str,
+def longest_token_chars(tokenizer: Tokenizer) -> int:
+    """Characters in the vocabulary's longest token (special ones included), at least 1."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    return max((len(token) for token in vocab()), default=1) if vocab is not None else 1 << 20
+
+
+def build_request(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits, default_drafter: DrafterSpec | str,
                   available_drafters: list[str], default_overlap: bool = False) -> tuple[GenerationRequest, list[str]]:
-    """-> (the loop's request, stop strings). Raises InvalidArgument."""
+    """-> (the loop's request, stop strings). Raises InvalidArgument. Sizes are checked
+    before anything is tokenized; tokenizing a large prompt takes a while, so a server
+    calls this off its event loop."""
+    check_sizes(spec, limits)
     prompt_ids = _prompt_ids(spec, tokenizer, limits)
     max_new = DEFAULT_MAX_NEW_TOKENS if spec.max_new_tokens is None else spec.max_new_tokens
     if not 1 <= max_new <= limits.max_new_tokens:
@@ -71,12 +87,36 @@ def build_request(spec: RequestSpec, tokenizer, limits: ModelLimits, default_dra
     request = GenerationRequest(
         session_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_new_tokens=max_new, sampling=sampling,
         drafter=drafter, max_draft_tokens=k, adaptive=True if spec.adaptive is None else spec.adaptive,
-        stop_token_ids=stops, max_context=limits.max_context, overlap=default_overlap if spec.overlap is None else spec.overlap,
+        stop_token_ids=stops, max_context=limits.max_context,
+        overlap=default_overlap if spec.overlap is None else spec.overlap,
     )
     return request, list(spec.stop)
 
 
-def _prompt_ids(spec: RequestSpec, tokenizer, limits: ModelLimits) -> list[int]:
+def check_sizes(spec: RequestSpec, limits: ModelLimits) -> None:
+    """Bounds on everything a caller sizes, checked in time proportional to the counts,
+    never to the text; messages never echo the input."""
+    if len(spec.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(spec.request_id)}")
+    if len(spec.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument("decoding.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(spec.stop)}")
+    if any(len(s) > MAX_STOP_CHARS for s in spec.stop):
+        raise InvalidArgument("decoding.stop", f"a stop string has at most {MAX_STOP_CHARS} characters")
+    if len(spec.stop_token_ids) > limits.vocab_size:
+        raise InvalidArgument("decoding.stop_token_ids", f"at most {limits.vocab_size} ids")
+    if spec.messages is not None and len(spec.messages) > MAX_MESSAGES:
+        raise InvalidArgument("chat.messages", f"at most {MAX_MESSAGES} messages, got {len(spec.messages)}")
+    texts = [spec.prompt] if spec.prompt is not None else [m.get("content", "") for m in spec.messages or []]
+    chars = sum(len(text) for text in texts)
+    if chars > limits.max_context * limits.max_token_chars:
+        field = "prompt" if spec.prompt is not None else "chat.messages"
+        raise InvalidArgument(field, f"{chars} characters cannot fit the model's context of {limits.max_context} tokens")
+    if spec.token_ids is not None and len(spec.token_ids) >= limits.max_context:
+        raise InvalidArgument("token_ids.ids", f"prompt of {len(spec.token_ids)} tokens does not fit the model's "
+                                               f"context of {limits.max_context}")
+
+
+def _prompt_ids(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits) -> list[int]:
     given = [x is not None for x in (spec.prompt, spec.messages, spec.token_ids)]
     if sum(given) != 1:
         raise InvalidArgument("input", "give exactly one of prompt, chat or token_ids")
@@ -94,11 +134,12 @@ def _prompt_ids(spec: RequestSpec, tokenizer, limits: ModelLimits) -> list[int]:
         if bad:
             raise InvalidArgument(field_name, f"token id {bad[0]} outside the vocabulary [0, {limits.vocab_size})")
     if len(ids) >= limits.max_context:
-        raise InvalidArgument(field_name, f"prompt of {len(ids)} tokens does not fit the model's context of {limits.max_context}")
+        raise InvalidArgument(field_name,
+                              f"prompt of {len(ids)} tokens does not fit the model's context of {limits.max_context}")
     return ids
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """The chat template applied, as a plain list of token ids (transformers returns a list
     or, in newer versions, a dict-like with input_ids)."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -107,7 +148,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(ids)
 
 
-def _chat_ids(messages: list[dict[str, str]], tokenizer) -> list[int]:
+def _chat_ids(messages: list[dict[str, str]], tokenizer: Tokenizer) -> list[int]:
     if not messages:
         raise InvalidArgument("chat.messages", "must not be empty")
     for i, message in enumerate(messages):
@@ -127,10 +168,11 @@ def _drafter(drafter: DrafterSpec, available: list[str]) -> DrafterSpec:
     return drafter
 
 
-def _stop_token_ids(spec: RequestSpec, tokenizer, limits: ModelLimits) -> frozenset[int]:
+def _stop_token_ids(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits) -> frozenset[int]:
     for t in spec.stop_token_ids:
         if not 0 <= t < limits.vocab_size:
-            raise InvalidArgument("decoding.stop_token_ids", f"token id {t} outside the vocabulary [0, {limits.vocab_size})")
+            raise InvalidArgument("decoding.stop_token_ids",
+                                  f"token id {t} outside the vocabulary [0, {limits.vocab_size})")
     stops = set(spec.stop_token_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and not spec.ignore_eos:
@@ -139,7 +181,5 @@ def _stop_token_ids(spec: RequestSpec, tokenizer, limits: ModelLimits) -> frozen
 
 
 def _check_stop_strings(stop: list[str]) -> None:
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument("decoding.stop", f"at most {MAX_STOP_STRINGS} stop strings")
     if any(not s for s in stop):
         raise InvalidArgument("decoding.stop", "stop strings must not be empty")
