@@ -10,7 +10,8 @@ from .config import OperatorConfig
 
 def main() -> None:
     config = OperatorConfig.from_env()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=config.logging_level,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from . import handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(

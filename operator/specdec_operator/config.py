@@ -1,8 +1,12 @@
 """Operator-wide settings, from the environment (the Helm chart sets them)."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
 
 
 @dataclass(frozen=True)
@@ -15,6 +19,7 @@ class OperatorConfig:
     peering: str | None          # SPECDEC_OPERATOR_PEERING: kopf peering object; empty = standalone
     priority: int                # SPECDEC_OPERATOR_PRIORITY: peering priority of this pod
     liveness: str | None         # SPECDEC_OPERATOR_LIVENESS: e.g. http://0.0.0.0:8080/healthz
+    log_level: str               # SPECDEC_OPERATOR_LOG_LEVEL: debug | info (default) | warning | error
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -22,6 +27,10 @@ class OperatorConfig:
         interval = float(env.get("SPECDEC_OPERATOR_INTERVAL_S", "15"))
         if interval <= 0:
             raise ValueError("SPECDEC_OPERATOR_INTERVAL_S must be > 0")
+        log_level = env.get("SPECDEC_OPERATOR_LOG_LEVEL", "info").strip().lower() or "info"
+        if log_level not in LOG_LEVELS:
+            raise ValueError(f"SPECDEC_OPERATOR_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, "
+                             f"not {log_level!r}")
         return cls(
             api_url=env.get("SPECDEC_OPERATOR_API_URL") or None,
             interval_s=interval,
@@ -32,4 +41,10 @@ class OperatorConfig:
             peering=env.get("SPECDEC_OPERATOR_PEERING") or None,
             priority=int(env.get("SPECDEC_OPERATOR_PRIORITY", "0")),
             liveness=env.get("SPECDEC_OPERATOR_LIVENESS") or None,
+            log_level=log_level,
         )
+
+    @property
+    def logging_level(self) -> int:
+        """``log_level`` as a :mod:`logging` level number."""
+        return LOG_LEVELS[self.log_level]

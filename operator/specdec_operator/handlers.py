@@ -1,4 +1,5 @@
-"""kopf handlers: thin wrappers around :func:`reconcile`.
+"""kopf handlers: thin wrappers around :func:`reconcile`, which does the I/O of one pass
+(Redis, the Kubernetes API, Events) around the pure decisions of :mod:`.plan`.
 
 * create / update / resume: apply the tiers' Deployments, Services and PDBs now;
 * a timer (``SPECDEC_OPERATOR_INTERVAL_S``): re-apply drift and autoscale each tier from
@@ -22,6 +23,8 @@ from . import resources
 from .config import OperatorConfig
 from .kube import ApiError, Kube
 from .load import read_loads
+from .plan import (TierPlan, current_replicas, decoder_status, invalid_spec_conditions,
+                   plan_tier, ready_replicas)
 from .policy import TIERS, Coupling, Decision, History, ReplicaLoad, decide
 from .spec import GROUP, PLURAL, VERSION, DecoderSpec, parse
 
@@ -128,140 +131,134 @@ async def redis_url(spec: DecoderSpec, namespace: str) -> str | None:
     return CONFIG.default_redis_url
 
 
-def coupling(spec: DecoderSpec, target: list[ReplicaLoad]) -> Coupling:
-    rated = [(x.acceptance_rate, max(x.tokens_per_s, 1e-9)) for x in target
-             if x.acceptance_rate is not None]
-    acc = sum(a * w for a, w in rated) / sum(w for _, w in rated) if rated else None
-    return Coupling(
-        target_tokens_per_s=sum(x.tokens_per_s for x in target),
-        target_active_sessions=sum(x.active_sessions for x in target),
-        target_queue_depth=sum(x.queue_depth for x in target),
-        draft_length=spec.draft_length, acceptance_rate=acc,
-        draft_tokens_per_s_per_replica=spec.tiers["draft"].draft_tokens_per_s_per_replica)
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _conditions(old: list[Mapping[str, Any]], new: dict[str, tuple[bool, str, str]]
-                ) -> list[dict[str, Any]]:
-    """Conditions with lastTransitionTime kept while the status does not change."""
-    before = {c.get("type"): c for c in old or []}
-    out = []
-    for kind, (ok, reason, message) in new.items():
-        status = "True" if ok else "False"
-        prev = before.get(kind) or {}
-        since = prev.get("lastTransitionTime") if prev.get("status") == status else None
-        out.append({"type": kind, "status": status, "reason": reason, "message": message[:1000],
-                    "lastTransitionTime": since or _now()})
-    return out
-
-
 async def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
                     logger: logging.Logger, *, autoscale: bool) -> None:
+    """Apply every tier; with ``autoscale``, first resize each one from its load in Redis."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     old_status = dict(body.get("status") or {})
-    try:
-        spec = parse(body.get("spec") or {})
-    except ValueError as exc:
-        patch.status["conditions"] = _conditions(old_status.get("conditions") or [], {
-            "Ready": (False, "InvalidSpec", str(exc)),
-            "Scaling": (False, "InvalidSpec", str(exc)),
-            "Degraded": (True, "InvalidSpec", str(exc))})
-        if autoscale:
-            return
-        kopf.warn(body, reason="InvalidSpec", message=str(exc))
-        raise kopf.PermanentError(str(exc)) from exc
+    spec = _parse(body, patch, old_status, autoscale=autoscale)
+    if spec is None:
+        return
     state = _state(memo)
-    owner = {"metadata": {"name": name, "namespace": ns, "uid": meta["uid"]}}
     async with state.lock:
         url = await redis_url(spec, ns)
         loads: dict[str, list[ReplicaLoad]] = {t: [] for t in TIERS}
         problems: list[str] = []
         if autoscale:
-            if url is None:
-                problems.append("no Redis URL: autoscaling paused")
-            else:
-                try:
-                    client = await state.client(url)
-                    loads = await read_loads(client, resources.redis_prefix(ns, name),
-                                             CONFIG.heartbeat_max_age_s)
-                except (RedisError, OSError) as exc:
-                    problems.append(f"Redis unreachable, autoscaling paused: {exc}")
+            loads, problem = await read_tier_loads(state, url, resources.redis_prefix(ns, name))
+            problems += [problem] if problem else []
+        old_tiers = old_status.get("tiers") or {}
         tiers_status: dict[str, Any] = {}
         decisions: list[Decision] = []
         for tier in TIERS:
-            dep_name = resources.child_name(name, tier)
             if tier not in spec.active_tiers:
-                for kind in KINDS:
-                    await KUBE.delete(kind, ns, dep_name)
+                await remove_tier(ns, resources.child_name(name, tier))
                 continue
-            t = spec.tiers[tier]
-            live = await KUBE.get("Deployment", ns, dep_name)
-            current = int(((live or {}).get("spec") or {}).get("replicas", t.min_replicas))
-            replicas = min(max(current, t.min_replicas), t.max_replicas)
-            if not t.autoscaling_enabled:
-                replicas = t.min_replicas
-            tstatus = dict((old_status.get("tiers") or {}).get(tier) or {})
-            if autoscale and t.autoscaling_enabled and not problems:
-                d = decide(tier, t.policy, loads[tier], current, state.history(tier),
-                           time.monotonic(), coupling(spec, loads["target"]) if tier == "draft" else None)
-                replicas = d.desired
-                decisions.append(d)
-                if d.observed.missing and current:
-                    problems.append(f"{tier}: {d.observed.missing} of {current} replicas not reporting")
-                if d.desired != d.current:
-                    reason = "ScaledUp" if d.desired > d.current else "ScaledDown"
-                    message = f"{tier}: {d.current} -> {d.desired} replicas: {d.reason}"
-                    kopf.event(body, type="Normal", reason=reason, message=message)
-                    logger.info(message)
-                    tstatus.update(lastScaleTime=_now(), lastScaleReason=message[:300])
-                o = d.observed
-                tstatus.update(recommendedReplicas=d.recommended, reportingReplicas=o.reporting,
-                               activeSessions=o.active_sessions,
-                               tokensPerSecond=round(o.tokens_per_s, 2),
-                               utilization=None if o.utilization is None else round(o.utilization, 3),
-                               queueDepth=None if o.queue_depth is None else round(o.queue_depth, 2))
-            wanted = [resources.deployment(owner, spec, tier, replicas, CONFIG.default_redis_url),
-                      resources.service(owner, spec, tier), resources.pdb(owner, spec, tier)]
-            for obj in wanted:
-                have = live if obj["kind"] == "Deployment" else \
-                    await KUBE.get(obj["kind"], ns, obj["metadata"]["name"])
-                if have is not None and not resources.drifted(obj, have):
-                    continue
-                try:
-                    await KUBE.apply(obj)
-                except ApiError as exc:
-                    raise kopf.TemporaryError(f"applying {obj['kind']} {dep_name}: {exc}", delay=5)
-                if have is None:
-                    logger.info("created %s %s", obj["kind"], dep_name)
-                elif autoscale and not (obj["kind"] == "Deployment" and
-                                        not resources.drifted({**obj, "spec": {**obj["spec"],
-                                                              "replicas": current}}, have)):
-                    kopf.event(body, type="Normal", reason="DriftCorrected",
-                               message=f"re-applied {obj['kind']} {dep_name}")
-            ready = int(((live or {}).get("status") or {}).get("readyReplicas") or 0)
-            tstatus.update(desiredReplicas=replicas, readyReplicas=ready)
-            tiers_status[tier] = tstatus
-        acc = [d.observed.acceptance_rate for d in decisions
-               if d.tier == "target" and d.observed.acceptance_rate is not None]
-        scaling = [f"{d.tier} {d.current}->{d.desired}" for d in decisions if d.desired != d.current]
-        not_ready = [t for t, s in tiers_status.items()
-                     if s["desiredReplicas"] > 0 and s["readyReplicas"] < 1]
-        patch.status["observedGeneration"] = meta.get("generation")
-        patch.status["tiers"] = tiers_status
-        if acc:
-            patch.status["acceptanceRate"] = round(acc[0], 3)
-        patch.status["conditions"] = _conditions(old_status.get("conditions") or [], {
-            "Ready": (not not_ready, "TiersReady" if not not_ready else "TiersNotReady",
-                      "every tier has a ready replica" if not not_ready
-                      else "no ready replica in: " + ", ".join(not_ready)),
-            "Scaling": (bool(scaling), "Scaling" if scaling else "Stable",
-                        "; ".join(scaling) or "replica counts match the load"),
-            "Degraded": (bool(problems), "Degraded" if problems else "Healthy",
-                         "; ".join(problems) or "all replicas report load"),
-        })
+            # A problem so far (Redis, or silent replicas in an earlier tier) pauses autoscaling.
+            plan, decision = await reconcile_tier(
+                body, spec, tier, old_tiers.get(tier) or {}, loads, state, logger,
+                autoscale=autoscale, paused=bool(problems))
+            if decision is not None:
+                decisions.append(decision)
+            problems += [plan.problem] if plan.problem else []
+            tiers_status[tier] = plan.status
+        patch.status.update(decoder_status(
+            meta.get("generation"), tiers_status, decisions, problems,
+            old_status.get("conditions") or [], _now()))
         if problems and autoscale:
             logger.warning("; ".join(problems))
+
+
+def _parse(body: kopf.Body, patch: kopf.Patch, old_status: Mapping[str, Any], *,
+           autoscale: bool) -> DecoderSpec | None:
+    """The parsed spec; if it is invalid, conditions say so and create/update fail for good."""
+    try:
+        return parse(body.get("spec") or {})
+    except ValueError as exc:
+        patch.status["conditions"] = invalid_spec_conditions(
+            old_status.get("conditions") or [], str(exc), _now())
+        if autoscale:
+            return None
+        kopf.warn(body, reason="InvalidSpec", message=str(exc))
+        raise kopf.PermanentError(str(exc)) from exc
+
+
+async def read_tier_loads(state: State, url: str | None, prefix: str
+                          ) -> tuple[dict[str, list[ReplicaLoad]], str | None]:
+    """Each tier's live heartbeats, or none and the problem that pauses autoscaling."""
+    none: dict[str, list[ReplicaLoad]] = {t: [] for t in TIERS}
+    if url is None:
+        return none, "no Redis URL: autoscaling paused"
+    try:
+        return await read_loads(await state.client(url), prefix, CONFIG.heartbeat_max_age_s), None
+    except (RedisError, OSError) as exc:
+        return none, f"Redis unreachable, autoscaling paused: {exc}"
+
+
+async def reconcile_tier(body: kopf.Body, spec: DecoderSpec, tier: str,
+                         old_status: Mapping[str, Any], loads: Mapping[str, list[ReplicaLoad]],
+                         state: State, logger: logging.Logger, *, autoscale: bool, paused: bool
+                         ) -> tuple[TierPlan, Decision | None]:
+    """Decide one tier's replicas (Event if it scales), apply its objects, report drift."""
+    meta = body["metadata"]
+    ns, child = meta["namespace"], resources.child_name(meta["name"], tier)
+    t = spec.tiers[tier]
+    live = await KUBE.get("Deployment", ns, child)
+    current = current_replicas(live, t)
+    decision = None
+    if autoscale and t.autoscaling_enabled and not paused:
+        coupled = None if tier != "draft" else Coupling.of_target(
+            loads["target"], spec.draft_length, t.draft_tokens_per_s_per_replica)
+        decision = decide(tier, t.policy, loads[tier], current, state.history(tier),
+                          time.monotonic(), coupled)
+    plan = plan_tier(t, current, ready_replicas(live), old_status, decision, _now())
+    if plan.event is not None:
+        kopf.event(body, type="Normal", reason=plan.event[0], message=plan.event[1])
+        logger.info(plan.event[1])
+    owner = {"metadata": {"name": meta["name"], "namespace": ns, "uid": meta["uid"]}}
+    wanted = [resources.deployment(owner, spec, tier, plan.replicas, CONFIG.default_redis_url),
+              resources.service(owner, spec, tier), resources.pdb(owner, spec, tier)]
+    created, corrected = await apply_wanted(wanted, live, current)
+    for kind in created:
+        logger.info("created %s %s", kind, child)
+    for kind in corrected if autoscale else ():
+        kopf.event(body, type="Normal", reason="DriftCorrected",
+                   message=f"re-applied {kind} {child}")
+    return plan, decision
+
+
+async def apply_wanted(wanted: list[dict[str, Any]], live: Mapping[str, Any] | None,
+                       current: int) -> tuple[list[str], list[str]]:
+    """Apply each object that is missing or differs from the cluster.
+
+    ``live`` is the tier's Deployment as read before (None: absent), ``current`` its
+    replica count then. Returns the kinds created and the kinds whose drift was corrected
+    (a Deployment's new replica count alone is scaling, not drift).
+    """
+    created, corrected = [], []
+    for obj in wanted:
+        kind, obj_name = obj["kind"], obj["metadata"]["name"]
+        have = live if kind == "Deployment" else \
+            await KUBE.get(kind, obj["metadata"]["namespace"], obj_name)
+        if have is not None and not resources.drifted(obj, have):
+            continue
+        try:
+            await KUBE.apply(obj)
+        except ApiError as exc:
+            raise kopf.TemporaryError(f"applying {kind} {obj_name}: {exc}", delay=5)
+        if have is None:
+            created.append(kind)
+        elif resources.drifted_beyond_scale(obj, have, current):
+            corrected.append(kind)
+    return created, corrected
+
+
+async def remove_tier(namespace: str, child: str) -> None:
+    """Delete a tier's objects (a tier the spec no longer runs)."""
+    for kind in KINDS:
+        await KUBE.delete(kind, namespace, child)

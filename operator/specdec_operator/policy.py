@@ -137,6 +137,16 @@ class Coupling:
         return (self.target_tokens_per_s <= 0 and self.target_active_sessions <= 0
                 and self.target_queue_depth <= 0)
 
+    @classmethod
+    def of_target(cls, target: Sequence[ReplicaLoad], draft_length: int,
+                  draft_tokens_per_s_per_replica: float | None = None) -> "Coupling":
+        """The coupling read off the target tier's heartbeats."""
+        return cls(target_tokens_per_s=sum(x.tokens_per_s for x in target),
+                   target_active_sessions=sum(x.active_sessions for x in target),
+                   target_queue_depth=sum(x.queue_depth for x in target),
+                   draft_length=draft_length, acceptance_rate=acceptance_rate(target),
+                   draft_tokens_per_s_per_replica=draft_tokens_per_s_per_replica)
+
 
 @dataclass(frozen=True)
 class Observed:
@@ -174,8 +184,8 @@ class Decision:
 class History:
     """Recent recommendations of one tier, for the stabilization windows."""
 
-    started_at: float                     # when this history began (unix s)
-    entries: deque[tuple[float, int]] = field(default_factory=deque)  # (time s, replicas)
+    started_at: float                     # when this history began (monotonic clock, s)
+    entries: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic s, replicas)
 
     def add(self, now: float, replicas: int, keep_s: float) -> None:
         self.entries.append((now, replicas))
@@ -186,20 +196,29 @@ class History:
         return [r for t, r in self.entries if t >= now - window_s]
 
 
-def observe(loads: Sequence[ReplicaLoad], current: int) -> Observed:
-    n = len(loads)
-    tps = sum(x.tokens_per_s for x in loads)
+def acceptance_rate(loads: Sequence[ReplicaLoad]) -> float | None:
+    """Tier-wide acceptance: the replicas' rates weighted by their tokens/s.
+
+    A replica with no throughput still counts, with a tiny weight (so an idle tier has a
+    rate); None when no replica reports one.
+    """
     rated = [(x.acceptance_rate, max(x.tokens_per_s, 1e-9)) for x in loads
              if x.acceptance_rate is not None]
-    acc = (sum(a * w for a, w in rated) / sum(w for _, w in rated)) if rated else None
+    if not rated:
+        return None
+    return sum(a * w for a, w in rated) / sum(w for _, w in rated)
+
+
+def observe(loads: Sequence[ReplicaLoad], current: int) -> Observed:
+    n = len(loads)
     return Observed(
         reporting=n,
         missing=max(0, current - n),
         utilization=(sum(x.batch_utilization for x in loads) / n) if n else None,
         queue_depth=(sum(x.queue_depth for x in loads) / n) if n else None,
         active_sessions=sum(x.active_sessions for x in loads),
-        tokens_per_s=tps,
-        acceptance_rate=acc,
+        tokens_per_s=sum(x.tokens_per_s for x in loads),
+        acceptance_rate=acceptance_rate(loads),
     )
 
 
@@ -272,7 +291,8 @@ def decide(tier: str, policy: TierPolicy, loads: Sequence[ReplicaLoad], current:
            history: History, now: float, coupling: Coupling | None = None) -> Decision:
     """One autoscaling step: recommendation, then stabilization windows and step caps.
 
-    ``history`` is updated in place; everything else is an input.
+    ``now`` is a monotonic clock in seconds, the clock of ``history``; ``history`` is
+    updated in place; everything else is an input.
     """
     rec = recommend(policy, loads, current, coupling)
     keep = max(policy.scale_up_window_s, policy.scale_down_window_s) + 1.0

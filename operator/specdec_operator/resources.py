@@ -10,7 +10,6 @@ from typing import Any, Mapping
 from .spec import GROUP, KIND, VERSION, DecoderSpec, TierSpec
 
 MANAGED_BY = "specdec-operator"
-COMMAND = {"coordinator": "coordinator", "draft": "draft", "target": "target"}
 
 
 def redis_prefix(namespace: str, name: str) -> str:
@@ -93,7 +92,7 @@ def deployment(owner: Mapping[str, Any], spec: DecoderSpec, tier: str, replicas:
     container: dict[str, Any] = {
         "name": tier,
         "image": t.image,
-        "command": ["specdec", "serve", COMMAND[tier]],
+        "command": ["specdec", "serve", tier],
         "ports": [{"name": "grpc", "containerPort": t.port, "protocol": "TCP"}],
         "env": _env(spec, t, namespace, name, default_redis_url),
         "resources": resources,
@@ -191,3 +190,14 @@ def drifted(desired: Any, live: Any) -> bool:
             isinstance(desired, str) and isinstance(live, (int, float)):
         return str(desired) != str(live)
     return desired != live
+
+
+def drifted_beyond_scale(desired: Mapping[str, Any], live: Any, replicas: int) -> bool:
+    """Whether ``live`` drifted from ``desired`` in more than a Deployment's replica count.
+
+    ``replicas`` is the count the Deployment had before this pass: a different count in
+    ``desired`` is the autoscaler's own change, not drift.
+    """
+    if desired["kind"] == "Deployment":
+        desired = {**desired, "spec": {**desired["spec"], "replicas": replicas}}
+    return drifted(desired, live)

@@ -4,8 +4,9 @@ kmock 0.8's ``KubernetesEmulator`` stores objects and serves list/watch/patch/de
 never sets ``uid``/``creationTimestamp``/``resourceVersion``/``generation``, ignores
 ``generateName``, cannot apply JSON patches (kopf uses one, guarded by a
 ``resourceVersion`` test, to remove its finalizer), and replays every object as ADDED
-on each new watch. :class:`FixedEmulator` fills those gaps; no controllers run, so
-there are no Pods, no ``readyReplicas`` and no garbage collection.
+on each new watch. :class:`FixedEmulator` fills those gaps (and forgets served requests,
+which kmock would keep and rescan on every new one); no controllers run, so there are no
+Pods, no ``readyReplicas`` and no garbage collection.
 """
 from __future__ import annotations
 
@@ -116,7 +117,22 @@ class FixedEmulator(kmock.KubernetesEmulator):
                     await self._prepare(request)
             except JsonPatchConflict as exc:
                 raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc))
-        return await super()._handle(request)
+        try:
+            return await super()._handle(request)
+        finally:
+            self._forget(request)
+
+    def _forget(self, request: kmock.Request) -> None:
+        """Drop a served request from kmock's history.
+
+        kmock keeps every request for assertions (which these tests do not make) and
+        matches each new request by scanning that whole history: served requests would
+        make every request slower than the last. In-flight ones (watches) stay.
+        """
+        for i, seen in enumerate(self._requests):
+            if seen is request:
+                del self._requests[i]
+                return
 
     async def _prepare(self, request: kmock.Request) -> None:
         data = request.data

@@ -1,14 +1,18 @@
 """The real operator under kopf, against the kmock Kubernetes emulator and a real Valkey.
 
-A small "fleet" thread plays the replicas: for every replica each Deployment asks for, it
-publishes the services' heartbeat JSON into Redis (SET ... EX 10) every 0.2 s, spreading
-a per-tier demand over them; replicas that a scale-down removes delete their key, as a
-gracefully stopping service does.
+One operator serves the module; every test makes its own ``SpeculativeDecoder`` in its
+own namespace (so its Deployments, Events and Redis keys are its own) and stands alone.
+
+A small "fleet" thread plays that decoder's replicas: for every replica each Deployment
+asks for, it publishes the services' heartbeat JSON into Redis (SET ... EX 10) every
+0.2 s, spreading a per-tier demand over them; replicas that a scale-down removes delete
+their key, as a gracefully stopping service does.
 """
 from __future__ import annotations
 
 import json
-import os
+import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,22 +20,17 @@ from typing import Any, Callable
 
 import pytest
 
+from emulator import EmulatorThread
+
 INTERVAL_S = 0.25
-os.environ["SPECDEC_OPERATOR_INTERVAL_S"] = str(INTERVAL_S)
-
-from emulator import EmulatorThread  # noqa: E402
-
-NS, NAME = "default", "demo"
-CR_PATH = f"/apis/specdec.io/v1alpha1/namespaces/{NS}/speculativedecoders"
+NAME = "demo"
+IMAGE = "ghcr.io/specdec/specdec:0.1.0"
 WINDOW_S = 3.0
 TIERS = ("coordinator", "draft", "target")
 
 
-def dep_path(tier: str) -> str:
-    return f"/apis/apps/v1/namespaces/{NS}/deployments/{NAME}-{tier}"
-
-
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -41,28 +40,67 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-class Fleet(threading.Thread):
-    """Publishes heartbeats for the replicas the Deployments ask for."""
+class Decoder:
+    """One test's SpeculativeDecoder, its namespace and its fleet; reads from the API."""
 
-    def __init__(self, api: EmulatorThread, redis_url: str) -> None:
-        super().__init__(name="fleet", daemon=True)
+    def __init__(self, api: EmulatorThread, namespace: str, redis_url: str) -> None:
+        self.api, self.ns, self.name, self.redis_url = api, namespace, NAME, redis_url
+        self.cr_path = f"/apis/specdec.io/v1alpha1/namespaces/{namespace}/speculativedecoders"
+        self.fleet = Fleet(self, redis_url)
+        self.cr: dict[str, Any] = {}        # the resource as created
+
+    def create(self) -> None:
+        self.cr = self.api.request("POST", self.cr_path, manifest(self.ns, self.redis_url))
+
+    def resource(self) -> Any:
+        return self.api.request("GET", f"{self.cr_path}/{self.name}")
+
+    def dep_path(self, tier: str) -> str:
+        return f"/apis/apps/v1/namespaces/{self.ns}/deployments/{self.name}-{tier}"
+
+    def deployment(self, tier: str) -> Any:
+        return self.api.request("GET", self.dep_path(tier))
+
+    def replicas(self, tier: str) -> int | None:
+        dep = self.deployment(tier)
+        return None if dep is None else dep["spec"]["replicas"]
+
+    def service(self, tier: str) -> Any:
+        return self.api.request("GET", f"/api/v1/namespaces/{self.ns}/services/{self.name}-{tier}")
+
+    def pdb(self, tier: str) -> Any:
+        return self.api.request(
+            "GET", f"/apis/policy/v1/namespaces/{self.ns}/poddisruptionbudgets/{self.name}-{tier}")
+
+    def applied(self) -> bool:
+        """Whether a reconcile pass has finished: every tier is in status."""
+        status = (self.resource() or {}).get("status") or {}
+        return set(status.get("tiers") or ()) == set(TIERS)
+
+    def events(self, reason: str) -> list[dict[str, Any]]:
+        path = f"/api/v1/namespaces/{self.ns}/events"
+        return [e for e in (self.api.request("GET", path) or {}).get("items", [])
+                if e.get("reason") == reason]
+
+
+class Fleet(threading.Thread):
+    """Publishes heartbeats for the replicas one decoder's Deployments ask for."""
+
+    def __init__(self, decoder: Decoder, redis_url: str) -> None:
+        super().__init__(name=f"fleet-{decoder.ns}", daemon=True)
         import redis
-        self.api = api
+        self.decoder = decoder
         self.r = redis.Redis.from_url(redis_url)
-        self.prefix = f"specdec:{NS}.{NAME}:"
+        self.prefix = f"specdec:{decoder.ns}.{decoder.name}:"
         self.demand = {"coordinator": 0.0, "draft": 0.0, "target": 0.0}  # total utilization
         self.tps = 0.0
         self.stop = threading.Event()
-
-    def replicas(self, tier: str) -> int:
-        dep = self.api.request("GET", dep_path(tier))
-        return int(dep["spec"]["replicas"]) if dep else 0
 
     def run(self) -> None:
         while not self.stop.wait(0.2):
             now = time.time()
             for tier in TIERS:
-                n = self.replicas(tier)
+                n = self.decoder.replicas(tier) or 0
                 for key in self.r.scan_iter(f"{self.prefix}replica:{tier}:*"):
                     if int(key.rsplit(b"-", 1)[1]) >= n:
                         self.r.delete(key)
@@ -77,19 +115,26 @@ class Fleet(threading.Thread):
                                       "acceptance_rate": 0.7 if tier == "target" else None}}
                     self.r.set(f"{self.prefix}replica:{tier}:{tier}-{i}", json.dumps(value), ex=10)
 
+    def close(self) -> None:
+        self.stop.set()
+        self.join(5)
+        for key in self.r.scan_iter(f"{self.prefix}*"):
+            self.r.delete(key)
+        self.r.close()
 
-def manifest(redis_url: str) -> dict[str, Any]:
+
+def manifest(namespace: str, redis_url: str) -> dict[str, Any]:
     fast = {"scaleDownStabilizationSeconds": WINDOW_S, "scaleUpStabilizationSeconds": 0,
             "maxScaleUpStep": 2, "maxScaleDownStep": 1, "headroom": 0.0,
             "targetUtilization": 0.5, "targetQueueDepth": None}
     return {
         "apiVersion": "specdec.io/v1alpha1", "kind": "SpeculativeDecoder",
-        "metadata": {"name": NAME, "namespace": NS},
+        "metadata": {"name": NAME, "namespace": namespace},
         "spec": {
             "model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"},
             "drafter": {"type": "ngram"},
             "draftLength": 4,
-            "image": "ghcr.io/specdec/specdec:0.1.0",
+            "image": IMAGE,
             "redis": {"url": redis_url},
             "tracing": {"endpoint": "http://otel-collector:4317"},
             "coordinator": {"minReplicas": 1, "maxReplicas": 3},
@@ -104,101 +149,111 @@ def manifest(redis_url: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def cluster(valkey) -> Iterator[tuple[EmulatorThread, Fleet, Any]]:
+def operator() -> Iterator[EmulatorThread]:
+    """The emulator and the operator under kopf, with its environment restored afterwards."""
     from kopf.testing import KopfRunner
 
-    with EmulatorThread() as api:
-        os.environ["SPECDEC_OPERATOR_API_URL"] = api.url
-        fleet = Fleet(api, valkey.url)
-        fleet.r.flushall()
-        fleet.start()
+    # The handlers read their settings (the timer interval) when imported: here, by kopf.
+    assert "specdec_operator.handlers" not in sys.modules, "handlers imported before the operator"
+    with EmulatorThread() as api, pytest.MonkeyPatch.context() as env:
+        env.setenv("SPECDEC_OPERATOR_INTERVAL_S", str(INTERVAL_S))
+        env.setenv("SPECDEC_OPERATOR_API_URL", api.url)
+        env.delenv("SPECDEC_OPERATOR_REDIS_URL", raising=False)
         args = ["run", "--standalone", "--all-namespaces", "-m", "specdec_operator.handlers"]
         with KopfRunner(args, timeout=30) as runner:
-            yield api, fleet, runner
-        fleet.stop.set()
-        fleet.join(5)
-        os.environ.pop("SPECDEC_OPERATOR_API_URL", None)
+            yield api
     assert runner.exception is None, runner.output[-3000:]
 
 
-def replicas(api: EmulatorThread, tier: str) -> int | None:
-    dep = api.request("GET", dep_path(tier))
-    return None if dep is None else dep["spec"]["replicas"]
+@pytest.fixture
+def decoder(operator: EmulatorThread, valkey, request: pytest.FixtureRequest) -> Iterator[Decoder]:
+    """This test's decoder, created, in a namespace of its own, its fleet heartbeating."""
+    ns = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:63].rstrip("-")
+    d = Decoder(operator, ns, valkey.url)
+    d.fleet.start()
+    d.create()
+    yield d
+    d.fleet.close()
+    if d.resource() is not None:
+        operator.request("DELETE", f"{d.cr_path}/{d.name}")   # the operator cleans up later
 
 
-def events(api: EmulatorThread, reason: str) -> list[dict[str, Any]]:
-    items = (api.request("GET", f"/api/v1/namespaces/{NS}/events") or {}).get("items", [])
-    return [e for e in items if e.get("reason") == reason]
-
-
-def test_create_makes_each_tier(cluster, valkey) -> None:
-    api, fleet, _ = cluster
-    cr = api.request("POST", CR_PATH, manifest(valkey.url))
+def test_create_makes_each_tier(decoder: Decoder, valkey) -> None:
+    d = decoder
     for tier in TIERS:
-        dep = wait_for(f"{tier} deployment", lambda: api.request("GET", dep_path(tier)))
-        assert dep["metadata"]["ownerReferences"][0]["uid"] == cr["metadata"]["uid"]
+        dep = wait_for(f"{tier} deployment", lambda: d.deployment(tier))
+        assert dep["metadata"]["ownerReferences"][0]["uid"] == d.cr["metadata"]["uid"]
         assert dep["metadata"]["ownerReferences"][0]["controller"] is True
         c = dep["spec"]["template"]["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert c["command"] == ["specdec", "serve", tier]
-        assert env["SPECDEC_REDIS_PREFIX"] == f"specdec:{NS}.{NAME}:"
+        assert env["SPECDEC_REDIS_PREFIX"] == f"specdec:{d.ns}.{d.name}:"
         assert env["SPECDEC_REDIS_URL"] == valkey.url and env["SPECDEC_DRAFTER"] == "ngram"
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
         assert c["readinessProbe"]["grpc"]["port"] == {"coordinator": 50051, "draft": 50052,
                                                         "target": 50053}[tier]
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
-        assert wait_for("service", lambda: api.request(
-            "GET", f"/api/v1/namespaces/{NS}/services/{NAME}-{tier}"))
-        assert wait_for("pdb", lambda: api.request(
-            "GET", f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{NAME}-{tier}"))
-    target = api.request("GET", dep_path("target"))["spec"]["template"]["spec"]
+        assert wait_for("service", lambda: d.service(tier))
+        assert wait_for("pdb", lambda: d.pdb(tier))
+    target = d.deployment("target")["spec"]["template"]["spec"]
     assert target["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert target["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
-    status = wait_for("status", lambda: (api.request("GET", f"{CR_PATH}/{NAME}") or {}).get("status", {}).get("tiers"))
+    status = wait_for("status", lambda: (d.resource() or {}).get("status", {}).get("tiers"))
     assert set(status) == set(TIERS)
 
 
-def test_idle_draft_tier_scales_to_zero(cluster) -> None:
-    api, fleet, _ = cluster
-    wait_for("draft at 0", lambda: replicas(api, "draft") == 0, timeout=WINDOW_S + 10)
+def test_idle_draft_tier_scales_to_zero_and_back(decoder: Decoder) -> None:
+    d = decoder
+    wait_for("draft at 0", lambda: d.replicas("draft") == 0, timeout=WINDOW_S + 10)
+    d.fleet.tps = 100.0
+    d.fleet.demand["target"] = 0.4        # the target tier is busy: drafting is needed again
+    wait_for("draft back up", lambda: (d.replicas("draft") or 0) >= 1)
 
 
-def test_load_scales_target_up_and_draft_follows(cluster) -> None:
-    api, fleet, _ = cluster
-    fleet.tps = 2400.0
-    fleet.demand["target"] = 2.0          # 2 replicas' worth at 100%: 4 at target 0.5
-    wait_for("target at 4", lambda: replicas(api, "target") == 4)
+def scale_target_to_4(d: Decoder) -> None:
+    d.fleet.tps = 2400.0
+    d.fleet.demand["target"] = 2.0        # 2 replicas' worth at 100%: 4 at target 0.5
+    wait_for("target at 4", lambda: d.replicas("target") == 4)
+
+
+def test_load_scales_target_up_and_draft_follows(decoder: Decoder) -> None:
+    d = decoder
+    wait_for("applied", d.applied)        # the load arrives at a running decoder
+    scale_target_to_4(d)
     # 2400 tok/s at a=0.7, k=4 needs ~3470 draft tok/s: 1000/replica at 0.5 -> 4 (max).
-    wait_for("draft back up", lambda: (replicas(api, "draft") or 0) >= 2)
-    ups = events(api, "ScaledUp")
+    wait_for("draft up", lambda: (d.replicas("draft") or 0) >= 2)
+    ups = d.events("ScaledUp")
     assert any("target: " in e["message"] for e in ups)
-    assert all(e["involvedObject"]["name"] == NAME for e in ups)
+    assert all(e["involvedObject"]["name"] == d.name for e in ups)
 
 
-def test_scale_down_waits_for_the_window(cluster) -> None:
-    api, fleet, _ = cluster
-    assert replicas(api, "target") == 4
-    fleet.demand["target"] = 0.4
-    fleet.tps = 100.0
+def test_scale_down_waits_for_the_window(decoder: Decoder) -> None:
+    d = decoder
+    scale_target_to_4(d)
+    assert d.replicas("target") == 4
+    d.fleet.demand["target"] = 0.4
+    d.fleet.tps = 100.0
     dropped = time.monotonic()
-    wait_for("target below 4", lambda: replicas(api, "target") < 4, timeout=WINDOW_S + 10)
+    wait_for("target below 4", lambda: d.replicas("target") < 4, timeout=WINDOW_S + 10)
     # The last "4 replicas" recommendation came from the tick before the drop (<= one
     # interval earlier, plus timer jitter); the window counts from that recommendation.
     assert time.monotonic() - dropped >= WINDOW_S - 2 * INTERVAL_S
-    wait_for("target at 1", lambda: replicas(api, "target") == 1, timeout=10)
-    downs = [e["message"] for e in events(api, "ScaledDown") if e["message"].startswith("target")]
+    wait_for("target at 1", lambda: d.replicas("target") == 1, timeout=10)
+    downs = [e["message"] for e in d.events("ScaledDown") if e["message"].startswith("target")]
     assert {"target: 4 -> 3", "target: 3 -> 2", "target: 2 -> 1"} <= {m.split(" replicas")[0] for m in downs}
 
 
-def test_edit_propagates_to_deployments(cluster) -> None:
-    api, _, _ = cluster
-    api.request("PATCH", f"{CR_PATH}/{NAME}", {"spec": {"model": {"name": "org/other-model"},
-                                                        "image": "ghcr.io/specdec/specdec:0.2.0"}},
-                content_type="application/merge-patch+json")
+def test_edit_propagates_to_deployments(decoder: Decoder) -> None:
+    d = decoder
+    wait_for("applied", d.applied)
+    d.api.request("PATCH", f"{d.cr_path}/{d.name}",
+                  {"spec": {"model": {"name": "org/other-model"},
+                            "image": "ghcr.io/specdec/specdec:0.2.0"}},
+                  content_type="application/merge-patch+json")
 
     def updated() -> bool:
         for tier in TIERS:
-            c = api.request("GET", dep_path(tier))["spec"]["template"]["spec"]["containers"][0]
+            c = d.deployment(tier)["spec"]["template"]["spec"]["containers"][0]
             env = {e["name"]: e.get("value") for e in c["env"]}
             if env["SPECDEC_MODEL"] != "org/other-model" or not c["image"].endswith(":0.2.0"):
                 return False
@@ -206,23 +261,28 @@ def test_edit_propagates_to_deployments(cluster) -> None:
     wait_for("edited deployments", updated)
 
 
-def test_drift_is_reapplied(cluster) -> None:
-    api, _, _ = cluster
-    dep = api.request("GET", dep_path("coordinator"))
-    containers = dep["spec"]["template"]["spec"]["containers"]
+def test_drift_is_reapplied(decoder: Decoder) -> None:
+    d = decoder
+    wait_for("applied", d.applied)
+    containers = d.deployment("coordinator")["spec"]["template"]["spec"]["containers"]
     containers[0]["image"] = "example.com/tampered:1"
-    api.request("PATCH", dep_path("coordinator"), {"spec": {"template": {"spec": {"containers": containers}}}},
-                content_type="application/merge-patch+json")
-    wait_for("drift corrected", lambda: api.request("GET", dep_path("coordinator"))[
-        "spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.2.0"))
-    assert events(api, "DriftCorrected")
+    d.api.request("PATCH", d.dep_path("coordinator"),
+                  {"spec": {"template": {"spec": {"containers": containers}}}},
+                  content_type="application/merge-patch+json")
+    wait_for("drift corrected", lambda: d.deployment("coordinator")[
+        "spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE)
+    # The Event is posted in the background, after the re-apply.
+    assert wait_for("DriftCorrected event", lambda: d.events("DriftCorrected"), timeout=5)
 
 
-def test_delete_removes_everything(cluster) -> None:
-    api, _, runner = cluster
-    api.request("DELETE", f"{CR_PATH}/{NAME}")
-    wait_for("resource gone", lambda: api.request("GET", f"{CR_PATH}/{NAME}") is None)
+def test_delete_removes_everything(decoder: Decoder) -> None:
+    d = decoder
+    wait_for("applied", d.applied)
     for tier in TIERS:
-        assert api.request("GET", dep_path(tier)) is None
-        assert api.request("GET", f"/api/v1/namespaces/{NS}/services/{NAME}-{tier}") is None
-        assert api.request("GET", f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{NAME}-{tier}") is None
+        assert d.deployment(tier) and d.service(tier) and d.pdb(tier)
+    d.api.request("DELETE", f"{d.cr_path}/{d.name}")
+    wait_for("resource gone", lambda: d.resource() is None)
+    for tier in TIERS:
+        assert d.deployment(tier) is None
+        assert d.service(tier) is None
+        assert d.pdb(tier) is None

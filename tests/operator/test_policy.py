@@ -132,13 +132,11 @@ def test_draft_follows_target_throughput_times_draft_length() -> None:
 
 def check_invariants(results: dict, window_ticks: int = int(WINDOW_S / TICK_S)) -> None:
     for name, r in results.items():
-        policy = r.decisions[0]
         for d in r.decisions:
             assert d.desired - d.current <= 4, (name, d)
             assert d.current - d.desired <= 1, (name, d)
         assert all(0 <= n <= 40 for n in r.replicas)
         assert not flaps(r.changes(), window_ticks), (name, flaps(r.changes(), window_ticks))
-        del policy
 
 
 def settled(r, ticks: int) -> bool:

@@ -1,0 +1,122 @@
+"""What one reconcile pass decides, as pure functions; :mod:`.handlers` does the I/O.
+
+* :func:`plan_tier`: one tier's replica count, status fields, scaling Event and problem,
+  from its Deployment's replicas now and (when autoscaling) the policy's :class:`Decision`;
+* :func:`decoder_status`: the resource's ``status`` (tiers, acceptance, conditions);
+* :func:`conditions`: Kubernetes conditions that keep ``lastTransitionTime`` while the
+  status stays the same.
+
+Timestamps come in as ``stamp`` (an RFC 3339 string), so every function here is
+deterministic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from .policy import Decision
+from .spec import TierSpec
+
+Wanted = Mapping[str, tuple[bool, str, str]]   # condition type -> (ok, reason, message)
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """One tier's outcome of a reconcile pass."""
+
+    replicas: int                          # spec.replicas to apply to the tier's Deployment
+    status: dict[str, Any]                 # the tier's entry in status.tiers
+    event: tuple[str, str] | None          # (reason, message) of a scaling Event, if it scales
+    problem: str | None                    # replicas that do not report, for Degraded
+
+
+def current_replicas(live: Mapping[str, Any] | None, t: TierSpec) -> int:
+    """The live Deployment's replica count; ``min_replicas`` when it has none (or is absent)."""
+    return int(((live or {}).get("spec") or {}).get("replicas", t.min_replicas))
+
+
+def ready_replicas(live: Mapping[str, Any] | None) -> int:
+    return int(((live or {}).get("status") or {}).get("readyReplicas") or 0)
+
+
+def plan_tier(t: TierSpec, current: int, ready: int, old_status: Mapping[str, Any],
+              decision: Decision | None, stamp: str) -> TierPlan:
+    """The tier's replicas and status fields.
+
+    Without a ``decision`` (create/update, autoscaling off or paused) the replica count is
+    the current one brought within bounds, or ``min_replicas`` when autoscaling is off.
+    With one, the decision's count, its observed load in status, and an Event if it scales.
+    """
+    assert decision is None or t.autoscaling_enabled, "decision for a tier that does not autoscale"
+    status = dict(old_status)
+    if decision is None:
+        replicas = t.min_replicas if not t.autoscaling_enabled else \
+            min(max(current, t.min_replicas), t.max_replicas)
+        event = problem = None
+    else:
+        replicas, event = decision.desired, scaling_event(decision)
+        o = decision.observed
+        problem = (f"{t.tier}: {o.missing} of {current} replicas not reporting"
+                   if o.missing and current else None)
+        if event is not None:
+            status.update(lastScaleTime=stamp, lastScaleReason=event[1][:300])
+        status.update(recommendedReplicas=decision.recommended, reportingReplicas=o.reporting,
+                      activeSessions=o.active_sessions,
+                      tokensPerSecond=round(o.tokens_per_s, 2),
+                      utilization=None if o.utilization is None else round(o.utilization, 3),
+                      queueDepth=None if o.queue_depth is None else round(o.queue_depth, 2))
+    status.update(desiredReplicas=replicas, readyReplicas=ready)
+    return TierPlan(replicas=replicas, status=status, event=event, problem=problem)
+
+
+def scaling_event(d: Decision) -> tuple[str, str] | None:
+    """(reason, message) of the Event a decision that changes the count posts; else None."""
+    if d.desired == d.current:
+        return None
+    reason = "ScaledUp" if d.desired > d.current else "ScaledDown"
+    return reason, f"{d.tier}: {d.current} -> {d.desired} replicas: {d.reason}"
+
+
+def decoder_status(generation: int | None, tiers: Mapping[str, Mapping[str, Any]],
+                   decisions: Sequence[Decision], problems: Sequence[str],
+                   old_conditions: Sequence[Mapping[str, Any]], stamp: str) -> dict[str, Any]:
+    """The resource's status: per-tier fields, acceptance rate, Ready/Scaling/Degraded."""
+    acceptance = [d.observed.acceptance_rate for d in decisions
+                  if d.tier == "target" and d.observed.acceptance_rate is not None]
+    scaling = [f"{d.tier} {d.current}->{d.desired}" for d in decisions if d.desired != d.current]
+    not_ready = [tier for tier, s in tiers.items()
+                 if s["desiredReplicas"] > 0 and s["readyReplicas"] < 1]
+    status: dict[str, Any] = {"observedGeneration": generation, "tiers": dict(tiers)}
+    if acceptance:
+        status["acceptanceRate"] = round(acceptance[0], 3)
+    status["conditions"] = conditions(old_conditions, {
+        "Ready": (not not_ready, "TiersReady" if not not_ready else "TiersNotReady",
+                  "every tier has a ready replica" if not not_ready
+                  else "no ready replica in: " + ", ".join(not_ready)),
+        "Scaling": (bool(scaling), "Scaling" if scaling else "Stable",
+                    "; ".join(scaling) or "replica counts match the load"),
+        "Degraded": (bool(problems), "Degraded" if problems else "Healthy",
+                     "; ".join(problems) or "all replicas report load"),
+    }, stamp)
+    return status
+
+
+def invalid_spec_conditions(old: Sequence[Mapping[str, Any]], message: str,
+                            stamp: str) -> list[dict[str, Any]]:
+    """Conditions of a resource whose spec does not parse."""
+    return conditions(old, {"Ready": (False, "InvalidSpec", message),
+                            "Scaling": (False, "InvalidSpec", message),
+                            "Degraded": (True, "InvalidSpec", message)}, stamp)
+
+
+def conditions(old: Sequence[Mapping[str, Any]], new: Wanted, stamp: str) -> list[dict[str, Any]]:
+    """Conditions with lastTransitionTime kept while the status does not change."""
+    before = {c.get("type"): c for c in old or []}
+    out = []
+    for kind, (ok, reason, message) in new.items():
+        status = "True" if ok else "False"
+        prev = before.get(kind) or {}
+        since = prev.get("lastTransitionTime") if prev.get("status") == status else None
+        out.append({"type": kind, "status": status, "reason": reason, "message": message[:1000],
+                    "lastTransitionTime": since or stamp})
+    return out
