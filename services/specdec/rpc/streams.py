@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -38,20 +39,42 @@ async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awa
     those sessions over."""
     results: asyncio.Queue[Any] = asyncio.Queue()
     pending: set[asyncio.Task[None]] = set()
+    # A release can overtake its session's last item (items run concurrently, releases at
+    # once): it waits for that item, or the item would recreate the session for good.
+    in_flight: Counter[str] = Counter()
+    deferred: set[str] = set()
 
     async def run(item: Any) -> None:
         try:
             result = await handle(item)
         except Exception as exc:
-            log.exception("item of session %s failed", getattr(item, "session_id", "?"))
+            log.exception("item of session %s failed", str(getattr(item, "session_id", "?"))[:64])
             result = failed(item, exc)
+        finally:
+            await settle(item.session_id)
         await results.put(result)
+
+    async def settle(session_id: str) -> None:
+        """One item of the session is done: a release that waited for it runs now."""
+        in_flight[session_id] -= 1
+        if in_flight[session_id] > 0:
+            return
+        del in_flight[session_id]
+        if session_id in deferred:
+            deferred.discard(session_id)
+            try:
+                await release([session_id])
+            except Exception:  # the item's answer must still go out
+                log.exception("release of session %s failed", session_id[:64])
 
     async def read() -> None:
         async for request in requests:
-            if request.release_session_ids:
-                await release(list(request.release_session_ids))
+            now = [s for s in request.release_session_ids if s not in in_flight]
+            deferred.update(s for s in request.release_session_ids if s in in_flight)
+            if now:
+                await release(now)
             for item in request.items:
+                in_flight[item.session_id] += 1
                 task = asyncio.create_task(run(item))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
