@@ -149,9 +149,10 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
         url = await redis_url(spec, ns)
         loads: dict[str, list[ReplicaLoad]] = {t: [] for t in TIERS}
         problems: list[str] = []
+        redis_problem = None
         if autoscale:
-            loads, problem = await read_tier_loads(state, url, resources.redis_prefix(ns, name))
-            problems += [problem] if problem else []
+            loads, redis_problem = await read_tier_loads(state, url, resources.redis_prefix(ns, name))
+            problems += [redis_problem] if redis_problem else []
         old_tiers = old_status.get("tiers") or {}
         tiers_status: dict[str, Any] = {}
         decisions: list[Decision] = []
@@ -159,10 +160,11 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
             if tier not in spec.active_tiers:
                 await remove_tier(ns, resources.child_name(name, tier))
                 continue
-            # A problem so far (Redis, or silent replicas in an earlier tier) pauses autoscaling.
+            # No loads (Redis unreachable or unnamed) pause autoscaling; a tier's silent
+            # replicas are that tier's own business (the policy counts them as missing).
             plan, decision = await reconcile_tier(
                 body, spec, tier, old_tiers.get(tier) or {}, loads, state, logger,
-                autoscale=autoscale, paused=bool(problems))
+                autoscale=autoscale, paused=redis_problem is not None)
             if decision is not None:
                 decisions.append(decision)
             problems += [plan.problem] if plan.problem else []
