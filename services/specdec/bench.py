@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from specdec.core import compute
+from specdec.core.drafters.model import ModelDrafter
 from specdec.core.drafters.registry import parse_drafter
 from specdec.core.engine import Engine
 from specdec.core.request import RequestSpec, chat_prompt_ids
@@ -193,14 +194,18 @@ def _hf(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig, reference:
     """transformers' own generate: plain, and its matching speculative mode; and whether
     their outputs equal this engine's plain decoding."""
     import torch
+    from transformers import GenerationMixin
 
     model = engine.verifier.worker.runner.model
+    assert isinstance(model, GenerationMixin)  # a transformers causal LM
     tok = engine.tokenizer
     extra: dict[str, Any] = {}
     if cfg.drafter == "ngram":
         extra = {"prompt_lookup_num_tokens": cfg.k}
     elif parse_drafter(cfg.drafter).needs_model:
-        extra = {"assistant_model": engine.drafter.worker.methods[cfg.drafter].runner.model}
+        drafter = engine.drafter.worker.methods[cfg.drafter]
+        assert isinstance(drafter, ModelDrafter)  # a drafter that needs a model
+        extra = {"assistant_model": drafter.runner.model}
     plain, spec = Tally(), Tally()
     identical = True
     for i, row in enumerate(rows):

@@ -196,7 +196,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no Redis URL: pass --redis-url or set SPECDEC_REDIS_URL", file=sys.stderr)
         return 2
 
-    async def fetch() -> list[dict]:
+    async def fetch() -> list[dict[str, Any]]:
         registry = Registry(settings.redis_url, settings.redis_prefix)
         try:
             return [vars(r) for r in await registry.replicas()]
@@ -256,7 +256,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_local(args: argparse.Namespace, prompt: dict, params: dict) -> dict:
+def _generate_local(args: argparse.Namespace, prompt: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     from specdec.core.engine import Engine
     from specdec.core.errors import InvalidArgument
     from specdec.core.request import RequestSpec
@@ -266,12 +266,12 @@ def _generate_local(args: argparse.Namespace, prompt: dict, params: dict) -> dic
         engine = Engine.load(settings.model, params.get("drafter") or settings.drafter, settings.device, settings.dtype)
         result = engine.complete(RequestSpec(**prompt, **params))
     except InvalidArgument as exc:
-        raise SystemExit(f"invalid argument: {exc}")
+        raise SystemExit(f"invalid argument: {exc}") from exc
     return {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
             "stats": result.stats.as_dict()}
 
 
-def _generate_remote(args: argparse.Namespace, prompt: dict, params: dict) -> dict:
+def _generate_remote(args: argparse.Namespace, prompt: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     import grpc
 
     from specdec.client import Client
@@ -282,7 +282,7 @@ def _generate_remote(args: argparse.Namespace, prompt: dict, params: dict) -> di
         try:
             reply = client.complete(**prompt, **params)
         except grpc.RpcError as exc:
-            raise SystemExit(f"{exc.code().name}: {exc.details()}")
+            raise SystemExit(f"{exc.code().name}: {exc.details()}") from exc
     reason = generation_pb2.FinishReason.Name(reply.finish_reason).removeprefix("FINISH_REASON_").lower()
     return {"text": reply.text, "token_ids": list(reply.token_ids), "finish_reason": reason,
             "stats": stats_from_proto(reply.stats).as_dict()}

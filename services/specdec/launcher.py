@@ -38,7 +38,7 @@ def _die_with_parent() -> None:
 @dataclass
 class Child:
     name: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     log: Path
     address: str = ""
 

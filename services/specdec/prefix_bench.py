@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from typing import Any
 
 
 def _wait_stored(redis_url: str, prefix: str, tier: str, at_least: int, timeout_s: float = 10.0) -> None:
@@ -29,7 +30,7 @@ def _wait_stored(redis_url: str, prefix: str, tier: str, at_least: int, timeout_
 
 def prefix_bench(model: str = "smollm2-135m", prefix_tokens: int = 1024, suffix_tokens: int = 16,
                  rounds: int = 5, chunk_tokens: int = 256, target_replicas: int = 1, redis_url: str = "",
-                 extra_env: dict[str, str] | None = None) -> dict:
+                 extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the comparison on a fresh local stack; returns medians, ratio and every sample."""
     import os
     import uuid

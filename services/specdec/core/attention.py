@@ -99,9 +99,12 @@ class BatchAttention:
         keys = torch.arange(length, device=device)
         visible = keys <= torch.tensor(limit, device=device)[:, :, None]  # [slots, max_rows, length]
         mask = visible[:, None, None].expand(num_slots, 1, self.group, max_rows, length)
-        index = [torch.tensor(xs, device=device) for xs in (rows, slots, positions, slot_offsets, row_offsets)]
-        return _Group(kvs[0].slab, first, *index, num_slots, max_rows, length,  # type: ignore[arg-type]
-                      mask.reshape(num_slots, 1, self.group * max_rows, length))
+        rows_t, slots_t, positions_t, slot_offsets_t, row_offsets_t = (
+            torch.tensor(xs, device=device) for xs in (rows, slots, positions, slot_offsets, row_offsets))
+        slab = kvs[0].slab
+        assert slab is not None  # only sessions holding a slot are grouped
+        return _Group(slab, first, rows_t, slots_t, positions_t, slot_offsets_t, row_offsets_t, num_slots, max_rows,
+                      length, mask.reshape(num_slots, 1, self.group * max_rows, length))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Write this layer's new k, v [n, kv_heads, d] into the caches and attend with q

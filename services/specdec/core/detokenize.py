@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specdec.core.tokenizer import Decoder
+
 
 @dataclass
 class TextDelta:
@@ -15,7 +17,7 @@ class TextDelta:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop_strings: list[str]) -> None:
+    def __init__(self, tokenizer: Decoder, stop_strings: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = [s for s in stop_strings if s]
         self._holdback = max((len(s) for s in self.stop_strings), default=1) - 1
@@ -26,6 +28,7 @@ class IncrementalDetokenizer:
     def add(self, token_ids: list[int], final: bool = False) -> TextDelta:
         self._ids.extend(token_ids)
         full = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+        assert isinstance(full, str)  # one sequence decodes to one string
         # Several stop strings may occur in the new text: stop at the earliest.
         hits = [at for stop in self.stop_strings if (at := full.find(stop, max(0, self._emitted - len(stop)))) != -1]
         if hits:

@@ -9,6 +9,7 @@ from specdec.core.detokenize import IncrementalDetokenizer
 from specdec.core.interfaces import Tiers
 from specdec.core.loop import GenerationRequest, Step, speculate
 from specdec.core.stats import SpecStats
+from specdec.core.tokenizer import Decoder
 
 
 @dataclass
@@ -26,7 +27,7 @@ class GenerationResult:
     stats: SpecStats = field(default_factory=SpecStats)
 
 
-async def generate_stream(request: GenerationRequest, tiers: Tiers, tokenizer, stop_strings: list[str],
+async def generate_stream(request: GenerationRequest, tiers: Tiers, tokenizer: Decoder, stop_strings: list[str],
                           result: GenerationResult) -> AsyncGenerator[Chunk, None]:
     """Yield one chunk per step as tokens are verified; fill `result` (text, ids, reason, stats)."""
     start = time.perf_counter()
@@ -54,7 +55,8 @@ async def generate_stream(request: GenerationRequest, tiers: Tiers, tokenizer, s
         result.text = detok.text
 
 
-async def generate(request: GenerationRequest, tiers: Tiers, tokenizer, stop_strings: list[str]) -> GenerationResult:
+async def generate(request: GenerationRequest, tiers: Tiers, tokenizer: Decoder,
+                   stop_strings: list[str]) -> GenerationResult:
     result = GenerationResult()
     async for _ in generate_stream(request, tiers, tokenizer, stop_strings, result):
         pass

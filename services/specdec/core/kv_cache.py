@@ -19,9 +19,12 @@ import threading
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 MIN_CAPACITY = 64
 SLAB_BYTES = 128 << 20  # slots per slab: as many as fit (at most MAX_SLAB_SLOTS), at least one
@@ -140,8 +143,9 @@ class SessionKV:
         self.pool = pool
         self.slab: Slab | None = None
         self.index = -1  # the slot within the slab
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[[Slab, int], SessionKV] | None = None
         self.token_ids: list[int] = []  # tokens whose KV is cached, in order
+        self.hf_cache: DynamicCache | None = None  # the model's own cache, for runners without a pool (HFRunner)
 
     @property
     def length(self) -> int:
@@ -167,7 +171,8 @@ class SessionKV:
         if old is not None:
             for new_buf, old_buf in zip((*slab.keys, *slab.values), (*old.keys, *old.values)):
                 new_buf[index, :, :n] = old_buf[old_index, :, :n]
-            self._finalizer.detach()  # type: ignore[union-attr]
+            assert self._finalizer is not None  # set with the slot
+            self._finalizer.detach()
             self.pool.release(old, old_index)
         self.slab, self.index = slab, index
         self._finalizer = weakref.finalize(self, self.pool.release, slab, index)
@@ -209,7 +214,10 @@ class SessionKV:
         return i
 
 
-class SessionTable:
+T = TypeVar("T")
+
+
+class SessionTable(Generic[T]):
     """session id -> per-session state, least recently used first, bounded in count.
 
     Evicting a session only costs a recomputation: callers resend tokens when the replica
@@ -220,21 +228,21 @@ class SessionTable:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self.max_sessions = max_sessions
-        self._items: OrderedDict[str, object] = OrderedDict()
+        self._items: OrderedDict[str, T] = OrderedDict()
 
-    def get(self, session_id: str) -> object | None:
+    def get(self, session_id: str) -> T | None:
         item = self._items.get(session_id)
         if item is not None:
             self._items.move_to_end(session_id)
         return item
 
-    def put(self, session_id: str, item: object) -> None:
+    def put(self, session_id: str, item: T) -> None:
         self._items[session_id] = item
         self._items.move_to_end(session_id)
         while len(self._items) > self.max_sessions:
             self._items.popitem(last=False)
 
-    def pop(self, session_id: str) -> object | None:
+    def pop(self, session_id: str) -> T | None:
         return self._items.pop(session_id, None)
 
     def __len__(self) -> int:
@@ -248,7 +256,7 @@ class HasTokens(Protocol):
 S = TypeVar("S", bound=HasTokens)
 
 
-def sync_session(table: SessionTable, session_id: str, prefix_len: int, tokens: list[int],
+def sync_session(table: SessionTable[S], session_id: str, prefix_len: int, tokens: list[int],
                  create: Callable[[], S]) -> S | None:
     """Apply a delta (`prefix_len` known tokens, then `tokens`) to a session's committed
     tokens; None when this replica lacks the prefix and the caller must resend from 0."""
@@ -262,4 +270,4 @@ def sync_session(table: SessionTable, session_id: str, prefix_len: int, tokens: 
         return None
     del session.tokens[prefix_len:]
     session.tokens.extend(tokens)
-    return session  # type: ignore[return-value]
+    return session

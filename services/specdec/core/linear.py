@@ -17,7 +17,8 @@ _PACK_ROWS = 8
 
 
 def _onednn_available() -> bool:
-    return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()
+    return (hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]  # unannotated in torch
 
 
 class FusedLinear:
@@ -26,16 +27,16 @@ class FusedLinear:
     def __init__(self, modules: list[torch.nn.Module], pack: bool = True) -> None:
         self.modules = modules
         self.sizes = [getattr(m, "out_features", 0) for m in modules]
-        plain = all(type(m) is torch.nn.Linear for m in modules)
+        linears = [m for m in modules if type(m) is torch.nn.Linear]
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.packed = False
-        if not plain:
+        if len(linears) != len(modules):
             return  # e.g. int8 weight-only modules: call them one by one
-        weight = torch.cat([m.weight.detach() for m in modules])
-        if any(m.bias is not None for m in modules):
+        weight = torch.cat([m.weight.detach() for m in linears])
+        if any(m.bias is not None for m in linears):
             self.bias = torch.cat([m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features)
-                                   for m in modules])
+                                   for m in linears])
         use_onednn = pack and weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_available()
         if use_onednn:
             self.weight, self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS), True
@@ -46,7 +47,8 @@ class FusedLinear:
         if self.weight is None:
             return torch.cat([m(x) for m in self.modules], dim=-1)
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return out
         return F.linear(x, self.weight, self.bias)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -5,7 +5,7 @@ embedded engine uses them directly.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from specdec.core.batcher import MicroBatcher
@@ -19,8 +19,8 @@ R = TypeVar("R")
 
 
 class _Batched(Generic[W, I, R]):
-    def __init__(self, worker: W, run_batch: Callable[[list[I]], list[R]], max_batch_size: int) -> None:
-        self.worker = worker
+    def __init__(self, worker: W, run_batch: Callable[[list[I]], Sequence[R | Exception]], max_batch_size: int) -> None:
+        self.worker: W = worker
         self.batcher: MicroBatcher[I, R] = MicroBatcher(run_batch, max_batch_size)
 
     async def release(self, session_id: str) -> None:

@@ -12,8 +12,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_ALIAS = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,7 +60,7 @@ def _convert_smollm2(target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     # The dequantized weights are plain float32 now; drop the GGUF marker so they save.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # undeclared in transformers; torch allows Tensor | Module
     model.config.__dict__.pop("quantization_config", None)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     model.save_pretrained(tmp)
@@ -82,12 +86,12 @@ def split_variant(name: str) -> tuple[str, str]:
     return base, variant
 
 
-def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
+def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     base, variant = split_variant(name)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=parse_dtype(dtype))
-    model = model.to(device).eval()
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=parse_dtype(dtype))
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' @wraps on .to hides self
     if variant.startswith("layers="):
         keep = int(variant[len("layers="):])
         model.model.layers = model.model.layers[:keep]
@@ -101,7 +105,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> torch.
     return model
 
 
-def load_tokenizer(name: str):  # -> transformers.PreTrainedTokenizerBase
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_model_path(split_variant(name)[0]))

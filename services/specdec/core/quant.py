@@ -7,10 +7,17 @@ which also quantizes activations and loses most of SmolLM2's agreement).
 """
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 class Int8WeightOnlyLinear(torch.nn.Module):
+    weight_int8: torch.Tensor  # buffers, registered in __init__
+    scale: torch.Tensor
+
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         w = linear.weight.detach().float()
@@ -27,7 +34,7 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def quantize_linear_weights(module: torch.nn.Module) -> torch.nn.Module:
+def quantize_linear_weights(module: M) -> M:
     """Replace every nn.Linear below `module` (in place) with its int8 weight-only twin."""
     for name, child in module.named_children():
         if isinstance(child, torch.nn.Linear):

@@ -4,20 +4,25 @@
 *flattened* tokens: the new tokens of every sequence in the batch are concatenated, so the
 projections and MLPs run as one matrix product over all of them. Attention reads each
 sequence's cache in place, in its slot of the runner's `KVPool`, batched across sessions
-where their slots sit together (`core/attention.py`); nobody's context is copied. Other architectures fall back to `HFRunner`, which calls the model's
-own forward per sequence with a rolled-back DynamicCache.
+where their slots sit together (`core/attention.py`); nobody's context is copied. Other
+architectures fall back to `HFRunner`, which calls the model's own forward per sequence
+with a rolled-back DynamicCache.
 """
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeGuard
 
 import torch
 
 from specdec.core.attention import BatchAttention
 from specdec.core.kv_cache import KVPool, SessionKV
 from specdec.core.linear import FusedLinear
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 FLAT_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -29,20 +34,89 @@ class ForwardItem:
     num_logits: int  # return logits for the last num_logits of them
 
 
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class CausalLM(Protocol):
+    """What the runners use of a transformers causal LM (a `PreTrainedModel`; its config's
+    fields are dynamic, so transformers types them as Any)."""
+
+    @property
+    def config(self) -> PreTrainedConfig: ...
+
+    forward: Callable[..., Any]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def eval(self) -> Self: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+
+
+class _Attention(Protocol):
+    q_proj: torch.nn.Module
+    k_proj: torch.nn.Module
+    v_proj: torch.nn.Module
+    o_proj: torch.nn.Module
+    scaling: float
+    q_norm: TensorFn  # qwen3 only: read after hasattr(attn, "q_norm")
+    k_norm: TensorFn
+
+
+class _MLP(Protocol):
+    gate_proj: torch.nn.Module  # these four: gated MLPs only, read after _gated_mlp(mlp)
+    up_proj: torch.nn.Module
+    down_proj: torch.nn.Module
+    act_fn: TensorFn
+
+    def __call__(self, x: torch.Tensor, /) -> torch.Tensor: ...
+
+
+class _DecoderLayer(Protocol):
+    self_attn: _Attention
+    mlp: _MLP
+    input_layernorm: TensorFn
+    post_attention_layernorm: TensorFn
+
+
+class _Backbone(Protocol):
+    layers: Iterable[_DecoderLayer]
+    embed_tokens: TensorFn
+    rotary_emb: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    norm: TensorFn
+
+
+class FlatModel(CausalLM, Protocol):
+    """A Llama-family causal LM (FLAT_ARCHITECTURES), as `ModelRunner` reads it."""
+
+    model: _Backbone
+    lm_head: torch.nn.Module
+
+
 class Runner(Protocol):
     vocab_size: int
     max_context: int
+
+    @property
+    def model(self) -> CausalLM: ...
 
     def new_kv(self) -> SessionKV: ...
 
     def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]: ...
 
 
-def build_runner(model: torch.nn.Module) -> Runner:
+def build_runner(model: CausalLM) -> Runner:
     """The fastest runner that supports this model."""
-    if getattr(model.config, "model_type", "") in FLAT_ARCHITECTURES:
+    if _flat_architecture(model):
         return ModelRunner(model)
     return HFRunner(model)
+
+
+def _flat_architecture(model: CausalLM) -> TypeGuard[FlatModel]:
+    return getattr(model.config, "model_type", "") in FLAT_ARCHITECTURES
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -53,23 +127,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class ModelRunner:
     """Flattened-batch runner for Llama-family decoder-only models."""
 
-    def __init__(self, model: torch.nn.Module, pack: bool = True) -> None:
+    def __init__(self, model: FlatModel, pack: bool = True) -> None:
         cfg = model.config
         self.model = model.eval()
         self.inner = model.model
         self.layers = list(self.inner.layers)
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.vocab_size = cfg.vocab_size
-        self.max_context = cfg.max_position_embeddings
+        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.num_heads: int = cfg.num_attention_heads
+        self.num_kv_heads: int = cfg.num_key_value_heads
+        self.vocab_size: int = cfg.vocab_size
+        self.max_context: int = cfg.max_position_embeddings
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        self.qkv = [FusedLinear([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], pack) for l in self.layers]
-        self.o_proj = [FusedLinear([l.self_attn.o_proj], pack) for l in self.layers]
-        self.gate_up = [FusedLinear([l.mlp.gate_proj, l.mlp.up_proj], pack) if _gated_mlp(l.mlp) else None
-                        for l in self.layers]
-        self.down = [FusedLinear([l.mlp.down_proj], pack) if _gated_mlp(l.mlp) else None for l in self.layers]
+        self.qkv = [FusedLinear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], pack)
+                    for layer in self.layers]
+        self.o_proj = [FusedLinear([layer.self_attn.o_proj], pack) for layer in self.layers]
+        self.gate_up = [FusedLinear([layer.mlp.gate_proj, layer.mlp.up_proj], pack) if _gated_mlp(layer.mlp) else None
+                        for layer in self.layers]
+        self.down = [FusedLinear([layer.mlp.down_proj], pack) if _gated_mlp(layer.mlp) else None
+                     for layer in self.layers]
         self.lm_head = FusedLinear([model.lm_head], pack)
         self.pool = KVPool(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
 
@@ -100,7 +176,7 @@ class ModelRunner:
             item.kv.commit(item.tokens)
         return self._logits(hidden, sizes, [item.num_logits for item in items])
 
-    def _layer(self, layer_idx: int, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
+    def _layer(self, layer_idx: int, layer: _DecoderLayer, hidden: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, attention: BatchAttention) -> torch.Tensor:
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
@@ -118,15 +194,16 @@ class ModelRunner:
         hidden = hidden + self.o_proj[layer_idx](out.reshape(n, -1))
         return hidden + self._mlp(layer_idx, layer, layer.post_attention_layernorm(hidden))
 
-    def _mlp(self, layer_idx: int, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up[layer_idx]
-        if gate_up is None:
+    def _mlp(self, layer_idx: int, layer: _DecoderLayer, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.gate_up[layer_idx], self.down[layer_idx]
+        if gate_up is None or down is None:  # both or neither (see _gated_mlp)
             return layer.mlp(x)
         gate, up = gate_up.split(gate_up(x))
-        return self.down[layer_idx](layer.mlp.act_fn(gate) * up)
+        return down(layer.mlp.act_fn(gate) * up)
 
     def _logits(self, hidden: torch.Tensor, sizes: list[int], wanted: list[int]) -> list[torch.Tensor]:
-        rows, offset = [], 0
+        rows: list[torch.Tensor] = []
+        offset = 0
         for size, count in zip(sizes, wanted):
             rows.append(torch.arange(offset + size - count, offset + size, device=hidden.device))
             offset += size
@@ -135,7 +212,7 @@ class ModelRunner:
         return list(torch.split(logits, wanted))
 
 
-def _gated_mlp(mlp: torch.nn.Module) -> bool:
+def _gated_mlp(mlp: object) -> bool:
     return all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
@@ -146,14 +223,14 @@ class HFRunner:
     runner does not know.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: CausalLM) -> None:
         from transformers import DynamicCache
 
         self._cache_cls = DynamicCache
         self.model = model.eval()
         cfg = model.config
-        self.vocab_size = cfg.vocab_size
-        self.max_context = getattr(cfg, "max_position_embeddings", 1 << 30)
+        self.vocab_size: int = cfg.vocab_size
+        self.max_context: int = getattr(cfg, "max_position_embeddings", 1 << 30)
         self.device = next(model.parameters()).device
         # transformers 5.24 renamed the cache argument (the old name goes in 5.40).
         params = inspect.signature(model.forward).parameters
@@ -161,14 +238,15 @@ class HFRunner:
 
     def new_kv(self) -> SessionKV:
         kv = SessionKV(None)
-        kv.hf_cache = self._cache_cls(config=self.model.config)  # type: ignore[attr-defined]
+        kv.hf_cache = self._cache_cls(config=self.model.config)
         return kv
 
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
-        out = []
+        out: list[torch.Tensor] = []
         for item in items:
-            cache = item.kv.hf_cache  # type: ignore[attr-defined]
+            cache = item.kv.hf_cache
+            assert cache is not None, "a cache from another runner"
             excess = cache.get_seq_length() - item.kv.length
             if excess > 0:
                 # A negative count removes that many tokens (transformers 5 rejects an

@@ -27,7 +27,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, prefix: str = "") -> "SamplingParams":
+    def validate(self, prefix: str = "") -> SamplingParams:
         """Raise InvalidArgument naming the bad field; return self when valid."""
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidArgument(prefix + "temperature", f"must be a finite number >= 0, got {self.temperature}")

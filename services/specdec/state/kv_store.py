@@ -26,6 +26,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import redis
 import torch
@@ -33,6 +34,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from specdec.core.kv_cache import SessionKV
+
+if TYPE_CHECKING:
+    from specdec.config import Settings
+    from specdec.core.runner import CausalLM, Runner
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +134,7 @@ def decode_chunk(raw: bytes, key: ChunkKey, shape: tuple[int, ...], dtype: torch
         return None
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model: CausalLM) -> str:
     """A stable id for a model's architecture and weights (the same in every process)."""
     cfg = model.config
     fields = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -227,7 +232,8 @@ class RedisKVStore:
         shape, dtype = (layers, 2, pool.num_kv_heads, n, pool.head_dim), pool.dtype
         chunks: list[torch.Tensor] = []
         for key, raw in zip(keys, raws):
-            tensor = None if raw is None else decode_chunk(raw, key, shape, dtype)
+            # bytes unless the client decodes responses (ours does not): a str is rejected
+            tensor = decode_chunk(raw, key, shape, dtype) if isinstance(raw, bytes) else None
             if tensor is None:
                 if raw is None:
                     self.stats.missed_chunks += 1
@@ -266,9 +272,11 @@ class RedisKVStore:
         if not self._available():
             return  # retried at a later step, once Redis is back
         self._offered[kv] = complete
+        pool = kv.pool
+        assert pool is not None  # has_buffers
         for key in self.identity.chunk_keys(tokens, complete)[done:]:
             s, e = key.index * n, (key.index + 1) * n
-            tensor = torch.stack([torch.stack(kv.read(layer, s, e)) for layer in range(kv.pool.num_layers)])
+            tensor = torch.stack([torch.stack(kv.read(layer, s, e)) for layer in range(pool.num_layers)])
             size = tensor.numel() * tensor.element_size()
             with self._lock:
                 if self._pending_bytes + size > self.max_pending_bytes:
@@ -357,12 +365,15 @@ class RedisKVStore:
         self._backoff_s = 0.25
 
 
-def store_for(settings, tier: str, model: torch.nn.Module, runner) -> RedisKVStore | None:
+def store_for(settings: Settings, tier: str, model: CausalLM, runner: Runner) -> RedisKVStore | None:
     """The tier's KV store when Redis is configured and the runner keeps per-layer buffers
     (the flattened runner; HF-cache runners are not stored)."""
-    if not settings.redis_url or settings.kv_chunk_tokens <= 0 or not runner.new_kv().has_buffers:
+    if not settings.redis_url or settings.kv_chunk_tokens <= 0:
         return None
-    identity = KVIdentity(model_fingerprint(model), str(runner.dtype).removeprefix("torch."), LAYOUT, tier,
+    kv = runner.new_kv()
+    if not kv.has_buffers or kv.pool is None:  # (buffers live in a pool)
+        return None
+    identity = KVIdentity(model_fingerprint(model), str(kv.pool.dtype).removeprefix("torch."), LAYOUT, tier,
                           settings.kv_chunk_tokens)
     return RedisKVStore(settings.redis_url, settings.redis_prefix, identity, settings.kv_ttl_s,
                         int(settings.kv_max_pending_mb) << 20)

@@ -22,7 +22,7 @@ def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
 UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes would flood the traces
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
+class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     async def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None or handler.request_streaming or details.method.startswith(UNTRACED):
@@ -66,7 +66,8 @@ def _end(span: Any, exc: BaseException | None, context: grpc.aio.ServicerContext
 
 def _unary(behavior: Callable[..., Any], method: str, metadata: dict[str, str]) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        from opentelemetry import context as otel_context, trace
+        from opentelemetry import context as otel_context
+        from opentelemetry import trace
 
         span = _start(method, metadata)
         token = otel_context.attach(trace.set_span_in_context(span))
@@ -84,7 +85,8 @@ def _unary(behavior: Callable[..., Any], method: str, metadata: dict[str, str]) 
 
 def _stream(behavior: Callable[..., Any], method: str, metadata: dict[str, str]) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        from opentelemetry import context as otel_context, trace
+        from opentelemetry import context as otel_context
+        from opentelemetry import trace
 
         span = _start(method, metadata)
         ctx = trace.set_span_in_context(span)

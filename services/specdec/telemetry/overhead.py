@@ -30,18 +30,22 @@ def _receiver() -> tuple[grpc.Server, str, dict[str, int]]:
     counts = {"spans": 0, "metric_exports": 0}
 
     class Traces(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(self, request, context):
+        def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
+                   context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
             counts["spans"] += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
             return trace_service_pb2.ExportTraceServiceResponse()
 
     class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
-        def Export(self, request, context):
+        def Export(self, request: metrics_service_pb2.ExportMetricsServiceRequest,
+                   context: grpc.ServicerContext) -> metrics_service_pb2.ExportMetricsServiceResponse:
             counts["metric_exports"] += 1
             return metrics_service_pb2.ExportMetricsServiceResponse()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
+        Traces(), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
+        Metrics(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, f"http://127.0.0.1:{port}", counts

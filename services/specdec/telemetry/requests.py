@@ -8,7 +8,7 @@ chunk carries (`core.loop.Step`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 from specdec.telemetry.setup import STATE
@@ -34,7 +34,7 @@ def traceparent() -> str:
 
 
 def traced_chunks(chunks: AsyncGenerator[Chunk, None], request: GenerationRequest,
-                  result: GenerationResult) -> AsyncIterator[Chunk]:
+                  result: GenerationResult) -> AsyncGenerator[Chunk, None]:
     """Wrap a generation's chunk stream (one chunk per step) in spans and metrics; the
     stream itself when telemetry is off."""
     if not STATE.enabled:
@@ -43,7 +43,7 @@ def traced_chunks(chunks: AsyncGenerator[Chunk, None], request: GenerationReques
 
 
 async def _traced(chunks: AsyncGenerator[Chunk, None], request: GenerationRequest,
-                  result: GenerationResult) -> AsyncIterator[Chunk]:
+                  result: GenerationResult) -> AsyncGenerator[Chunk, None]:
     from opentelemetry import context, trace
     from opentelemetry.trace import Status, StatusCode
 

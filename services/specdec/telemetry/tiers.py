@@ -31,8 +31,8 @@ class _Pending:
 def _parent(traceparent: str) -> Any:
     if not traceparent:
         return None
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     ctx = trace.get_current_span(TraceContextTextMapPropagator().extract({"traceparent": traceparent}))
     span_context = ctx.get_span_context()

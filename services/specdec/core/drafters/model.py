@@ -12,6 +12,7 @@ import torch
 
 from specdec.core.cost import PassCost
 from specdec.core.drafters.base import DraftRow, DraftSession
+from specdec.core.kv_cache import SessionKV
 from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.rng import Purpose, sample_index, uniform
 from specdec.core.runner import ForwardItem, Runner
@@ -38,10 +39,15 @@ class ModelDrafter:
         """Draft autoregressively, all sessions batched at each of the k steps."""
         drafts: list[list[int]] = [[] for _ in rows]
         probs: list[list[torch.Tensor]] = [[] for _ in rows]
-        feeds = [self._feed(session) for session, _ in rows]
+        caches: list[SessionKV] = []
+        feeds: list[list[int]] = []
+        for session, _ in rows:
+            kv, feed = self._feed(session)
+            caches.append(kv)
+            feeds.append(feed)
         live = [j for j, (_, item) in enumerate(rows) if item.num_tokens > 0]
         while live:
-            logits = self.cost.timed(self.runner.forward, [ForwardItem(rows[j][0].kv, feeds[j], 1) for j in live])
+            logits = self.cost.timed(self.runner.forward, [ForwardItem(caches[j], feeds[j], 1) for j in live])
             for j, row_logits in zip(live, logits):
                 session, item = rows[j]
                 token, q = _sample(row_logits, item, len(session.tokens) + len(drafts[j]))
@@ -50,17 +56,18 @@ class ModelDrafter:
                 feeds[j] = [token]
             live = [j for j in live if len(drafts[j]) < rows[j][1].num_tokens]
         if self.prefix_store is not None:
-            for session, _ in rows:  # the store keeps only the committed part of the cache
-                self.prefix_store.offer(session.tokens, session.kv)
+            for (session, _), kv in zip(rows, caches):  # the store keeps only the committed part of the cache
+                self.prefix_store.offer(session.tokens, kv)
         return [Proposal(drafts[j], None if item.sampling.greedy else torch.stack(probs[j]),
                          draft_pass_base_s=self.cost.base_s, draft_row_s=self.cost.row_s)
                 for j, (_, item) in enumerate(rows)]
 
-    def _feed(self, session: DraftSession) -> list[int]:
-        """The committed tokens the cache lacks, after rolling it back (or restoring a prefix)."""
+    def _feed(self, session: DraftSession) -> tuple[SessionKV, list[int]]:
+        """The session's cache, and the committed tokens it lacks after rolling it back (or
+        restoring a prefix)."""
         if session.kv is None:
             session.kv = self.runner.new_kv()
-        return session.tokens[prepare_cache(session.kv, session.tokens, self.prefix_store):]
+        return session.kv, session.tokens[prepare_cache(session.kv, session.tokens, self.prefix_store):]
 
     def learn(self, session: DraftSession, committed: list[int]) -> None:
         pass  # the rollback happens lazily in _feed, against the committed tokens

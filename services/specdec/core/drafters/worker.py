@@ -21,7 +21,7 @@ class DraftWorker:
         self.methods: dict[str, DraftMethod] = {m.name: m for m in build_methods(runner, model_name, prefix_store)}
         self.vocab_size = runner.vocab_size if runner is not None else None  # None: any id (model-free only)
         self.prefix_store = prefix_store  # shared draft-model KV chunks (e.g. Redis)
-        self.sessions = SessionTable(max_sessions)
+        self.sessions: SessionTable[DraftSession] = SessionTable(max_sessions)
         self.drafted_tokens = 0  # running total, for the tier's load figures
 
     @property
@@ -41,7 +41,8 @@ class DraftWorker:
         for i, item in enumerate(items):
             method = self.methods.get(item.drafter)
             if method is None:
-                results[i] = InvalidArgument("drafter", f"this replica serves {self.drafters}, not {item.drafter[:100]!r}")
+                results[i] = InvalidArgument("drafter",
+                                             f"this replica serves {self.drafters}, not {item.drafter[:100]!r}")
                 continue
             try:
                 check_item(item, self.vocab_size)
