@@ -49,7 +49,7 @@ def make_request(cls: type, prompt: str | None = None, *, messages: list[dict[st
 class Client:
     def __init__(self, address: str, timeout_s: float | None = None) -> None:
         self.channel = grpc.insecure_channel(address, options=client_options(PUBLIC_MAX_MESSAGE))
-        self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
+        self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
         self.timeout_s = timeout_s
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> Iterator[generation_pb2.GenerateResponse]:
@@ -58,12 +58,13 @@ class Client:
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> generation_pb2.CompleteResponse:
         request = make_request(generation_pb2.CompleteRequest, prompt, **kwargs)
-        return self.stub.Complete(request, timeout=self.timeout_s)
+        reply: generation_pb2.CompleteResponse = self.stub.Complete(request, timeout=self.timeout_s)
+        return reply
 
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -73,22 +74,24 @@ class Client:
 class AsyncClient:
     def __init__(self, address: str, timeout_s: float | None = None) -> None:
         self.channel = grpc.aio.insecure_channel(address, options=client_options(PUBLIC_MAX_MESSAGE))
-        self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
+        self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
         self.timeout_s = timeout_s
 
-    async def generate(self, prompt: str | None = None, **kwargs: Any) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    async def generate(self, prompt: str | None = None,
+                       **kwargs: Any) -> AsyncIterator[generation_pb2.GenerateResponse]:
         request = make_request(generation_pb2.GenerateRequest, prompt, **kwargs)
         async for response in self.stub.Generate(request, timeout=self.timeout_s):
             yield response
 
     async def complete(self, prompt: str | None = None, **kwargs: Any) -> generation_pb2.CompleteResponse:
         request = make_request(generation_pb2.CompleteRequest, prompt, **kwargs)
-        return await self.stub.Complete(request, timeout=self.timeout_s)
+        reply: generation_pb2.CompleteResponse = await self.stub.Complete(request, timeout=self.timeout_s)
+        return reply
 
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

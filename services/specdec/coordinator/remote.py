@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from specdec.coordinator.routing import ReplicaPool
 from specdec.core.errors import TierUnavailable
 from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
-from specdec.coordinator.routing import ReplicaPool
 from specdec.rpc import convert
 from specdec.rpc.errors import raise_item_error
 from specdec.rpc.streams import ReplicaFailed
@@ -39,7 +39,7 @@ class RemoteTier:
             client = await self.pool.client_for(session_id, serves)
             try:
                 result = await asyncio.wait_for(client.call(build), self.timeout_s)
-            except (ReplicaFailed, asyncio.TimeoutError) as exc:
+            except (ReplicaFailed, TimeoutError) as exc:
                 if isinstance(exc, ReplicaFailed) and not reconnected and await self.pool.reconnects(client.address):
                     reconnected = True
                     log.info("%s replica %s: stream broke (%s); reconnected", self.pool.tier, client.address, exc)

@@ -12,8 +12,9 @@ is reconstructed afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from specdec.core.adaptive import CostBook, DraftLength, StepCosts
@@ -23,6 +24,7 @@ from specdec.core.sampling import SamplingParams
 from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
 
 MAX_RESYNCS = 3
+_NO_DRAFTER = DrafterSpec(NONE)  # the default: plain decoding
 
 
 @dataclass
@@ -31,7 +33,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     max_new_tokens: int
     sampling: SamplingParams
-    drafter: DrafterSpec = DrafterSpec(NONE)
+    drafter: DrafterSpec = _NO_DRAFTER
     max_draft_tokens: int = 5
     adaptive: bool = True
     stop_token_ids: frozenset[int] = frozenset()
@@ -77,7 +79,7 @@ class _Sync:
 
 
 async def speculate(request: GenerationRequest, drafter: Drafter | None, verifier: Verifier,
-                    costs: CostBook) -> AsyncIterator[Step]:
+                    costs: CostBook) -> AsyncGenerator[Step, None]:
     """Yield one `Step` per verification until a stop condition; frees tier state at the end.
     `costs` holds the tiers' reported costs, shared by the requests of one engine."""
     drafter = drafter if request.drafter.speculates else None
@@ -207,7 +209,5 @@ async def _release(session_id: str, drafter: Drafter | None, verifier: Verifier)
     for tier in (drafter, verifier):
         if tier is None:
             continue
-        try:
+        with contextlib.suppress(Exception):  # best effort: an unreleased session is evicted later anyway
             await tier.release(session_id)
-        except Exception:  # best effort: an unreleased session is evicted later anyway
-            pass

@@ -110,7 +110,8 @@ def check_sizes(spec: RequestSpec, limits: ModelLimits) -> None:
     chars = sum(len(text) for text in texts)
     if chars > limits.max_context * limits.max_token_chars:
         field = "prompt" if spec.prompt is not None else "chat.messages"
-        raise InvalidArgument(field, f"{chars} characters cannot fit the model's context of {limits.max_context} tokens")
+        raise InvalidArgument(field,
+                              f"{chars} characters cannot fit the model's context of {limits.max_context} tokens")
     if spec.token_ids is not None and len(spec.token_ids) >= limits.max_context:
         raise InvalidArgument("token_ids.ids", f"prompt of {len(spec.token_ids)} tokens does not fit the model's "
                                                f"context of {limits.max_context}")

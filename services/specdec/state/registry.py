@@ -7,6 +7,7 @@ address, model and live load. The coordinator routes on it, the operator scales 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -106,7 +107,8 @@ class Registry:
 class Heartbeat:
     """Publishes a replica's record every interval; Redis outages are logged, not fatal."""
 
-    def __init__(self, registry: Registry, info: ReplicaInfo, load: Callable[[], dict], interval_s: float) -> None:
+    def __init__(self, registry: Registry, info: ReplicaInfo, load: Callable[[], dict[str, float | int | None]],
+                 interval_s: float) -> None:
         self.registry, self.info, self.load, self.interval_s = registry, info, load, interval_s
         self._task: asyncio.Task[None] | None = None
         self._warned = False
@@ -129,10 +131,8 @@ class Heartbeat:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        try:
+        with contextlib.suppress(Exception):  # Redis down: the record expires by itself
             await self.registry.remove(self.info)
-        except Exception:
-            pass
 
 
 class IntervalRates:
