@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 DEFAULT_PORTS = {"coordinator": 50051, "draft": 50052, "target": 50053}
 
@@ -36,12 +37,13 @@ class Settings:
     kv_chunk_tokens: int = 256  # tokens per KV chunk in Redis (prefix reuse, failover); 0 = no KV in Redis
     kv_ttl_s: float = 3600.0  # lifetime of a KV chunk in Redis (Redis's maxmemory policy may evict sooner)
     kv_max_pending_mb: int = 256  # KV chunks waiting to be written per replica; beyond that they are dropped
+    watchdog_s: float = 120.0  # a compute thread on one batch this long: NOT_SERVING, out of the registry; 0 = off
     drain_timeout_s: float = 10.0  # SIGTERM: time for in-flight items and KV writes before exiting
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}  # each of its field's type (parsed, or the caller's)
         for f in fields(cls):
             raw = env.get(f"SPECDEC_{f.name.upper()}")
             if raw is not None:

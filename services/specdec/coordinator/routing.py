@@ -29,7 +29,7 @@ EMPTY_GRACE_S = 15.0  # an empty registry right after replicas were seen is a re
 
 class ReplicaPool:
     def __init__(self, tier: str, registry: Registry | None, static: list[str],
-                 open_stream: Callable[[Any], Any], make_request: Callable[[list, list[str]], Any]) -> None:
+                 open_stream: Callable[[Any], Any], make_request: Callable[[list[Any], list[str]], Any]) -> None:
         self.tier, self.registry, self.static = tier, registry, static
         self._open_stream, self._make_request = open_stream, make_request
         self._known: list[ReplicaInfo] = [ReplicaInfo(tier=tier, address=a) for a in static]
@@ -107,13 +107,10 @@ class ReplicaPool:
         return [r for r in replicas if serves is None or not r.drafters or serves in r.drafters]
 
     async def reconnects(self, address: str) -> bool:
-        """Whether a replica whose stream broke answers a new connection (a GOAWAY or a
-        transient error): then its sessions stay where their state is."""
-        try:
-            await self._client(address).connect()
-        except Exception:
-            return False
-        return True
+        """Whether a replica whose stream broke answers a new connection and says SERVING
+        (the stream broke on a GOAWAY or a transient error): then its sessions stay where
+        their state is. A stuck, draining or dead replica does not."""
+        return await self._client(address).serving()
 
     def mark_ok(self, address: str) -> None:
         if address in self._failures:

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from specdec.core import compute
 
+log = logging.getLogger(__name__)
 MAX_PARTNER_WAIT_S = 2.0  # liveness bound on waiting for a paired batcher (see share_compute_with)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+T = TypeVar("T")
 
 
 @dataclass
@@ -33,7 +37,7 @@ class MicroBatcher(Generic[Item, Result]):
     (`core.compute`), so the event loop keeps accepting work while the model computes. A
     result that is an Exception fails only its own item's caller."""
 
-    def __init__(self, run_batch: Callable[[list[Item]], list[Result]], max_batch_size: int = 32,
+    def __init__(self, run_batch: Callable[[list[Item]], Sequence[Result | Exception]], max_batch_size: int = 32,
                  gather_s: float = 0.004) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -44,9 +48,10 @@ class MicroBatcher(Generic[Item, Result]):
         # batches full. A lone session never waits: the previous batch held only itself.
         self.gather_s = gather_s
         self._last_size = 0
-        self._partner: MicroBatcher | None = None  # see share_compute_with
+        self._partner: MicroBatcher[Any, Any] | None = None  # see share_compute_with
         self._downstream = False  # the partner's queued sessions come here next
         self.running = False  # a batch is on the compute thread
+        self.busy_since: float | None = None  # monotonic start of the running batch (the watchdog reads it)
         self.gathering = False  # the worker holds the next batch open for more items (tests wait on it)
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._wakeup: asyncio.Event | None = None
@@ -60,7 +65,7 @@ class MicroBatcher(Generic[Item, Result]):
         s = self.stats
         return round(s.items / s.batches / self.max_batch_size, 4) if s.batches else 0.0
 
-    def share_compute_with(self, upstream: MicroBatcher, gather_s: float = 0.001) -> None:
+    def share_compute_with(self, upstream: MicroBatcher[Any, Any], gather_s: float = 0.001) -> None:
         """Pair two batchers whose sessions pass from one to the other on one compute
         thread: `upstream` (the embedded engine's drafter) feeds this one (its verifier).
 
@@ -76,8 +81,8 @@ class MicroBatcher(Generic[Item, Result]):
         self._downstream = True
         self.gather_s = upstream.gather_s = gather_s
 
-    def wrap_batches(self, wrap: Callable[[Callable[[list[Item]], list[Result]]],
-                                          Callable[[list[Item]], list[Result]]]) -> None:
+    def wrap_batches(self, wrap: Callable[[Callable[[list[Item]], Sequence[Result | Exception]]],
+                                          Callable[[list[Item]], Sequence[Result | Exception]]]) -> None:
         """Decorate the batch function (the services add tracing and metrics this way)."""
         self._run_batch = wrap(self._run_batch)
 
@@ -90,7 +95,7 @@ class MicroBatcher(Generic[Item, Result]):
         self._wakeup.set()
         return await future
 
-    async def call(self, fn: Callable[[], Result]) -> Result:
+    async def call(self, fn: Callable[[], T]) -> T:
         """Run fn on the worker thread, serialised with the batches (e.g. session release)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
@@ -113,16 +118,20 @@ class MicroBatcher(Generic[Item, Result]):
                 del self._pending[: len(batch)]
                 self.stats.queue_depth = len(self._pending)
                 items = [item for item, _ in batch]
-                self.running = True
+                self.running, self.busy_since = True, time.monotonic()
                 try:
                     results = await loop.run_in_executor(self._executor, self._run_batch, items)
                 except Exception as exc:  # a bad batch fails its own callers, not the worker
+                    log.error("a batch of %d failed", len(batch), exc_info=exc)
+                    # The traceback's frames hold the batch's tensors and sessions: free them
+                    # now, not whenever the collector finds the cycle.
+                    traceback.clear_frames(exc.__traceback__)
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
                 finally:
-                    self.running = False
+                    self.running, self.busy_since = False, None
                 self._record(len(batch))
                 for (_, future), result in zip(batch, results):
                     if future.done():
@@ -157,6 +166,11 @@ class MicroBatcher(Generic[Item, Result]):
     def _partner_busy(self) -> bool:
         partner = self._partner
         return partner is not None and (partner.running or (self._downstream and bool(partner._pending)))
+
+    def stalled_s(self) -> float:
+        """How long the running batch has been on the compute thread (0 when idle)."""
+        started = self.busy_since
+        return 0.0 if started is None else time.monotonic() - started
 
     def _record(self, size: int) -> None:
         self._last_size = size

@@ -7,6 +7,7 @@ import torch
 
 from specdec.core.cost import PassCost
 from specdec.core.errors import InvalidArgument
+from specdec.core.failpoints import failpoint
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session
 from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.rejection import RejectionInput, rejection_sample
@@ -37,7 +38,7 @@ class TargetWorker:
     def __init__(self, runner: Runner, max_sessions: int = 1024, prefix_store: PrefixStore | None = None) -> None:
         self.runner = runner
         self.prefix_store = prefix_store  # shared KV chunks (e.g. Redis): restore prefixes, offer new ones
-        self.sessions = SessionTable(max_sessions)
+        self.sessions: SessionTable[TargetSession] = SessionTable(max_sessions)
         self.stats = TargetStats()
         self.cost = PassCost()
 
@@ -47,6 +48,7 @@ class TargetWorker:
     def verify_batch(self, items: list[VerifyItem]) -> list[Verdict | InvalidArgument]:
         """One verdict per item, in order; a bad item gets its own InvalidArgument and the
         rest of the batch is verified as if it had not been there."""
+        failpoint("verify_batch")
         verdicts: list[Verdict | InvalidArgument | None] = [None] * len(items)
         work: list[tuple[int, TargetSession, VerifyItem]] = []
         for i, item in enumerate(items):
@@ -79,7 +81,7 @@ class TargetWorker:
         feed = session.tokens[keep:] + item.draft_tokens
         return ForwardItem(kv, feed, len(item.draft_tokens) + 1)
 
-    def _judge(self, session: TargetSession, item: VerifyItem, logits, batch_size: int) -> Verdict:
+    def _judge(self, session: TargetSession, item: VerifyItem, logits: torch.Tensor, batch_size: int) -> Verdict:
         committed = len(session.tokens)
         out = rejection_sample(RejectionInput(
             target_logits=logits, draft_tokens=item.draft_tokens, draft_probs=item.draft_probs,

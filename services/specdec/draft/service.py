@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -24,13 +26,14 @@ from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, drafter: LocalDrafter, closing: asyncio.Event | None = None) -> None:
-        self.drafter, self.closing = drafter, closing
+    def __init__(self, drafter: LocalDrafter, drain: Drain | None = None) -> None:
+        self.drafter, self.drain = drafter, drain or Drain()
         TELEMETRY.instrument(drafter.batcher, lambda: len(drafter.worker.sessions), drafter.worker.prefix_store)
 
-    async def Propose(self, request_iterator, context: grpc.aio.ServicerContext):
+    async def Propose(self, request_iterator: AsyncIterator[draft_pb2.ProposeRequest],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[draft_pb2.ProposeResponse]:
         async for response in serve_tagged(request_iterator, self._propose, _failed, self._release, _respond,
-                                           self.closing):
+                                           self.drain.closing, self.drain.abandoned):
             yield response
 
     async def _propose(self, item: draft_pb2.ProposeItem) -> draft_pb2.ProposeResult:
@@ -46,13 +49,13 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 TELEMETRY = TierTelemetry("draft", "propose")
 
 
-def _item_attributes(item: ProposeItem) -> dict:
+def _item_attributes(item: ProposeItem) -> dict[str, Any]:
     return {"specdec.session_id": item.session_id, "specdec.prefix_len": item.prefix_len,
             "specdec.new_tokens": len(item.tokens), "specdec.requested_tokens": item.num_tokens,
             "specdec.drafter": item.drafter}
 
 
-def _proposal_attributes(item: ProposeItem, proposal: Proposal) -> dict:
+def _proposal_attributes(item: ProposeItem, proposal: Proposal) -> dict[str, Any]:
     return {"specdec.draft_tokens": len(proposal.tokens), "specdec.needs_resync": proposal.needs_resync}
 
 
@@ -70,14 +73,16 @@ def build(settings: Settings) -> TierServer:
     model_name = spec.model
     model = compute.run_sync(load_model, model_name, settings.device, settings.dtype) if spec.needs_model else None
     runner = compute.run_sync(build_runner, model) if model is not None else None
-    store = store_for(settings, "draft", model, runner) if model is not None else None
+    store = store_for(settings, "draft", model, runner) if model is not None and runner is not None else None
     drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions, store), settings.max_batch_size)
     stats = drafter.batcher.stats
     rates = IntervalRates()  # read only by the heartbeat
-    drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None)
+    drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None,
+                  stalled=drafter.batcher.stalled_s)
     return TierServer(
         "draft", settings, [draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
-        lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter, drain.closing), server),
+        lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
+            DraftServicer(drafter, drain), server),
         lambda: {"queue_depth": stats.queue_depth, "active_sessions": len(drafter.worker.sessions),
                  "batch_utilization": drafter.batcher.utilization,
                  **rates.read(drafter.worker.drafted_tokens, 0, 0),

@@ -1,5 +1,5 @@
 """Bootstrap shared by every tier: aio server, health, reflection, registry heartbeat,
-graceful SIGTERM."""
+graceful SIGTERM, and a watchdog on the compute thread."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +15,8 @@ from grpc_reflection.v1alpha import reflection
 from specdec.config import Settings
 from specdec.rpc.options import INTERNAL_MAX_MESSAGE, server_options
 from specdec.state.registry import Heartbeat, Registry, ReplicaInfo
-from specdec.telemetry import server_interceptors, shutdown as telemetry_shutdown
+from specdec.telemetry import server_interceptors
+from specdec.telemetry import shutdown as telemetry_shutdown
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +26,18 @@ class Drain:
     """What a tier does on SIGTERM besides leaving the registry and reporting NOT_SERVING."""
 
     closing: asyncio.Event = field(default_factory=asyncio.Event)  # set: streams answer what they hold, then end
-    flush: Callable[[], Awaitable[None]] | None = None  # once the streams ended: persist state (KV to Redis)
+    flush: Callable[[], Awaitable[object]] | None = None  # once the streams ended: persist state (KV to Redis)
+    # Set while the compute thread is stuck: streams end at once, without their answers
+    # (which may never come), so the coordinator moves those sessions elsewhere.
+    abandoned: asyncio.Event = field(default_factory=asyncio.Event)
+    stalled: Callable[[], float] | None = None  # seconds the compute thread has been on one batch
 
 
 class TierServer:
     """One tier's gRPC server and its registry entry."""
 
     def __init__(self, tier: str, settings: Settings, service_names: list[str],
-                 add_servicers: Callable[[grpc.aio.Server], None], load: Callable[[], dict],
+                 add_servicers: Callable[[grpc.aio.Server], None], load: Callable[[], dict[str, float | int | None]],
                  model: str = "", drafters: list[str] | None = None, drain: Drain | None = None) -> None:
         self.tier, self.settings, self.service_names = tier, settings, service_names
         self.drain = drain
@@ -50,6 +55,7 @@ class TierServer:
                                 heartbeat_s=settings.heartbeat_s)
         self.registry = Registry(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
         self.heartbeat = Heartbeat(self.registry, self.info, load, settings.heartbeat_s) if self.registry else None
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
@@ -57,12 +63,42 @@ class TierServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.heartbeat is not None:
             self.heartbeat.start()
+        if self.drain is not None and self.drain.stalled is not None and self.settings.watchdog_s > 0:
+            self._watchdog = asyncio.create_task(self._watch(self.drain, self.settings.watchdog_s))
         log.info("%s tier serving on %s", self.tier, self.address)
+
+    async def _watch(self, drain: Drain, limit_s: float) -> None:
+        """A compute thread stuck on one batch for `limit_s` (a hung kernel, a deadlock) makes
+        the replica NOT_SERVING and takes it out of the registry: traffic moves elsewhere and
+        a liveness probe restarts it. If the batch finishes after all, it serves again."""
+        assert drain.stalled is not None
+        stuck = False
+        while True:
+            await asyncio.sleep(min(1.0, limit_s / 4))
+            now_stuck = drain.stalled() > limit_s
+            if now_stuck == stuck:
+                continue
+            stuck = now_stuck
+            status = health_pb2.HealthCheckResponse.NOT_SERVING if stuck else health_pb2.HealthCheckResponse.SERVING
+            for name in ["", *self.service_names]:
+                await self.health.set(name, status)
+            if stuck:
+                log.error("%s tier: compute thread stuck for over %.0f s; NOT_SERVING", self.tier, limit_s)
+                drain.abandoned.set()
+                if self.heartbeat is not None:
+                    await self.heartbeat.stop()
+            else:
+                log.warning("%s tier: compute thread moving again; SERVING", self.tier)
+                drain.abandoned.clear()
+                if self.heartbeat is not None:
+                    self.heartbeat.start()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: report NOT_SERVING, leave the registry (no new sessions come), answer the
         items in flight and end the streams (the coordinator fails those sessions over),
         flush state to Redis, exit."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self.health.enter_graceful_shutdown()
         if self.heartbeat is not None:
             await self.heartbeat.stop()

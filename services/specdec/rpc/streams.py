@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec.rpc.options import client_options
 
@@ -31,12 +32,14 @@ async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awa
                        failed: Callable[[Any, Exception], Any],
                        release: Callable[[list[str]], Awaitable[None]],
                        respond: Callable[[list[Any]], Any],
-                       closing: asyncio.Event | None = None) -> AsyncIterator[Any]:
+                       closing: asyncio.Event | None = None,
+                       abandoned: asyncio.Event | None = None) -> AsyncIterator[Any]:
     """Server side: yield responses as items finish until the client half-closes. An item
     whose handler raises is answered with `failed(item, exc)` (an error result), so one bad
     item never stalls or breaks the stream. Once `closing` is set (the replica drains), items
     in flight are answered, nothing more is read, and the stream ends: the client fails
-    those sessions over."""
+    those sessions over. Once `abandoned` is set (the compute thread is stuck), the stream
+    ends at once without waiting for answers that may never come."""
     results: asyncio.Queue[Any] = asyncio.Queue()
     pending: set[asyncio.Task[None]] = set()
     # A release can overtake its session's last item (items run concurrently, releases at
@@ -81,10 +84,14 @@ async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awa
 
     reader = asyncio.create_task(read())
     stopper = asyncio.create_task((closing or asyncio.Event()).wait())
+    giving_up = asyncio.create_task((abandoned or asyncio.Event()).wait())
     try:
         while True:
             getter = asyncio.create_task(results.get())
-            done, _ = await asyncio.wait({getter, reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({getter, reader, stopper, giving_up}, return_when=asyncio.FIRST_COMPLETED)
+            if giving_up in done:
+                getter.cancel()
+                return
             if getter in done:
                 batch = [getter.result()]
                 while not results.empty():
@@ -102,8 +109,9 @@ async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awa
                 if batch:
                     yield respond(batch)
                 return
-            if reader.exception() is not None:
-                raise reader.exception()  # type: ignore[misc]
+            error = reader.exception()
+            if error is not None:
+                raise error
             if pending:
                 await asyncio.wait(set(pending))
             elif results.empty():
@@ -111,6 +119,7 @@ async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awa
     finally:
         reader.cancel()
         stopper.cancel()
+        giving_up.cancel()
         for task in pending:
             task.cancel()
 
@@ -150,10 +159,21 @@ class TaggedStreamClient:
             return
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._fail(ReplicaFailed(f"no answer within {timeout_s:.0f} s"))
             raise ReplicaFailed(f"{self.address}: no answer within {timeout_s:.0f} s") from None
         self._connected = True
+
+    async def serving(self, timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
+        """Whether the replica answers its health check with SERVING (a stuck or draining
+        replica answers NOT_SERVING while its port is still open)."""
+        try:
+            await self.connect(timeout_s)
+            reply = await health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(),
+                                                                         timeout=timeout_s)
+        except (ReplicaFailed, grpc.RpcError):
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def call(self, build_item: Callable[[int], Any]) -> Any:
         if self.failed is not None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -16,20 +18,21 @@ from specdec.rpc import convert
 from specdec.rpc.errors import item_error
 from specdec.rpc.server import Drain, TierServer
 from specdec.rpc.streams import serve_tagged
-from specdec.state.kv_store import store_for
+from specdec.state.kv_store import RedisKVStore, store_for
 from specdec.state.registry import IntervalRates
 from specdec.telemetry import TierTelemetry
 from specdec.v1 import target_pb2, target_pb2_grpc
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
-    def __init__(self, verifier: LocalVerifier, closing: asyncio.Event | None = None) -> None:
-        self.verifier, self.closing = verifier, closing
+    def __init__(self, verifier: LocalVerifier, drain: Drain | None = None) -> None:
+        self.verifier, self.drain = verifier, drain or Drain()
         TELEMETRY.instrument(verifier.batcher, lambda: len(verifier.worker.sessions), verifier.worker.prefix_store)
 
-    async def Verify(self, request_iterator, context: grpc.aio.ServicerContext):
+    async def Verify(self, request_iterator: AsyncIterator[target_pb2.VerifyRequest],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[target_pb2.VerifyResponse]:
         async for response in serve_tagged(request_iterator, self._verify, _failed, self._release, _respond,
-                                           self.closing):
+                                           self.drain.closing, self.drain.abandoned):
             yield response
 
     async def _verify(self, item: target_pb2.VerifyItem) -> target_pb2.VerifyResult:
@@ -45,12 +48,12 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
 TELEMETRY = TierTelemetry("target", "verify")
 
 
-def _item_attributes(item: VerifyItem) -> dict:
+def _item_attributes(item: VerifyItem) -> dict[str, Any]:
     return {"specdec.session_id": item.session_id, "specdec.prefix_len": item.prefix_len,
             "specdec.new_tokens": len(item.tokens), "specdec.draft_tokens": len(item.draft_tokens)}
 
 
-def _verdict_attributes(item: VerifyItem, verdict: Verdict) -> dict:
+def _verdict_attributes(item: VerifyItem, verdict: Verdict) -> dict[str, Any]:
     if not verdict.needs_resync:
         TELEMETRY.count("specdec_verified_draft_tokens", len(item.draft_tokens))
         TELEMETRY.count("specdec_verified_accepted_tokens", verdict.num_accepted)
@@ -69,11 +72,11 @@ def _respond(results: list[target_pb2.VerifyResult]) -> target_pb2.VerifyRespons
 class LoadMeter:
     """Load figures for the registry, from the batcher's counters."""
 
-    def __init__(self, verifier: LocalVerifier) -> None:
-        self.verifier = verifier
+    def __init__(self, verifier: LocalVerifier, store: RedisKVStore | None = None) -> None:
+        self.verifier, self.store = verifier, store  # store: the worker's prefix store, if any
         self.rates = IntervalRates()
 
-    def __call__(self) -> dict:
+    def __call__(self) -> dict[str, float | int | None]:
         stats, worker = self.verifier.batcher.stats, self.verifier.worker
         w = worker.stats
         return {
@@ -82,7 +85,7 @@ class LoadMeter:
             "batch_utilization": self.verifier.batcher.utilization,
             "max_batch_size": stats.max_batch_size,
             **self.rates.read(w.committed_tokens, w.draft_tokens, w.accepted_tokens),
-            **(worker.prefix_store.stats.as_load() if worker.prefix_store is not None else {}),
+            **(self.store.stats.as_load() if self.store is not None else {}),
         }
 
 
@@ -91,9 +94,10 @@ def build(settings: Settings) -> TierServer:
     runner = compute.run_sync(build_runner, model)
     store = store_for(settings, "target", model, runner)
     verifier = LocalVerifier(TargetWorker(runner, settings.max_sessions, store), settings.max_batch_size)
-    drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None)
+    drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None,
+                  stalled=verifier.batcher.stalled_s)
     return TierServer(
         "target", settings, [target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name],
-        lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(
-            TargetServicer(verifier, drain.closing), server),
-        LoadMeter(verifier), model=settings.model, drain=drain)
+        lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
+            TargetServicer(verifier, drain), server),
+        LoadMeter(verifier, store), model=settings.model, drain=drain)
