@@ -207,3 +207,34 @@ def test_overlapped_drafting_keeps_sampled_tokens(engine_small) -> None:
         off, on = complete_all(engine_small, [spec(prompt, "model:small", 4, overlap=False, **base),
                                               spec(prompt, "model:small", 4, overlap=True, **base)])
         assert on.token_ids == off.token_ids
+
+
+def test_a_cache_budget_evicts_idle_sessions_without_changing_output(target_model, draft_model, hf_greedy) -> None:
+    """A budget of 70 cached tokens holds about one session of these: the others are evicted
+    (least recently used, never one in the running batch) and recomputed when they return."""
+    target = TargetWorker(build_runner(target_model), max_cached_tokens=70)
+    draft = DraftWorker(build_runner(draft_model), "small", max_cached_tokens=70)
+    requests = [GenerationRequest(f"b{i}", list(p), NEW_TOKENS, SamplingParams(), drafter=d, max_draft_tokens=4,
+                                  adaptive=False)
+                for i, (p, d) in enumerate([(PROMPTS[0], "model:small"), (PROMPTS[1], "ngram"),
+                                            (PROMPTS[2], "model:small"), (PROMPTS[0], "ngram")])]
+    resyncs, idle_held = [0], [0]
+    verify_batch = target.verify_batch
+
+    def watched(items):
+        verdicts = verify_batch(items)
+        resyncs[0] += sum(getattr(v, "needs_resync", False) for v in verdicts)
+        batch = {item.session_id for item in items}
+        idle = sum(len(s.tokens) for sid, s in target.sessions.least_recent_first() if sid not in batch)
+        idle_held[0] = max(idle_held[0], idle)
+        return verdicts
+    verifier, drafter = LocalVerifier(target), LocalDrafter(draft)
+    verifier.batcher._run_batch = watched
+
+    async def main():
+        return await asyncio.gather(*[generate(r, Tiers(verifier, drafter), IdTokenizer(), []) for r in requests])
+
+    for request, result in zip(requests, run(main())):
+        assert result.token_ids == hf_greedy[tuple(request.prompt_ids)], request.session_id
+    assert resyncs[0] > 0  # sessions were evicted and came back
+    assert 0 < idle_held[0] <= 70  # idle sessions never held more than the budget

@@ -15,10 +15,11 @@ context is copied or concatenated (see `core/attention.py`).
 from __future__ import annotations
 
 import heapq
+import os
 import threading
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import torch
@@ -245,6 +246,9 @@ class SessionTable(Generic[T]):
     def pop(self, session_id: str) -> T | None:
         return self._items.pop(session_id, None)
 
+    def least_recent_first(self) -> list[tuple[str, T]]:
+        return list(self._items.items())
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -254,6 +258,23 @@ class HasTokens(Protocol):
 
 
 S = TypeVar("S", bound=HasTokens)
+
+
+def trim_to_tokens(table: SessionTable[S], max_tokens: int, keep: Container[str]) -> int:
+    """Evict least recently used sessions, never those in `keep` (the batch being run),
+    until all sessions together hold at most `max_tokens` tokens: the replica's memory
+    budget for caches, which grow with their tokens. Returns how many were evicted (each
+    costs only a recomputation, should its request come back)."""
+    total = sum(len(session.tokens) for _, session in table.least_recent_first())
+    evicted = 0
+    for session_id, session in table.least_recent_first():
+        if total <= max_tokens:
+            break
+        if session_id not in keep:
+            table.pop(session_id)
+            total -= len(session.tokens)
+            evicted += 1
+    return evicted
 
 
 def sync_session(table: SessionTable[S], session_id: str, prefix_len: int, tokens: list[int],
@@ -271,3 +292,20 @@ def sync_session(table: SessionTable[S], session_id: str, prefix_len: int, token
     del session.tokens[prefix_len:]
     session.tokens.extend(tokens)
     return session
+
+
+def kv_token_budget(budget_mb: float, pool: KVPool | None, device: str | torch.device = "cpu") -> int | None:
+    """How many tokens of cache a replica may hold: `budget_mb` of it, or with 0 a share of
+    this machine's memory measured now (30% of RAM on a CPU, half of the free memory on a
+    GPU, after the model is loaded). None for runners that keep their own cache. Slots
+    round a cache up to a power of two, so the bytes held stay under twice the budget."""
+    if pool is None or pool.num_layers == 0:
+        return None
+    per_token = 2 * pool.num_layers * pool.num_kv_heads * pool.head_dim * pool.dtype.itemsize
+    if budget_mb > 0:
+        budget = int(budget_mb * (1 << 20))
+    elif torch.device(device).type == "cuda":
+        budget = torch.cuda.mem_get_info(torch.device(device))[0] // 2
+    else:
+        budget = int(0.3 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return max(1, budget // per_token)

@@ -8,7 +8,7 @@ import torch
 from specdec.core.cost import PassCost
 from specdec.core.errors import InvalidArgument
 from specdec.core.failpoints import failpoint
-from specdec.core.kv_cache import SessionKV, SessionTable, sync_session
+from specdec.core.kv_cache import SessionKV, SessionTable, sync_session, trim_to_tokens
 from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.rejection import RejectionInput, rejection_sample
 from specdec.core.runner import ForwardItem, Runner
@@ -35,8 +35,10 @@ class TargetStats:
 class TargetWorker:
     """Verifies drafts against the target model. Not thread-safe: one batch at a time."""
 
-    def __init__(self, runner: Runner, max_sessions: int = 1024, prefix_store: PrefixStore | None = None) -> None:
+    def __init__(self, runner: Runner, max_sessions: int = 1024, prefix_store: PrefixStore | None = None,
+                 max_cached_tokens: int | None = None) -> None:
         self.runner = runner
+        self.max_cached_tokens = max_cached_tokens  # memory budget of the session caches (None: count only)
         self.prefix_store = prefix_store  # shared KV chunks (e.g. Redis): restore prefixes, offer new ones
         self.sessions: SessionTable[TargetSession] = SessionTable(max_sessions)
         self.stats = TargetStats()
@@ -62,6 +64,8 @@ class TargetWorker:
                 verdicts[i] = Verdict(needs_resync=True)
             else:
                 work.append((i, session, item))
+        if self.max_cached_tokens is not None:
+            trim_to_tokens(self.sessions, self.max_cached_tokens, {item.session_id for item in items})
         if work:
             forward_items = [self._forward_item(session, item) for _, session, item in work]
             logits = self.cost.timed(self.runner.forward, forward_items)

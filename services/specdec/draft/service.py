@@ -11,6 +11,7 @@ from specdec.config import Settings
 from specdec.core import compute
 from specdec.core.drafters.registry import parse_drafter
 from specdec.core.drafters.worker import DraftWorker
+from specdec.core.kv_cache import kv_token_budget
 from specdec.core.local import LocalDrafter
 from specdec.core.models import load_model
 from specdec.core.runner import build_runner
@@ -74,7 +75,9 @@ def build(settings: Settings) -> TierServer:
     model = compute.run_sync(load_model, model_name, settings.device, settings.dtype) if spec.needs_model else None
     runner = compute.run_sync(build_runner, model) if model is not None else None
     store = store_for(settings, "draft", model, runner) if model is not None and runner is not None else None
-    drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions, store), settings.max_batch_size)
+    budget = kv_token_budget(settings.kv_budget_mb, getattr(runner, "pool", None), settings.device)
+    drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions, store, budget),
+                           settings.max_batch_size)
     stats = drafter.batcher.stats
     rates = IntervalRates()  # read only by the heartbeat
     drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None,

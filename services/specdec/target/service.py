@@ -9,6 +9,7 @@ import grpc
 
 from specdec.config import Settings
 from specdec.core import compute
+from specdec.core.kv_cache import kv_token_budget
 from specdec.core.local import LocalVerifier
 from specdec.core.models import load_model
 from specdec.core.runner import build_runner
@@ -93,7 +94,8 @@ def build(settings: Settings) -> TierServer:
     model = compute.run_sync(load_model, settings.model, settings.device, settings.dtype)
     runner = compute.run_sync(build_runner, model)
     store = store_for(settings, "target", model, runner)
-    verifier = LocalVerifier(TargetWorker(runner, settings.max_sessions, store), settings.max_batch_size)
+    budget = kv_token_budget(settings.kv_budget_mb, getattr(runner, "pool", None), settings.device)
+    verifier = LocalVerifier(TargetWorker(runner, settings.max_sessions, store, budget), settings.max_batch_size)
     drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None,
                   stalled=verifier.batcher.stalled_s)
     return TierServer(

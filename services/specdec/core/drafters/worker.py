@@ -5,7 +5,7 @@ from __future__ import annotations
 from specdec.core.drafters.base import DraftMethod, DraftRow, DraftSession
 from specdec.core.drafters.registry import build_methods
 from specdec.core.errors import InvalidArgument
-from specdec.core.kv_cache import SessionTable, sync_session
+from specdec.core.kv_cache import SessionTable, sync_session, trim_to_tokens
 from specdec.core.prefix_store import PrefixStore
 from specdec.core.runner import Runner
 from specdec.core.types import Proposal, ProposeItem
@@ -17,7 +17,8 @@ class DraftWorker:
     batcher guarantees it)."""
 
     def __init__(self, runner: Runner | None = None, model_name: str = "", max_sessions: int = 1024,
-                 prefix_store: PrefixStore | None = None) -> None:
+                 prefix_store: PrefixStore | None = None, max_cached_tokens: int | None = None) -> None:
+        self.max_cached_tokens = max_cached_tokens  # memory budget of the session states (None: count only)
         self.methods: dict[str, DraftMethod] = {m.name: m for m in build_methods(runner, model_name, prefix_store)}
         self.vocab_size = runner.vocab_size if runner is not None else None  # None: any id (model-free only)
         self.prefix_store = prefix_store  # shared draft-model KV chunks (e.g. Redis)
@@ -52,6 +53,8 @@ class DraftWorker:
             session = self._sync(item, method)
             if session is not None:
                 groups.setdefault(item.drafter, []).append((i, (session, item)))
+        if self.max_cached_tokens is not None:
+            trim_to_tokens(self.sessions, self.max_cached_tokens, {item.session_id for item in items})
         for name, rows in groups.items():
             for (i, _), proposal in zip(rows, self.methods[name].propose([row for _, row in rows])):
                 results[i] = proposal
