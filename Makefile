@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run up test proto lint clean
+.PHONY: install run up test proto lint clean images test-images test-dashboard
 
 $(STAMP): pyproject.toml operator/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,20 @@ proto: $(STAMP)
 
 lint: $(STAMP)
 	npx --yes @bufbuild/buf lint proto
+
+# CPU images (services, operator) with buildah and no Docker daemon, from a debootstrapped
+# Debian base (or BASE=docker.io/library/python:3.11-slim-bookworm): docker/build.sh says how.
+images:
+	docker/build.sh
+
+# Slow delivery checks, left out of `make test`: the images built above, run with buildah
+# (operator on the API emulator, coordinator as non-root); the Grafana dashboard's queries
+# against a real Prometheus scraping `specdec up` (Debian's prometheus package).
+test-images: $(STAMP) images
+	SPECDEC_SLOW=1 $(PY) -m pytest -q -ra -p no:randomly tests/k8s/test_images.py
+
+test-dashboard: $(STAMP)
+	SPECDEC_SLOW=1 $(PY) -m pytest -q -ra -p no:randomly tests/k8s/test_dashboard.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info services/*.egg-info
