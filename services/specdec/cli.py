@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(up)
     up.add_argument("--draft-replicas", type=int, default=1)
     up.add_argument("--target-replicas", type=int, default=1)
+    up.add_argument("--coordinator-replicas", type=int, default=1,
+                    help="coordinators on one Redis (the first on --port): a client given several fails over")
     up.add_argument("--port", type=int, default=DEFAULT_PORTS["coordinator"])
     up.add_argument("--redis-url", default="")
     up.add_argument("--demo", action="store_true", help="generate once, print it, then stop everything")
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text")
     gen.add_argument("prompt")
     where = gen.add_mutually_exclusive_group()
-    where.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_PORTS['coordinator']}")
+    where.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_PORTS['coordinator']}",
+                       help="HOST:PORT, or several comma-separated: a broken call resumes on the next")
     where.add_argument("--local", action="store_true", help="run the embedded engine in-process")
     _model_flags(gen)
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
@@ -91,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="write a PNG of speedup vs concurrency and draft length")
     bench.add_argument("--json", dest="json_out", help="write the results to this file")
     bench.set_defaults(func=cmd_bench)
+
+    soak = sub.add_parser("soak", help="steady load for minutes: RSS growth, leaked sessions/keys, errors")
+    soak.add_argument("--model", default="smollm2-135m")
+    soak.add_argument("--streams", type=int, default=64)
+    soak.add_argument("--minutes", type=float, default=10.0)
+    soak.add_argument("--warmup-s", type=float, default=60.0)
+    soak.set_defaults(func=cmd_soak)
 
     pb = sub.add_parser("prefix-bench", help="TTFT with a long shared prefix: restored from Redis vs recomputed")
     pb.add_argument("--model", default="smollm2-135m")
@@ -149,13 +159,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"starting valkey, {args.target_replicas} target and {args.draft_replicas} draft replica(s) "
           f"of {settings.model} (drafter {settings.drafter}) ...", flush=True)
     stack = start_stack(settings.model, settings.drafter, args.draft_replicas, args.target_replicas, args.port,
-                        args.redis_url, settings.device, settings.dtype)
+                        args.redis_url, settings.device, settings.dtype,
+                        coordinator_replicas=args.coordinator_replicas)
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     try:
-        print(f"coordinator: {stack.coordinator}\nredis: {stack.redis_url}\nlogs: {stack.log_dir}", flush=True)
+        for address in stack.coordinators:
+            print(f"coordinator: {address}", flush=True)
+        print(f"redis: {stack.redis_url}\nlogs: {stack.log_dir}", flush=True)
         if args.demo:
-            return _demo(stack.coordinator, settings.drafter)
+            return _demo(",".join(stack.coordinators), settings.drafter)
         print("serving; Ctrl-C to stop", flush=True)
         while not stop["flag"]:
             time.sleep(0.5)
@@ -226,6 +239,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(out["text"])
         print(f"[{out['finish_reason']}] {json.dumps(out['stats'])}", file=sys.stderr)
     return 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from specdec.soak import soak
+
+    result = soak(args.model, args.streams, args.minutes, args.warmup_s)
+    print(json.dumps(result, indent=2))
+    return 0 if result["passed"] else 1
 
 
 def cmd_prefix_bench(args: argparse.Namespace) -> int:
