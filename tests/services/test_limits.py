@@ -68,3 +68,13 @@ async def test_large_requests_keep_nobody_waiting(tiny_stack):
     assert all(isinstance(o, grpc.aio.AioRpcError) and o.code() == grpc.StatusCode.INVALID_ARGUMENT
                and "does not fit" in o.details() for o in outcomes), outcomes
     assert len(latencies) > 5 and max(latencies) < 0.25, sorted(latencies)[-3:]
+
+
+@pytest.mark.parametrize("override", [{"drafter": "d" * 5000}, {"drafter": "model:" + "m" * 5000},
+                                      {"prompt": None, "messages": [{"role": "r" * 5000, "content": "hi"}]}])
+def test_errors_never_echo_unbounded_input(tiny_stack, override):
+    params = {"prompt": "hello", "max_new_tokens": 2, **override}
+    prompt = params.pop("prompt")
+    with Client(tiny_stack.address, timeout_s=30) as client, pytest.raises(grpc.RpcError) as err:
+        client.complete(prompt, **params)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.value.details()) < 400

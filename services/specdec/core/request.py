@@ -154,7 +154,7 @@ def _chat_ids(messages: list[dict[str, str]], tokenizer: Tokenizer) -> list[int]
         raise InvalidArgument("chat.messages", "must not be empty")
     for i, message in enumerate(messages):
         if message.get("role") not in ROLES:
-            raise InvalidArgument(f"chat.messages[{i}].role", f"must be one of {ROLES}, got {message.get('role')!r}")
+            raise InvalidArgument(f"chat.messages[{i}].role", f"must be one of {ROLES}, got {str(message.get('role'))[:40]!r}")
     if not any(m.get("content", "").strip() for m in messages):
         raise InvalidArgument("chat.messages", "all messages are empty")
     if getattr(tokenizer, "chat_template", None) is None:
@@ -165,7 +165,7 @@ def _chat_ids(messages: list[dict[str, str]], tokenizer: Tokenizer) -> list[int]
 def _drafter(drafter: DrafterSpec, available: list[str]) -> DrafterSpec:
     if drafter.speculates and str(drafter) not in available:
         raise InvalidArgument("speculation.drafter",
-                              f"drafter {str(drafter)!r} is not served here; available: {['none', *available]}")
+                              f"drafter {str(drafter)[:100]!r} is not served here; available: {['none', *available]}")
     return drafter
 
 

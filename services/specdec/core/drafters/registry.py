@@ -46,7 +46,7 @@ def parse_drafter(text: str | DrafterSpec, field: str = "speculation.drafter") -
     if text == NONE or (cls is not None and cls.needs_model == bool(model) and bool(colon) == bool(model)):
         return DrafterSpec(kind, model)
     usage = ", ".join([NONE, *(f"{k}:NAME" if c.needs_model else k for k, c in DRAFTERS.items())])
-    raise InvalidArgument(field, f"unknown drafter {text!r}; use {usage}")
+    raise InvalidArgument(field, f"unknown drafter {text[:100]!r}; use {usage}")  # never echo unbounded input
 
 
 def build_methods(runner: Runner | None, model_name: str, prefix_store: PrefixStore | None) -> list[DraftMethod]:
