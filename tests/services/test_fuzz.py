@@ -102,8 +102,11 @@ async def test_random_public_requests_never_get_internal(tiny_stack):
 
 
 async def test_random_verify_items_never_get_internal(tiny_stack, prompt_ids):
+    from specdec.soak import rss_mb
+
     rng = random.Random(7)
-    target = next(c.address for c in tiny_stack.stack.children if c.name.startswith("target-"))
+    child = next(c for c in tiny_stack.stack.children if c.name.startswith("target-"))
+    target, rss_before = child.address, rss_mb(child.proc.pid)
     items = []
     for tag in range(VERIFY_ITEMS):
         item = fill(rng, target_pb2.VerifyItem())
@@ -132,3 +135,7 @@ async def test_random_verify_items_never_get_internal(tiny_stack, prompt_ids):
     assert len(answers) == VERIFY_ITEMS
     assert set(codes) <= {0, grpc.StatusCode.INVALID_ARGUMENT.value[0]}, codes
     assert codes[0] > 0 and codes[grpc.StatusCode.INVALID_ARGUMENT.value[0]] > 0
+    # Failed items allocate nothing that stays (once they grew the target by gigabytes).
+    rss_after = rss_mb(child.proc.pid)
+    print(f"[fuzz verify] target RSS {rss_before:.0f} -> {rss_after:.0f} MB")
+    assert rss_after < rss_before * 1.10 + 50
