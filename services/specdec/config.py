@@ -24,7 +24,8 @@ class Settings:
     target_addresses: list[str] = field(default_factory=list)
     max_batch_size: int = 32  # sequences per verify/draft forward pass
     max_sessions: int = 1024  # per replica; least recently used are evicted (and recomputed)
-    kv_budget_mb: float = 0.0  # per replica: session caches beyond this are evicted, LRU; 0 = 30% of RAM / half the free GPU memory
+    # per replica: session caches beyond this are evicted, LRU; 0 = 30% of RAM / half the free GPU memory
+    kv_budget_mb: float = 0.0
     max_new_tokens: int = 4096  # cap on one request
     max_request_bytes: int = 4 << 20  # coordinator: largest request message (gRPC answers RESOURCE_EXHAUSTED)
     max_running_requests: int = 256  # coordinator: requests run at once; the rest queue (queue_depth)
