@@ -37,6 +37,7 @@ class Settings:
     overlap: bool = False  # default for requests: pre-draft step n+1 while step n is verified
     metrics_port: int = 0  # Prometheus scrape endpoint (/metrics) on host:port; 0 = off
     kv_chunk_tokens: int = 256  # tokens per KV chunk in Redis (prefix reuse, failover); 0 = no KV in Redis
+    kv_secret: str = ""  # shared by the tiers: KV chunks carry a keyed MAC with it (`specdec up` makes one)
     kv_ttl_s: float = 3600.0  # lifetime of a KV chunk in Redis (Redis's maxmemory policy may evict sooner)
     kv_max_pending_mb: int = 256  # KV chunks waiting to be written per replica; beyond that they are dropped
     watchdog_s: float = 120.0  # a compute thread on one batch this long: NOT_SERVING, out of the registry; 0 = off

@@ -157,3 +157,37 @@ def test_redis_down_costs_only_recomputation_and_recovers(models):
         assert fresh.stats.hit_chunks == 3
     finally:
         server.stop()
+
+
+def test_chunks_not_written_by_a_secret_holder_are_misses(models, redis_url):
+    """With a shared secret the chunks carry a MAC: a chunk altered in Redis with a
+    recomputed checksum, or planted under a key derived offline, is a miss; the output is
+    the plain one either way."""
+    from specdec.state.kv_store import decode_chunk, encode_chunk
+
+    model, secret = models[0], b"the tiers' secret"
+    prompt = list(range(40, 190))
+    identity = KVIdentity(model_fingerprint(model), "float32", LAYOUT, "target", CHUNK)
+    writer = RedisKVStore(redis_url, "t5:", identity, ttl_s=60, secret=secret)
+    plain = greedy(TargetWorker(build_runner(model), prefix_store=writer), "w", prompt, 4)
+    assert writer.flush(10) and writer.stats.stored_chunks == 4
+    client = redis.Redis.from_url(redis_url)
+    keys = identity.chunk_keys(prompt)
+    shape = (2, 2, 2, CHUNK, 16)  # layers, k/v, kv heads, tokens, head dim of the tiny model
+    genuine = decode_chunk(client.get(keys[0].redis_key("t5:")), keys[0], shape, torch.float32, secret)
+    assert genuine is not None
+    # An outsider alters chunk 1 and re-encodes it as well as it can: without the secret.
+    altered = decode_chunk(client.get(keys[1].redis_key("t5:")), keys[1], shape, torch.float32, secret) + 1.0
+    client.set(keys[1].redis_key("t5:"), encode_chunk(keys[1], altered))
+    reader = RedisKVStore(redis_url, "t5:", identity, ttl_s=60, secret=secret)
+    assert greedy(TargetWorker(build_runner(model), prefix_store=reader), "r", prompt, 4) == plain
+    assert reader.stats.hit_chunks == 1 and reader.stats.rejected_chunks == 1
+    # A prefix never computed, planted under the key anyone can derive from the tokens.
+    planted = [t % 256 for t in range(300, 450)]
+    for key in identity.chunk_keys(planted):
+        client.set(key.redis_key("t5:"), encode_chunk(key, torch.zeros(shape), b"a guessed secret"))
+    fresh = RedisKVStore(redis_url, "t5:", identity, ttl_s=60, secret=secret)
+    plain_planted = greedy(TargetWorker(build_runner(model)), "p0", planted, 4)
+    assert greedy(TargetWorker(build_runner(model), prefix_store=fresh), "p", planted, 4) == plain_planted
+    assert fresh.stats.hit_chunks == 0 and fresh.stats.rejected_chunks == 1
+    client.close()

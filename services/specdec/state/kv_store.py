@@ -4,8 +4,12 @@ A cache is cut into chunks of `chunk_tokens` tokens. Chunk i's key is a hash cha
 identity (model fingerprint, dtype, layout, tier, chunk size, format version) and the token
 ids of chunks 0..i, so two sequences share chunk i exactly when they share everything up to
 its end, in any process on any machine (blake2b, never Python's `hash()`). The value is one
-Redis string: a small header (key, shape, dtype, version, checksum) and the raw tensor bytes
+Redis string: a small header (key, shape, dtype, version, MAC) and the raw tensor bytes
 [layers, 2 (k, v), kv_heads, chunk_tokens, head_dim], so a half-written entry cannot exist.
+The MAC is a keyed blake2b over the key, shape, dtype and bytes with a secret only the tiers
+hold (SPECDEC_KV_SECRET): whoever else can write to Redis can neither alter a chunk nor
+plant one under a key derived offline; either is a miss. Without a secret the MAC is a
+plain checksum (corruption only), and the store says so at start.
 
 Reads happen on the worker thread (they must land before the forward pass) and stop at the
 first missing, evicted, corrupt or foreign chunk: a hit is always a prefix. Writes go through
@@ -17,6 +21,7 @@ Redis's own `maxmemory` + eviction policy (an evicted chunk is a miss, never an 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import queue
@@ -41,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keyed MAC instead of a checksum
 MAGIC = b"SDKV"
 LAYOUT = "L2HTD"  # [layers, 2 (k, v), kv_heads, tokens, head_dim], contiguous
 _HEADER = struct.Struct("<4sHI")  # magic, version, header length
@@ -106,27 +111,36 @@ class ChunkKey:
         return f"{prefix}kv:{self.tier}:{self.chain}"
 
 
-def encode_chunk(key: ChunkKey, tensor: torch.Tensor) -> bytes:
+def chunk_mac(secret: bytes, key: ChunkKey, shape: list[int], dtype: str, body: bytes | memoryview) -> str:
+    """Keyed blake2b (a MAC when `secret` is set) binding the bytes to their identity."""
+    mac = hashlib.blake2b(key=secret[:64], digest_size=16)
+    mac.update(json.dumps([key.to_string(), list(shape), dtype]).encode())
+    mac.update(body)
+    return mac.hexdigest()
+
+
+def encode_chunk(key: ChunkKey, tensor: torch.Tensor, secret: bytes = b"") -> bytes:
     """Header + raw bytes of a [layers, 2, kv_heads, chunk_tokens, head_dim] tensor."""
     body = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    header = json.dumps({
-        "key": key.to_string(), "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
-        "checksum": hashlib.blake2b(body, digest_size=8).hexdigest(),
-    }).encode()
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    header = json.dumps({"key": key.to_string(), "shape": list(tensor.shape), "dtype": dtype,
+                         "mac": chunk_mac(secret, key, list(tensor.shape), dtype, body)}).encode()
     return _HEADER.pack(MAGIC, FORMAT_VERSION, len(header)) + header + body
 
 
-def decode_chunk(raw: bytes, key: ChunkKey, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-    """The chunk's tensor, or None if the payload is not exactly what `key` promises."""
+def decode_chunk(raw: bytes, key: ChunkKey, shape: tuple[int, ...], dtype: torch.dtype,
+                 secret: bytes = b"") -> torch.Tensor | None:
+    """The chunk's tensor, or None if the payload is not exactly what `key` promises, or was
+    not written by a holder of `secret`."""
     try:
         magic, version, size = _HEADER.unpack_from(raw)
         if magic != MAGIC or version != FORMAT_VERSION:
             return None
         header = json.loads(raw[_HEADER.size:_HEADER.size + size])
         body = memoryview(raw)[_HEADER.size + size:]
-        if (header["key"] != key.to_string() or tuple(header["shape"]) != tuple(shape)
-                or header["dtype"] != str(dtype).removeprefix("torch.")
-                or hashlib.blake2b(body, digest_size=8).hexdigest() != header["checksum"]):
+        name = str(dtype).removeprefix("torch.")
+        if (header["key"] != key.to_string() or tuple(header["shape"]) != tuple(shape) or header["dtype"] != name
+                or not hmac.compare_digest(chunk_mac(secret, key, list(shape), name, body), str(header["mac"]))):
             return None
         flat = torch.frombuffer(bytearray(body), dtype=torch.uint8)
         return flat.view(dtype).reshape(shape)
@@ -185,10 +199,14 @@ class RedisKVStore:
     on_lookup: Callable[[Lookup], None] | None = None  # called on the worker thread after each read
 
     def __init__(self, redis_url: str, prefix: str, identity: KVIdentity, ttl_s: float = 3600.0,
-                 max_pending_bytes: int = 256 << 20, batch_chunks: int = 16) -> None:
+                 max_pending_bytes: int = 256 << 20, batch_chunks: int = 16, secret: bytes = b"") -> None:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be > 0")
         self.prefix, self.identity, self.ttl_s = prefix, identity, ttl_s
+        self.secret = secret
+        if not secret:
+            log.warning("no SPECDEC_KV_SECRET: KV chunks in Redis carry a checksum, not a MAC; whoever can "
+                        "write to Redis can change what this tier computes from")
         self.max_pending_bytes, self.batch_chunks = max_pending_bytes, batch_chunks
         # One quick retry (a connection broken by a server restart), no back-off sleeps on
         # the worker thread; our own back-off below keeps a dead server off the hot path.
@@ -233,7 +251,7 @@ class RedisKVStore:
         chunks: list[torch.Tensor] = []
         for key, raw in zip(keys, raws):
             # bytes unless the client decodes responses (ours does not): a str is rejected
-            tensor = decode_chunk(raw, key, shape, dtype) if isinstance(raw, bytes) else None
+            tensor = decode_chunk(raw, key, shape, dtype, self.secret) if isinstance(raw, bytes) else None
             if tensor is None:
                 if raw is None:
                     self.stats.missed_chunks += 1
@@ -312,7 +330,7 @@ class RedisKVStore:
             if not self._available():
                 self.stats.dropped_chunks += len(batch)
                 return
-            payloads = [(key.redis_key(self.prefix), encode_chunk(key, tensor)) for key, tensor, _ in batch]
+            payloads = [(key.redis_key(self.prefix), encode_chunk(key, tensor, self.secret)) for key, tensor, _ in batch]
             pipe = self.redis.pipeline(transaction=False)
             for name, payload in payloads:
                 pipe.set(name, payload, ex=max(1, int(self.ttl_s)))
@@ -376,4 +394,4 @@ def store_for(settings: Settings, tier: str, model: CausalLM, runner: Runner) ->
     identity = KVIdentity(model_fingerprint(model), str(kv.pool.dtype).removeprefix("torch."), LAYOUT, tier,
                           settings.kv_chunk_tokens)
     return RedisKVStore(settings.redis_url, settings.redis_prefix, identity, settings.kv_ttl_s,
-                        int(settings.kv_max_pending_mb) << 20)
+                        int(settings.kv_max_pending_mb) << 20, secret=settings.kv_secret.encode())
