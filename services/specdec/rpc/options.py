@@ -38,7 +38,7 @@ def server_options(max_message: int = INTERNAL_MAX_MESSAGE, keepalive_s: float =
         ("grpc.max_receive_message_length", max_message),
         ("grpc.max_send_message_length", INTERNAL_MAX_MESSAGE),
         # Accept the clients' pings (half their interval: timers jitter), with or without calls.
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(keepalive_s * 1000 / 2)),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(keepalive_s * 1000 / 2)),
         ("grpc.keepalive_permit_without_calls", 1),
         # Ping clients too, less often than they ping us: a vanished peer's streams end.
         ("grpc.keepalive_time_ms", int(keepalive_s * 2000)),
