@@ -154,7 +154,8 @@ def _chat_ids(messages: list[dict[str, str]], tokenizer: Tokenizer) -> list[int]
         raise InvalidArgument("chat.messages", "must not be empty")
     for i, message in enumerate(messages):
         if message.get("role") not in ROLES:
-            raise InvalidArgument(f"chat.messages[{i}].role", f"must be one of {ROLES}, got {str(message.get('role'))[:40]!r}")
+            raise InvalidArgument(f"chat.messages[{i}].role",
+                                  f"must be one of {ROLES}, got {str(message.get('role'))[:40]!r}")
     if not any(m.get("content", "").strip() for m in messages):
         raise InvalidArgument("chat.messages", "all messages are empty")
     if getattr(tokenizer, "chat_template", None) is None:

@@ -330,7 +330,8 @@ class RedisKVStore:
             if not self._available():
                 self.stats.dropped_chunks += len(batch)
                 return
-            payloads = [(key.redis_key(self.prefix), encode_chunk(key, tensor, self.secret)) for key, tensor, _ in batch]
+            payloads = [(key.redis_key(self.prefix), encode_chunk(key, tensor, self.secret))
+                        for key, tensor, _ in batch]
             pipe = self.redis.pipeline(transaction=False)
             for name, payload in payloads:
                 pipe.set(name, payload, ex=max(1, int(self.ttl_s)))
