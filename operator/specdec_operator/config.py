@@ -1,8 +1,10 @@
 """Operator-wide settings, from the environment (the Helm chart sets them)."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -17,9 +19,12 @@ class OperatorConfig:
     heartbeat_max_age_s: float   # SPECDEC_OPERATOR_HEARTBEAT_MAX_AGE_S: older heartbeats are ignored
     namespaces: tuple[str, ...]  # SPECDEC_OPERATOR_NAMESPACES: comma list; empty = all namespaces
     peering: str | None          # SPECDEC_OPERATOR_PEERING: kopf peering object; empty = standalone
-    priority: int                # SPECDEC_OPERATOR_PRIORITY: peering priority of this pod
+    priority: int                # SPECDEC_OPERATOR_PRIORITY: peering priority; unset = from the pod name
     liveness: str | None         # SPECDEC_OPERATOR_LIVENESS: e.g. http://0.0.0.0:8080/healthz
     log_level: str               # SPECDEC_OPERATOR_LOG_LEVEL: debug | info (default) | warning | error
+    peering_lifetime_s: int = 30  # SPECDEC_OPERATOR_PEERING_LIFETIME_S: a silent peer is dead after this
+    metrics_port: int = 0        # SPECDEC_OPERATOR_METRICS_PORT: Prometheus /metrics on 0.0.0.0:port; 0 = off
+    run_as_user: int | None = 10001  # SPECDEC_OPERATOR_RUN_AS_USER: tiers' UID/GID/fsGroup; empty = the platform's (OpenShift)
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -39,12 +44,26 @@ class OperatorConfig:
             namespaces=tuple(n.strip() for n in env.get("SPECDEC_OPERATOR_NAMESPACES", "").split(",")
                              if n.strip()),
             peering=env.get("SPECDEC_OPERATOR_PEERING") or None,
-            priority=int(env.get("SPECDEC_OPERATOR_PRIORITY", "0")),
+            priority=(int(env["SPECDEC_OPERATOR_PRIORITY"]) if env.get("SPECDEC_OPERATOR_PRIORITY")
+                      else name_priority(env.get("POD_ID") or env.get("POD_NAME") or socket.gethostname())),
             liveness=env.get("SPECDEC_OPERATOR_LIVENESS") or None,
             log_level=log_level,
+            peering_lifetime_s=int(env.get("SPECDEC_OPERATOR_PEERING_LIFETIME_S") or 30),
+            metrics_port=int(env.get("SPECDEC_OPERATOR_METRICS_PORT") or 0),
+            run_as_user=int(uid) if (uid := env.get("SPECDEC_OPERATOR_RUN_AS_USER", "10001")) else None,
         )
 
     @property
     def logging_level(self) -> int:
         """``log_level`` as a :mod:`logging` level number."""
         return LOG_LEVELS[self.log_level]
+
+
+def name_priority(name: str) -> int:
+    """A peering priority from a pod name: distinct pods get distinct priorities.
+
+    kopf pauses every operator that sees a peer of the same priority, so the replicas of
+    one Deployment (all given the same environment) must not share one. A stable hash of
+    the pod name, in [1, 2**31), collides for two pods once in about two billion.
+    """
+    return 1 + int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % (2**31 - 1)

@@ -4,8 +4,13 @@
 * create / update / resume: apply the tiers' Deployments, Services and PDBs now;
 * a timer (``SPECDEC_OPERATOR_INTERVAL_S``): re-apply drift and autoscale each tier from
   the load its replicas publish in Redis, with an Event for every scaling decision;
+* what keeps a decoder from working (a Secret the operator cannot read, an invalid spec,
+  pods that cannot be scheduled or started) is said in its conditions and, once, an Event;
 * delete: remove the owned objects (owner references make the cluster's garbage
-  collector do the same; deleting explicitly also covers clusters where it lags).
+  collector do the same; deleting explicitly also covers clusters where it lags). kopf's
+  finalizer (the timer needs one) holds a deleted resource until this has run, so the
+  chart's pre-delete hook (:mod:`.uninstall`) deletes the resources while the operator
+  still runs, and strips the finalizer of any it could not wait for.
 """
 from __future__ import annotations
 
@@ -15,16 +20,17 @@ import logging
 import time
 from typing import Any, Mapping
 
+import aiohttp
 import kopf
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from . import resources
+from . import metrics, resources
 from .config import OperatorConfig
-from .kube import ApiError, Kube
+from .kube import ApiError, Kube, SecretProblem
 from .load import read_loads
-from .plan import (TierPlan, current_replicas, decoder_status, invalid_spec_conditions,
-                   plan_tier, ready_replicas)
+from .plan import (Fault, TierPlan, current_replicas, decoder_status, invalid_spec_conditions,
+                   new_faults, plan_tier, pod_faults, ready_replicas)
 from .policy import TIERS, Coupling, Decision, History, ReplicaLoad, decide
 from .spec import GROUP, PLURAL, VERSION, DecoderSpec, parse
 
@@ -41,6 +47,13 @@ class State:
         self.histories: dict[str, History] = {}
         self.redis: aioredis.Redis | None = None
         self.redis_url: str | None = None
+        self.said: set[str] = set()     # messages of the faults an Event already said
+
+    def unsaid(self, old_conditions: list[Any], faults: list[Fault]) -> list[Fault]:
+        """The faults no Event said yet (here, or before a restart per the conditions)."""
+        new = [f for f in new_faults(old_conditions, faults) if f.message not in self.said]
+        self.said = {f.message for f in faults}
+        return new
 
     def history(self, tier: str) -> History:
         return self.histories.setdefault(tier, History(started_at=time.monotonic()))
@@ -73,6 +86,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.reporting_component = "specdec-operator"
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # A peer silent this long is dead: the standby takes over within it (keepalives come
+    # every lifetime - 5..10 s; a pod stopped gracefully leaves at once).
+    settings.peering.lifetime = CONFIG.peering_lifetime_s
+    metrics.serve(CONFIG.metrics_port)
 
 
 @kopf.on.login()
@@ -119,10 +136,12 @@ async def delete_handler(body: kopf.Body, memo: kopf.Memo, logger: logging.Logge
         for kind in KINDS:
             if await KUBE.delete(kind, ns, resources.child_name(name, tier)):
                 logger.info("deleted %s %s", kind, resources.child_name(name, tier))
+    metrics.forget(ns, name)
     await _state(memo).close()
 
 
 async def redis_url(spec: DecoderSpec, namespace: str) -> str | None:
+    """The Redis URL autoscaling reads; :class:`SecretProblem` if its Secret cannot be read."""
     if spec.redis_url:
         return spec.redis_url
     if spec.redis_secret:
@@ -141,18 +160,25 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     old_status = dict(body.get("status") or {})
-    spec = _parse(body, patch, old_status, autoscale=autoscale)
-    if spec is None:
-        return
     state = _state(memo)
+    spec = _parse(body, patch, old_status, state, autoscale=autoscale)
+    if spec is None:
+        metrics.RECONCILES.labels("timer" if autoscale else "change", "invalid").inc()
+        return
     async with state.lock:
-        url = await redis_url(spec, ns)
+        faults: list[Fault] = []
+        try:
+            url = await redis_url(spec, ns)
+        except SecretProblem as exc:   # the tiers still deploy; autoscaling waits for the Secret
+            url = None
+            faults.append(Fault(exc.reason, f"{exc}; autoscaling paused"))
         loads: dict[str, list[ReplicaLoad]] = {t: [] for t in TIERS}
         problems: list[str] = []
-        redis_problem = None
-        if autoscale:
+        redis_problem = "Redis URL unreadable" if faults else None
+        if autoscale and not faults:
             loads, redis_problem = await read_tier_loads(state, url, resources.redis_prefix(ns, name))
             problems += [redis_problem] if redis_problem else []
+        await apply_model_cache(body, spec)
         old_tiers = old_status.get("tiers") or {}
         tiers_status: dict[str, Any] = {}
         decisions: list[Decision] = []
@@ -169,24 +195,71 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
                 decisions.append(decision)
             problems += [plan.problem] if plan.problem else []
             tiers_status[tier] = plan.status
+            faults += await tier_faults(ns, name, tier)
+        old_conditions = old_status.get("conditions") or []
+        for fault in state.unsaid(old_conditions, faults):
+            kopf.warn(body, reason=fault.reason, message=fault.message)
+            logger.warning(fault.message)
         patch.status.update(decoder_status(
-            meta.get("generation"), tiers_status, decisions, problems,
-            old_status.get("conditions") or [], _now()))
+            meta.get("generation"), tiers_status, decisions, problems, old_conditions, _now(), faults))
+        observe(ns, name, tiers_status, faults)
+        metrics.RECONCILES.labels("timer" if autoscale else "change", "ok").inc()
         if problems and autoscale:
             logger.warning("; ".join(problems))
 
 
-def _parse(body: kopf.Body, patch: kopf.Patch, old_status: Mapping[str, Any], *,
+def observe(ns: str, name: str, tiers: Mapping[str, Mapping[str, Any]], faults: list[Fault]) -> None:
+    """The decoder's gauges: each tier's desired/ready replicas, its faults by reason."""
+    for tier, s in tiers.items():
+        metrics.DESIRED.labels(ns, name, tier).set(s.get("desiredReplicas") or 0)
+        metrics.READY.labels(ns, name, tier).set(s.get("readyReplicas") or 0)
+    reasons = {f.reason for f in faults}
+    for labels in list(metrics.FAULTS._metrics):
+        if labels[:2] == (ns, name) and labels[2] not in reasons:
+            metrics.FAULTS.labels(*labels).set(0)
+    for reason in reasons:
+        metrics.FAULTS.labels(ns, name, reason).set(sum(f.reason == reason for f in faults))
+
+
+async def tier_faults(ns: str, name: str, tier: str) -> list[Fault]:
+    """What the tier's pods say is wrong (unschedulable, cannot start); none if unreadable."""
+    try:
+        pods = await KUBE.list("Pod", ns, resources.selector(name, tier))
+    except (ApiError, aiohttp.ClientError) as exc:
+        logging.getLogger(__name__).debug("listing %s pods: %s", tier, exc)
+        return []
+    return pod_faults(tier, pods)
+
+
+async def apply_model_cache(body: kopf.Body, spec: DecoderSpec) -> None:
+    """Create the model-cache PVC the spec asks for (a PVC's spec is not re-applied)."""
+    meta = body["metadata"]
+    owner = {"metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]}}
+    pvc = resources.model_cache_pvc(owner, spec)
+    if pvc is None or await KUBE.get("PersistentVolumeClaim", meta["namespace"], pvc["metadata"]["name"]):
+        return
+    try:
+        await KUBE.apply(pvc)
+    except ApiError as exc:
+        raise kopf.TemporaryError(f"creating PVC {pvc['metadata']['name']}: {exc}", delay=10) from exc
+    kopf.info(body, reason="ModelCacheCreated", message=f"created PVC {pvc['metadata']['name']}")
+
+
+def _parse(body: kopf.Body, patch: kopf.Patch, old_status: Mapping[str, Any], state: State, *,
            autoscale: bool) -> DecoderSpec | None:
-    """The parsed spec; if it is invalid, conditions say so and create/update fail for good."""
+    """The parsed spec; if it is invalid, conditions say so, an Event says so once, and
+    create/update fail for good (the timer keeps the conditions)."""
+    generation = body["metadata"].get("generation")
     try:
         return parse(body.get("spec") or {})
     except ValueError as exc:
-        patch.status["conditions"] = invalid_spec_conditions(
-            old_status.get("conditions") or [], str(exc), _now())
+        old = old_status.get("conditions") or []
+        patch.status["conditions"] = invalid_spec_conditions(old, str(exc), _now(), generation)
+        patch.status["observedGeneration"] = generation
+        if state.unsaid(old, [Fault("InvalidSpec", str(exc))]):
+            kopf.warn(body, reason="InvalidSpec", message=str(exc))
         if autoscale:
             return None
-        kopf.warn(body, reason="InvalidSpec", message=str(exc))
         raise kopf.PermanentError(str(exc)) from exc
 
 
@@ -213,7 +286,7 @@ async def reconcile_tier(body: kopf.Body, spec: DecoderSpec, tier: str,
     live = await KUBE.get("Deployment", ns, child)
     current = current_replicas(live, t)
     decision = None
-    if autoscale and t.autoscaling_enabled and not paused:
+    if autoscale and t.autoscaling_enabled and t.operator_scales and not paused:
         coupled = None if tier != "draft" else Coupling.of_target(
             loads["target"], spec.draft_length, t.draft_tokens_per_s_per_replica)
         decision = decide(tier, t.policy, loads[tier], current, state.history(tier),
@@ -222,8 +295,11 @@ async def reconcile_tier(body: kopf.Body, spec: DecoderSpec, tier: str,
     if plan.event is not None:
         kopf.event(body, type="Normal", reason=plan.event[0], message=plan.event[1])
         logger.info(plan.event[1])
+        metrics.SCALING.labels(ns, meta["name"], tier, "up" if plan.replicas > current else "down").inc()
     owner = {"metadata": {"name": meta["name"], "namespace": ns, "uid": meta["uid"]}}
-    wanted = [resources.deployment(owner, spec, tier, plan.replicas, CONFIG.default_redis_url),
+    # autoscaling.mode external: replicas is not ours to set (an HPA or KEDA object owns it).
+    replicas = plan.replicas if t.operator_scales else None
+    wanted = [resources.deployment(owner, spec, tier, replicas, CONFIG.default_redis_url, CONFIG.run_as_user),
               resources.service(owner, spec, tier), resources.pdb(owner, spec, tier)]
     created, corrected = await apply_wanted(wanted, live, current)
     for kind in created:

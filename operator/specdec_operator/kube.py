@@ -21,6 +21,9 @@ PATHS = {  # kind -> (API prefix, plural)
     "Service": ("/api/v1", "services"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "Secret": ("/api/v1", "secrets"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
+    "Pod": ("/api/v1", "pods"),
+    "SpeculativeDecoder": ("/apis/specdec.io/v1alpha1", "speculativedecoders"),
 }
 
 
@@ -32,6 +35,14 @@ class ApiError(Exception):
     def __init__(self, status: int, text: str) -> None:
         super().__init__(f"HTTP {status}: {text[:300]}")
         self.status = status
+
+
+class SecretProblem(Exception):
+    """A Secret the operator needs that it cannot read: ``reason`` is a condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _ssl(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
@@ -85,10 +96,12 @@ class Kube:
                 timeout=aiohttp.ClientTimeout(total=30))
         return self._session
 
-    def _url(self, kind: str, namespace: str, name: str | None = None) -> str:
+    def _url(self, kind: str, namespace: str | None, name: str | None = None) -> str:
+        """The object's URL; ``namespace`` None (with no name): every namespace's list."""
         assert self._info is not None
         prefix, plural = PATHS[kind]
-        url = f"{self._info.server.rstrip('/')}{prefix}/namespaces/{namespace}/{plural}"
+        where = f"/namespaces/{namespace}" if namespace is not None else ""
+        url = f"{self._info.server.rstrip('/')}{prefix}{where}/{plural}"
         return f"{url}/{name}" if name else url
 
     async def _request(self, method: str, url: str, **kw: Any) -> dict[str, Any]:
@@ -99,6 +112,15 @@ class Kube:
             if rsp.status >= 400:
                 raise ApiError(rsp.status, text)
             return json.loads(text) if text else {}
+
+    async def list(self, kind: str, namespace: str | None, labels: dict[str, str]) -> list[dict[str, Any]]:
+        """Objects of ``kind`` in ``namespace`` (None: all) carrying every label in ``labels``."""
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        items = (await self._request("GET", self._url(kind, namespace),
+                                     params={"labelSelector": selector})).get("items") or []
+        # Emulators may ignore the selector: filter here as well.
+        return [o for o in items
+                if all(((o.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in labels.items())]
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -121,6 +143,10 @@ class Kube:
                 params={"fieldManager": FIELD_MANAGER},
                 headers={"Content-Type": "application/json"})
 
+    async def merge_patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        await self._request("PATCH", self._url(kind, namespace, name), data=json.dumps(patch),
+                            headers={"Content-Type": "application/merge-patch+json"})
+
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         try:
             await self._request("DELETE", self._url(kind, namespace, name),
@@ -129,8 +155,17 @@ class Kube:
         except NotFound:
             return False
 
-    async def secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        secret = await self.get("Secret", namespace, name)
-        if not secret or key not in (secret.get("data") or {}):
-            return None
+    async def secret_value(self, namespace: str, name: str, key: str) -> str:
+        """The decoded value of ``key`` in Secret ``name``; :class:`SecretProblem` says why not."""
+        try:
+            secret = await self.get("Secret", namespace, name)
+        except ApiError as exc:
+            if exc.status in (401, 403):
+                raise SecretProblem("SecretForbidden", f"the operator may not read Secret {namespace}/{name} "
+                                    f"(HTTP {exc.status}): list it in the chart's operator.secretNames") from exc
+            raise
+        if secret is None:
+            raise SecretProblem("SecretNotFound", f"Secret {namespace}/{name} does not exist")
+        if key not in (secret.get("data") or {}):
+            raise SecretProblem("SecretKeyMissing", f"Secret {namespace}/{name} has no key {key!r}")
         return base64.b64decode(secret["data"][key]).decode()

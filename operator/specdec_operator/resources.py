@@ -1,15 +1,38 @@
-"""Desired Deployments, Services and PodDisruptionBudgets of one ``SpeculativeDecoder``.
+"""Desired Deployments, Services, PodDisruptionBudgets and the model-cache PVC of one
+``SpeculativeDecoder``.
 
 Pure functions from the parsed spec to manifests; the handlers apply them.
 """
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Mapping
 
 from .spec import GROUP, KIND, VERSION, DecoderSpec, TierSpec
 
 MANAGED_BY = "specdec-operator"
+HOME = "/home/specdec"
+HF_HOME = f"{HOME}/.cache/huggingface"
+STARTUP_BASE_S = 120          # startup probe budget of a tier: imports, tokenizer, warm-up ...
+STARTUP_S_PER_GB = 20         # ... plus reading its model from the cache volume (~50 MB/s)
+PROBE_PERIOD_S = 5
+TMP_SIZE_LIMIT = "1Gi"
+# Downloads every hub model a tier loads into the cache volume before the tier starts
+# (huggingface_hub locks the cache, so replicas that share it download each file once);
+# "tokenizer" entries fetch only configs and tokenizer files (what a coordinator loads).
+FETCH_MODELS = """\
+import os, sys
+from huggingface_hub import snapshot_download
+for entry in sys.argv[1:]:
+    name, _, what = entry.partition("=")
+    if "/" not in name or name.startswith(("/", ".")) or os.path.exists(name):
+        print(f"{name}: not a hub id, nothing to fetch", flush=True)
+        continue
+    files = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"] if what == "tokenizer" else None
+    print(f"{name}: fetching {'tokenizer and config' if files else 'everything'}", flush=True)
+    print(f"{name}: in {snapshot_download(name, allow_patterns=files)}", flush=True)
+"""
 
 
 def redis_prefix(namespace: str, name: str) -> str:
@@ -42,6 +65,49 @@ def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
             "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
 
 
+def tier_models(spec: DecoderSpec, tier: str) -> list[str]:
+    """What the tier's init step fetches: ``NAME`` (everything) or ``NAME=tokenizer``."""
+    target = spec.model.partition("@")[0]
+    if tier == "coordinator":
+        return [f"{target}=tokenizer"]
+    if tier == "draft":
+        return [spec.drafter.removeprefix("model:").partition("@")[0]] if spec.drafter.startswith("model:") else []
+    return [target]
+
+
+def fetches(spec: DecoderSpec, tier: str) -> bool:
+    """Whether the tier has any hub model to fetch before it starts."""
+    return any("/" in m and not m.startswith(("/", ".")) for m in tier_models(spec, tier))
+
+
+def model_gb(spec: DecoderSpec, tier: str) -> float:
+    """GB of model weights the tier loads (the coordinator only a tokenizer)."""
+    return {"coordinator": 0.0, "draft": spec.models.draft_size_gb if spec.drafter.startswith("model:") else 0.0,
+            "target": spec.models.size_gb}[tier]
+
+
+def startup_failure_threshold(spec: DecoderSpec, tier: str) -> int:
+    """Startup probe failures allowed: a base budget plus the time to read the model."""
+    budget = STARTUP_BASE_S + STARTUP_S_PER_GB * model_gb(spec, tier)
+    return max(12, math.ceil(budget / PROBE_PERIOD_S))
+
+
+def model_cache_claim(spec: DecoderSpec, name: str) -> str | None:
+    """The PVC every replica mounts as its model cache, if any."""
+    cache = spec.models.cache
+    if cache is None:
+        return None
+    return cache.claim_name or f"{name}-model-cache"
+
+
+def _hub_env(spec: DecoderSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": "HOME", "value": HOME}, {"name": "HF_HOME", "value": HF_HOME}]
+    if spec.models.token_secret is not None:
+        secret, key = spec.models.token_secret
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    return env
+
+
 def _env(spec: DecoderSpec, t: TierSpec, namespace: str, name: str,
          default_redis_url: str | None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = []
@@ -57,6 +123,7 @@ def _env(spec: DecoderSpec, t: TierSpec, namespace: str, name: str,
         {"name": "SPECDEC_DRAFTER", "value": spec.drafter},
         {"name": "SPECDEC_PORT", "value": str(t.port)},
         {"name": "SPECDEC_DEVICE", "value": t.device},
+        {"name": "SPECDEC_METRICS_PORT", "value": str(spec.metrics_port or 0)},
     ]
     if t.dtype:
         env.append({"name": "SPECDEC_DTYPE", "value": t.dtype})
@@ -69,15 +136,44 @@ def _env(spec: DecoderSpec, t: TierSpec, namespace: str, name: str,
         # Bind every interface; register the pod IP in Redis so the coordinator can dial it.
         {"name": "SPECDEC_HOST", "value": "0.0.0.0"},
         {"name": "SPECDEC_ADVERTISE_HOST", "value": "$(POD_IP)"},
-        {"name": "HOME", "value": "/home/specdec"},
-        {"name": "HF_HOME", "value": "/home/specdec/.cache/huggingface"},
+        *_hub_env(spec),
     ]
+    if fetches(spec, t.tier):   # the init step fetched every model: no hub calls at start
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     return env + copy.deepcopy(t.env)
 
 
-def deployment(owner: Mapping[str, Any], spec: DecoderSpec, tier: str, replicas: int,
-               default_redis_url: str | None = None) -> dict[str, Any]:
-    """The tier's Deployment with ``replicas`` replicas."""
+def security_context(run_as_user: int | None) -> dict[str, Any]:
+    """Container security context; ``run_as_user`` None leaves UIDs to the platform (OpenShift)."""
+    ctx: dict[str, Any] = {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
+                           "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    if run_as_user is not None:
+        ctx.update(runAsUser=run_as_user, runAsGroup=run_as_user)
+    return ctx
+
+
+def topology_spread(name: str, t: TierSpec) -> list[Any]:
+    """The tier's spread: as the spec says, else by host and by zone, best effort."""
+    if t.topology_spread is not None:
+        return copy.deepcopy(t.topology_spread)
+    return [{"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
+             "labelSelector": {"matchLabels": selector(name, t.tier)}}
+            for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")]
+
+
+def _volumes(spec: DecoderSpec, name: str, tier: str) -> list[dict[str, Any]]:
+    claim = model_cache_claim(spec, name)
+    if claim is not None:
+        cache: dict[str, Any] = {"name": "cache", "persistentVolumeClaim": {"claimName": claim}}
+    else:   # one download per pod: room for the tier's model, its copy while converting, and slack
+        limit = max(2, math.ceil(2 * model_gb(spec, tier) + 1))
+        cache = {"name": "cache", "emptyDir": {"sizeLimit": f"{limit}Gi"}}
+    return [{"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}}, cache]
+
+
+def deployment(owner: Mapping[str, Any], spec: DecoderSpec, tier: str, replicas: int | None,
+               default_redis_url: str | None = None, run_as_user: int | None = 10001) -> dict[str, Any]:
+    """The tier's Deployment with ``replicas`` replicas (None: leave the count to an HPA/KEDA)."""
     meta = owner["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     t = spec.tiers[tier]
@@ -89,33 +185,46 @@ def deployment(owner: Mapping[str, Any], spec: DecoderSpec, tier: str, replicas:
         if t.gpu.type:
             node_selector[t.gpu.node_label] = t.gpu.type
     probe = {"grpc": {"port": t.port}}
+    ports = [{"name": "grpc", "containerPort": t.port, "protocol": "TCP"}]
+    if spec.metrics_port:
+        ports.append({"name": "metrics", "containerPort": spec.metrics_port, "protocol": "TCP"})
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": f"{HOME}/.cache"}]
     container: dict[str, Any] = {
         "name": tier,
         "image": t.image,
         "command": ["specdec", "serve", tier],
-        "ports": [{"name": "grpc", "containerPort": t.port, "protocol": "TCP"}],
+        "ports": ports,
         "env": _env(spec, t, namespace, name, default_redis_url),
         "resources": resources,
-        # Loading a model can take minutes: the startup probe allows 10 min.
-        "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": 120},
+        # Reading the model from the cache volume: a budget that grows with its size.
+        "startupProbe": {**probe, "periodSeconds": PROBE_PERIOD_S,
+                         "failureThreshold": startup_failure_threshold(spec, tier)},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6},
-        "securityContext": {
-            "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
-            "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
-                         {"name": "cache", "mountPath": "/home/specdec/.cache"}],
+        "securityContext": security_context(run_as_user),
+        "volumeMounts": mounts,
     }
+    pod_security: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    if run_as_user is not None:
+        pod_security["fsGroup"] = run_as_user
     pod_spec: dict[str, Any] = {
         "containers": [container],
-        "securityContext": {"runAsNonRoot": True, "fsGroup": 10001,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": pod_security,
         "automountServiceAccountToken": False,
-        "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}],
+        "volumes": _volumes(spec, name, tier),
+        "topologySpreadConstraints": topology_spread(name, t),
         "terminationGracePeriodSeconds": 30,
     }
+    if fetches(spec, tier):
+        pod_spec["initContainers"] = [{
+            "name": "fetch-model",
+            "image": t.image,
+            "command": ["python3", "-c", FETCH_MODELS, *tier_models(spec, tier)],
+            "env": _hub_env(spec),
+            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+            "securityContext": security_context(run_as_user),
+            "volumeMounts": copy.deepcopy(mounts),
+        }]
     if spec.service_account:
         pod_spec["serviceAccountName"] = spec.service_account
     if spec.image_pull_secrets:
@@ -132,13 +241,32 @@ def deployment(owner: Mapping[str, Any], spec: DecoderSpec, tier: str, replicas:
         "metadata": {"name": child_name(name, tier), "namespace": namespace,
                      "labels": labels(name, tier), "ownerReferences": [owner_reference(owner)]},
         "spec": {
-            "replicas": replicas,
+            **({"replicas": replicas} if replicas is not None else {}),
             "selector": {"matchLabels": selector(name, tier)},
             "strategy": {"type": "RollingUpdate",
                          "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {"metadata": {"labels": labels(name, tier)}, "spec": pod_spec},
         },
     }
+
+
+def model_cache_pvc(owner: Mapping[str, Any], spec: DecoderSpec) -> dict[str, Any] | None:
+    """The model-cache PVC the operator makes (``spec.model.cache.size``); None otherwise."""
+    cache = spec.models.cache
+    if cache is None or cache.claim_name or not cache.size:
+        return None
+    meta = owner["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    pvc: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": f"{name}-model-cache", "namespace": namespace,
+                     "labels": labels(name, "model-cache"), "ownerReferences": [owner_reference(owner)]},
+        "spec": {"accessModes": [cache.access_mode], "resources": {"requests": {"storage": cache.size}}},
+    }
+    if cache.storage_class is not None:
+        pvc["spec"]["storageClassName"] = cache.storage_class
+    return pvc
 
 
 def service(owner: Mapping[str, Any], spec: DecoderSpec, tier: str) -> dict[str, Any]:
@@ -155,6 +283,9 @@ def service(owner: Mapping[str, Any], spec: DecoderSpec, tier: str) -> dict[str,
                  "ports": [{"name": "grpc", "port": t.port, "targetPort": "grpc",
                             "protocol": "TCP", "appProtocol": "grpc"}]},
     }
+    if spec.metrics_port:   # what a ServiceMonitor selects
+        svc["spec"]["ports"].append({"name": "metrics", "port": spec.metrics_port, "targetPort": "metrics",
+                                     "protocol": "TCP", "appProtocol": "http"})
     if tier != "coordinator":
         svc["spec"]["clusterIP"] = "None"
     return svc
@@ -198,6 +329,6 @@ def drifted_beyond_scale(desired: Mapping[str, Any], live: Any, replicas: int) -
     ``replicas`` is the count the Deployment had before this pass: a different count in
     ``desired`` is the autoscaler's own change, not drift.
     """
-    if desired["kind"] == "Deployment":
+    if desired["kind"] == "Deployment" and "replicas" in desired["spec"]:
         desired = {**desired, "spec": {**desired["spec"], "replicas": replicas}}
     return drifted(desired, live)

@@ -18,6 +18,8 @@ PLURAL = "speculativedecoders"
 KIND = "SpeculativeDecoder"
 DEFAULT_PORTS = {"coordinator": 50051, "draft": 50052, "target": 50053}
 DEFAULT_IMAGE = "ghcr.io/specdec/specdec:0.1.0"
+DEFAULT_METRICS_PORT = 9464
+AUTOSCALING_MODES = ("operator", "external")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,33 @@ class TierSpec:
     autoscaling_enabled: bool
     policy: TierPolicy
     draft_tokens_per_s_per_replica: float | None = None  # draft tier capacity hint
+    autoscaling_mode: str = "operator"        # operator: it sets replicas; external: an HPA/KEDA object does
+    topology_spread: list[Any] | None = None  # topologySpreadConstraints; None = spread by host and zone
+
+    @property
+    def operator_scales(self) -> bool:
+        """Whether the operator owns this tier's replica count (else it leaves it alone)."""
+        return self.autoscaling_mode == "operator"
+
+
+@dataclass(frozen=True)
+class ModelCache:
+    """Where the tiers keep downloaded models: one volume shared by every replica."""
+
+    claim_name: str | None = None             # an existing PVC (ReadWriteMany, or ReadOnlyMany pre-filled)
+    size: str | None = None                   # else the operator makes a PVC of this size
+    storage_class: str | None = None          # of that PVC ("" = the cluster's default)
+    access_mode: str = "ReadWriteMany"        # of that PVC
+
+
+@dataclass(frozen=True)
+class Models:
+    """What the tiers load, and how it reaches them."""
+
+    size_gb: float = 1.0                      # target model on disk, GB: startup budget and cache size
+    draft_size_gb: float = 1.0                # draft model on disk, GB
+    token_secret: tuple[str, str] | None = None  # (secret, key) holding a hub token (HF_TOKEN)
+    cache: ModelCache | None = None           # None = an emptyDir per pod, size-limited
 
 
 @dataclass(frozen=True)
@@ -60,6 +89,8 @@ class DecoderSpec:
     image_pull_secrets: list[str]
     service_account: str | None
     tiers: dict[str, TierSpec] = field(default_factory=dict)
+    models: Models = field(default_factory=Models)
+    metrics_port: int | None = DEFAULT_METRICS_PORT  # every tier's Prometheus port; None = off
 
     @property
     def active_tiers(self) -> list[str]:
@@ -106,6 +137,12 @@ def _tier(name: str, raw: Mapping[str, Any], top: Mapping[str, Any], problems: l
         problems.append(f"{name}: device must be cpu or cuda, not {device!r}")
     if device == "cuda" and gpu.count == 0:
         problems.append(f"{name}: device cuda needs gpu.count >= 1")
+    if gpu.count > 1:
+        problems.append(f"{name}: gpu.count {gpu.count} is refused: a replica loads its model on one "
+                        "device (no sharding across a pod's GPUs yet); use gpu.count 1 and more replicas")
+    mode = a.get("mode", "operator")
+    if mode not in AUTOSCALING_MODES:
+        problems.append(f"{name}: autoscaling.mode must be operator or external, not {mode!r}")
     return TierSpec(
         tier=name,
         image=raw.get("image") or top.get("image") or DEFAULT_IMAGE,
@@ -124,7 +161,29 @@ def _tier(name: str, raw: Mapping[str, Any], top: Mapping[str, Any], problems: l
         policy=policy,
         draft_tokens_per_s_per_replica=(float(a["draftTokensPerSecondPerReplica"])
                                         if a.get("draftTokensPerSecondPerReplica") else None),
+        autoscaling_mode=mode,
+        topology_spread=(list(raw["topologySpreadConstraints"])
+                         if raw.get("topologySpreadConstraints") is not None else None),
     )
+
+
+def _models(spec: Mapping[str, Any], problems: list[str]) -> Models:
+    m = spec.get("model") if isinstance(spec.get("model"), Mapping) else {}
+    ref = m.get("tokenSecretRef")
+    c = m.get("cache") or {}
+    cache = None
+    if c:
+        if bool(c.get("claimName")) == bool(c.get("size")):
+            problems.append("spec.model.cache: set claimName (an existing PVC) or size (a new one), one of them")
+        cache = ModelCache(claim_name=c.get("claimName") or None, size=c.get("size") or None,
+                           storage_class=c.get("storageClassName"),
+                           access_mode=c.get("accessMode", "ReadWriteMany"))
+    size = float(m.get("sizeGB", 1.0))
+    draft_size = float((spec.get("drafter") or {}).get("sizeGB", 1.0))
+    if size <= 0 or draft_size <= 0:
+        problems.append("spec.model.sizeGB and spec.drafter.sizeGB must be > 0")
+    return Models(size_gb=size, draft_size_gb=draft_size,
+                  token_secret=(ref["name"], ref.get("key", "token")) if ref else None, cache=cache)
 
 
 def parse(spec: Mapping[str, Any]) -> DecoderSpec:
@@ -153,6 +212,12 @@ def parse(spec: Mapping[str, Any]) -> DecoderSpec:
     draft_length = int(spec.get("draftLength", 4))
     if not 1 <= draft_length <= 64:
         problems.append("spec.draftLength must be in [1, 64]")
+    models = _models(spec, problems)
+    metrics = spec.get("metrics") or {}
+    metrics_port = int(metrics.get("port", DEFAULT_METRICS_PORT)) if metrics.get("enabled", True) else None
+    ports = [t.port for t in tiers.values()]
+    if metrics_port is not None and metrics_port in ports:
+        problems.append(f"spec.metrics.port {metrics_port} is also a tier's gRPC port")
     if problems:
         raise ValueError("; ".join(problems))
     return DecoderSpec(
@@ -163,4 +228,6 @@ def parse(spec: Mapping[str, Any]) -> DecoderSpec:
         image_pull_secrets=list(spec.get("imagePullSecrets") or []),
         service_account=spec.get("serviceAccountName"),
         tiers=tiers,
+        models=models,
+        metrics_port=metrics_port,
     )

@@ -35,6 +35,12 @@ RESOURCES = {
                                            singular="poddisruptionbudget"),
     "v1/events": dict(kind="Event", namespaced=True, singular="event"),
     "v1/secrets": dict(kind="Secret", namespaced=True, singular="secret"),
+    "v1/pods": dict(kind="Pod", namespaced=True, singular="pod"),
+    "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", namespaced=True,
+                                      singular="persistentvolumeclaim"),
+    "kopf.dev/v1/clusterkopfpeerings": dict(kind="ClusterKopfPeering", namespaced=False,
+                                            singular="clusterkopfpeering"),
+    "kopf.dev/v1/kopfpeerings": dict(kind="KopfPeering", namespaced=True, singular="kopfpeering"),
     # kopf waits for namespaces in discovery even cluster-wide; run it with --all-namespaces:
     # kmock 0.8 cannot parse /api/v1/namespaces, which kopf lists for --namespace.
     "v1/namespaces": dict(kind="Namespace", namespaced=False, singular="namespace"),
@@ -97,6 +103,8 @@ def merge_diff(old: Any, new: Any) -> Any:
 class FixedEmulator(kmock.KubernetesEmulator):
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     _current: int = attrs.field(default=0, init=False)
+    # (plural, namespace, name) of objects every request for answers 403, as RBAC would.
+    forbidden: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
 
     def _next(self) -> str:
         self._current = next(self._versions)
@@ -111,6 +119,11 @@ class FixedEmulator(kmock.KubernetesEmulator):
         return None if obj.deleted else obj.raw
 
     async def _handle(self, request: kmock.Request):  # type: ignore[override]
+        if request.resource is not None and request.name is not None and \
+                (getattr(request.resource, "plural", None), request.namespace, request.name) in self.forbidden:
+            self._forget(request)
+            raise kmock.KubernetesError(status=403, reason="Forbidden",
+                                        message=f"forbidden: {request.resource.plural} {request.name!r}")
         if request.resource is not None:
             try:
                 async with self._lock:

@@ -11,7 +11,9 @@ their key, as a gracefully stopping service does.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -286,3 +288,133 @@ def test_delete_removes_everything(decoder: Decoder) -> None:
         assert d.deployment(tier) is None
         assert d.service(tier) is None
         assert d.pdb(tier) is None
+
+
+def test_uninstall_hook_deletes_decoders_while_the_operator_runs(decoder: Decoder) -> None:
+    """The chart's pre-delete hook: every decoder in the watched namespaces goes, with its
+    tiers, before helm removes the operator (whose finalizer would otherwise hold them)."""
+    d = decoder
+    make(d, "second")
+    wait_for("applied", d.applied)
+    wait_for("second applied", lambda: d.api.request(
+        "GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/second-target"))
+    assert d.resource()["metadata"].get("finalizers")       # kopf holds it until it has run
+    env = {**os.environ, "SPECDEC_OPERATOR_API_URL": d.api.url, "SPECDEC_OPERATOR_NAMESPACES": d.ns}
+    out = subprocess.run([sys.executable, "-m", "specdec_operator.uninstall", "--timeout", "20"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "0 finalizer(s) stripped" in out.stderr, out.stderr
+    assert d.resource() is None and d.api.request("GET", f"{d.cr_path}/second") is None
+    for name in (d.name, "second"):
+        for tier in TIERS:
+            assert d.api.request("GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/{name}-{tier}") is None
+
+
+# ---- failures said, not swallowed --------------------------------------------------------
+
+def make(d: Decoder, name: str, **spec: Any) -> str:
+    """Another SpeculativeDecoder in the test's namespace, with ``spec`` over the usual one."""
+    body = manifest(d.ns, d.redis_url)
+    body["metadata"]["name"] = name
+    body["spec"].update(spec)
+    d.api.request("POST", d.cr_path, body)
+    return f"{d.cr_path}/{name}"
+
+
+def condition(api: EmulatorThread, path: str, kind: str) -> dict[str, Any] | None:
+    status = (api.request("GET", path) or {}).get("status") or {}
+    return next((c for c in status.get("conditions") or [] if c["type"] == kind), None)
+
+
+def said(d: Decoder, path: str, reason: str, kind: str = "Degraded") -> dict[str, Any]:
+    """The condition carrying ``reason``, once it is there and an Event says it too."""
+    c = wait_for(f"{kind} {reason}", lambda: (c := condition(d.api, path, kind)) and c["reason"] == reason and c)
+    events = wait_for(f"{reason} event", lambda: d.events(reason), timeout=5)
+    assert events[0]["type"] == "Warning" and events[0]["involvedObject"]["name"] == path.rsplit("/", 1)[1]
+    return c
+
+
+@pytest.mark.parametrize("case", ["missing", "forbidden"])
+def test_an_unreadable_redis_secret_is_said(decoder: Decoder, case: str) -> None:
+    d = decoder
+    if case == "forbidden":
+        d.api.emulator.forbidden.add(("secrets", d.ns, "redis-url"))
+    path = make(d, "secret", redis={"urlSecretRef": {"name": "redis-url", "key": "url"}})
+    reason = {"missing": "SecretNotFound", "forbidden": "SecretForbidden"}[case]
+    c = said(d, path, reason)
+    assert "redis-url" in c["message"] and c["status"] == "True"
+    # The tiers deploy all the same (their pods read the Secret themselves); only autoscaling waits.
+    assert wait_for("deployment", lambda: d.api.request(
+        "GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/secret-target"))
+    time.sleep(4 * INTERVAL_S)
+    assert len(d.events(reason)) == 1              # said once, not on every timer tick
+
+
+def test_an_invalid_spec_is_said(decoder: Decoder) -> None:
+    d = decoder
+    path = make(d, "bad", target={"minReplicas": 1, "maxReplicas": 2, "gpu": {"count": 4}})
+    c = said(d, path, "InvalidSpec", kind="Ready")
+    assert "gpu.count 4 is refused" in c["message"] and c["observedGeneration"] == 1
+    assert d.api.request("GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/bad-target") is None
+
+
+def test_an_unschedulable_tier_is_said(decoder: Decoder) -> None:
+    d = decoder
+    wait_for("applied", d.applied)
+    labels = d.deployment("target")["spec"]["template"]["metadata"]["labels"]
+    d.api.request("POST", f"/api/v1/namespaces/{d.ns}/pods", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "demo-target-x1", "namespace": d.ns, "labels": labels},
+        "spec": {"containers": [{"name": "target", "image": IMAGE}]},
+        "status": {"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}})
+    c = said(d, f"{d.cr_path}/{d.name}", "Unschedulable", kind="Ready")
+    assert "Insufficient nvidia.com/gpu" in c["message"] and c["status"] == "False"
+    assert c["observedGeneration"] == 1
+
+
+# ---- autoscaling handed to an HPA/KEDA; models delivered once ----------------------------
+
+def test_external_autoscaling_leaves_replicas_alone(decoder: Decoder) -> None:
+    d = decoder
+    path = make(d, "ext", target={"minReplicas": 1, "maxReplicas": 8,
+                                  "autoscaling": {"mode": "external"}})
+    dep_path = f"/apis/apps/v1/namespaces/{d.ns}/deployments/ext-target"
+    dep = wait_for("deployment", lambda: d.api.request("GET", dep_path))
+    assert "replicas" not in dep["spec"]
+    d.api.request("PATCH", dep_path, {"spec": {"replicas": 5}},       # what an HPA does
+                  content_type="application/merge-patch+json")
+    wait_for("status shows the HPA's count", lambda: ((d.api.request("GET", path) or {}).get(
+        "status", {}).get("tiers", {}).get("target", {}).get("desiredReplicas") == 5))
+    time.sleep(4 * INTERVAL_S)
+    assert d.api.request("GET", dep_path)["spec"]["replicas"] == 5
+
+
+def test_model_cache_is_one_volume_filled_once(decoder: Decoder) -> None:
+    d = decoder
+    make(d, "cached", model={"name": "org/big-model", "sizeGB": 140,
+                             "tokenSecretRef": {"name": "hub", "key": "token"},
+                             "cache": {"size": "300Gi", "storageClassName": "nfs"}})
+    pvc = wait_for("pvc", lambda: d.api.request(
+        "GET", f"/api/v1/namespaces/{d.ns}/persistentvolumeclaims/cached-model-cache"))
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["storageClassName"] == "nfs"
+    assert pvc["metadata"]["ownerReferences"][0]["kind"] == "SpeculativeDecoder"
+    for tier in TIERS:
+        dep = wait_for(f"{tier}", lambda: d.api.request(
+            "GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/cached-{tier}"))
+        pod = dep["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "cached-model-cache"
+        assert volumes["tmp"]["emptyDir"]["sizeLimit"]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hub", "key": "token"}
+        if tier == "draft":          # an n-gram drafter loads no model
+            assert "initContainers" not in pod and "HF_HUB_OFFLINE" not in env
+            continue
+        init = pod["initContainers"][0]
+        assert init["name"] == "fetch-model" and init["command"][-1].startswith("org/big-model")
+        assert env["HF_HUB_OFFLINE"]["value"] == "1"
+    target = d.api.request("GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/cached-target")
+    coord = d.api.request("GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/cached-coordinator")
+    budget = lambda dep: dep["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"]
+    assert budget(target) * 5 >= 140 * 20 > budget(coord) * 5     # 140 GB: ~50 min, not 10
