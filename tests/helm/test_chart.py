@@ -18,6 +18,8 @@ CHART = ROOT / "helm" / "specdec"
 K8S_VERSION = "1.33.0"
 SCENARIOS = [None] + sorted(str(p) for p in (CHART / "ci").glob("*-values.yaml"))
 CRD_KINDS = {"SpeculativeDecoder", "KopfPeering", "ClusterKopfPeering"}
+# Custom resources of other projects' CRDs (the Prometheus Operator): kubernetes-validate has no schema.
+FOREIGN_KINDS = {"ServiceMonitor", "PodMonitor"}
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -34,7 +36,7 @@ def render(values: str | None) -> list[dict]:
 
 
 def crd_schema() -> dict:
-    crd = yaml.safe_load((CHART / "crds" / "speculativedecoders.specdec.io.yaml").read_text())
+    crd = yaml.safe_load((CHART / "files" / "crds" / "speculativedecoders.specdec.io.yaml").read_text())
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
@@ -69,12 +71,14 @@ def test_rendered_manifests_validate_strictly(values: str | None) -> None:
     assert "CustomResourceDefinition" in kinds and "Deployment" in kinds
     schema = openapi_to_jsonschema(crd_schema())
     for doc in docs:
-        if doc["kind"] in CRD_KINDS:
+        if doc["kind"] in CRD_KINDS | FOREIGN_KINDS:
             if doc["kind"] == "SpeculativeDecoder":
                 jsonschema.validate(doc, schema)
+                from specdec_operator.spec import parse
+                parse(doc["spec"])   # and the operator accepts it
             continue
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-        if doc["kind"] in ("Deployment", "StatefulSet"):
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
             pod = doc["spec"]["template"]["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True
             for c in pod["containers"]:
@@ -107,7 +111,9 @@ def test_scenarios_change_what_they_should() -> None:
     assert {d["metadata"]["namespace"] for d in none if d["kind"] == "Role"} == {"team-a", "team-b"}
     gpu = {(d["kind"], d["metadata"]["name"]): d for d in render(str(CHART / "ci" / "gpu-node-pools-values.yaml"))}
     spec = gpu[("SpeculativeDecoder", "default")]["spec"]
-    assert spec["target"]["gpu"]["count"] == 4 and spec["drafter"]["type"] == "model"
+    assert spec["target"]["gpu"]["count"] == 1 and spec["drafter"]["type"] == "model"
+    assert spec["model"]["cache"] == {"size": "400Gi", "storageClassName": "filestore-rwx"}
+    assert spec["model"]["tokenSecretRef"] == {"name": "hf-token", "key": "token"}
 
 
 @pytest.mark.parametrize("example", sorted((ROOT / "helm" / "examples").glob("*.yaml")), ids=lambda p: p.name)
@@ -146,3 +152,126 @@ def test_validate_values_gathers_every_problem(tmp_path: Path) -> None:
     assert out.returncode != 0
     for problem in ("redis:", "decoder.drafter.model", "peering"):
         assert problem in out.stderr, out.stderr
+
+
+def objects(values: str | None) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in render(values)}
+
+
+def operator_env(docs: dict[tuple[str, str], dict]) -> dict[str, dict]:
+    pod = docs[("Deployment", "rel-specdec-operator")]["spec"]["template"]["spec"]
+    return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+
+def test_ha_operator_pods_get_distinct_peering_priorities() -> None:
+    docs = objects(str(CHART / "ci" / "ha-external-values.yaml"))
+    dep = docs[("Deployment", "rel-specdec-operator")]
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    env = operator_env(docs)
+    # No shared fixed priority: each pod's comes from its name (kopf pauses equal ones).
+    assert "SPECDEC_OPERATOR_PRIORITY" not in env
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["SPECDEC_OPERATOR_PEERING_LIFETIME_S"]["value"] == "20"
+    assert dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    from specdec_operator.config import name_priority
+    assert name_priority("rel-specdec-operator-5f7c9-abcde") != name_priority("rel-specdec-operator-5f7c9-fghij")
+
+
+def test_existing_secret_is_readable_by_the_operator_without_listing_it() -> None:
+    docs = objects(str(CHART / "ci" / "ha-external-values.yaml"))
+    role = docs[("ClusterRole", "rel-specdec-operator")]
+    secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["specdec-redis"],
+                        "verbs": ["get"]}]
+    assert any("speculativedecoders/finalizers" in r["resources"] for r in role["rules"])
+
+
+def test_crds_are_templates_upgraded_with_the_release_and_kept() -> None:
+    """helm upgrade applies templates, never crds/: the CRDs are rendered, with keep."""
+    out = helm("template", "rel", str(CHART), "--namespace", "specdec")     # no --include-crds
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
+    assert set(crds) == {"speculativedecoders.specdec.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    for crd in crds.values():
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert not (CHART / "crds").exists()
+    none = helm("template", "rel", str(CHART), "--set", "crds.install=false")
+    assert "CustomResourceDefinition" not in none.stdout
+
+
+def test_uninstall_hook_runs_before_the_operator_goes() -> None:
+    job = objects(None)[("Job", "rel-specdec-uninstall")]
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "rel-specdec-operator"
+    assert pod["containers"][0]["command"][:3] == ["python3", "-m", "specdec_operator.uninstall"]
+
+
+def test_metrics_are_declared_and_monitored() -> None:
+    docs = objects(str(CHART / "ci" / "ha-external-values.yaml"))
+    sd = docs[("SpeculativeDecoder", "default")]["spec"]
+    assert sd["metrics"] == {"enabled": True, "port": 9464}
+    pod = docs[("Deployment", "rel-specdec-operator")]["spec"]["template"]["spec"]
+    assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in pod["containers"][0]["ports"]
+    assert operator_env(docs)["SPECDEC_OPERATOR_METRICS_PORT"]["value"] == "9464"
+    for kind in ("ServiceMonitor", "PodMonitor"):
+        for name in ("rel-specdec-tiers", "rel-specdec-operator"):
+            labels = docs[(kind, name)]["metadata"]["labels"]
+            assert kind == "PodMonitor" or labels["release"] == "kube-prometheus-stack"
+    assert ("ServiceMonitor", "rel-specdec-tiers") not in objects(None)
+    # The operator puts the port on every tier (container and Service), named metrics.
+    from specdec_operator import resources
+    from specdec_operator.spec import parse
+    spec = parse(sd)
+    owner = {"metadata": {"name": "default", "namespace": "specdec", "uid": "u"}}
+    for tier in ("coordinator", "draft", "target"):
+        c = resources.deployment(owner, spec, tier, 1)["spec"]["template"]["spec"]["containers"][0]
+        assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in c["ports"]
+        assert {"name": "SPECDEC_METRICS_PORT", "value": "9464"} in c["env"]
+        assert any(p["name"] == "metrics" for p in resources.service(owner, spec, tier)["spec"]["ports"])
+    assert resources.deployment(owner, spec, "target", None)["spec"].get("replicas") is None
+
+
+def test_network_policies_follow_ports_namespaces_and_redis_tls(tmp_path: Path) -> None:
+    f = tmp_path / "ports.yaml"
+    f.write_text("decoder:\n  coordinator: {port: 7001}\n  target: {port: 7003}\n"
+                 "networkPolicy:\n  clientNamespaces: [apps]\n  metricsNamespaces: [monitoring]\n"
+                 "  redisPorts: [6380]\n")
+    docs = objects(str(f))
+    coord = docs[("NetworkPolicy", "rel-specdec-coordinator")]["spec"]["ingress"][0]
+    assert coord["ports"] == [{"port": 7001, "protocol": "TCP"}]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}} in coord["from"]
+    inner = docs[("NetworkPolicy", "rel-specdec-inner-tiers")]["spec"]["ingress"][0]["ports"]
+    assert [p["port"] for p in inner] == [50052, 7003]
+    metrics = docs[("NetworkPolicy", "rel-specdec-tier-metrics")]["spec"]["ingress"][0]
+    assert metrics["ports"] == [{"port": 9464, "protocol": "TCP"}]
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    egress = docs[("NetworkPolicy", "rel-specdec-operator")]["spec"]["egress"]
+    assert {"port": 6380, "protocol": "TCP"} in egress[1]["ports"]
+
+
+def test_openshift_leaves_uids_to_the_platform() -> None:
+    docs = objects(str(CHART / "ci" / "openshift-values.yaml"))
+    for key in (("Deployment", "rel-specdec-operator"), ("StatefulSet", "rel-specdec-redis"),
+                ("Job", "rel-specdec-uninstall")):
+        ctx = docs[key]["spec"]["template"]["spec"]["securityContext"]
+        assert ctx["runAsNonRoot"] is True and not {"runAsUser", "runAsGroup", "fsGroup"} & set(ctx), key
+    assert operator_env(docs)["SPECDEC_OPERATOR_RUN_AS_USER"]["value"] == ""
+    from specdec_operator import resources
+    from specdec_operator.spec import parse
+    spec = parse(docs[("SpeculativeDecoder", "default")]["spec"])
+    owner = {"metadata": {"name": "default", "namespace": "specdec", "uid": "u"}}
+    pod = resources.deployment(owner, spec, "target", 1, run_as_user=None)["spec"]["template"]["spec"]
+    assert "fsGroup" not in pod["securityContext"] and "runAsUser" not in pod["containers"][0]["securityContext"]
+    assert pod["volumes"][1]["persistentVolumeClaim"]["claimName"] == "models"
+    assert [c["topologyKey"] for c in pod["topologySpreadConstraints"]] == [
+        "kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+
+
+def test_multi_gpu_replicas_are_refused_until_sharding_exists(tmp_path: Path) -> None:
+    f = tmp_path / "gpus.yaml"
+    f.write_text("decoder:\n  target:\n    gpu: {count: 4}\n")
+    out = helm("template", "rel", str(CHART), "-f", str(f))
+    assert out.returncode != 0 and "gpu.count > 1 is refused" in out.stderr, out.stderr
+    rule = crd_schema()["properties"]["spec"]["properties"]["target"]["properties"]["gpu"]["properties"]["count"]
+    assert rule["x-kubernetes-validations"][0]["rule"] == "self <= 1"

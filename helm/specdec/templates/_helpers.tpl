@@ -66,14 +66,40 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* specdec.podSecurityContext: non-root pod security context. */}}
+{{/* specdec.podSecurityContext: non-root pod security context; UIDs left to the platform with openshift. */}}
 {{- define "specdec.podSecurityContext" -}}
 runAsNonRoot: true
+{{- if not .Values.openshift }}
 runAsUser: 10001
 runAsGroup: 10001
 fsGroup: 10001
+{{- end }}
 seccompProfile:
   type: RuntimeDefault
+{{- end -}}
+
+{{/* specdec.tierPort: gRPC port of a tier of the chart's decoder (values, else the default). */}}
+{{- define "specdec.tierPort" -}}
+{{- $t := index .ctx.Values.decoder .tier | default dict -}}
+{{- $t.port | default (get (dict "coordinator" 50051 "draft" 50052 "target" 50053) .tier) -}}
+{{- end -}}
+
+{{/* specdec.namespacePeers: NetworkPolicy peers for pods of these namespaces (by name). */}}
+{{- define "specdec.namespacePeers" -}}
+{{- range . }}
+- namespaceSelector:
+    matchLabels:
+      kubernetes.io/metadata.name: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* specdec.secretNames: Secrets the operator may read: operator.secretNames plus redis.external.existingSecret. */}}
+{{- define "specdec.secretNames" -}}
+{{- $names := .Values.operator.secretNames | default list -}}
+{{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret -}}
+{{- $names = append $names .Values.redis.external.existingSecret -}}
+{{- end -}}
+{{- toJson ($names | uniq) -}}
 {{- end -}}
 
 {{/* specdec.containerSecurityContext: read-only, no privileges, no capabilities. */}}
@@ -106,6 +132,23 @@ capabilities:
 {{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.peering.enabled) -}}
 {{- $errors = append $errors "operator.replicas > 1 needs operator.peering.enabled=true (else the pods fight)" -}}
 {{- end -}}
+{{- if and (gt (int .Values.operator.replicas) 1) (not (kindIs "invalid" .Values.operator.peering.priority)) -}}
+{{- $errors = append $errors "operator.peering.priority gives every operator pod one priority, and kopf pauses them all: leave it null with replicas > 1 (each pod's priority then comes from its name)" -}}
+{{- end -}}
+{{- range $tier := list "coordinator" "draft" "target" -}}
+{{- $t := index $.Values.decoder $tier | default dict -}}
+{{- if gt (int ((($t.gpu | default dict).count) | default 0)) 1 -}}
+{{- $errors = append $errors (printf "decoder.%s.gpu.count > 1 is refused: a replica loads its model on one device (no sharding across a pod's GPUs yet); use gpu.count 1 and more replicas" $tier) -}}
+{{- end -}}
+{{- end -}}
+{{- with .Values.decoder.modelCache -}}
+{{- if eq (empty .claimName) (empty .size) -}}
+{{- $errors = append $errors "decoder.modelCache: set claimName (an existing PVC) or size (a new one), one of them" -}}
+{{- end -}}
+{{- end -}}
+{{- if and (or .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled) (not .Values.metrics.enabled) -}}
+{{- $errors = append $errors "metrics.serviceMonitor/podMonitor need metrics.enabled=true" -}}
+{{- end -}}
 {{- if $errors -}}
 {{- fail (printf "\n\nVALUES VALIDATION:\n  %s" (join "\n  " $errors)) -}}
 {{- end -}}
@@ -115,12 +158,23 @@ capabilities:
 {{- define "specdec.operatorRules" -}}
 - apiGroups: [specdec.io]
   resources: [speculativedecoders]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, patch, delete]
 - apiGroups: [specdec.io]
   resources: [speculativedecoders/status]
   verbs: [get, patch]
+# blockOwnerDeletion on the tiers' owner references (OpenShift's admission checks it).
+- apiGroups: [specdec.io]
+  resources: [speculativedecoders/finalizers]
+  verbs: [update]
 - apiGroups: [apps]
   resources: [deployments]
+  verbs: [get, create, patch, delete]
+# Pods: read only, to say why a tier is not ready (unschedulable, cannot start).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
   verbs: [get, create, patch, delete]
 - apiGroups: [""]
   resources: [services]
@@ -136,7 +190,7 @@ capabilities:
   resources: [kopfpeerings]
   verbs: [list, watch, patch, get]
 {{- end }}
-{{- with .Values.operator.secretNames }}
+{{- with (include "specdec.secretNames" . | fromJsonArray) }}
 - apiGroups: [""]
   resources: [secrets]
   resourceNames: {{ toYaml . | nindent 4 }}
