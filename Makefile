@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run up test proto lint soak clean images test-images test-dashboard
+.PHONY: install run up test proto lint soak clean images test-images test-dashboard test-operator-ha
 
 $(STAMP): pyproject.toml operator/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -56,6 +56,9 @@ test-images: $(STAMP) images
 
 test-dashboard: $(STAMP)
 	SPECDEC_SLOW=1 $(PY) -m pytest -q -ra -p no:randomly tests/k8s/test_dashboard.py
+
+test-operator-ha: $(STAMP)
+	SPECDEC_SLOW=1 $(PY) -m pytest -q -ra -p no:randomly -s tests/k8s/test_operator_ha.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info services/*.egg-info

@@ -5,6 +5,11 @@ priority from its pod name (``POD_ID``), so they differ and the lower one stands
 pauses *every* operator that sees a peer of its own priority). Killing the active one
 (SIGKILL: no goodbye in the peering object) hands over once its keepalive is older than
 the peering lifetime.
+
+Left out of `make test` (`make test-operator-ha` runs it, SPECDEC_SLOW=1): on the kmock
+emulator, about one run in six has the second operator to start never process a peering
+event (kopf reports its peering stream unprocessed at exit), so it neither pauses nor
+takes over; not seen against a real API server, not understood yet.
 """
 from __future__ import annotations
 
