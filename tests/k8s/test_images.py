@@ -96,7 +96,8 @@ def container(request: pytest.FixtureRequest) -> Iterator[type[Container]]:
 
 def test_operator_image_reconciles_on_the_emulator(container, valkey, tmp_path: Path) -> None:
     op = container(OPERATOR)
-    assert op.run(["id", "-u"]).stdout.strip() == "10001"
+    uid = op.run(["id", "-u"])
+    assert uid.stdout.strip() == "10001", uid.stderr
     with EmulatorThread() as api:
         env = {"SPECDEC_OPERATOR_API_URL": api.url, "SPECDEC_OPERATOR_INTERVAL_S": "0.5",
                "SPECDEC_OPERATOR_LIVENESS": f"http://127.0.0.1:{free_port()}/healthz",
@@ -132,7 +133,8 @@ def test_services_image_coordinator_serves_as_non_root(container, valkey, tmp_pa
             shutil.copy(f, model / f.name)
             (model / f.name).chmod(0o644)
     svc = container(SERVICES)
-    assert svc.run(["id", "-u"]).stdout.strip() == "10001"
+    uid = svc.run(["id", "-u"])
+    assert uid.stdout.strip() == "10001", uid.stderr
     port = free_port()
     env = {"SPECDEC_MODEL": "/models/smollm2", "SPECDEC_PORT": str(port), "SPECDEC_HOST": "127.0.0.1",
            "SPECDEC_REDIS_URL": valkey.url, "SPECDEC_REDIS_PREFIX": "specdec:images:"}
