@@ -25,6 +25,7 @@ class Settings:
     max_batch_size: int = 32  # sequences per verify/draft forward pass
     max_sessions: int = 1024  # per replica; least recently used are evicted (and recomputed)
     # per replica: session caches beyond this are evicted, LRU; 0 = 30% of RAM / half the free GPU memory
+    session_idle_s: float = 600.0  # per replica: a session unused this long is dropped (its coordinator is gone)
     kv_budget_mb: float = 0.0
     max_new_tokens: int = 4096  # cap on one request
     max_request_bytes: int = 4 << 20  # coordinator: largest request message (gRPC answers RESOURCE_EXHAUSTED)
@@ -36,7 +37,16 @@ class Settings:
     max_failovers: int = 4  # replica switches per call before giving up
     overlap: bool = False  # default for requests: pre-draft step n+1 while step n is verified
     metrics_port: int = 0  # Prometheus scrape endpoint (/metrics) on host:port; 0 = off
+    http_port: int = 0  # coordinator: OpenAI-compatible HTTP API (/v1/...) on host:port; 0 = off
     kv_chunk_tokens: int = 256  # tokens per KV chunk in Redis (prefix reuse, failover); 0 = no KV in Redis
+    tls_cert_file: str = ""  # PEM certificate of this process (server; the coordinator also presents it to the tiers)
+    tls_key_file: str = ""  # its key; with cert: TLS on every port this process serves and dials
+    tls_ca_file: str = ""  # CA that signs peers' certificates (mTLS); re-read with the others when they change
+    tls_client_auth: bool = True  # with TLS: clients must present a certificate the CA signed
+    api_keys_file: str = ""  # coordinator: SHA-256 hex digests of accepted API keys, one a line (empty: no keys)
+    api_key_max_calls: int = 0  # coordinator: concurrent calls per API key (0 = no limit)
+    internal_token: str = ""  # without TLS: the token tiers require from coordinators (empty: none)
+    reflection: bool = False  # gRPC reflection on the internal tiers (the coordinator always has it)
     kv_secret: str = ""  # shared by the tiers: KV chunks carry a keyed MAC with it (`specdec up` makes one)
     kv_ttl_s: float = 3600.0  # lifetime of a KV chunk in Redis (Redis's maxmemory policy may evict sooner)
     kv_max_pending_mb: int = 256  # KV chunks waiting to be written per replica; beyond that they are dropped

@@ -328,3 +328,20 @@ def test_draft_worker_rolls_back_and_drafts_from_committed_tokens(draft_model) -
     unserved = worker.propose_batch([ProposeItem("x", 0, [1], 2, params, "model:other"), ngram_item])
     assert isinstance(unserved[0], InvalidArgument) and unserved[1].tokens == [3, 1]  # it fails alone
     assert DraftWorker().drafters == ["ngram"] and worker.drafters == ["ngram", "model:small"]
+
+
+def test_idle_sessions_are_dropped_least_recent_first(monkeypatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(kv_cache.time, "monotonic", lambda: now[0])
+    table: SessionTable[list[int]] = SessionTable(10)
+    table.put("old", [1])
+    now[0] += 50
+    table.put("mid", [2])
+    now[0] += 50
+    table.put("new", [3])
+    assert table.get("old") == [1]  # used again: now the most recent
+    now[0] += 70  # old and new were used 70 s ago, mid 120 s ago
+    assert table.drop_idle(100) == 1 and table.get("mid") is None
+    assert table.drop_idle(100) == 0 and len(table) == 2
+    now[0] += 31
+    assert table.drop_idle(100) == 2 and len(table) == 0

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from specdec.core.errors import TierUnavailable
-from specdec.rpc.streams import TaggedStreamClient
+from specdec.rpc.streams import Dial, TaggedStreamClient
 from specdec.state.registry import Registry, ReplicaInfo
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,9 @@ EMPTY_GRACE_S = 15.0  # an empty registry right after replicas were seen is a re
 
 class ReplicaPool:
     def __init__(self, tier: str, registry: Registry | None, static: list[str],
-                 open_stream: Callable[[Any], Any], make_request: Callable[[list[Any], list[str]], Any]) -> None:
-        self.tier, self.registry, self.static = tier, registry, static
+                 open_stream: Callable[[Any], Any], make_request: Callable[[list[Any], list[str]], Any],
+                 dial: Dial | None = None) -> None:
+        self.tier, self.registry, self.static, self.dial = tier, registry, static, dial
         self._open_stream, self._make_request = open_stream, make_request
         self._known: list[ReplicaInfo] = [ReplicaInfo(tier=tier, address=a) for a in static]
         self._refreshed = 0.0
@@ -97,7 +98,7 @@ class ReplicaPool:
     def _client(self, address: str) -> TaggedStreamClient:
         client = self._clients.get(address)
         if client is None or client.failed is not None:
-            client = TaggedStreamClient(address, self._open_stream, self._make_request)
+            client = TaggedStreamClient(address, self._open_stream, self._make_request, self.dial)
             self._clients[address] = client
         return client
 
@@ -123,10 +124,12 @@ class ReplicaPool:
         self.placement = {s: a for s, a in self.placement.items() if a != address}
 
     def release(self, session_id: str) -> None:
+        """Tell the session's replica to free it, over a fresh stream if the old one broke
+        (a dropped release would hold the session's cache until the replica evicts it)."""
         address = self.placement.pop(session_id, None)
-        client = self._clients.get(address) if address else None
-        if client is not None:
-            client.release(session_id)
+        if address is None or self._quarantine.get(address, 0) > time.monotonic():
+            return  # no replica, or a failed one: nothing there to free, or nobody to tell
+        self._client(address).release(session_id)
 
     async def close(self) -> None:
         for client in self._clients.values():

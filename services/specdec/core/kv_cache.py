@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import os
 import threading
+import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Container
@@ -230,21 +231,39 @@ class SessionTable(Generic[T]):
             raise ValueError("max_sessions must be >= 1")
         self.max_sessions = max_sessions
         self._items: OrderedDict[str, T] = OrderedDict()
+        self._used: dict[str, float] = {}  # monotonic time of each session's last use
 
     def get(self, session_id: str) -> T | None:
         item = self._items.get(session_id)
         if item is not None:
             self._items.move_to_end(session_id)
+            self._used[session_id] = time.monotonic()
         return item
 
     def put(self, session_id: str, item: T) -> None:
         self._items[session_id] = item
         self._items.move_to_end(session_id)
+        self._used[session_id] = time.monotonic()
         while len(self._items) > self.max_sessions:
-            self._items.popitem(last=False)
+            evicted, _ = self._items.popitem(last=False)
+            self._used.pop(evicted, None)
 
     def pop(self, session_id: str) -> T | None:
+        self._used.pop(session_id, None)
         return self._items.pop(session_id, None)
+
+    def drop_idle(self, max_idle_s: float) -> int:
+        """Forget sessions unused for `max_idle_s`: their caller is gone (a coordinator that
+        died, a release that never arrived). Least recently used first, so this stops at the
+        first session in use. Returns how many were dropped."""
+        horizon, dropped = time.monotonic() - max_idle_s, 0
+        while self._items:
+            oldest = next(iter(self._items))
+            if self._used.get(oldest, 0.0) > horizon:
+                break
+            self.pop(oldest)
+            dropped += 1
+        return dropped
 
     def least_recent_first(self) -> list[tuple[str, T]]:
         return list(self._items.items())

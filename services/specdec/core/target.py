@@ -36,7 +36,8 @@ class TargetWorker:
     """Verifies drafts against the target model. Not thread-safe: one batch at a time."""
 
     def __init__(self, runner: Runner, max_sessions: int = 1024, prefix_store: PrefixStore | None = None,
-                 max_cached_tokens: int | None = None) -> None:
+                 max_cached_tokens: int | None = None, max_idle_s: float = 600.0) -> None:
+        self.max_idle_s = max_idle_s  # a session unused this long is dropped (its caller is gone)
         self.runner = runner
         self.max_cached_tokens = max_cached_tokens  # memory budget of the session caches (None: count only)
         self.prefix_store = prefix_store  # shared KV chunks (e.g. Redis): restore prefixes, offer new ones
@@ -64,6 +65,7 @@ class TargetWorker:
                 verdicts[i] = Verdict(needs_resync=True)
             else:
                 work.append((i, session, item))
+        self.sessions.drop_idle(self.max_idle_s)
         if self.max_cached_tokens is not None:
             trim_to_tokens(self.sessions, self.max_cached_tokens, {item.session_id for item in items})
         if work:

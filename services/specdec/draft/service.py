@@ -76,7 +76,7 @@ def build(settings: Settings) -> TierServer:
     runner = compute.run_sync(build_runner, model) if model is not None else None
     store = store_for(settings, "draft", model, runner) if model is not None and runner is not None else None
     budget = kv_token_budget(settings.kv_budget_mb, getattr(runner, "pool", None), settings.device)
-    drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions, store, budget),
+    drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions, store, budget, settings.session_idle_s),
                            settings.max_batch_size)
     stats = drafter.batcher.stats
     rates = IntervalRates()  # read only by the heartbeat

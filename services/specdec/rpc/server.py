@@ -7,13 +7,16 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specdec.config import Settings
+from specdec.rpc.auth import AccessInterceptor, AccessPolicy, load_key_hashes
 from specdec.rpc.options import INTERNAL_MAX_MESSAGE, server_options
+from specdec.rpc.tls import TlsFiles, server_credentials
 from specdec.state.registry import Heartbeat, Registry, ReplicaInfo
 from specdec.telemetry import server_interceptors
 from specdec.telemetry import shutdown as telemetry_shutdown
@@ -33,6 +36,25 @@ class Drain:
     stalled: Callable[[], float] | None = None  # seconds the compute thread has been on one batch
 
 
+def tls_files(settings: Settings) -> TlsFiles:
+    return TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
+
+
+def access_policy(tier: str, settings: Settings) -> AccessPolicy:
+    if tier != "coordinator":
+        return AccessPolicy(internal=True, internal_token=settings.internal_token, tls=tls_files(settings).enabled)
+    keys = load_key_hashes(settings.api_keys_file) if settings.api_keys_file else []
+    return AccessPolicy(key_hashes=keys, max_calls_per_key=settings.api_key_max_calls)
+
+
+class Companion(Protocol):
+    """Another server of the tier's process (the coordinator's HTTP front)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float) -> None: ...
+
+
 class TierServer:
     """One tier's gRPC server and its registry entry."""
 
@@ -42,23 +64,31 @@ class TierServer:
         self.tier, self.settings, self.service_names = tier, settings, service_names
         self.drain = drain
         max_message = settings.max_request_bytes if tier == "coordinator" else INTERNAL_MAX_MESSAGE
-        self.server = grpc.aio.server(options=server_options(max_message), interceptors=server_interceptors())
+        tls = tls_files(settings)
+        interceptors = [AccessInterceptor(access_policy(tier, settings)), *server_interceptors()]
+        self.server = grpc.aio.server(options=server_options(max_message), interceptors=interceptors)
         add_servicers(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server)
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port_for(tier)}")
+        if tier == "coordinator" or settings.reflection:
+            reflection.enable_server_reflection(
+                [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+                self.server)
+        address = f"{settings.host}:{settings.port_for(tier)}"
+        self.port = (self.server.add_secure_port(address, server_credentials(tls, settings.tls_client_auth))
+                     if tls.enabled else self.server.add_insecure_port(address))
         self.address = f"{settings.advertise_host or settings.host}:{self.port}"
         self.info = ReplicaInfo(tier=tier, address=self.address, model=model, drafters=drafters or [],
                                 heartbeat_s=settings.heartbeat_s)
         self.registry = Registry(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
         self.heartbeat = Heartbeat(self.registry, self.info, load, settings.heartbeat_s) if self.registry else None
         self._watchdog: asyncio.Task[None] | None = None
+        self.companions: list[Companion] = []  # started before SERVING, drained with the gRPC server
 
     async def start(self) -> None:
         await self.server.start()
+        for companion in self.companions:
+            await companion.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.heartbeat is not None:
@@ -104,7 +134,8 @@ class TierServer:
             await self.heartbeat.stop()
         if self.drain is not None:
             self.drain.closing.set()
-        await self.server.stop(self.settings.drain_timeout_s if grace_s is None else grace_s)
+        grace = self.settings.drain_timeout_s if grace_s is None else grace_s
+        await asyncio.gather(self.server.stop(grace), *(companion.stop(grace) for companion in self.companions))
         if self.drain is not None and self.drain.flush is not None:
             await self.drain.flush()
         if self.registry is not None:

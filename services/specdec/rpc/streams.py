@@ -10,18 +10,51 @@ import asyncio
 import itertools
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specdec.rpc.auth import INTERNAL_TOKEN_HEADER
 from specdec.rpc.options import client_options
+from specdec.rpc.tls import TIER_SERVER_NAME, TlsFiles, channel_credentials
 
 log = logging.getLogger(__name__)
 
 
 CONNECT_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Dial:
+    """How the coordinator reaches a tier: over mTLS with its own certificate (the tier's
+    must carry TIER_SERVER_NAME and be signed by the CA), or in plaintext with the shared
+    internal token the tiers ask for when TLS is off."""
+
+    tls: TlsFiles | None = None
+    token: str = ""
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        interceptors = [_Metadata(((INTERNAL_TOKEN_HEADER, self.token),))] if self.token else None
+        if self.tls is not None and self.tls.enabled:
+            options = [*client_options(), ("grpc.ssl_target_name_override", TIER_SERVER_NAME)]
+            return grpc.aio.secure_channel(address, channel_credentials(self.tls), options=options,
+                                           interceptors=interceptors)
+        return grpc.aio.insecure_channel(address, options=client_options(), interceptors=interceptors)
+
+
+class _Metadata(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]  # grpc is untyped
+    """Adds fixed metadata to every stream the channel opens."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any,
+                                      request_iterator: Any) -> Any:
+        details = details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+        return await continuation(details, request_iterator)
 
 
 class ReplicaFailed(RuntimeError):
@@ -128,9 +161,9 @@ class TaggedStreamClient:
     """Client side of one replica's stream."""
 
     def __init__(self, address: str, open_stream: Callable[[grpc.aio.Channel], Any],
-                 make_request: Callable[[list[Any], list[str]], Any]) -> None:
+                 make_request: Callable[[list[Any], list[str]], Any], dial: Dial | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=client_options())
+        self._channel = (dial or Dial()).channel(address)
         self._open_stream = open_stream
         self._make_request = make_request
         self._tags = itertools.count(1)
@@ -190,10 +223,15 @@ class TaggedStreamClient:
         finally:
             self._futures.pop(tag, None)
 
-    def release(self, session_id: str) -> None:
-        if self.failed is None and self._call is not None:
-            self._releases.append(session_id)
-            self._wakeup.set()
+    def release(self, session_id: str) -> bool:
+        """Queue a release for the next message (opening the stream if need be); False when
+        this stream has failed (the caller should use a fresh client)."""
+        if self.failed is not None:
+            return False
+        self._ensure_open()
+        self._releases.append(session_id)
+        self._wakeup.set()
+        return True
 
     async def _write_loop(self) -> None:
         try:

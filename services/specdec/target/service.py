@@ -95,7 +95,7 @@ def build(settings: Settings) -> TierServer:
     runner = compute.run_sync(build_runner, model)
     store = store_for(settings, "target", model, runner)
     budget = kv_token_budget(settings.kv_budget_mb, getattr(runner, "pool", None), settings.device)
-    verifier = LocalVerifier(TargetWorker(runner, settings.max_sessions, store, budget), settings.max_batch_size)
+    verifier = LocalVerifier(TargetWorker(runner, settings.max_sessions, store, budget, settings.session_idle_s), settings.max_batch_size)
     drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None,
                   stalled=verifier.batcher.stalled_s)
     return TierServer(

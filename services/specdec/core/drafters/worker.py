@@ -17,7 +17,9 @@ class DraftWorker:
     batcher guarantees it)."""
 
     def __init__(self, runner: Runner | None = None, model_name: str = "", max_sessions: int = 1024,
-                 prefix_store: PrefixStore | None = None, max_cached_tokens: int | None = None) -> None:
+                 prefix_store: PrefixStore | None = None, max_cached_tokens: int | None = None,
+                 max_idle_s: float = 600.0) -> None:
+        self.max_idle_s = max_idle_s  # a session unused this long is dropped (its caller is gone)
         self.max_cached_tokens = max_cached_tokens  # memory budget of the session states (None: count only)
         self.methods: dict[str, DraftMethod] = {m.name: m for m in build_methods(runner, model_name, prefix_store)}
         self.vocab_size = runner.vocab_size if runner is not None else None  # None: any id (model-free only)
@@ -53,6 +55,7 @@ class DraftWorker:
             session = self._sync(item, method)
             if session is not None:
                 groups.setdefault(item.drafter, []).append((i, (session, item)))
+        self.sessions.drop_idle(self.max_idle_s)
         if self.max_cached_tokens is not None:
             trim_to_tokens(self.sessions, self.max_cached_tokens, {item.session_id for item in items})
         for name, rows in groups.items():
