@@ -1,0 +1,141 @@
+"""Access control with real gRPC servers and real certificates (trustme): mTLS between the
+coordinator and a tier, certificates rotated without a restart, the internal token, API
+keys with a per-key call limit. The draft tier's real servicer (n-gram, no model) serves."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from specdec.core.drafters.worker import DraftWorker
+from specdec.core.local import LocalDrafter
+from specdec.draft.service import DraftServicer
+from specdec.rpc.auth import AccessInterceptor, AccessPolicy, hash_api_key
+from specdec.rpc.local_pki import make_local_pki
+from specdec.rpc.streams import Dial
+from specdec.rpc.tls import TlsFiles, channel_credentials, server_credentials
+from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
+
+pytest.importorskip("trustme")
+
+
+@contextlib.asynccontextmanager
+async def draft_server(policy: AccessPolicy, tls: TlsFiles | None = None, client_auth: bool = True):
+    server = grpc.aio.server(interceptors=[AccessInterceptor(policy)])
+    draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(LocalDrafter(DraftWorker())), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = (server.add_secure_port("127.0.0.1:0", server_credentials(tls, client_auth)) if tls
+            else server.add_insecure_port("127.0.0.1:0"))
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def propose(channel: grpc.aio.Channel, metadata: tuple = ()) -> draft_pb2.ProposeResult:
+    item = draft_pb2.ProposeItem(tag=1, session_id=uuid.uuid4().hex, tokens=[1, 2, 3, 1, 2], num_tokens=2,
+                                 drafter="ngram", sampling=sampling_pb2.SamplingParams(top_p=1.0))
+
+    async def requests():
+        yield draft_pb2.ProposeRequest(items=[item])
+    call = draft_pb2_grpc.DraftServiceStub(channel).Propose(requests(), metadata=metadata, timeout=10)
+    async for response in call:
+        return response.results[0]
+    raise AssertionError("no answer")
+
+
+def code_of(exc: BaseException) -> grpc.StatusCode:
+    assert isinstance(exc, grpc.aio.AioRpcError), exc
+    return exc.code()
+
+
+async def test_tiers_serve_only_a_coordinator_over_mtls(tmp_path: Path):
+    pki, other = make_local_pki(tmp_path / "pki"), make_local_pki(tmp_path / "other")
+    async with draft_server(AccessPolicy(internal=True, tls=True), pki.tier) as address:
+        async with Dial(pki.coordinator).channel(address) as channel:  # the coordinator: served
+            assert list((await propose(channel)).tokens) == [3, 1]
+        for stranger in (pki.client, other.coordinator):  # a user's certificate; another CA's coordinator
+            async with Dial(stranger).channel(address) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await propose(channel)
+            assert code_of(err.value) in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE)
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # no certificate at all: the handshake fails
+            async with grpc.aio.secure_channel(address, channel_credentials(TlsFiles("", "", pki.ca)), options=[
+                    ("grpc.ssl_target_name_override", "specdec-tier")]) as channel:
+                await propose(channel)
+        assert code_of(err.value) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_the_user_certificate_of_the_right_ca_is_refused_by_name(tmp_path: Path):
+    pki = make_local_pki(tmp_path / "pki")
+    async with draft_server(AccessPolicy(internal=True, tls=True), pki.tier) as address:
+        async with Dial(pki.client).channel(address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await propose(channel)
+    assert code_of(err.value) == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_rotated_certificate_files_are_served_without_a_restart(tmp_path: Path):
+    old, new = make_local_pki(tmp_path / "old"), make_local_pki(tmp_path / "new")
+    live = TlsFiles(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), str(tmp_path / "ca.pem"))
+
+    def install(pki) -> None:  # as a mounted Secret changes: new files in place
+        for src, dst in ((pki.tier.cert, live.cert), (pki.tier.key, live.key), (pki.ca, live.ca)):
+            Path(dst).write_bytes(Path(src).read_bytes())
+    install(old)
+    async with draft_server(AccessPolicy(internal=True, tls=True), live) as address:
+        async with Dial(old.coordinator).channel(address) as channel:
+            assert (await propose(channel)).tokens
+        install(new)
+        async with Dial(new.coordinator).channel(address) as channel:  # a new handshake: the new files
+            assert (await propose(channel)).tokens
+        async with Dial(old.coordinator).channel(address) as channel:  # the old CA is gone
+            with pytest.raises(grpc.aio.AioRpcError):
+                await propose(channel)
+
+
+async def test_without_tls_tiers_want_the_internal_token():
+    async with draft_server(AccessPolicy(internal=True, internal_token="s3cret")) as address:
+        async with grpc.aio.insecure_channel(address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await propose(channel)
+            assert code_of(err.value) == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await propose(channel, (("x-specdec-internal-token", "guess"),))
+            assert code_of(err.value) == grpc.StatusCode.PERMISSION_DENIED
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING  # probes stay open
+        async with Dial(token="s3cret").channel(address) as channel:
+            assert (await propose(channel)).tokens
+
+
+async def test_api_keys_and_the_per_key_call_limit():
+    policy = AccessPolicy(key_hashes=[bytes.fromhex(hash_api_key("k-1"))], max_calls_per_key=1)
+    async with draft_server(policy) as address, grpc.aio.insecure_channel(address) as channel:
+        for metadata in ((), (("authorization", "Bearer nope"),), (("authorization", "k-1"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await propose(channel, metadata)
+            assert code_of(err.value) == grpc.StatusCode.UNAUTHENTICATED
+        key = (("authorization", "Bearer k-1"),)
+        assert (await propose(channel, key)).tokens
+
+        async def idle_stream():  # holds its call open until cancelled
+            yield draft_pb2.ProposeRequest()
+            await asyncio.Event().wait()
+        holding = draft_pb2_grpc.DraftServiceStub(channel).Propose(idle_stream(), metadata=key)
+        await holding.wait_for_connection()
+        for _ in range(100):  # the server has registered the held call once a second one is refused
+            try:
+                await propose(channel, key)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the second concurrent call with one key was not refused")
+        holding.cancel()
