@@ -48,7 +48,8 @@ class Stack:
     log_dir: Path
     children: list[Child] = field(default_factory=list)
     redis_url: str = ""
-    coordinator: str = ""
+    coordinator: str = ""  # the first coordinator's address
+    coordinators: list[str] = field(default_factory=list)  # every coordinator's (one Redis: any serves any request)
     env: dict[str, str] = field(default_factory=dict)  # the tiers' environment (to start more replicas alike)
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], address: str = "") -> Child:
@@ -112,8 +113,9 @@ def wait_healthy(child: Child, timeout_s: float = START_TIMEOUT_S) -> None:
 
 def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: int, port: int,
                 redis_url: str = "", device: str = "cpu", dtype: str = "float32",
-                extra_env: dict[str, str] | None = None) -> Stack:
-    """Start everything and return once every tier answers its health check."""
+                extra_env: dict[str, str] | None = None, coordinator_replicas: int = 1) -> Stack:
+    """Start everything and return once every tier answers its health check. The first
+    coordinator listens on `port`, any further ones on free ports."""
     from specdec.core.drafters.registry import parse_drafter
     from specdec.core.models import resolve_model_path
 
@@ -137,8 +139,13 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
             return stack.spawn(f"{tier}-{i}", argv, child_env, f"127.0.0.1:{tier_port}")
 
         started = [spawn_tier(tier, i, n + 1) for n, (tier, i) in enumerate(tiers)]
-        argv = [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(port)]
-        coordinator = stack.spawn("coordinator", argv, tier_env(env, "coordinator", 0), f"127.0.0.1:{port}")
+        coordinators = []
+        for c in range(max(1, coordinator_replicas)):
+            c_port = port if c == 0 else free_port()
+            argv = [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(c_port)]
+            name = "coordinator" if c == 0 else f"coordinator-{c}"
+            index = 0 if c == 0 else len(tiers) + c  # metrics ports: after the tiers'
+            coordinators.append(stack.spawn(name, argv, tier_env(env, "coordinator", index), f"127.0.0.1:{c_port}"))
         for n, ((tier, i), child) in enumerate(zip(tiers, started)):
             for attempt in range(PORT_RETRIES + 1):
                 try:
@@ -151,8 +158,10 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
                     if not lost_port or attempt == PORT_RETRIES:
                         raise
                     child = spawn_tier(tier, i, n + 1)
-        wait_healthy(coordinator)
-        stack.coordinator = f"127.0.0.1:{port}"
+        for coordinator in coordinators:
+            wait_healthy(coordinator)
+        stack.coordinators = [c.address for c in coordinators]
+        stack.coordinator = stack.coordinators[0]
         _wait_registered(stack.redis_url, target_replicas, draft_replicas)
         return stack
     except BaseException:
