@@ -47,7 +47,8 @@ from specdec.core.stats import SpecStats
 from specdec.core.tokenizer import Tokenizer
 from specdec.rpc.convert import stats_to_proto
 from specdec.rpc.errors import grpc_errors
-from specdec.rpc.server import TierServer
+from specdec.rpc.server import TierServer, tls_files
+from specdec.rpc.streams import Dial
 from specdec.state.registry import IntervalRates, Registry
 from specdec.state.sessions import SETTLE_WAIT_S, Leases, SessionRecord, SessionStore, request_digest
 from specdec.telemetry import observe, traced_chunks
@@ -107,14 +108,15 @@ class Coordinator:
         registry = Registry(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
         self.registry = registry
         self.sessions = SessionStore(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
+        dial = Dial(tls_files(settings), settings.internal_token)  # mTLS, or the internal token
         self.draft_pool = ReplicaPool(
             "draft", registry, settings.draft_addresses,
             lambda ch: draft_pb2_grpc.DraftServiceStub(ch).Propose(),  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
-            lambda items, rel: draft_pb2.ProposeRequest(items=items, release_session_ids=rel))
+            lambda items, rel: draft_pb2.ProposeRequest(items=items, release_session_ids=rel), dial)
         self.target_pool = ReplicaPool(
             "target", registry, settings.target_addresses,
             lambda ch: target_pb2_grpc.TargetServiceStub(ch).Verify(),  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
-            lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel))
+            lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel), dial)
         self.tiers = Tiers(RemoteVerifier(self.target_pool, settings.tier_timeout_s, settings.max_failovers),
                            RemoteDrafter(self.draft_pool, settings.tier_timeout_s, settings.max_failovers))
         self.default_drafter = parse_drafter(settings.drafter, "SPECDEC_DRAFTER")
