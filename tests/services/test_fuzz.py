@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from specdec.client import Client
+from specdec.rpc.streams import Dial
 from specdec.v1 import generation_pb2, generation_pb2_grpc, target_pb2, target_pb2_grpc
 
 PUBLIC_REQUESTS = 1000
@@ -124,7 +125,7 @@ async def test_random_verify_items_never_get_internal(tiny_stack, prompt_ids):
         for start in range(0, len(items), 25):
             yield target_pb2.VerifyRequest(items=items[start:start + 25])
         await done.wait()
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with Dial(token=tiny_stack.stack.env["SPECDEC_INTERNAL_TOKEN"]).channel(target) as channel:
         async for response in target_pb2_grpc.TargetServiceStub(channel).Verify(requests(), timeout=120):
             answers.update({r.tag: r for r in response.results})
             if len(answers) == len(items):

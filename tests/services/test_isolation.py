@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 from specdec.client import AsyncClient
+from specdec.rpc.streams import Dial
 from specdec.v1 import sampling_pb2, target_pb2, target_pb2_grpc
 
 from tests.services.conftest import ngram_stream
@@ -19,6 +20,10 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 def _target(tiny_stack) -> str:
     return next(c.address for c in tiny_stack.stack.children if c.name.startswith("target-"))
+
+
+def _token(tiny_stack) -> str:
+    return tiny_stack.stack.env["SPECDEC_INTERNAL_TOKEN"]
 
 
 def _f16(rows: np.ndarray) -> bytes:
@@ -47,8 +52,9 @@ def _poisoned(prompt_ids: list[int]) -> dict[str, target_pb2.VerifyItem]:
     }
 
 
-async def _verify(address: str, items: list[target_pb2.VerifyItem]) -> dict[int, target_pb2.VerifyResult]:
-    """Send the items in one message (so they meet in one batch) and collect every answer."""
+async def _verify(address: str, items: list[target_pb2.VerifyItem], token: str) -> dict[int, target_pb2.VerifyResult]:
+    """Send the items in one message (so they meet in one batch), as the stack's coordinator
+    (its internal token), and collect every answer."""
     for tag, item in enumerate(items):
         item.tag = tag
     done = asyncio.Event()
@@ -56,7 +62,7 @@ async def _verify(address: str, items: list[target_pb2.VerifyItem]) -> dict[int,
     async def requests():
         yield target_pb2.VerifyRequest(items=items)
         await done.wait()  # keep the stream open until every answer is in
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with Dial(token=token).channel(address) as channel:
         answers: dict[int, target_pb2.VerifyResult] = {}
         async for response in target_pb2_grpc.TargetServiceStub(channel).Verify(requests()):
             answers.update({r.tag: r for r in response.results})
@@ -70,7 +76,7 @@ async def test_bad_items_fail_alone_with_the_field_named(tiny_stack, prompt_ids,
     poisoned = _poisoned(prompt_ids)
     good = target_pb2.VerifyItem(session_id=uuid.uuid4().hex, tokens=prompt_ids,
                                  sampling=sampling_pb2.SamplingParams(top_p=1.0))
-    answers = await asyncio.wait_for(_verify(_target(tiny_stack), [good, *poisoned.values()]), 60)
+    answers = await asyncio.wait_for(_verify(_target(tiny_stack), [good, *poisoned.values()], _token(tiny_stack)), 60)
     assert not answers[0].HasField("error") and list(answers[0].tokens) == reference[:1]
     for tag, field in enumerate(poisoned, start=1):
         error = answers[tag].error
@@ -81,7 +87,7 @@ async def test_bad_items_fail_alone_with_the_field_named(tiny_stack, prompt_ids,
 async def test_a_poisoned_item_beside_eight_streams_changes_none_of_them(tiny_stack, prompt_ids, reference):
     async def poison() -> None:
         for _ in range(5):
-            answers = await _verify(_target(tiny_stack), list(_poisoned(prompt_ids).values()))
+            answers = await _verify(_target(tiny_stack), list(_poisoned(prompt_ids).values()), _token(tiny_stack))
             assert all(a.error.code == INVALID_ARGUMENT for a in answers.values())
 
     async with AsyncClient(tiny_stack.address, timeout_s=120) as client:

@@ -16,7 +16,7 @@ from specdec.coordinator.remote import RemoteVerifier
 from specdec.coordinator.routing import ReplicaPool
 from specdec.core.sampling import SamplingParams
 from specdec.core.types import VerifyItem
-from specdec.rpc.streams import CONNECT_TIMEOUT_S
+from specdec.rpc.streams import CONNECT_TIMEOUT_S, Dial
 from specdec.state.registry import Registry, ReplicaInfo
 from specdec.v1 import target_pb2, target_pb2_grpc
 
@@ -78,7 +78,8 @@ def black_hole():
 async def test_an_address_that_never_answers_costs_one_connect_timeout_once(tiny_stack, prompt_ids, black_hole):
     target = next(c.address for c in tiny_stack.stack.children if c.name.startswith("target-"))
     pool = ReplicaPool("target", None, [black_hole, target], lambda ch: target_pb2_grpc.TargetServiceStub(ch).Verify(),
-                       lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel))
+                       lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel),
+                       Dial(token=tiny_stack.stack.env["SPECDEC_INTERNAL_TOKEN"]))
     verifier = RemoteVerifier(pool, timeout_s=60, max_failovers=2)
     timings = []
     try:

@@ -139,3 +139,55 @@ async def test_api_keys_and_the_per_key_call_limit():
         else:
             raise AssertionError("the second concurrent call with one key was not refused")
         holding.cancel()
+
+
+@pytest.fixture(scope="module")
+def tls_stack(tiny_models, valkey):
+    from specdec.launcher import start_stack
+
+    from tests.conftest import free_port
+
+    prefix = f"specdec-tls-{uuid.uuid4().hex[:6]}:"
+    env = {"SPECDEC_REDIS_PREFIX": prefix, "SPECDEC_TORCH_THREADS": "1", "SPECDEC_HEARTBEAT_S": "0.5"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPECDEC_REDIS_PREFIX", prefix)
+        stack = start_stack(tiny_models[0], "ngram", 1, 1, free_port(), valkey.url, extra_env=env, tls=True,
+                            api_key="the-key")
+    yield stack
+    stack.stop()
+
+
+async def test_the_stack_under_mtls_generates_as_in_plaintext(tls_stack, prompt_ids, reference):
+    from specdec.client import AsyncClient
+
+    pki = tls_stack.pki
+    async with AsyncClient(tls_stack.coordinator, timeout_s=60, tls=pki.client, api_key="the-key") as client:
+        reply = await client.complete(token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True, drafter="ngram")
+    assert list(reply.token_ids) == reference
+    refused = [
+        (TlsFiles("", "", pki.ca), "the-key", grpc.StatusCode.UNAVAILABLE),  # no client certificate
+        (make_local_pki(Path(tls_stack.log_dir) / "stranger").client, "the-key", grpc.StatusCode.UNAVAILABLE),
+        (pki.client, "a-wrong-key", grpc.StatusCode.UNAUTHENTICATED),
+    ]
+    for tls, key, code in refused:
+        async with AsyncClient(tls_stack.coordinator, timeout_s=20, max_retries=0, tls=tls, api_key=key) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.complete(token_ids=prompt_ids, max_new_tokens=2)
+        assert err.value.code() == code, (tls, key)
+
+
+async def test_a_forged_verify_from_a_user_certificate_is_refused(tls_stack, prompt_ids):
+    """Holding a certificate of the right CA is not enough to advance someone's session."""
+    from specdec.v1 import target_pb2, target_pb2_grpc
+
+    target = next(c.address for c in tls_stack.children if c.name.startswith("target-"))
+    item = target_pb2.VerifyItem(tag=1, session_id="a-victim", tokens=prompt_ids, draft_tokens=[1, 2],
+                                 sampling=sampling_pb2.SamplingParams(top_p=1.0))
+
+    async def requests():
+        yield target_pb2.VerifyRequest(items=[item])
+    async with Dial(tls_stack.pki.client).channel(target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in target_pb2_grpc.TargetServiceStub(channel).Verify(requests(), timeout=10):
+                pass
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
