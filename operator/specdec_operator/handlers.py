@@ -18,7 +18,7 @@ import asyncio
 import datetime
 import logging
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeAlias
 
 import aiohttp
 import kopf
@@ -34,6 +34,7 @@ from .plan import (Fault, TierPlan, current_replicas, decoder_status, invalid_sp
 from .policy import TIERS, Coupling, Decision, History, ReplicaLoad, decide
 from .spec import GROUP, PLURAL, VERSION, DecoderSpec, parse
 
+Logger: TypeAlias = logging.Logger | logging.LoggerAdapter[Any]  # what kopf passes handlers
 CONFIG = OperatorConfig.from_env()
 KUBE = Kube()
 KINDS = ("Deployment", "Service", "PodDisruptionBudget")
@@ -72,9 +73,10 @@ class State:
 
 
 def _state(memo: kopf.Memo) -> State:
-    if "specdec" not in memo:
-        memo["specdec"] = State()
-    return memo["specdec"]
+    state = memo.get("specdec")
+    if not isinstance(state, State):
+        state = memo["specdec"] = State()
+    return state
 
 
 @kopf.on.startup()
@@ -118,18 +120,18 @@ def probe(**_: Any) -> bool:
 @kopf.on.update(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 async def apply_handler(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
-                        logger: logging.Logger, **_: Any) -> None:
+                        logger: Logger, **_: Any) -> None:
     await reconcile(body, memo, patch, logger, autoscale=False)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=CONFIG.interval_s, initial_delay=CONFIG.interval_s)
 async def autoscale_timer(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
-                          logger: logging.Logger, **_: Any) -> None:
+                          logger: Logger, **_: Any) -> None:
     await reconcile(body, memo, patch, logger, autoscale=True)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-async def delete_handler(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+async def delete_handler(body: kopf.Body, memo: kopf.Memo, logger: Logger,
                          **_: Any) -> None:
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     for tier in TIERS:
@@ -155,7 +157,7 @@ def _now() -> str:
 
 
 async def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
-                    logger: logging.Logger, *, autoscale: bool) -> None:
+                    logger: Logger, *, autoscale: bool) -> None:
     """Apply every tier; with ``autoscale``, first resize each one from its load in Redis."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
@@ -277,7 +279,7 @@ async def read_tier_loads(state: State, url: str | None, prefix: str
 
 async def reconcile_tier(body: kopf.Body, spec: DecoderSpec, tier: str,
                          old_status: Mapping[str, Any], loads: Mapping[str, list[ReplicaLoad]],
-                         state: State, logger: logging.Logger, *, autoscale: bool, paused: bool
+                         state: State, logger: Logger, *, autoscale: bool, paused: bool
                          ) -> tuple[TierPlan, Decision | None]:
     """Decide one tier's replicas (Event if it scales), apply its objects, report drift."""
     meta = body["metadata"]

@@ -299,7 +299,8 @@ def decide(tier: str, policy: TierPolicy, loads: Sequence[ReplicaLoad], current:
     history.add(now, rec.replicas, keep)
     up = min(history.within(now, policy.scale_up_window_s) or [rec.replicas])
     down = max(history.within(now, policy.scale_down_window_s) or [rec.replicas])
-    desired, direction, reason = current, "none", rec.reason
+    direction: Direction = "none"
+    desired, reason = current, rec.reason
     if current > policy.max_replicas:
         desired, direction, reason = policy.max_replicas, "down", "above maxReplicas"
     elif current < rec.floor:

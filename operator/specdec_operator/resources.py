@@ -320,7 +320,7 @@ def drifted(desired: Any, live: Any) -> bool:
     if isinstance(desired, (int, float)) and isinstance(live, str) or \
             isinstance(desired, str) and isinstance(live, (int, float)):
         return str(desired) != str(live)
-    return desired != live
+    return bool(desired != live)
 
 
 def drifted_beyond_scale(desired: Mapping[str, Any], live: Any, replicas: int) -> bool:

@@ -168,7 +168,8 @@ def _tier(name: str, raw: Mapping[str, Any], top: Mapping[str, Any], problems: l
 
 
 def _models(spec: Mapping[str, Any], problems: list[str]) -> Models:
-    m = spec.get("model") if isinstance(spec.get("model"), Mapping) else {}
+    raw_model = spec.get("model")
+    m: Mapping[str, Any] = raw_model if isinstance(raw_model, Mapping) else {}
     ref = m.get("tokenSecretRef")
     c = m.get("cache") or {}
     cache = None

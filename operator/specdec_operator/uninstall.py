@@ -27,7 +27,8 @@ KIND = "SpeculativeDecoder"
 def _login(config: OperatorConfig) -> kopf.ConnectionInfo:
     if config.api_url:
         return kopf.ConnectionInfo(server=config.api_url, insecure=True)
-    info = kopf.login_with_service_account() or kopf.login_with_kubeconfig()
+    settings = kopf.OperatorSettings()
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
     if info is None:
         raise SystemExit("no Kubernetes credentials (service account or kubeconfig)")
     return info

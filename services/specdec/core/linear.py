@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +79,11 @@ def packing_pays(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor 
         with torch.inference_mode():
             for rows in TIMED_ROWS:
                 x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-                plain = lambda: F.linear(x, weight, bias)  # noqa: E731
-                onednn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # noqa: E731
+                def plain(x: torch.Tensor = x) -> object:
+                    return F.linear(x, weight, bias)
+
+                def onednn(x: torch.Tensor = x) -> object:
+                    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
                 plain(), onednn()  # warm both (oneDNN makes a primitive per row count)
                 plain_best, packed_best = _best_of_interleaved(plain, onednn)
                 plain_s += plain_best
@@ -90,9 +94,8 @@ def packing_pays(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor 
     return _packing_pays[shape]
 
 
-def _best_of_interleaved(a: object, b: object) -> tuple[float, float]:
+def _best_of_interleaved(a: Callable[[], object], b: Callable[[], object]) -> tuple[float, float]:
     """The best time of each over TIMED_REPEATS rounds, alternating, so drift hits both."""
-    assert callable(a) and callable(b)
     best = [float("inf"), float("inf")]
     for _ in range(TIMED_REPEATS):
         for i, fn in enumerate((a, b)):
