@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--draft-addresses", help="comma-separated static draft replicas (without Redis)")
     serve.add_argument("--target-addresses", help="comma-separated static target replicas (without Redis)")
     serve.add_argument("--max-batch-size", type=int)
+    serve.add_argument("--http-port", type=int, help="coordinator: OpenAI-compatible HTTP API on this port (0 = off)")
     serve.set_defaults(func=cmd_serve)
 
     up = sub.add_parser("up", help="start Valkey and all tiers locally")
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="coordinators on one Redis (the first on --port): a client given several fails over")
     up.add_argument("--port", type=int, default=DEFAULT_PORTS["coordinator"])
     up.add_argument("--redis-url", default="")
+    up.add_argument("--http-port", type=int, default=None,
+                    help="first coordinator's OpenAI-compatible HTTP port (default SPECDEC_HTTP_PORT or 8000; 0 = off)")
     up.add_argument("--demo", action="store_true", help="generate once, print it, then stop everything")
     up.set_defaults(func=cmd_up)
 
@@ -121,7 +125,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     flags = {k: getattr(args, k, None) for k in ("model", "drafter", "device", "dtype", "host", "port",
-                                                   "advertise_host", "redis_url", "max_batch_size")}
+                                                   "advertise_host", "redis_url", "max_batch_size",
+                                                   "http_port")}
     for name in ("draft_addresses", "target_addresses"):
         raw = getattr(args, name, None)
         flags[name] = [a for a in raw.split(",") if a] if raw else None
@@ -141,7 +146,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from specdec import telemetry
 
     telemetry.configure(args.tier, settings.metrics_port, settings.host,
-                        instance=f"{settings.advertise_host or settings.host}:{settings.port_for(args.tier)}")
+                        instance=f"{settings.advertise_host or settings.host}:{settings.port_for(args.tier)}",
+                        prometheus=args.tier == "coordinator" and settings.http_port > 0)  # the HTTP /metrics
     builders = {"coordinator": "specdec.coordinator.service", "draft": "specdec.draft.service",
                 "target": "specdec.target.service"}
     module = __import__(builders[args.tier], fromlist=["build"])
@@ -160,12 +166,14 @@ def cmd_up(args: argparse.Namespace) -> int:
           f"of {settings.model} (drafter {settings.drafter}) ...", flush=True)
     stack = start_stack(settings.model, settings.drafter, args.draft_replicas, args.target_replicas, args.port,
                         args.redis_url, settings.device, settings.dtype,
-                        coordinator_replicas=args.coordinator_replicas)
+                        coordinator_replicas=args.coordinator_replicas, extra_env=_http_env(args))
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     try:
         for address in stack.coordinators:
             print(f"coordinator: {address}", flush=True)
+        for url in stack.http:
+            print(f"http: {url}", flush=True)
         print(f"redis: {stack.redis_url}\nlogs: {stack.log_dir}", flush=True)
         if args.demo:
             return _demo(",".join(stack.coordinators), settings.drafter)
@@ -178,6 +186,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
         print("stopped", flush=True)
+
+
+def _http_env(args: argparse.Namespace) -> dict[str, str]:
+    """`up`: the first coordinator's HTTP port (the launcher gives any further ones free ports)."""
+    port = args.http_port if args.http_port is not None else int(os.environ.get("SPECDEC_HTTP_PORT") or 8000)
+    return {"SPECDEC_HTTP_PORT": str(port)}
 
 
 def _demo(address: str, drafter: str) -> int:

@@ -187,7 +187,8 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
             c_env = tier_env(env, "coordinator", index)
             if int(env.get("SPECDEC_HTTP_PORT") or 0):  # HTTP front: the first on the port given, others free ones
                 c_env["SPECDEC_HTTP_PORT"] = env["SPECDEC_HTTP_PORT"] if c == 0 else str(free_port())
-                stack.http.append(f"http://127.0.0.1:{c_env['SPECDEC_HTTP_PORT']}/v1")
+                scheme = "https" if stack.pki is not None else "http"  # TLS as on the gRPC port
+                stack.http.append(f"{scheme}://127.0.0.1:{c_env['SPECDEC_HTTP_PORT']}/v1")
             if stack.pki is not None:
                 c_env.update(tls_env(stack.pki.coordinator))
             coordinators.append(stack.spawn(name, argv, c_env, f"127.0.0.1:{c_port}"))

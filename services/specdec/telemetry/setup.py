@@ -46,14 +46,15 @@ def _signal_on(env: Mapping[str, str], signal: str) -> bool:
 
 
 def configure(tier: str, metrics_port: int = 0, metrics_host: str = "127.0.0.1",
-              environ: Mapping[str, str] | None = None, instance: str = "") -> State:
+              environ: Mapping[str, str] | None = None, instance: str = "", prometheus: bool = False) -> State:
     """Install tracer and meter providers for this process's tier when the environment asks
-    for export; otherwise leave everything off. Idempotent per process."""
+    for export; otherwise leave everything off. Idempotent per process. `prometheus`: metrics
+    on for a scrape endpoint the process serves itself (the coordinator's HTTP /metrics)."""
     env = os.environ if environ is None else environ
     if STATE.enabled or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return STATE
     traces, metrics = _signal_on(env, "TRACES"), _signal_on(env, "METRICS")
-    if not (traces or metrics or metrics_port):
+    if not (traces or metrics or metrics_port or prometheus):
         return STATE
     protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     if protocol != "grpc":
@@ -69,8 +70,8 @@ def configure(tier: str, metrics_port: int = 0, metrics_host: str = "127.0.0.1",
     STATE.service_name = str(resource.attributes.get("service.name"))
     if traces:
         _install_tracing(resource)
-    if metrics or metrics_port:
-        _install_metrics(resource, metrics, metrics_port, metrics_host)
+    if metrics or metrics_port or prometheus:
+        _install_metrics(resource, metrics, metrics_port, metrics_host, prometheus)
     if STATE.tracer is None:  # metrics only: spans are no-ops
         from opentelemetry.trace import NoOpTracer
 
@@ -98,7 +99,7 @@ def _install_tracing(resource: Any) -> None:
     STATE.tracing = True
 
 
-def _install_metrics(resource: Any, otlp: bool, port: int, host: str) -> None:
+def _install_metrics(resource: Any, otlp: bool, port: int, host: str, prometheus: bool = False) -> None:
     from opentelemetry import metrics
     from opentelemetry.sdk.metrics import MeterProvider
 
@@ -108,12 +109,13 @@ def _install_metrics(resource: Any, otlp: bool, port: int, host: str) -> None:
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-    if port:
+    if port or prometheus:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
-        readers.append(PrometheusMetricReader())
-        start_http_server(port, addr=host)
+        readers.append(PrometheusMetricReader())  # into prometheus_client's default REGISTRY
+        if port:
+            start_http_server(port, addr=host)
     provider = MeterProvider(resource=resource, metric_readers=readers)
     metrics.set_meter_provider(provider)
     STATE.providers.append(provider)
