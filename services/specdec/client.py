@@ -26,7 +26,8 @@ from specdec.rpc.options import PUBLIC_MAX_MESSAGE, client_options
 from specdec.rpc.tls import TlsFiles, channel_credentials
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
-DECODING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos")
+DECODING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos",
+            "logprobs")
 SPECULATION = {"drafter": "drafter", "max_draft_tokens": "max_draft_tokens", "k": "max_draft_tokens",
                "adaptive": "adaptive", "overlap": "overlap"}
 

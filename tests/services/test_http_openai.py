@@ -164,6 +164,45 @@ async def test_async_client_n_choices_and_seeds(front):
     await client.close()
 
 
+def test_logprobs_with_speculation_equal_plain_decoding(tiny_stack, front):
+    """Chat logprobs (greedy) with the n-gram and the model drafter equal drafter `none`'s to
+    1e-5, streamed or not, and the gRPC chunks carry the same values."""
+    client = front.client()
+
+    def ask(drafter: str, **extra):
+        speculation = {"drafter": drafter, "max_draft_tokens": 3, "adaptive": False}
+        return client.chat.completions.create(model=front.model, messages=CHAT, temperature=0.0, max_tokens=16,
+                                              logprobs=True, top_logprobs=3, **extra,
+                                              extra_body={"ignore_eos": True, "speculation": speculation})
+    plain = ask("none").choices[0]
+    entries = plain.logprobs.content
+    assert len(entries) == 16 and all(len(e.top_logprobs) == 3 for e in entries)
+    assert all(e.top_logprobs[0].logprob >= e.logprob - 1e-9 for e in entries)  # greedy: the most likely
+    for drafter in ("ngram", f"model:{tiny_stack.stack.env['SPECDEC_DRAFTER'].split(':', 1)[1]}"):
+        reply = ask(drafter)
+        assert reply.usage.speculation["proposed_tokens"] > 0
+        spec = reply.choices[0]
+        assert spec.message.content == plain.message.content
+        for a, b in zip(spec.logprobs.content, entries, strict=True):
+            assert (a.token, [t.token for t in a.top_logprobs]) == (b.token, [t.token for t in b.top_logprobs])
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+    streamed = [lp for c in ask("ngram", stream=True) if c.choices and c.choices[0].logprobs
+                for lp in c.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    with Client(tiny_stack.address, timeout_s=60) as grpc_client:
+        chunks = [e.chunk for e in grpc_client.generate(messages=CHAT, max_new_tokens=16, temperature=0.0,
+                                                        ignore_eos=True, drafter="ngram", k=3, adaptive=False,
+                                                        logprobs=3) if e.HasField("chunk")]
+    values = [lp.logprob for c in chunks for lp in c.logprobs]
+    assert sum(len(c.token_ids) for c in chunks) == 16 and values == pytest.approx([e.logprob for e in entries],
+                                                                                  abs=1e-5)
+    completion = client.completions.create(model=front.model, prompt=PROMPT, max_tokens=5, temperature=0.0,
+                                           logprobs=2, extra_body={"ignore_eos": True})
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert lp.text_offset == sorted(lp.text_offset) and all(len(top) <= 2 for top in lp.top_logprobs)
+
+
 def test_models_health_and_metrics(front):
     models = front.client().models.list()
     assert [m.id for m in models.data] == [front.model]
@@ -185,8 +224,9 @@ BAD = [  # (endpoint, fields, the param named)
     ("chat", {"frequency_penalty": 0.5}, "frequency_penalty"),
     ("chat", {"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
     ("chat", {"extra_body": {"min_p": 0.1}}, "min_p"),
-    ("chat", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
-    ("completions", {"logprobs": 2}, "logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),
+    ("completions", {"logprobs": 21}, "logprobs"),
     ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
      "response_format"),
     ("chat", {"extra_body": {"speculation": {"drafter": "telepathy"}}}, "speculation.drafter"),

@@ -38,14 +38,14 @@ from specdec.coordinator.routing import ReplicaPool
 from specdec.core.detokenize import IncrementalDetokenizer
 from specdec.core.drafters.registry import NONE, parse_drafter
 from specdec.core.errors import InvalidArgument
-from specdec.core.generation import Chunk, GenerationResult, generate_stream
+from specdec.core.generation import Chunk, GenerationResult, chunk_logprobs, generate_stream
 from specdec.core.interfaces import Tiers
 from specdec.core.loop import GenerationRequest, Step
 from specdec.core.models import load_tokenizer, resolve_model_path
 from specdec.core.request import ModelLimits, RequestSpec, build_request, check_sizes, longest_token_chars
 from specdec.core.stats import SpecStats
 from specdec.core.tokenizer import Tokenizer
-from specdec.rpc.convert import stats_to_proto
+from specdec.rpc.convert import logprobs_to_proto, stats_to_proto
 from specdec.rpc.errors import grpc_errors
 from specdec.rpc.server import TierServer, tls_files
 from specdec.rpc.streams import Dial
@@ -461,6 +461,7 @@ def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteR
         top_p=opt(d, "top_p"), seed=opt(d, "seed"), stop=list(d.stop), stop_token_ids=list(d.stop_token_ids),
         ignore_eos=d.ignore_eos, drafter=opt(s, "drafter"), max_draft_tokens=opt(s, "max_draft_tokens"),
         adaptive=opt(s, "adaptive"), overlap=opt(s, "overlap"), request_id=m.request_id,
+        logprobs=opt(d, "logprobs"),
     )
 
 
@@ -487,7 +488,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             async for chunk in self.coordinator.stream(spec_from_proto(request), result, request.resume_from):
                 yield generation_pb2.GenerateResponse(
                     request_id=request.request_id,
-                    chunk=generation_pb2.TokenChunk(token_ids=chunk.token_ids, text=chunk.text))
+                    chunk=generation_pb2.TokenChunk(token_ids=chunk.token_ids, text=chunk.text,
+                                                    logprobs=logprobs_to_proto(chunk_logprobs(chunk))))
         yield generation_pb2.GenerateResponse(request_id=request.request_id, done=generation_pb2.GenerationDone(
             finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result.stats)))
 
@@ -500,7 +502,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 pass
         return generation_pb2.CompleteResponse(
             request_id=request.request_id, text=result.text, token_ids=result.token_ids,
-            finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result.stats))
+            finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result.stats),
+            logprobs=logprobs_to_proto(result.logprobs))
 
 
 def build(settings: Settings) -> TierServer:

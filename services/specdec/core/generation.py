@@ -10,6 +10,7 @@ from specdec.core.interfaces import Tiers
 from specdec.core.loop import GenerationRequest, Step, speculate
 from specdec.core.stats import SpecStats
 from specdec.core.tokenizer import Decoder
+from specdec.core.types import TokenLogprob
 
 
 @dataclass
@@ -25,6 +26,7 @@ class GenerationResult:
     text: str = ""
     finish_reason: str = "length"
     stats: SpecStats = field(default_factory=SpecStats)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when the request asked
 
 
 async def generate_stream(request: GenerationRequest, tiers: Tiers, tokenizer: Decoder, stop_strings: list[str],
@@ -42,6 +44,7 @@ async def generate_stream(request: GenerationRequest, tiers: Tiers, tokenizer: D
                 stats.ttft_s = time.perf_counter() - start
             delta = detok.add(step.tokens, final=step.finish_reason is not None)
             result.token_ids.extend(step.tokens)
+            result.logprobs.extend(step.logprobs)
             if delta.stopped:
                 result.finish_reason = "stop"
             elif step.finish_reason is not None:
@@ -53,6 +56,13 @@ async def generate_stream(request: GenerationRequest, tiers: Tiers, tokenizer: D
         await steps.aclose()
         stats.elapsed_s = time.perf_counter() - start
         result.text = detok.text
+
+
+def chunk_logprobs(chunk: Chunk) -> list[TokenLogprob]:
+    """The logprobs of the chunk's tokens: the tail of its step's (a resumed delivery may
+    hold the head back); empty when the request did not ask for them."""
+    n, logprobs = len(chunk.token_ids), chunk.step.logprobs
+    return logprobs[len(logprobs) - n:] if n and len(logprobs) >= n else []
 
 
 async def generate(request: GenerationRequest, tiers: Tiers, tokenizer: Decoder,

@@ -21,7 +21,7 @@ from specdec.core.adaptive import CostBook, DraftLength, StepCosts
 from specdec.core.drafters.registry import NONE, DrafterSpec, parse_drafter
 from specdec.core.interfaces import Drafter, Verifier
 from specdec.core.sampling import SamplingParams
-from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
+from specdec.core.types import Proposal, ProposeItem, TokenLogprob, Verdict, VerifyItem
 
 MAX_RESYNCS = 3
 _NO_DRAFTER = DrafterSpec(NONE)  # the default: plain decoding
@@ -39,6 +39,7 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = frozenset()
     max_context: int = 1 << 30
     overlap: bool = False  # pre-draft step n+1 while step n is being verified
+    logprobs: int = -1  # -1: none; n >= 0: each token's log-probability and the top n (TokenLogprob)
 
     def __post_init__(self) -> None:
         self.drafter = parse_drafter(self.drafter)  # a spec string is accepted, and parsed here once
@@ -61,6 +62,7 @@ class Step:
     target_replica: str = ""
     draft_s: float = 0.0  # waiting for the draft (0 when pre-drafted)
     verify_s: float = 0.0  # waiting for the verdict
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when the request asked
 
     @property
     def first_rejected(self) -> int | None:
@@ -107,7 +109,7 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
             drafted = time.perf_counter()
             verifying = asyncio.ensure_future(verifier.verify(VerifyItem(
                 request.session_id, sync.target, committed[sync.target:], proposal.tokens,
-                proposal.probs, request.sampling)))
+                proposal.probs, request.sampling, request.logprobs)))
             if request.overlap and drafter is not None and proposal.tokens and want > 0:
                 predraft = _start_predraft(request, drafter, committed, sync, proposal, want)
                 predraft_len = len(committed) + len(proposal.tokens) + 1
@@ -143,7 +145,7 @@ def _step(request: GenerationRequest, proposal: Proposal, verdict: Verdict, rema
                          verdict.batch_size)
     return Step(tokens, reason, proposed=len(proposal.tokens), accepted=min(verdict.num_accepted, len(tokens)),
                 batch_size=verdict.batch_size, reported=reported, drafter_unavailable=proposal.unavailable,
-                target_replica=verdict.replica)
+                target_replica=verdict.replica, logprobs=verdict.logprobs[: len(tokens)])
 
 
 def _start_predraft(request: GenerationRequest, drafter: Drafter, committed: list[int], sync: _Sync,

@@ -23,6 +23,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string
 MAX_MESSAGES = 256  # chat messages in one request
 MAX_REQUEST_ID_CHARS = 256
+MAX_TOP_LOGPROBS = 20  # alternatives per token with logprobs (OpenAI's cap)
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -44,6 +45,7 @@ class RequestSpec:
     adaptive: bool | None = None
     overlap: bool | None = None
     request_id: str = ""
+    logprobs: int | None = None  # None: none; n: each token's log-probability and the top n (0..20)
 
 
 @dataclass
@@ -89,6 +91,7 @@ def build_request(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits, 
         drafter=drafter, max_draft_tokens=k, adaptive=True if spec.adaptive is None else spec.adaptive,
         stop_token_ids=stops, max_context=limits.max_context,
         overlap=default_overlap if spec.overlap is None else spec.overlap,
+        logprobs=_logprobs(spec.logprobs),
     )
     return request, list(spec.stop)
 
@@ -180,6 +183,14 @@ def _stop_token_ids(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits
     if eos is not None and not spec.ignore_eos:
         stops.add(int(eos))
     return frozenset(stops)
+
+
+def _logprobs(top: int | None) -> int:
+    if top is None:
+        return -1
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument("decoding.logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+    return top
 
 
 def _check_stop_strings(stop: list[str]) -> None:

@@ -12,7 +12,7 @@ from specdec.core.kv_cache import SessionKV, SessionTable, sync_session, trim_to
 from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.rejection import RejectionInput, rejection_sample
 from specdec.core.runner import ForwardItem, Runner
-from specdec.core.types import Verdict, VerifyItem
+from specdec.core.types import TokenLogprob, Verdict, VerifyItem
 
 
 @dataclass
@@ -102,7 +102,8 @@ class TargetWorker:
         session.kv.truncate(len(session.tokens) - 1)
         if self.prefix_store is not None:
             self.prefix_store.offer(session.tokens, session.kv)
-        return Verdict(out.num_accepted, out.tokens, batch_size, pass_base_s=self.cost.base_s, row_s=self.cost.row_s)
+        return Verdict(out.num_accepted, out.tokens, batch_size, pass_base_s=self.cost.base_s, row_s=self.cost.row_s,
+                       logprobs=token_logprobs(logits, out.tokens, item.logprobs) if item.logprobs >= 0 else [])
 
     def _count(self, batch_size: int) -> None:
         self.stats.forward_passes += 1
@@ -110,6 +111,20 @@ class TargetWorker:
 
 
 MAX_DRAFT_TOKENS = 64  # per item; far above any useful draft, it bounds one item's rows
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's cap)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each committed token's log-probability from the logits row that predicted it (row i
+    for token i: accepted drafts and the target's own token alike), with the `top` most
+    likely alternatives. Raw: before temperature / top-k / top-p. In float64, so the value
+    does not depend on how many rows shared the pass beyond the logits' own rounding."""
+    rows = torch.log_softmax(logits[: len(tokens)].to(torch.float64), dim=-1)
+    chosen = rows[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    if top <= 0:
+        return [TokenLogprob(lp) for lp in chosen]
+    values, ids = rows.topk(min(top, rows.shape[-1]), dim=-1)
+    return [TokenLogprob(lp, list(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
 
 def check_item(item: VerifyItem, vocab_size: int, max_context: int) -> None:
@@ -121,6 +136,8 @@ def check_item(item: VerifyItem, vocab_size: int, max_context: int) -> None:
         raise InvalidArgument("prefix_len", f"must be >= 0, got {item.prefix_len}")
     if item.prefix_len == 0 and not item.tokens:
         raise InvalidArgument("tokens", "a new session needs at least one committed token")
+    if not -1 <= item.logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {item.logprobs}")
     if len(item.draft_tokens) > MAX_DRAFT_TOKENS:
         raise InvalidArgument("draft_tokens", f"at most {MAX_DRAFT_TOKENS}, got {len(item.draft_tokens)}")
     if item.prefix_len + len(item.tokens) + len(item.draft_tokens) >= max_context:

@@ -45,6 +45,17 @@ class VerifyItem:
     draft_tokens: list[int]  # [k]
     draft_probs: torch.Tensor | None  # [k, vocab] float64 q, or None for one-hot drafts
     sampling: SamplingParams
+    logprobs: int = -1  # -1: none; n >= 0: each committed token's log-probability and the top n
+
+
+@dataclass
+class TokenLogprob:
+    """A committed token's log-probability under the target's raw distribution at its
+    position (log-softmax of the logits, before temperature / top-k / top-p), and the
+    `top` most likely tokens there, most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -58,3 +69,4 @@ class Verdict:
     pass_base_s: float = 0.0
     row_s: float = 0.0
     replica: str = ""  # the target replica that answered ("" in-process)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when the item asked

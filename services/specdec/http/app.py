@@ -37,8 +37,10 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specdec.core.errors import InvalidArgument, Overloaded, TierUnavailable
-from specdec.core.generation import Chunk, GenerationResult
+from specdec.core.generation import Chunk, GenerationResult, chunk_logprobs
 from specdec.core.request import RequestSpec
+from specdec.core.tokenizer import Decoder
+from specdec.core.types import TokenLogprob
 from specdec.http.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
     from specdec.coordinator.service import Coordinator
 
 log = logging.getLogger(__name__)
+MIN_LOGPROB = -9999.0  # JSON has no -inf (a token the model rules out entirely)
 SSE_PING_S = 15  # keep-alive comment on a quiet stream (proxies close idle connections)
 T = TypeVar("T")
 
@@ -203,6 +206,7 @@ Key = Annotated[bytes | None, Depends(_authorize)]  # a dependency: checked befo
 def create_app(coordinator: Coordinator, settings: Settings, draining: Callable[[], bool] = lambda: False) -> FastAPI:
     policy = access_policy("coordinator", settings)  # the gRPC port's API keys
     calls: Counter[bytes] = Counter()  # requests in flight per API key digest
+    token_text = TokenText(coordinator.tokenizer)
     model_id = settings.model
     aliases = {model_id, Path(model_id.rstrip("/")).name}
     created = int(time.time())
@@ -301,14 +305,18 @@ def create_app(coordinator: Coordinator, settings: Settings, draining: Callable[
         n = body.n  # choices per prompt (completions may have several prompts)
         choices = Choices(coordinator, specs)
         rid = new_id("chatcmpl" if chat else "cmpl")
+        logprobs = Logprobs(token_text, chat) if specs[0].logprobs is not None else None
         if body.stream:
-            return await _stream(body, choices, rid, name, n, chat)
+            return await _stream(body, choices, rid, name, n, chat, logprobs)
         try:
             texts = await _until_disconnected(request, _collect(choices))
         except Exception as exc:
             raise api_error(exc, body) from None
         out = envelope("chat.completion" if chat else "text_completion", rid, name)
-        out["choices"] = [_choice(i, texts[i], result.finish_reason, chat) for i, result in enumerate(choices.results)]
+        out["choices"] = [
+            _choice(i, texts[i], result.finish_reason, chat,
+                    None if logprobs is None else logprobs(result.token_ids, result.logprobs))
+            for i, result in enumerate(choices.results)]
         out["usage"] = usage(prompt_tokens([r.stats for r in choices.results], n), [r.stats for r in choices.results])
         return JSONResponse(out)
 
@@ -329,15 +337,55 @@ async def _collect(choices: Choices) -> list[str]:
     return [result.text for result in choices.results]
 
 
-def _choice(i: int, text: str, reason: str, chat: bool) -> dict[str, Any]:
+def _choice(i: int, text: str, reason: str, chat: bool, logprobs: dict[str, Any] | None) -> dict[str, Any]:
     if chat:
-        return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish_reason(reason)}
-    return {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
+    return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
+
+
+class TokenText:
+    """A token id's text, as OpenAI's logprobs name tokens (decoded alone, as vLLM does)."""
+
+    def __init__(self, tokenizer: Decoder) -> None:
+        self.tokenizer, self.cache = tokenizer, dict[int, str]()
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            decoded = self.tokenizer.decode([token_id])
+            text = self.cache[token_id] = decoded if isinstance(decoded, str) else "".join(decoded)
+        return text
+
+
+class Logprobs:
+    """The core's TokenLogprobs in OpenAI's shapes: chat's `{"content": [...]}`, or the
+    completions API's parallel lists (`text_offset` counted per choice across chunks)."""
+
+    def __init__(self, text: TokenText, chat: bool) -> None:
+        self.text, self.chat = text, chat
+        self.offsets: dict[int, int] = {}  # completions: characters so far, per choice
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.text(token_id)
+        return {"token": text, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(text.encode())}
+
+    def __call__(self, ids: list[int], logprobs: list[TokenLogprob], choice: int = 0) -> dict[str, Any]:
+        if self.chat:
+            return {"content": [{**self._entry(t, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top]}
+                                for t, lp in zip(ids, logprobs)], "refusal": None}
+        tokens = [self.text(t) for t in ids]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offsets.get(choice, 0))
+            self.offsets[choice] = offsets[-1] + len(token)
+        return {"tokens": tokens, "token_logprobs": [max(lp.logprob, MIN_LOGPROB) for lp in logprobs],
+                "top_logprobs": [{self.text(i): max(v, MIN_LOGPROB) for i, v in lp.top} for lp in logprobs],
+                "text_offset": offsets}
 
 
 async def _stream(body: CompletionRequest | ChatCompletionRequest, choices: Choices, rid: str, model: str, n: int,
-                  chat: bool) -> Response:
+                  chat: bool, logprobs: Logprobs | None) -> Response:
     """Server-sent events in OpenAI's chunk shapes; the first chunk is awaited before the
     response starts, so refusals keep their status code."""
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -350,15 +398,16 @@ async def _stream(body: CompletionRequest | ChatCompletionRequest, choices: Choi
         await events.aclose()  # type: ignore[attr-defined]
         raise api_error(exc, body) from None
 
-    def chunk(i: int, text: str | None, reason: str | None = None, role: bool = False) -> str:
+    def chunk(i: int, text: str | None, reason: str | None = None, role: bool = False, c: Chunk | None = None) -> str:
         out = envelope(kind, rid, model, created)
+        lps = None if logprobs is None or c is None else logprobs(c.token_ids, chunk_logprobs(c), i)
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
-            out["choices"] = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]
+            out["choices"] = [{"index": i, "delta": delta, "logprobs": lps, "finish_reason": reason}]
         else:
-            out["choices"] = [{"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}]
+            out["choices"] = [{"index": i, "text": text or "", "logprobs": lps, "finish_reason": reason}]
         if include_usage:
             out["usage"] = None
         return json.dumps(out)
@@ -373,8 +422,8 @@ async def _stream(body: CompletionRequest | ChatCompletionRequest, choices: Choi
                 i, c = item
                 if c is None:
                     yield chunk(i, None if chat else "", finish_reason(choices.results[i].finish_reason))
-                elif c.text:
-                    yield chunk(i, c.text)
+                elif c.text or (logprobs is not None and c.token_ids):
+                    yield chunk(i, c.text, c=c)
                 item = await anext(events, None)
             if include_usage:
                 stats = [r.stats for r in choices.results]

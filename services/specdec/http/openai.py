@@ -129,8 +129,6 @@ class CompletionRequest(_Sampling):
         """One spec per choice, prompt-major (choice index = prompt index × n + j); without
         max_tokens, OpenAI's default of 16."""
         self._refuse_unsupported()
-        if self.logprobs is not None:
-            raise NotSupported("logprobs")
         if self.echo:
             raise NotSupported("echo")
         if self.suffix:
@@ -140,6 +138,7 @@ class CompletionRequest(_Sampling):
         prompts = _prompts(self.prompt)
         _check_choices(len(prompts) * self.n)
         base = self._base_spec(self.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        base.logprobs = self.logprobs  # the chosen token's and this many alternatives (0..20)
         specs = []
         for prompt in prompts:
             for j in range(self.n):
@@ -177,10 +176,8 @@ class ChatCompletionRequest(_Sampling):
         """One spec per choice; without max_(completion_)tokens, up to the server's cap (and
         the context: a reply that fills it finishes with `length`), as OpenAI does."""
         self._refuse_unsupported()
-        if self.logprobs:
-            raise NotSupported("logprobs")
-        if self.top_logprobs:
-            raise NotSupported("top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidArgument("top_logprobs", "needs logprobs: true")
         if self.tools:
             raise NotSupported("tools")
         if self.tool_choice not in (None, "none"):
@@ -188,6 +185,7 @@ class ChatCompletionRequest(_Sampling):
         _check_choices(self.n)
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         base = self._base_spec(max_tokens, max_new_tokens_cap)
+        base.logprobs = (self.top_logprobs or 0) if self.logprobs else None
         base.messages = [_message(i, m) for i, m in enumerate(self.messages)]
         return [_with_seed(base, j) for j in range(self.n)]
 
@@ -236,6 +234,8 @@ _INDEXED = re.compile(r"^chat\.messages")
 
 def param_for(field: str, request: BaseModel | None) -> str:
     """The OpenAI parameter a core field (as the proto spells it) came from."""
+    if field == "decoding.logprobs":
+        return "top_logprobs" if isinstance(request, ChatCompletionRequest) else "logprobs"
     if field == "decoding.max_new_tokens":
         if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
             return "max_completion_tokens"

@@ -1,13 +1,15 @@
 """protobuf <-> core types. Probabilities travel as packed little-endian float16."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
 from specdec.core.errors import InvalidArgument
 from specdec.core.sampling import SamplingParams, renormalised_f16
 from specdec.core.stats import SpecStats
-from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
+from specdec.core.types import Proposal, ProposeItem, TokenLogprob, Verdict, VerifyItem
 from specdec.v1 import draft_pb2, generation_pb2, sampling_pb2, target_pb2
 
 
@@ -63,24 +65,36 @@ def verify_item_to_proto(tag: int, item: VerifyItem, traceparent: str = "") -> t
     return target_pb2.VerifyItem(
         tag=tag, session_id=item.session_id, prefix_len=item.prefix_len, tokens=item.tokens,
         draft_tokens=item.draft_tokens, draft_probs_f16=probs_to_bytes(item.draft_probs),
-        sampling=sampling_to_proto(item.sampling), traceparent=traceparent)
+        sampling=sampling_to_proto(item.sampling), traceparent=traceparent,
+        logprobs=item.logprobs if item.logprobs >= 0 else None)
 
 
 def verify_item_from_proto(m: target_pb2.VerifyItem) -> VerifyItem:
     drafts = list(m.draft_tokens)
     return VerifyItem(m.session_id, m.prefix_len, list(m.tokens), drafts,
-                      probs_from_bytes(m.draft_probs_f16, len(drafts)), sampling_from_proto(m.sampling))
+                      probs_from_bytes(m.draft_probs_f16, len(drafts)), sampling_from_proto(m.sampling),
+                      m.logprobs if m.HasField("logprobs") else -1)
 
 
 def verdict_to_proto(tag: int, v: Verdict) -> target_pb2.VerifyResult:
     return target_pb2.VerifyResult(tag=tag, num_accepted=v.num_accepted, tokens=v.tokens,
                                    batch_size=v.batch_size, needs_resync=v.needs_resync,
-                                   pass_base_seconds=v.pass_base_s, row_seconds=v.row_s)
+                                   pass_base_seconds=v.pass_base_s, row_seconds=v.row_s,
+                                   logprobs=logprobs_to_proto(v.logprobs))
 
 
 def verdict_from_proto(m: target_pb2.VerifyResult, replica: str = "") -> Verdict:
     return Verdict(m.num_accepted, list(m.tokens), m.batch_size, m.needs_resync, m.pass_base_seconds, m.row_seconds,
-                   replica)
+                   replica, logprobs_from_proto(m.logprobs))
+
+
+def logprobs_to_proto(logprobs: list[TokenLogprob]) -> list[generation_pb2.TokenLogprob]:
+    return [generation_pb2.TokenLogprob(logprob=t.logprob, top_token_ids=[i for i, _ in t.top],
+                                        top_logprobs=[v for _, v in t.top]) for t in logprobs]
+
+
+def logprobs_from_proto(ms: Iterable[generation_pb2.TokenLogprob]) -> list[TokenLogprob]:
+    return [TokenLogprob(m.logprob, list(zip(m.top_token_ids, m.top_logprobs))) for m in ms]
 
 
 def stats_to_proto(st: SpecStats) -> generation_pb2.SpeculationStats:
