@@ -40,7 +40,11 @@ proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=services --pyi_out=services \
 	    --grpc_python_out=services proto/specdec/v1/*.proto
 
+# ruff (lint and format), mypy (strict on the core) and buf; CI runs it before the tests.
 lint: $(STAMP)
+	$(VENV)/bin/ruff check services operator tests
+	$(VENV)/bin/ruff format --check services operator tests
+	$(VENV)/bin/mypy
 	npx --yes @bufbuild/buf lint proto
 
 # CPU images (services, operator) with buildah and no Docker daemon, from a debootstrapped

@@ -1,4 +1,5 @@
 """Shared fixtures: a real Valkey server on loopback for anything that talks to Redis."""
+
 from __future__ import annotations
 
 import os
@@ -6,12 +7,21 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests import llama_dirs
+from tests.waiting import wait_until
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """`make test` runs with -q (no header): say at the end how to repeat this run's order."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if config.pluginmanager.has_plugin("randomly") and isinstance(seed, int):
+        terminalreporter.write_line(
+            f"pytest-randomly shuffled this run: --randomly-seed={seed} repeats its order (-p no:randomly: file order)"
+        )
 
 
 def free_port() -> int:
@@ -45,26 +55,56 @@ class ValkeyProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [valkey_executable(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                valkey_executable(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def answers() -> bool:
+            import redis
+
+            assert self.proc is not None and self.proc.poll() is None, f"valkey-server on port {self.port} exited"
+            client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("valkey-server did not start")
+                pid = client.info("server")["process_id"]
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+            # A restart reuses the port: another process may have taken it in between.
+            assert pid == self.proc.pid, f"port {self.port} is another server's (pid {pid}), not ours"
+            return True
+
+        wait_until(answers, timeout_s=10, what="valkey-server to answer")
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
             self.proc = None
+
+
+def launch(model: str, drafter: str, drafts: int, targets: int, redis_url: str, env: dict[str, str]):
+    """`launcher.start_stack` on a free port with `env` (which names the stack's own
+    SPECDEC_REDIS_PREFIX) for the tiers. The launcher's registry wait reads the prefix from
+    this process's environment, so it is set here only while the stack starts."""
+    from specdec.launcher import start_stack
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPECDEC_REDIS_PREFIX", env["SPECDEC_REDIS_PREFIX"])
+        return start_stack(model, drafter, drafts, targets, free_port(), redis_url, extra_env=env)
 
 
 @pytest.fixture(scope="session")
@@ -78,13 +118,16 @@ def valkey() -> Iterator[ValkeyProcess]:
 
 @pytest.fixture
 def redis_url(valkey: ValkeyProcess) -> Iterator[str]:
-    """URL of the session's Valkey server, flushed before each test."""
+    """A database of the session's Valkey server of its own, flushed before each test. The
+    stacks of real processes that other tests keep running use database 0: this never
+    touches their registry, sessions or KV chunks, whatever order the tests run in."""
     import redis
 
-    client = redis.Redis.from_url(valkey.url)
-    client.flushall()
+    url = valkey.url.rsplit("/", 1)[0] + "/1"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
     client.close()
-    yield valkey.url
+    yield url
 
 
 @pytest.fixture(scope="session")

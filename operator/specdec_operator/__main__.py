@@ -1,4 +1,5 @@
 """``python -m specdec_operator``: run the operator with settings from the environment."""
+
 from __future__ import annotations
 
 import logging
@@ -10,8 +11,7 @@ from .config import OperatorConfig
 
 def main() -> None:
     config = OperatorConfig.from_env()
-    logging.basicConfig(level=config.logging_level,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=config.logging_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from . import handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(

@@ -1,4 +1,5 @@
 """Operator-wide settings, from the environment (the Helm chart sets them)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,45 +8,47 @@ import os
 import socket
 from dataclasses import dataclass
 
-LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-              "error": logging.ERROR}
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 @dataclass(frozen=True)
 class OperatorConfig:
-    api_url: str | None          # SPECDEC_OPERATOR_API_URL: plain API URL (dev/tests), else in-cluster/kubeconfig
-    interval_s: float            # SPECDEC_OPERATOR_INTERVAL_S: autoscaling / drift timer period
+    api_url: str | None  # SPECDEC_OPERATOR_API_URL: plain API URL (dev/tests), else in-cluster/kubeconfig
+    interval_s: float  # SPECDEC_OPERATOR_INTERVAL_S: autoscaling / drift timer period
     default_redis_url: str | None  # SPECDEC_OPERATOR_REDIS_URL: Redis for resources that name none
-    heartbeat_max_age_s: float   # SPECDEC_OPERATOR_HEARTBEAT_MAX_AGE_S: older heartbeats are ignored
+    heartbeat_max_age_s: float  # SPECDEC_OPERATOR_HEARTBEAT_MAX_AGE_S: older heartbeats are ignored
     namespaces: tuple[str, ...]  # SPECDEC_OPERATOR_NAMESPACES: comma list; empty = all namespaces
-    peering: str | None          # SPECDEC_OPERATOR_PEERING: kopf peering object; empty = standalone
-    priority: int                # SPECDEC_OPERATOR_PRIORITY: peering priority; unset = from the pod name
-    liveness: str | None         # SPECDEC_OPERATOR_LIVENESS: e.g. http://0.0.0.0:8080/healthz
-    log_level: str               # SPECDEC_OPERATOR_LOG_LEVEL: debug | info (default) | warning | error
+    peering: str | None  # SPECDEC_OPERATOR_PEERING: kopf peering object; empty = standalone
+    priority: int  # SPECDEC_OPERATOR_PRIORITY: peering priority; unset = from the pod name
+    liveness: str | None  # SPECDEC_OPERATOR_LIVENESS: e.g. http://0.0.0.0:8080/healthz
+    log_level: str  # SPECDEC_OPERATOR_LOG_LEVEL: debug | info (default) | warning | error
     peering_lifetime_s: int = 30  # SPECDEC_OPERATOR_PEERING_LIFETIME_S: a silent peer is dead after this
-    metrics_port: int = 0        # SPECDEC_OPERATOR_METRICS_PORT: Prometheus /metrics on 0.0.0.0:port; 0 = off
-    run_as_user: int | None = 10001  # SPECDEC_OPERATOR_RUN_AS_USER: tiers' UID/GID/fsGroup; empty = the platform's (OpenShift)
+    metrics_port: int = 0  # SPECDEC_OPERATOR_METRICS_PORT: Prometheus /metrics on 0.0.0.0:port; 0 = off
+    run_as_user: int | None = (
+        10001  # SPECDEC_OPERATOR_RUN_AS_USER: tiers' UID/GID/fsGroup; empty = the platform's (OpenShift)
+    )
 
     @classmethod
-    def from_env(cls) -> "OperatorConfig":
+    def from_env(cls) -> OperatorConfig:
         env = os.environ
         interval = float(env.get("SPECDEC_OPERATOR_INTERVAL_S", "15"))
         if interval <= 0:
             raise ValueError("SPECDEC_OPERATOR_INTERVAL_S must be > 0")
         log_level = env.get("SPECDEC_OPERATOR_LOG_LEVEL", "info").strip().lower() or "info"
         if log_level not in LOG_LEVELS:
-            raise ValueError(f"SPECDEC_OPERATOR_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, "
-                             f"not {log_level!r}")
+            raise ValueError(f"SPECDEC_OPERATOR_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
         return cls(
             api_url=env.get("SPECDEC_OPERATOR_API_URL") or None,
             interval_s=interval,
             default_redis_url=env.get("SPECDEC_OPERATOR_REDIS_URL") or None,
             heartbeat_max_age_s=float(env.get("SPECDEC_OPERATOR_HEARTBEAT_MAX_AGE_S", "10")),
-            namespaces=tuple(n.strip() for n in env.get("SPECDEC_OPERATOR_NAMESPACES", "").split(",")
-                             if n.strip()),
+            namespaces=tuple(n.strip() for n in env.get("SPECDEC_OPERATOR_NAMESPACES", "").split(",") if n.strip()),
             peering=env.get("SPECDEC_OPERATOR_PEERING") or None,
-            priority=(int(env["SPECDEC_OPERATOR_PRIORITY"]) if env.get("SPECDEC_OPERATOR_PRIORITY")
-                      else name_priority(env.get("POD_ID") or env.get("POD_NAME") or socket.gethostname())),
+            priority=(
+                int(env["SPECDEC_OPERATOR_PRIORITY"])
+                if env.get("SPECDEC_OPERATOR_PRIORITY")
+                else name_priority(env.get("POD_ID") or env.get("POD_NAME") or socket.gethostname())
+            ),
             liveness=env.get("SPECDEC_OPERATOR_LIVENESS") or None,
             log_level=log_level,
             peering_lifetime_s=int(env.get("SPECDEC_OPERATOR_PEERING_LIFETIME_S") or 30),

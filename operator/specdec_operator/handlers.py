@@ -12,13 +12,15 @@
   chart's pre-delete hook (:mod:`.uninstall`) deletes the resources while the operator
   still runs, and strips the finalizer of any it could not wait for.
 """
+
 from __future__ import annotations
 
 import asyncio
 import datetime
 import logging
 import time
-from typing import Any, Mapping, TypeAlias
+from collections.abc import Mapping
+from typing import Any, TypeAlias
 
 import aiohttp
 import kopf
@@ -29,8 +31,17 @@ from . import metrics, resources
 from .config import OperatorConfig
 from .kube import ApiError, Kube, SecretProblem
 from .load import read_loads
-from .plan import (Fault, TierPlan, current_replicas, decoder_status, invalid_spec_conditions,
-                   new_faults, plan_tier, pod_faults, ready_replicas)
+from .plan import (
+    Fault,
+    TierPlan,
+    current_replicas,
+    decoder_status,
+    invalid_spec_conditions,
+    new_faults,
+    plan_tier,
+    pod_faults,
+    ready_replicas,
+)
 from .policy import TIERS, Coupling, Decision, History, ReplicaLoad, decide
 from .spec import GROUP, PLURAL, VERSION, DecoderSpec, parse
 
@@ -48,7 +59,7 @@ class State:
         self.histories: dict[str, History] = {}
         self.redis: aioredis.Redis | None = None
         self.redis_url: str | None = None
-        self.said: set[str] = set()     # messages of the faults an Event already said
+        self.said: set[str] = set()  # messages of the faults an Event already said
 
     def unsaid(self, old_conditions: list[Any], faults: list[Fault]) -> list[Fault]:
         """The faults no Event said yet (here, or before a restart per the conditions)."""
@@ -83,7 +94,8 @@ def _state(memo: kopf.Memo) -> State:
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+        prefix=GROUP, key="last-handled-configuration"
+    )
     settings.posting.level = logging.INFO
     settings.posting.reporting_component = "specdec-operator"
     settings.watching.server_timeout = 300
@@ -119,20 +131,17 @@ def probe(**_: Any) -> bool:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
-async def apply_handler(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
-                        logger: Logger, **_: Any) -> None:
+async def apply_handler(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: Logger, **_: Any) -> None:
     await reconcile(body, memo, patch, logger, autoscale=False)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=CONFIG.interval_s, initial_delay=CONFIG.interval_s)
-async def autoscale_timer(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
-                          logger: Logger, **_: Any) -> None:
+async def autoscale_timer(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: Logger, **_: Any) -> None:
     await reconcile(body, memo, patch, logger, autoscale=True)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-async def delete_handler(body: kopf.Body, memo: kopf.Memo, logger: Logger,
-                         **_: Any) -> None:
+async def delete_handler(body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     for tier in TIERS:
         for kind in KINDS:
@@ -156,8 +165,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
-                    logger: Logger, *, autoscale: bool) -> None:
+async def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: Logger, *, autoscale: bool) -> None:
     """Apply every tier; with ``autoscale``, first resize each one from its load in Redis."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
@@ -171,7 +179,7 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
         faults: list[Fault] = []
         try:
             url = await redis_url(spec, ns)
-        except SecretProblem as exc:   # the tiers still deploy; autoscaling waits for the Secret
+        except SecretProblem as exc:  # the tiers still deploy; autoscaling waits for the Secret
             url = None
             faults.append(Fault(exc.reason, f"{exc}; autoscaling paused"))
         loads: dict[str, list[ReplicaLoad]] = {t: [] for t in TIERS}
@@ -191,8 +199,16 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
             # No loads (Redis unreachable or unnamed) pause autoscaling; a tier's silent
             # replicas are that tier's own business (the policy counts them as missing).
             plan, decision = await reconcile_tier(
-                body, spec, tier, old_tiers.get(tier) or {}, loads, state, logger,
-                autoscale=autoscale, paused=redis_problem is not None)
+                body,
+                spec,
+                tier,
+                old_tiers.get(tier) or {},
+                loads,
+                state,
+                logger,
+                autoscale=autoscale,
+                paused=redis_problem is not None,
+            )
             if decision is not None:
                 decisions.append(decision)
             problems += [plan.problem] if plan.problem else []
@@ -202,8 +218,9 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
         for fault in state.unsaid(old_conditions, faults):
             kopf.warn(body, reason=fault.reason, message=fault.message)
             logger.warning(fault.message)
-        patch.status.update(decoder_status(
-            meta.get("generation"), tiers_status, decisions, problems, old_conditions, _now(), faults))
+        patch.status.update(
+            decoder_status(meta.get("generation"), tiers_status, decisions, problems, old_conditions, _now(), faults)
+        )
         observe(ns, name, tiers_status, faults)
         metrics.RECONCILES.labels("timer" if autoscale else "change", "ok").inc()
         if problems and autoscale:
@@ -247,8 +264,9 @@ async def apply_model_cache(body: kopf.Body, spec: DecoderSpec) -> None:
     kopf.info(body, reason="ModelCacheCreated", message=f"created PVC {pvc['metadata']['name']}")
 
 
-def _parse(body: kopf.Body, patch: kopf.Patch, old_status: Mapping[str, Any], state: State, *,
-           autoscale: bool) -> DecoderSpec | None:
+def _parse(
+    body: kopf.Body, patch: kopf.Patch, old_status: Mapping[str, Any], state: State, *, autoscale: bool
+) -> DecoderSpec | None:
     """The parsed spec; if it is invalid, conditions say so, an Event says so once, and
     create/update fail for good (the timer keeps the conditions)."""
     generation = body["metadata"].get("generation")
@@ -265,8 +283,9 @@ def _parse(body: kopf.Body, patch: kopf.Patch, old_status: Mapping[str, Any], st
         raise kopf.PermanentError(str(exc)) from exc
 
 
-async def read_tier_loads(state: State, url: str | None, prefix: str
-                          ) -> tuple[dict[str, list[ReplicaLoad]], str | None]:
+async def read_tier_loads(
+    state: State, url: str | None, prefix: str
+) -> tuple[dict[str, list[ReplicaLoad]], str | None]:
     """Each tier's live heartbeats, or none and the problem that pauses autoscaling."""
     none: dict[str, list[ReplicaLoad]] = {t: [] for t in TIERS}
     if url is None:
@@ -277,10 +296,18 @@ async def read_tier_loads(state: State, url: str | None, prefix: str
         return none, f"Redis unreachable, autoscaling paused: {exc}"
 
 
-async def reconcile_tier(body: kopf.Body, spec: DecoderSpec, tier: str,
-                         old_status: Mapping[str, Any], loads: Mapping[str, list[ReplicaLoad]],
-                         state: State, logger: Logger, *, autoscale: bool, paused: bool
-                         ) -> tuple[TierPlan, Decision | None]:
+async def reconcile_tier(
+    body: kopf.Body,
+    spec: DecoderSpec,
+    tier: str,
+    old_status: Mapping[str, Any],
+    loads: Mapping[str, list[ReplicaLoad]],
+    state: State,
+    logger: Logger,
+    *,
+    autoscale: bool,
+    paused: bool,
+) -> tuple[TierPlan, Decision | None]:
     """Decide one tier's replicas (Event if it scales), apply its objects, report drift."""
     meta = body["metadata"]
     ns, child = meta["namespace"], resources.child_name(meta["name"], tier)
@@ -289,10 +316,12 @@ async def reconcile_tier(body: kopf.Body, spec: DecoderSpec, tier: str,
     current = current_replicas(live, t)
     decision = None
     if autoscale and t.autoscaling_enabled and t.operator_scales and not paused:
-        coupled = None if tier != "draft" else Coupling.of_target(
-            loads["target"], spec.draft_length, t.draft_tokens_per_s_per_replica)
-        decision = decide(tier, t.policy, loads[tier], current, state.history(tier),
-                          time.monotonic(), coupled)
+        coupled = (
+            None
+            if tier != "draft"
+            else Coupling.of_target(loads["target"], spec.draft_length, t.draft_tokens_per_s_per_replica)
+        )
+        decision = decide(tier, t.policy, loads[tier], current, state.history(tier), time.monotonic(), coupled)
     plan = plan_tier(t, current, ready_replicas(live), old_status, decision, _now())
     if plan.event is not None:
         kopf.event(body, type="Normal", reason=plan.event[0], message=plan.event[1])
@@ -301,19 +330,22 @@ async def reconcile_tier(body: kopf.Body, spec: DecoderSpec, tier: str,
     owner = {"metadata": {"name": meta["name"], "namespace": ns, "uid": meta["uid"]}}
     # autoscaling.mode external: replicas is not ours to set (an HPA or KEDA object owns it).
     replicas = plan.replicas if t.operator_scales else None
-    wanted = [resources.deployment(owner, spec, tier, replicas, CONFIG.default_redis_url, CONFIG.run_as_user),
-              resources.service(owner, spec, tier), resources.pdb(owner, spec, tier)]
+    wanted = [
+        resources.deployment(owner, spec, tier, replicas, CONFIG.default_redis_url, CONFIG.run_as_user),
+        resources.service(owner, spec, tier),
+        resources.pdb(owner, spec, tier),
+    ]
     created, corrected = await apply_wanted(wanted, live, current)
     for kind in created:
         logger.info("created %s %s", kind, child)
     for kind in corrected if autoscale else ():
-        kopf.event(body, type="Normal", reason="DriftCorrected",
-                   message=f"re-applied {kind} {child}")
+        kopf.event(body, type="Normal", reason="DriftCorrected", message=f"re-applied {kind} {child}")
     return plan, decision
 
 
-async def apply_wanted(wanted: list[dict[str, Any]], live: Mapping[str, Any] | None,
-                       current: int) -> tuple[list[str], list[str]]:
+async def apply_wanted(
+    wanted: list[dict[str, Any]], live: Mapping[str, Any] | None, current: int
+) -> tuple[list[str], list[str]]:
     """Apply each object that is missing or differs from the cluster.
 
     ``live`` is the tier's Deployment as read before (None: absent), ``current`` its
@@ -323,14 +355,13 @@ async def apply_wanted(wanted: list[dict[str, Any]], live: Mapping[str, Any] | N
     created, corrected = [], []
     for obj in wanted:
         kind, obj_name = obj["kind"], obj["metadata"]["name"]
-        have = live if kind == "Deployment" else \
-            await KUBE.get(kind, obj["metadata"]["namespace"], obj_name)
+        have = live if kind == "Deployment" else await KUBE.get(kind, obj["metadata"]["namespace"], obj_name)
         if have is not None and not resources.drifted(obj, have):
             continue
         try:
             await KUBE.apply(obj)
         except ApiError as exc:
-            raise kopf.TemporaryError(f"applying {kind} {obj_name}: {exc}", delay=5)
+            raise kopf.TemporaryError(f"applying {kind} {obj_name}: {exc}", delay=5) from exc
         if have is None:
             created.append(kind)
         elif resources.drifted_beyond_scale(obj, have, current):

@@ -4,6 +4,7 @@ kopf keeps its own API client private, so the operator talks to the API with aio
 using the credentials kopf's login handler produced (``kopf.ConnectionInfo``).
 Writes use server-side apply (field manager ``specdec-operator``).
 """
+
 from __future__ import annotations
 
 import base64
@@ -55,9 +56,8 @@ def _ssl(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     if info.certificate_data and info.private_key_data:
         files = []
         for data in (info.certificate_data, info.private_key_data):
-            f = tempfile.NamedTemporaryFile(delete=False, suffix=".pem")
-            f.write(base64.b64decode(data))
-            f.close()
+            with tempfile.NamedTemporaryFile(delete=False, suffix=".pem") as f:
+                f.write(base64.b64decode(data))
             files.append(f.name)
         cert, key = files
     if cert and key:
@@ -74,7 +74,7 @@ class Kube:
 
     def configure(self, info: kopf.ConnectionInfo) -> None:
         self._info = info
-        self._session = None   # rebuilt lazily in the running loop
+        self._session = None  # rebuilt lazily in the running loop
 
     async def close(self) -> None:
         if self._session is not None:
@@ -88,12 +88,14 @@ class Kube:
             headers = {"Accept": "application/json"}
             if self._info.token:
                 headers["Authorization"] = f"{self._info.scheme or 'Bearer'} {self._info.token}"
-            auth = (aiohttp.BasicAuth(self._info.username, self._info.password or "")
-                    if self._info.username else None)
+            auth = aiohttp.BasicAuth(self._info.username, self._info.password or "") if self._info.username else None
             self._session = aiohttp.ClientSession(
-                base_url=None, headers=headers, auth=auth,
+                base_url=None,
+                headers=headers,
+                auth=auth,
                 connector=aiohttp.TCPConnector(ssl=_ssl(self._info)),
-                timeout=aiohttp.ClientTimeout(total=30))
+                timeout=aiohttp.ClientTimeout(total=30),
+            )
         return self._session
 
     def _url(self, kind: str, namespace: str | None, name: str | None = None) -> str:
@@ -116,11 +118,15 @@ class Kube:
     async def list(self, kind: str, namespace: str | None, labels: dict[str, str]) -> list[dict[str, Any]]:
         """Objects of ``kind`` in ``namespace`` (None: all) carrying every label in ``labels``."""
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        items = (await self._request("GET", self._url(kind, namespace),
-                                     params={"labelSelector": selector})).get("items") or []
+        items = (await self._request("GET", self._url(kind, namespace), params={"labelSelector": selector})).get(
+            "items"
+        ) or []
         # Emulators may ignore the selector: filter here as well.
-        return [o for o in items
-                if all(((o.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in labels.items())]
+        return [
+            o
+            for o in items
+            if all(((o.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in labels.items())
+        ]
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -134,23 +140,32 @@ class Kube:
         url = self._url(obj["kind"], meta["namespace"], meta["name"])
         try:
             return await self._request(
-                "PATCH", url, data=json.dumps(obj),
+                "PATCH",
+                url,
+                data=json.dumps(obj),
                 params={"fieldManager": FIELD_MANAGER, "force": "true"},
-                headers={"Content-Type": "application/apply-patch+yaml"})
+                headers={"Content-Type": "application/apply-patch+yaml"},
+            )
         except NotFound:
             return await self._request(
-                "POST", self._url(obj["kind"], meta["namespace"]), data=json.dumps(obj),
+                "POST",
+                self._url(obj["kind"], meta["namespace"]),
+                data=json.dumps(obj),
                 params={"fieldManager": FIELD_MANAGER},
-                headers={"Content-Type": "application/json"})
+                headers={"Content-Type": "application/json"},
+            )
 
     async def merge_patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        await self._request("PATCH", self._url(kind, namespace, name), data=json.dumps(patch),
-                            headers={"Content-Type": "application/merge-patch+json"})
+        await self._request(
+            "PATCH",
+            self._url(kind, namespace, name),
+            data=json.dumps(patch),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         try:
-            await self._request("DELETE", self._url(kind, namespace, name),
-                                params={"propagationPolicy": "Foreground"})
+            await self._request("DELETE", self._url(kind, namespace, name), params={"propagationPolicy": "Foreground"})
             return True
         except NotFound:
             return False
@@ -161,8 +176,11 @@ class Kube:
             secret = await self.get("Secret", namespace, name)
         except ApiError as exc:
             if exc.status in (401, 403):
-                raise SecretProblem("SecretForbidden", f"the operator may not read Secret {namespace}/{name} "
-                                    f"(HTTP {exc.status}): list it in the chart's operator.secretNames") from exc
+                raise SecretProblem(
+                    "SecretForbidden",
+                    f"the operator may not read Secret {namespace}/{name} "
+                    f"(HTTP {exc.status}): list it in the chart's operator.secretNames",
+                ) from exc
             raise
         if secret is None:
             raise SecretProblem("SecretNotFound", f"Secret {namespace}/{name} does not exist")

@@ -4,6 +4,7 @@ Each replica writes ``{prefix}replica:{tier}:{replica_id}`` (a JSON heartbeat) e
 with a 10 s expiry; a replica that stops reporting simply disappears. Heartbeats older
 than ``max_age_s`` are ignored as well (a clock-skewed or stuck writer).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ from .policy import TIERS, ReplicaLoad
 log = logging.getLogger(__name__)
 
 
-async def read_loads(client: aioredis.Redis, prefix: str, max_age_s: float = 10.0,
-                     now: float | None = None) -> dict[str, list[ReplicaLoad]]:
+async def read_loads(
+    client: aioredis.Redis, prefix: str, max_age_s: float = 10.0, now: float | None = None
+) -> dict[str, list[ReplicaLoad]]:
     """Live heartbeats per tier; malformed entries are skipped with a warning."""
     now = time.time() if now is None else now
     out: dict[str, list[ReplicaLoad]] = {tier: [] for tier in TIERS}
@@ -27,7 +29,7 @@ async def read_loads(client: aioredis.Redis, prefix: str, max_age_s: float = 10.
         if not keys:
             continue
         for key, raw in zip(keys, await client.mget(keys)):
-            if raw is None:          # expired between SCAN and MGET
+            if raw is None:  # expired between SCAN and MGET
                 continue
             try:
                 load = ReplicaLoad.from_json(json.loads(raw))

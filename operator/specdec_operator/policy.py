@@ -23,12 +23,14 @@ The rule is the Kubernetes HPA rule, made explicit:
   for every verification step the target tier runs, so its capacity follows
   ``target tokens/s / tokens per step * draft_length``.
 """
+
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 TIERS = ("coordinator", "draft", "target")
 Direction = Literal["up", "down", "none"]
@@ -40,15 +42,15 @@ class ReplicaLoad:
 
     tier: str
     replica_id: str
-    queue_depth: int = 0             # pending verify/propose items on this replica
-    active_sessions: int = 0         # sessions this replica holds state for
-    batch_utilization: float = 0.0   # fraction of batch capacity used, 0..1
-    tokens_per_s: float = 0.0        # tokens produced (draft) or verified (target) per second
+    queue_depth: int = 0  # pending verify/propose items on this replica
+    active_sessions: int = 0  # sessions this replica holds state for
+    batch_utilization: float = 0.0  # fraction of batch capacity used, 0..1
+    tokens_per_s: float = 0.0  # tokens produced (draft) or verified (target) per second
     acceptance_rate: float | None = None  # fraction of draft tokens accepted; None = unknown
-    heartbeat_at: float = 0.0        # unix seconds of the heartbeat
+    heartbeat_at: float = 0.0  # unix seconds of the heartbeat
 
     @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> "ReplicaLoad":
+    def from_json(cls, value: Mapping[str, Any]) -> ReplicaLoad:
         load = value.get("load") or {}
         acc = load.get("acceptance_rate")
         return cls(
@@ -69,17 +71,17 @@ class TierPolicy:
 
     min_replicas: int = 1
     max_replicas: int = 10
-    target_utilization: float | None = 0.8     # batch_utilization per replica to stay under
-    target_queue_depth: float | None = 8.0     # pending items per replica to stay under
+    target_utilization: float | None = 0.8  # batch_utilization per replica to stay under
+    target_queue_depth: float | None = 8.0  # pending items per replica to stay under
     target_active_sessions: float | None = None  # sessions per replica to stay under
-    headroom: float = 0.1                 # size for target*(1-headroom): room for replicas to start
-    tolerance_up: float = 0.0             # ratio above 1 tolerated before scaling up
-    tolerance_down: float = 0.1           # ratio below 1 tolerated before scaling down
-    scale_up_window_s: float = 0.0        # stabilization window for scale-up
-    scale_down_window_s: float = 300.0    # stabilization window for scale-down
-    max_step_up: int = 4                  # most replicas added by one decision
-    max_step_down: int = 1                # most replicas removed by one decision
-    scale_to_zero: bool = False           # draft tier only: 0 replicas while idle
+    headroom: float = 0.1  # size for target*(1-headroom): room for replicas to start
+    tolerance_up: float = 0.0  # ratio above 1 tolerated before scaling up
+    tolerance_down: float = 0.1  # ratio below 1 tolerated before scaling down
+    scale_up_window_s: float = 0.0  # stabilization window for scale-up
+    scale_down_window_s: float = 300.0  # stabilization window for scale-down
+    max_step_up: int = 4  # most replicas added by one decision
+    max_step_down: int = 1  # most replicas removed by one decision
+    scale_to_zero: bool = False  # draft tier only: 0 replicas while idle
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,9 +108,11 @@ class TierPolicy:
 
     def metrics(self) -> list[tuple[str, float]]:
         """(ReplicaLoad field, per-replica target) for each enabled metric."""
-        pairs = [("batch_utilization", self.target_utilization),
-                 ("queue_depth", self.target_queue_depth),
-                 ("active_sessions", self.target_active_sessions)]
+        pairs = [
+            ("batch_utilization", self.target_utilization),
+            ("queue_depth", self.target_queue_depth),
+            ("active_sessions", self.target_active_sessions),
+        ]
         return [(name, float(t)) for name, t in pairs if t is not None]
 
 
@@ -116,10 +120,10 @@ class TierPolicy:
 class Coupling:
     """What the draft tier must keep up with: the target tier's verification rate."""
 
-    target_tokens_per_s: float            # tokens/s verified by the whole target tier
-    target_active_sessions: int           # sessions the target tier holds (0 = idle)
-    target_queue_depth: int               # verify items waiting in the target tier
-    draft_length: int                     # k: draft tokens proposed per verification step
+    target_tokens_per_s: float  # tokens/s verified by the whole target tier
+    target_active_sessions: int  # sessions the target tier holds (0 = idle)
+    target_queue_depth: int  # verify items waiting in the target tier
+    draft_length: int  # k: draft tokens proposed per verification step
     acceptance_rate: float | None = None  # tier-wide; None = assume 0.5
     draft_tokens_per_s_per_replica: float | None = None  # one draft replica's capacity
 
@@ -134,39 +138,42 @@ class Coupling:
 
     @property
     def idle(self) -> bool:
-        return (self.target_tokens_per_s <= 0 and self.target_active_sessions <= 0
-                and self.target_queue_depth <= 0)
+        return self.target_tokens_per_s <= 0 and self.target_active_sessions <= 0 and self.target_queue_depth <= 0
 
     @classmethod
-    def of_target(cls, target: Sequence[ReplicaLoad], draft_length: int,
-                  draft_tokens_per_s_per_replica: float | None = None) -> "Coupling":
+    def of_target(
+        cls, target: Sequence[ReplicaLoad], draft_length: int, draft_tokens_per_s_per_replica: float | None = None
+    ) -> Coupling:
         """The coupling read off the target tier's heartbeats."""
-        return cls(target_tokens_per_s=sum(x.tokens_per_s for x in target),
-                   target_active_sessions=sum(x.active_sessions for x in target),
-                   target_queue_depth=sum(x.queue_depth for x in target),
-                   draft_length=draft_length, acceptance_rate=acceptance_rate(target),
-                   draft_tokens_per_s_per_replica=draft_tokens_per_s_per_replica)
+        return cls(
+            target_tokens_per_s=sum(x.tokens_per_s for x in target),
+            target_active_sessions=sum(x.active_sessions for x in target),
+            target_queue_depth=sum(x.queue_depth for x in target),
+            draft_length=draft_length,
+            acceptance_rate=acceptance_rate(target),
+            draft_tokens_per_s_per_replica=draft_tokens_per_s_per_replica,
+        )
 
 
 @dataclass(frozen=True)
 class Observed:
     """Tier-wide figures from one scan, shown in status and events."""
 
-    reporting: int                        # replicas with a live heartbeat
-    missing: int                          # replicas that exist but do not report
-    utilization: float | None             # mean batch_utilization of the reporting replicas
-    queue_depth: float | None             # mean queue depth of the reporting replicas
-    active_sessions: int                  # sum over reporting replicas
-    tokens_per_s: float                   # sum over reporting replicas
-    acceptance_rate: float | None         # tokens/s-weighted mean, None if unknown
+    reporting: int  # replicas with a live heartbeat
+    missing: int  # replicas that exist but do not report
+    utilization: float | None  # mean batch_utilization of the reporting replicas
+    queue_depth: float | None  # mean queue depth of the reporting replicas
+    active_sessions: int  # sum over reporting replicas
+    tokens_per_s: float  # sum over reporting replicas
+    acceptance_rate: float | None  # tokens/s-weighted mean, None if unknown
 
 
 @dataclass(frozen=True)
 class Recommendation:
-    replicas: int                         # raw recommendation, clamped to bounds
+    replicas: int  # raw recommendation, clamped to bounds
     reason: str
     observed: Observed
-    floor: int                            # effective minimum (0 when scaled to zero)
+    floor: int  # effective minimum (0 when scaled to zero)
 
 
 @dataclass(frozen=True)
@@ -184,7 +191,7 @@ class Decision:
 class History:
     """Recent recommendations of one tier, for the stabilization windows."""
 
-    started_at: float                     # when this history began (monotonic clock, s)
+    started_at: float  # when this history began (monotonic clock, s)
     entries: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic s, replicas)
 
     def add(self, now: float, replicas: int, keep_s: float) -> None:
@@ -202,8 +209,7 @@ def acceptance_rate(loads: Sequence[ReplicaLoad]) -> float | None:
     A replica with no throughput still counts, with a tiny weight (so an idle tier has a
     rate); None when no replica reports one.
     """
-    rated = [(x.acceptance_rate, max(x.tokens_per_s, 1e-9)) for x in loads
-             if x.acceptance_rate is not None]
+    rated = [(x.acceptance_rate, max(x.tokens_per_s, 1e-9)) for x in loads if x.acceptance_rate is not None]
     if not rated:
         return None
     return sum(a * w for a, w in rated) / sum(w for _, w in rated)
@@ -222,12 +228,12 @@ def observe(loads: Sequence[ReplicaLoad], current: int) -> Observed:
     )
 
 
-def recommend(policy: TierPolicy, loads: Sequence[ReplicaLoad], current: int,
-              coupling: Coupling | None = None) -> Recommendation:
+def recommend(
+    policy: TierPolicy, loads: Sequence[ReplicaLoad], current: int, coupling: Coupling | None = None
+) -> Recommendation:
     """The raw (unstabilized) replica count this tier's load asks for, with the reason."""
     obs = observe(loads, current)
-    idle_own = all(x.queue_depth == 0 and x.active_sessions == 0 and x.batch_utilization == 0
-                   for x in loads)
+    idle_own = all(x.queue_depth == 0 and x.active_sessions == 0 and x.batch_utilization == 0 for x in loads)
     floor = policy.min_replicas
     if policy.scale_to_zero and coupling is not None and coupling.idle and idle_own:
         floor = 0
@@ -246,15 +252,17 @@ def recommend(policy: TierPolicy, loads: Sequence[ReplicaLoad], current: int,
         if capacity is None:
             used = sum(x.batch_utilization for x in loads)
             if used > 0.05:
-                capacity = obs.tokens_per_s / used   # tokens/s one fully used replica makes
+                capacity = obs.tokens_per_s / used  # tokens/s one fully used replica makes
         required = coupling.required_draft_tokens_per_s()
         if capacity and capacity > 0 and policy.target_utilization is not None:
             setpoint = capacity * policy.target_utilization * (1 - policy.headroom)
-            replicas, why = _band(policy, current, required, required, setpoint,
-                                  "coupled draft tokens/s")
-            candidates.append((replicas, f"{why} (target tier verifies "
-                                         f"{coupling.target_tokens_per_s:.0f} tok/s, "
-                                         f"k={coupling.draft_length})"))
+            replicas, why = _band(policy, current, required, required, setpoint, "coupled draft tokens/s")
+            candidates.append(
+                (
+                    replicas,
+                    f"{why} (target tier verifies {coupling.target_tokens_per_s:.0f} tok/s, k={coupling.draft_length})",
+                )
+            )
         if not coupling.idle:
             candidates.append((max(1, policy.min_replicas), "target tier is busy"))
     if not candidates:
@@ -266,8 +274,9 @@ def recommend(policy: TierPolicy, loads: Sequence[ReplicaLoad], current: int,
     return Recommendation(replicas=replicas, reason=reason, observed=obs, floor=floor)
 
 
-def _band(policy: TierPolicy, current: int, total: float, total_down: float, setpoint: float,
-          name: str) -> tuple[int, str]:
+def _band(
+    policy: TierPolicy, current: int, total: float, total_down: float, setpoint: float, name: str
+) -> tuple[int, str]:
     """One metric's recommendation with the tolerance band.
 
     Scale up when the load per replica exceeds ``setpoint * (1 + tolerance_up)``, to the
@@ -282,13 +291,22 @@ def _band(policy: TierPolicy, current: int, total: float, total_down: float, set
     if want_up > current and total / (current * setpoint) > 1 + policy.tolerance_up:
         return want_up, f"{name} {total / current:.2f}/replica over setpoint {setpoint:.2f}"
     if want_down < current:
-        return want_down, (f"{name} {total_down / current:.2f}/replica; {want_down} replicas "
-                           f"stay under {setpoint * (1 - policy.tolerance_down):.2f}")
+        return want_down, (
+            f"{name} {total_down / current:.2f}/replica; {want_down} replicas "
+            f"stay under {setpoint * (1 - policy.tolerance_down):.2f}"
+        )
     return current, f"{name} {total / current:.2f}/replica within tolerance of {setpoint:.2f}"
 
 
-def decide(tier: str, policy: TierPolicy, loads: Sequence[ReplicaLoad], current: int,
-           history: History, now: float, coupling: Coupling | None = None) -> Decision:
+def decide(
+    tier: str,
+    policy: TierPolicy,
+    loads: Sequence[ReplicaLoad],
+    current: int,
+    history: History,
+    now: float,
+    coupling: Coupling | None = None,
+) -> Decision:
     """One autoscaling step: recommendation, then stabilization windows and step caps.
 
     ``now`` is a monotonic clock in seconds, the clock of ``history``; ``history`` is
@@ -314,5 +332,12 @@ def decide(tier: str, policy: TierPolicy, loads: Sequence[ReplicaLoad], current:
             reason = f"{reason}; scale-down waits for a full {policy.scale_down_window_s:g}s window"
     elif rec.replicas < current:
         reason = f"{reason}; stabilizing (max of last {policy.scale_down_window_s:g}s is {down})"
-    return Decision(tier=tier, current=current, desired=desired, recommended=rec.replicas,
-                    direction=direction, reason=reason, observed=rec.observed)
+    return Decision(
+        tier=tier,
+        current=current,
+        desired=desired,
+        recommended=rec.replicas,
+        direction=direction,
+        reason=reason,
+        observed=rec.observed,
+    )

@@ -3,19 +3,21 @@
 
 Pure functions from the parsed spec to manifests; the handlers apply them.
 """
+
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .spec import GROUP, KIND, VERSION, DecoderSpec, TierSpec
 
 MANAGED_BY = "specdec-operator"
 HOME = "/home/specdec"
 HF_HOME = f"{HOME}/.cache/huggingface"
-STARTUP_BASE_S = 120          # startup probe budget of a tier: imports, tokenizer, warm-up ...
-STARTUP_S_PER_GB = 20         # ... plus reading its model from the cache volume (~50 MB/s)
+STARTUP_BASE_S = 120  # startup probe budget of a tier: imports, tokenizer, warm-up ...
+STARTUP_S_PER_GB = 20  # ... plus reading its model from the cache volume (~50 MB/s)
 PROBE_PERIOD_S = 5
 TMP_SIZE_LIMIT = "1Gi"
 # Downloads every hub model a tier loads into the cache volume before the tier starts
@@ -55,14 +57,19 @@ def labels(name: str, tier: str) -> dict[str, str]:
 
 
 def selector(name: str, tier: str) -> dict[str, str]:
-    return {"app.kubernetes.io/instance": name, "app.kubernetes.io/component": tier,
-            f"{GROUP}/decoder": name}
+    return {"app.kubernetes.io/instance": name, "app.kubernetes.io/component": tier, f"{GROUP}/decoder": name}
 
 
 def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
     meta = owner["metadata"]
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
-            "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def tier_models(spec: DecoderSpec, tier: str) -> list[str]:
@@ -82,8 +89,11 @@ def fetches(spec: DecoderSpec, tier: str) -> bool:
 
 def model_gb(spec: DecoderSpec, tier: str) -> float:
     """GB of model weights the tier loads (the coordinator only a tokenizer)."""
-    return {"coordinator": 0.0, "draft": spec.models.draft_size_gb if spec.drafter.startswith("model:") else 0.0,
-            "target": spec.models.size_gb}[tier]
+    return {
+        "coordinator": 0.0,
+        "draft": spec.models.draft_size_gb if spec.drafter.startswith("model:") else 0.0,
+        "target": spec.models.size_gb,
+    }[tier]
 
 
 def startup_failure_threshold(spec: DecoderSpec, tier: str) -> int:
@@ -108,13 +118,13 @@ def _hub_env(spec: DecoderSpec) -> list[dict[str, Any]]:
     return env
 
 
-def _env(spec: DecoderSpec, t: TierSpec, namespace: str, name: str,
-         default_redis_url: str | None) -> list[dict[str, Any]]:
+def _env(
+    spec: DecoderSpec, t: TierSpec, namespace: str, name: str, default_redis_url: str | None
+) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = []
     if spec.redis_secret is not None:
         secret, key = spec.redis_secret
-        env.append({"name": "SPECDEC_REDIS_URL",
-                    "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+        env.append({"name": "SPECDEC_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
     elif spec.redis_url or default_redis_url:
         env.append({"name": "SPECDEC_REDIS_URL", "value": spec.redis_url or default_redis_url})
     env += [
@@ -138,15 +148,19 @@ def _env(spec: DecoderSpec, t: TierSpec, namespace: str, name: str,
         {"name": "SPECDEC_ADVERTISE_HOST", "value": "$(POD_IP)"},
         *_hub_env(spec),
     ]
-    if fetches(spec, t.tier):   # the init step fetched every model: no hub calls at start
+    if fetches(spec, t.tier):  # the init step fetched every model: no hub calls at start
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     return env + copy.deepcopy(t.env)
 
 
 def security_context(run_as_user: int | None) -> dict[str, Any]:
     """Container security context; ``run_as_user`` None leaves UIDs to the platform (OpenShift)."""
-    ctx: dict[str, Any] = {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
-                           "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    ctx: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
     if run_as_user is not None:
         ctx.update(runAsUser=run_as_user, runAsGroup=run_as_user)
     return ctx
@@ -156,23 +170,35 @@ def topology_spread(name: str, t: TierSpec) -> list[Any]:
     """The tier's spread: as the spec says, else by host and by zone, best effort."""
     if t.topology_spread is not None:
         return copy.deepcopy(t.topology_spread)
-    return [{"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
-             "labelSelector": {"matchLabels": selector(name, t.tier)}}
-            for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")]
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector(name, t.tier)},
+        }
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+    ]
 
 
 def _volumes(spec: DecoderSpec, name: str, tier: str) -> list[dict[str, Any]]:
     claim = model_cache_claim(spec, name)
     if claim is not None:
         cache: dict[str, Any] = {"name": "cache", "persistentVolumeClaim": {"claimName": claim}}
-    else:   # one download per pod: room for the tier's model, its copy while converting, and slack
+    else:  # one download per pod: room for the tier's model, its copy while converting, and slack
         limit = max(2, math.ceil(2 * model_gb(spec, tier) + 1))
         cache = {"name": "cache", "emptyDir": {"sizeLimit": f"{limit}Gi"}}
     return [{"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}}, cache]
 
 
-def deployment(owner: Mapping[str, Any], spec: DecoderSpec, tier: str, replicas: int | None,
-               default_redis_url: str | None = None, run_as_user: int | None = 10001) -> dict[str, Any]:
+def deployment(
+    owner: Mapping[str, Any],
+    spec: DecoderSpec,
+    tier: str,
+    replicas: int | None,
+    default_redis_url: str | None = None,
+    run_as_user: int | None = 10001,
+) -> dict[str, Any]:
     """The tier's Deployment with ``replicas`` replicas (None: leave the count to an HPA/KEDA)."""
     meta = owner["metadata"]
     name, namespace = meta["name"], meta["namespace"]
@@ -197,8 +223,11 @@ def deployment(owner: Mapping[str, Any], spec: DecoderSpec, tier: str, replicas:
         "env": _env(spec, t, namespace, name, default_redis_url),
         "resources": resources,
         # Reading the model from the cache volume: a budget that grows with its size.
-        "startupProbe": {**probe, "periodSeconds": PROBE_PERIOD_S,
-                         "failureThreshold": startup_failure_threshold(spec, tier)},
+        "startupProbe": {
+            **probe,
+            "periodSeconds": PROBE_PERIOD_S,
+            "failureThreshold": startup_failure_threshold(spec, tier),
+        },
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6},
         "securityContext": security_context(run_as_user),
@@ -216,15 +245,17 @@ def deployment(owner: Mapping[str, Any], spec: DecoderSpec, tier: str, replicas:
         "terminationGracePeriodSeconds": 30,
     }
     if fetches(spec, tier):
-        pod_spec["initContainers"] = [{
-            "name": "fetch-model",
-            "image": t.image,
-            "command": ["python3", "-c", FETCH_MODELS, *tier_models(spec, tier)],
-            "env": _hub_env(spec),
-            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
-            "securityContext": security_context(run_as_user),
-            "volumeMounts": copy.deepcopy(mounts),
-        }]
+        pod_spec["initContainers"] = [
+            {
+                "name": "fetch-model",
+                "image": t.image,
+                "command": ["python3", "-c", FETCH_MODELS, *tier_models(spec, tier)],
+                "env": _hub_env(spec),
+                "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+                "securityContext": security_context(run_as_user),
+                "volumeMounts": copy.deepcopy(mounts),
+            }
+        ]
     if spec.service_account:
         pod_spec["serviceAccountName"] = spec.service_account
     if spec.image_pull_secrets:
@@ -238,13 +269,16 @@ def deployment(owner: Mapping[str, Any], spec: DecoderSpec, tier: str, replicas:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": child_name(name, tier), "namespace": namespace,
-                     "labels": labels(name, tier), "ownerReferences": [owner_reference(owner)]},
+        "metadata": {
+            "name": child_name(name, tier),
+            "namespace": namespace,
+            "labels": labels(name, tier),
+            "ownerReferences": [owner_reference(owner)],
+        },
         "spec": {
             **({"replicas": replicas} if replicas is not None else {}),
             "selector": {"matchLabels": selector(name, tier)},
-            "strategy": {"type": "RollingUpdate",
-                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {"metadata": {"labels": labels(name, tier)}, "spec": pod_spec},
         },
     }
@@ -260,8 +294,12 @@ def model_cache_pvc(owner: Mapping[str, Any], spec: DecoderSpec) -> dict[str, An
     pvc: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {"name": f"{name}-model-cache", "namespace": namespace,
-                     "labels": labels(name, "model-cache"), "ownerReferences": [owner_reference(owner)]},
+        "metadata": {
+            "name": f"{name}-model-cache",
+            "namespace": namespace,
+            "labels": labels(name, "model-cache"),
+            "ownerReferences": [owner_reference(owner)],
+        },
         "spec": {"accessModes": [cache.access_mode], "resources": {"requests": {"storage": cache.size}}},
     }
     if cache.storage_class is not None:
@@ -277,15 +315,27 @@ def service(owner: Mapping[str, Any], spec: DecoderSpec, tier: str) -> dict[str,
     svc: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": child_name(name, tier), "namespace": namespace,
-                     "labels": labels(name, tier), "ownerReferences": [owner_reference(owner)]},
-        "spec": {"selector": selector(name, tier),
-                 "ports": [{"name": "grpc", "port": t.port, "targetPort": "grpc",
-                            "protocol": "TCP", "appProtocol": "grpc"}]},
+        "metadata": {
+            "name": child_name(name, tier),
+            "namespace": namespace,
+            "labels": labels(name, tier),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "selector": selector(name, tier),
+            "ports": [{"name": "grpc", "port": t.port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}],
+        },
     }
-    if spec.metrics_port:   # what a ServiceMonitor selects
-        svc["spec"]["ports"].append({"name": "metrics", "port": spec.metrics_port, "targetPort": "metrics",
-                                     "protocol": "TCP", "appProtocol": "http"})
+    if spec.metrics_port:  # what a ServiceMonitor selects
+        svc["spec"]["ports"].append(
+            {
+                "name": "metrics",
+                "port": spec.metrics_port,
+                "targetPort": "metrics",
+                "protocol": "TCP",
+                "appProtocol": "http",
+            }
+        )
     if tier != "coordinator":
         svc["spec"]["clusterIP"] = "None"
     return svc
@@ -297,10 +347,13 @@ def pdb(owner: Mapping[str, Any], spec: DecoderSpec, tier: str) -> dict[str, Any
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {"name": child_name(name, tier), "namespace": namespace,
-                     "labels": labels(name, tier), "ownerReferences": [owner_reference(owner)]},
-        "spec": {"maxUnavailable": spec.tiers[tier].max_unavailable,
-                 "selector": {"matchLabels": selector(name, tier)}},
+        "metadata": {
+            "name": child_name(name, tier),
+            "namespace": namespace,
+            "labels": labels(name, tier),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {"maxUnavailable": spec.tiers[tier].max_unavailable, "selector": {"matchLabels": selector(name, tier)}},
     }
 
 
@@ -317,8 +370,9 @@ def drifted(desired: Any, live: Any) -> bool:
         if not isinstance(live, list) or len(desired) != len(live):
             return True
         return any(drifted(d, x) for d, x in zip(desired, live))
-    if isinstance(desired, (int, float)) and isinstance(live, str) or \
-            isinstance(desired, str) and isinstance(live, (int, float)):
+    if (isinstance(desired, (int, float)) and isinstance(live, str)) or (
+        isinstance(desired, str) and isinstance(live, (int, float))
+    ):
         return str(desired) != str(live)
     return bool(desired != live)
 

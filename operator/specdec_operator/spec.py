@@ -5,10 +5,12 @@ module applies the same defaults in code (so the operator works without server-s
 defaulting) and rejects what a schema cannot express, gathering every problem into one
 ``ValueError``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .policy import TIERS, TierPolicy
 
@@ -24,9 +26,9 @@ AUTOSCALING_MODES = ("operator", "external")
 
 @dataclass(frozen=True)
 class GPU:
-    count: int = 0                            # GPUs per replica (0 = none)
-    type: str | None = None                   # value of the node label selecting the GPU model
-    resource_name: str = "nvidia.com/gpu"     # extended resource requested per replica
+    count: int = 0  # GPUs per replica (0 = none)
+    type: str | None = None  # value of the node label selecting the GPU model
+    resource_name: str = "nvidia.com/gpu"  # extended resource requested per replica
     node_label: str = "nvidia.com/gpu.product"  # node label that carries ``type``
 
 
@@ -34,22 +36,22 @@ class GPU:
 class TierSpec:
     tier: str
     image: str
-    device: str                               # cpu | cuda
+    device: str  # cpu | cuda
     dtype: str | None
     port: int
     min_replicas: int
     max_replicas: int
-    resources: Mapping[str, Any]              # k8s ResourceRequirements
+    resources: Mapping[str, Any]  # k8s ResourceRequirements
     gpu: GPU
     node_selector: Mapping[str, str]
     tolerations: list[Any]
     affinity: Mapping[str, Any] | None
-    env: list[Any]                            # extra container env entries
-    max_unavailable: Any                      # PDB maxUnavailable (int or "NN%")
+    env: list[Any]  # extra container env entries
+    max_unavailable: Any  # PDB maxUnavailable (int or "NN%")
     autoscaling_enabled: bool
     policy: TierPolicy
     draft_tokens_per_s_per_replica: float | None = None  # draft tier capacity hint
-    autoscaling_mode: str = "operator"        # operator: it sets replicas; external: an HPA/KEDA object does
+    autoscaling_mode: str = "operator"  # operator: it sets replicas; external: an HPA/KEDA object does
     topology_spread: list[Any] | None = None  # topologySpreadConstraints; None = spread by host and zone
 
     @property
@@ -62,29 +64,29 @@ class TierSpec:
 class ModelCache:
     """Where the tiers keep downloaded models: one volume shared by every replica."""
 
-    claim_name: str | None = None             # an existing PVC (ReadWriteMany, or ReadOnlyMany pre-filled)
-    size: str | None = None                   # else the operator makes a PVC of this size
-    storage_class: str | None = None          # of that PVC ("" = the cluster's default)
-    access_mode: str = "ReadWriteMany"        # of that PVC
+    claim_name: str | None = None  # an existing PVC (ReadWriteMany, or ReadOnlyMany pre-filled)
+    size: str | None = None  # else the operator makes a PVC of this size
+    storage_class: str | None = None  # of that PVC ("" = the cluster's default)
+    access_mode: str = "ReadWriteMany"  # of that PVC
 
 
 @dataclass(frozen=True)
 class Models:
     """What the tiers load, and how it reaches them."""
 
-    size_gb: float = 1.0                      # target model on disk, GB: startup budget and cache size
-    draft_size_gb: float = 1.0                # draft model on disk, GB
+    size_gb: float = 1.0  # target model on disk, GB: startup budget and cache size
+    draft_size_gb: float = 1.0  # draft model on disk, GB
     token_secret: tuple[str, str] | None = None  # (secret, key) holding a hub token (HF_TOKEN)
-    cache: ModelCache | None = None           # None = an emptyDir per pod, size-limited
+    cache: ModelCache | None = None  # None = an emptyDir per pod, size-limited
 
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    model: str                                # target model: HF id or path
-    drafter: str                              # SPECDEC_DRAFTER: ngram | none | model:NAME
-    draft_length: int                         # k, for coupling the draft tier
+    model: str  # target model: HF id or path
+    drafter: str  # SPECDEC_DRAFTER: ngram | none | model:NAME
+    draft_length: int  # k, for coupling the draft tier
     redis_url: str | None
-    redis_secret: tuple[str, str] | None      # (secret name, key) holding the full URL
+    redis_secret: tuple[str, str] | None  # (secret name, key) holding the full URL
     tracing_endpoint: str | None
     image_pull_secrets: list[str]
     service_account: str | None
@@ -100,24 +102,31 @@ class DecoderSpec:
 
 def _tier(name: str, raw: Mapping[str, Any], top: Mapping[str, Any], problems: list[str]) -> TierSpec:
     gpu_raw = raw.get("gpu") or {}
-    gpu = GPU(count=int(gpu_raw.get("count", 0)), type=gpu_raw.get("type"),
-              resource_name=gpu_raw.get("resourceName", "nvidia.com/gpu"),
-              node_label=gpu_raw.get("nodeLabel", "nvidia.com/gpu.product"))
+    gpu = GPU(
+        count=int(gpu_raw.get("count", 0)),
+        type=gpu_raw.get("type"),
+        resource_name=gpu_raw.get("resourceName", "nvidia.com/gpu"),
+        node_label=gpu_raw.get("nodeLabel", "nvidia.com/gpu.product"),
+    )
     a = raw.get("autoscaling") or {}
     tol = a.get("tolerance") or {}
     min_r = int(raw.get("minReplicas", 1))
     max_r = int(raw.get("maxReplicas", max(min_r, 1) if name == "coordinator" else 4))
-    defaults = {"coordinator": dict(target_utilization=None, target_queue_depth=None,
-                                    target_active_sessions=32.0)}.get(name, {})
+    defaults = {"coordinator": dict(target_utilization=None, target_queue_depth=None, target_active_sessions=32.0)}.get(
+        name, {}
+    )
     kw: dict[str, Any] = dict(defaults)
-    for key, attr in (("targetUtilization", "target_utilization"),
-                      ("targetQueueDepth", "target_queue_depth"),
-                      ("targetActiveSessions", "target_active_sessions")):
+    for key, attr in (
+        ("targetUtilization", "target_utilization"),
+        ("targetQueueDepth", "target_queue_depth"),
+        ("targetActiveSessions", "target_active_sessions"),
+    ):
         if key in a:
             kw[attr] = None if a[key] is None else float(a[key])
     try:
         policy = TierPolicy(
-            min_replicas=min_r, max_replicas=max_r,
+            min_replicas=min_r,
+            max_replicas=max_r,
             headroom=float(a.get("headroom", 0.1)),
             tolerance_up=float(tol.get("scaleUp", 0.0)),
             tolerance_down=float(tol.get("scaleDown", 0.1)),
@@ -126,7 +135,8 @@ def _tier(name: str, raw: Mapping[str, Any], top: Mapping[str, Any], problems: l
             max_step_up=int(a.get("maxScaleUpStep", 4)),
             max_step_down=int(a.get("maxScaleDownStep", 1)),
             scale_to_zero=bool(a.get("scaleToZero", False)),
-            **kw)
+            **kw,
+        )
     except ValueError as exc:
         problems.append(f"{name}: {exc}")
         policy = TierPolicy(min_replicas=0, max_replicas=1)
@@ -138,8 +148,10 @@ def _tier(name: str, raw: Mapping[str, Any], top: Mapping[str, Any], problems: l
     if device == "cuda" and gpu.count == 0:
         problems.append(f"{name}: device cuda needs gpu.count >= 1")
     if gpu.count > 1:
-        problems.append(f"{name}: gpu.count {gpu.count} is refused: a replica loads its model on one "
-                        "device (no sharding across a pod's GPUs yet); use gpu.count 1 and more replicas")
+        problems.append(
+            f"{name}: gpu.count {gpu.count} is refused: a replica loads its model on one "
+            "device (no sharding across a pod's GPUs yet); use gpu.count 1 and more replicas"
+        )
     mode = a.get("mode", "operator")
     if mode not in AUTOSCALING_MODES:
         problems.append(f"{name}: autoscaling.mode must be operator or external, not {mode!r}")
@@ -149,7 +161,8 @@ def _tier(name: str, raw: Mapping[str, Any], top: Mapping[str, Any], problems: l
         device=device,
         dtype=raw.get("dtype") or top.get("dtype"),
         port=int(raw.get("port", DEFAULT_PORTS[name])),
-        min_replicas=min_r, max_replicas=max_r,
+        min_replicas=min_r,
+        max_replicas=max_r,
         resources=raw.get("resources") or {},
         gpu=gpu,
         node_selector=raw.get("nodeSelector") or {},
@@ -159,11 +172,13 @@ def _tier(name: str, raw: Mapping[str, Any], top: Mapping[str, Any], problems: l
         max_unavailable=(raw.get("podDisruptionBudget") or {}).get("maxUnavailable", 1),
         autoscaling_enabled=bool(a.get("enabled", True)),
         policy=policy,
-        draft_tokens_per_s_per_replica=(float(a["draftTokensPerSecondPerReplica"])
-                                        if a.get("draftTokensPerSecondPerReplica") else None),
+        draft_tokens_per_s_per_replica=(
+            float(a["draftTokensPerSecondPerReplica"]) if a.get("draftTokensPerSecondPerReplica") else None
+        ),
         autoscaling_mode=mode,
-        topology_spread=(list(raw["topologySpreadConstraints"])
-                         if raw.get("topologySpreadConstraints") is not None else None),
+        topology_spread=(
+            list(raw["topologySpreadConstraints"]) if raw.get("topologySpreadConstraints") is not None else None
+        ),
     )
 
 
@@ -176,22 +191,28 @@ def _models(spec: Mapping[str, Any], problems: list[str]) -> Models:
     if c:
         if bool(c.get("claimName")) == bool(c.get("size")):
             problems.append("spec.model.cache: set claimName (an existing PVC) or size (a new one), one of them")
-        cache = ModelCache(claim_name=c.get("claimName") or None, size=c.get("size") or None,
-                           storage_class=c.get("storageClassName"),
-                           access_mode=c.get("accessMode", "ReadWriteMany"))
+        cache = ModelCache(
+            claim_name=c.get("claimName") or None,
+            size=c.get("size") or None,
+            storage_class=c.get("storageClassName"),
+            access_mode=c.get("accessMode", "ReadWriteMany"),
+        )
     size = float(m.get("sizeGB", 1.0))
     draft_size = float((spec.get("drafter") or {}).get("sizeGB", 1.0))
     if size <= 0 or draft_size <= 0:
         problems.append("spec.model.sizeGB and spec.drafter.sizeGB must be > 0")
-    return Models(size_gb=size, draft_size_gb=draft_size,
-                  token_secret=(ref["name"], ref.get("key", "token")) if ref else None, cache=cache)
+    return Models(
+        size_gb=size,
+        draft_size_gb=draft_size,
+        token_secret=(ref["name"], ref.get("key", "token")) if ref else None,
+        cache=cache,
+    )
 
 
 def parse(spec: Mapping[str, Any]) -> DecoderSpec:
     """Defaulted, validated spec; a ``ValueError`` lists every problem at once."""
     problems: list[str] = []
-    model = (spec.get("model") or {}).get("name") if isinstance(spec.get("model"), Mapping) \
-        else spec.get("model")
+    model = (spec.get("model") or {}).get("name") if isinstance(spec.get("model"), Mapping) else spec.get("model")
     if not model:
         problems.append("spec.model.name is required")
     d = spec.get("drafter") or {}
@@ -222,7 +243,9 @@ def parse(spec: Mapping[str, Any]) -> DecoderSpec:
     if problems:
         raise ValueError("; ".join(problems))
     return DecoderSpec(
-        model=str(model), drafter=drafter, draft_length=draft_length,
+        model=str(model),
+        drafter=drafter,
+        draft_length=draft_length,
         redis_url=redis.get("url"),
         redis_secret=(ref["name"], ref.get("key", "url")) if ref else None,
         tracing_endpoint=(spec.get("tracing") or {}).get("endpoint"),

@@ -7,6 +7,7 @@ namespaces the operator watches (``--keep-decoders``: none), waits for the opera
 finish them, then strips kopf's finalizer from any that remain, so that nothing stays stuck
 once the operator is gone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,12 +71,19 @@ async def uninstall(kube: Kube, namespaces: tuple[str, ...], delete: bool, timeo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m specdec_operator.uninstall", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keep-decoders", action="store_true",
-                        help="leave the decoders running (unmanaged); only strip kopf's finalizer")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds to wait for the operator to finish the deleted decoders")
+    parser = argparse.ArgumentParser(
+        prog="python -m specdec_operator.uninstall",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--keep-decoders",
+        action="store_true",
+        help="leave the decoders running (unmanaged); only strip kopf's finalizer",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for the operator to finish the deleted decoders"
+    )
     args = parser.parse_args(argv)
     config = OperatorConfig.from_env()
     logging.basicConfig(level=config.logging_level, format="%(asctime)s %(levelname)s %(message)s")
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             return await uninstall(kube, config.namespaces, not args.keep_decoders, args.timeout)
         finally:
             await kube.close()
+
     stripped = asyncio.run(run())
     log.info("done (%d finalizer(s) stripped)", stripped)
     return 0

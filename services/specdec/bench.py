@@ -6,6 +6,7 @@ chosen drafter embedded (in-process), optionally the three services on loopback
 throughput at several concurrency levels. Configurations are interleaved per prompt so
 machine noise hits them alike; every reported figure is a ratio or a side-by-side rate.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -72,10 +73,18 @@ def load_prompts(path: Path, kinds: list[str] | None = None) -> list[dict[str, A
     return rows
 
 
-def _spec(row: dict[str, Any], cfg: BenchConfig, drafter: str, k: int | None = None,
-          adaptive: bool | None = None) -> RequestSpec:
-    return RequestSpec(prompt=row.get("prompt"), messages=row.get("messages"), max_new_tokens=cfg.max_new_tokens,
-                       drafter=drafter, max_draft_tokens=k or cfg.k, adaptive=adaptive, overlap=cfg.overlap)
+def _spec(
+    row: dict[str, Any], cfg: BenchConfig, drafter: str, k: int | None = None, adaptive: bool | None = None
+) -> RequestSpec:
+    return RequestSpec(
+        prompt=row.get("prompt"),
+        messages=row.get("messages"),
+        max_new_tokens=cfg.max_new_tokens,
+        drafter=drafter,
+        max_draft_tokens=k or cfg.k,
+        adaptive=adaptive,
+        overlap=cfg.overlap,
+    )
 
 
 def _progress(done: int, total: int, label: str) -> None:
@@ -99,23 +108,42 @@ async def _sequential(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConf
         predrafts[0] += s.stats.predrafts
         predrafts[1] += s.stats.predrafts_used
         plain.add(p.stats.generated_tokens, p.stats.elapsed_s)
-        spec.add(s.stats.generated_tokens, s.stats.elapsed_s, s.stats.proposed_tokens, s.stats.accepted_tokens,
-                 s.stats.steps)
+        spec.add(
+            s.stats.generated_tokens, s.stats.elapsed_s, s.stats.proposed_tokens, s.stats.accepted_tokens, s.stats.steps
+        )
         identical &= p.token_ids == s.token_ids
         outputs.append(p.token_ids)
-        per_prompt.append({"index": i, "kind": row.get("kind", ""), "tokens": p.stats.generated_tokens,
-                           "plain_tokens_per_s": round(p.stats.tokens_per_s, 3),
-                           "spec_tokens_per_s": round(s.stats.tokens_per_s, 3),
-                           "acceptance_rate": round(s.stats.acceptance_rate, 4),
-                           "mean_accepted_length": round(s.stats.mean_accepted_length, 3),
-                           "identical": p.token_ids == s.token_ids})
+        per_prompt.append(
+            {
+                "index": i,
+                "kind": row.get("kind", ""),
+                "tokens": p.stats.generated_tokens,
+                "plain_tokens_per_s": round(p.stats.tokens_per_s, 3),
+                "spec_tokens_per_s": round(s.stats.tokens_per_s, 3),
+                "acceptance_rate": round(s.stats.acceptance_rate, 4),
+                "mean_accepted_length": round(s.stats.mean_accepted_length, 3),
+                "identical": p.token_ids == s.token_ids,
+            }
+        )
     _progress(len(rows), len(rows), "embedded done")
-    return {"plain": plain, "spec": spec, "identical": identical, "per_prompt": per_prompt, "outputs": outputs,
-            "predraft_use_rate": predrafts[1] / predrafts[0] if predrafts[0] else 0.0}
+    return {
+        "plain": plain,
+        "spec": spec,
+        "identical": identical,
+        "per_prompt": per_prompt,
+        "outputs": outputs,
+        "predraft_use_rate": predrafts[1] / predrafts[0] if predrafts[0] else 0.0,
+    }
 
 
-async def _aggregate(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig, drafter: str,
-                     concurrency: int, reference: list[list[int]]) -> tuple[float, bool]:
+async def _aggregate(
+    engine: Engine,
+    rows: list[dict[str, Any]],
+    cfg: BenchConfig,
+    drafter: str,
+    concurrency: int,
+    reference: list[list[int]],
+) -> tuple[float, bool]:
     """Aggregate tokens/s with `concurrency` requests in flight, and whether every output
     equals the prompt's plain decoding run alone (batching must not change a token).
 
@@ -132,21 +160,29 @@ async def _aggregate(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfi
             result = await engine.complete_async(_spec(rows[i % len(rows)], cfg, drafter))
             tokens += result.stats.generated_tokens
             identical &= result.token_ids == reference[i % len(rows)]
+
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(total)))
     return tokens / (time.perf_counter() - start), identical
 
 
-async def _by_concurrency(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig,
-                          reference: list[list[int]]) -> list[dict[str, Any]]:
+async def _by_concurrency(
+    engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig, reference: list[list[int]]
+) -> list[dict[str, Any]]:
     out = []
     for n, level in enumerate(cfg.concurrency):
         _progress(n, len(cfg.concurrency), f"concurrency {level}")
         plain, plain_same = await _aggregate(engine, rows, cfg, "none", level, reference)
         spec, spec_same = await _aggregate(engine, rows, cfg, cfg.drafter, level, reference)
-        out.append({"concurrency": level, "plain_tokens_per_s": round(plain, 3), "spec_tokens_per_s": round(spec, 3),
-                    "spec_vs_plain": round(spec / plain, 4) if plain else 0.0,
-                    "outputs_identical": plain_same and spec_same})
+        out.append(
+            {
+                "concurrency": level,
+                "plain_tokens_per_s": round(plain, 3),
+                "spec_tokens_per_s": round(spec, 3),
+                "spec_vs_plain": round(spec / plain, 4) if plain else 0.0,
+                "outputs_identical": plain_same and spec_same,
+            }
+        )
     _progress(len(cfg.concurrency), len(cfg.concurrency), "concurrency done")
     return out
 
@@ -172,18 +208,19 @@ def _distributed(rows: list[dict[str, Any]], cfg: BenchConfig, reference: list[l
 
     stack = start_stack(cfg.model, cfg.drafter, 1, 1, free_port())
     try:
+
         async def run() -> tuple[Tally, bool]:
             tally, identical = Tally(), True
             async with AsyncClient(stack.coordinator, timeout_s=600) as client:
                 for i, row in enumerate(rows):
                     _progress(i, len(rows), "distributed")
                     kw = {"messages": row["messages"]} if "messages" in row else {"prompt": row["prompt"]}
-                    reply = await client.complete(**kw, max_new_tokens=cfg.max_new_tokens, drafter=cfg.drafter,
-                                                  k=cfg.k)
+                    reply = await client.complete(**kw, max_new_tokens=cfg.max_new_tokens, drafter=cfg.drafter, k=cfg.k)
                     tally.add(reply.stats.generated_tokens, reply.stats.elapsed_ms / 1e3)
                     identical &= list(reply.token_ids) == reference[i]
             _progress(len(rows), len(rows), "distributed done")
             return tally, identical
+
         tally, identical = asyncio.run(run())
     finally:
         stack.stop()
@@ -217,10 +254,16 @@ def _hf(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig, reference:
         inputs = torch.tensor([ids])
         for tally, kwargs in ((plain, {}), (spec, extra)):
             start = time.perf_counter()
-            out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=cfg.max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.eos_token_id, **kwargs)
+            out = model.generate(
+                inputs,
+                attention_mask=torch.ones_like(inputs),
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.eos_token_id,
+                **kwargs,
+            )
             tally.add(out.shape[1] - len(ids), time.perf_counter() - start)
-            identical &= out[0, len(ids):].tolist() == reference[i]
+            identical &= out[0, len(ids) :].tolist() == reference[i]
     _progress(len(rows), len(rows), "transformers done")
     return {"plain": plain.rate, "spec": spec.rate if extra else 0.0, "identical": identical}
 
@@ -236,17 +279,25 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         seq["by_draft_length"] = await _draft_length_sweep(engine, rows, cfg) if cfg.plot else []
         await engine.aclose()
         return seq
+
     seq = asyncio.run(embedded())
     plain, spec = seq["plain"], seq["spec"]
     result: dict[str, Any] = {
-        "model": cfg.model, "drafter": cfg.drafter, "k": cfg.k, "max_new_tokens": cfg.max_new_tokens,
-        "prompts": str(cfg.prompts), "num_prompts": len(rows),
-        "plain_tokens_per_s": round(plain.rate, 3), "spec_tokens_per_s": round(spec.rate, 3),
+        "model": cfg.model,
+        "drafter": cfg.drafter,
+        "k": cfg.k,
+        "max_new_tokens": cfg.max_new_tokens,
+        "prompts": str(cfg.prompts),
+        "num_prompts": len(rows),
+        "plain_tokens_per_s": round(plain.rate, 3),
+        "spec_tokens_per_s": round(spec.rate, 3),
         "speedup_vs_plain": round(spec.rate / plain.rate, 4) if plain.rate else 0.0,
         "acceptance_rate": round(spec.accepted / spec.proposed, 4) if spec.proposed else 0.0,
         "mean_accepted_length": round(spec.tokens / spec.steps, 4) if spec.steps else 0.0,
-        "overlap": cfg.overlap, "predraft_use_rate": round(seq["predraft_use_rate"], 4),
-        "by_concurrency": seq["by_concurrency"], "by_draft_length": seq["by_draft_length"],
+        "overlap": cfg.overlap,
+        "predraft_use_rate": round(seq["predraft_use_rate"], 4),
+        "by_concurrency": seq["by_concurrency"],
+        "by_draft_length": seq["by_draft_length"],
         "per_prompt": seq["per_prompt"],
     }
     identical = seq["identical"] and all(level["outputs_identical"] for level in seq["by_concurrency"])
@@ -287,20 +338,29 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"model {result['model']}  drafter {result['drafter']}  k {result['k']}  "
-             f"prompts {result['num_prompts']}  max_new_tokens {result['max_new_tokens']}",
-             f"{'configuration':<28}{'tokens/s':>10}{'ratio':>10}"]
+    lines = [
+        f"model {result['model']}  drafter {result['drafter']}  k {result['k']}  "
+        f"prompts {result['num_prompts']}  max_new_tokens {result['max_new_tokens']}",
+        f"{'configuration':<28}{'tokens/s':>10}{'ratio':>10}",
+    ]
     plain = result["plain_tokens_per_s"]
     rows = [("plain (this engine)", plain), ("speculative, embedded", result["spec_tokens_per_s"])]
-    for key, label in (("distributed_tokens_per_s", "speculative, distributed"),
-                       ("hf_plain_tokens_per_s", "transformers plain"),
-                       ("hf_spec_tokens_per_s", "transformers speculative")):
+    for key, label in (
+        ("distributed_tokens_per_s", "speculative, distributed"),
+        ("hf_plain_tokens_per_s", "transformers plain"),
+        ("hf_spec_tokens_per_s", "transformers speculative"),
+    ):
         if key in result:
             rows.append((label, result[key]))
     lines += [f"{label:<28}{rate:>10.2f}{rate / plain if plain else 0:>10.3f}" for label, rate in rows]
-    lines.append(f"acceptance {result['acceptance_rate']:.3f}  mean accepted length "
-                 f"{result['mean_accepted_length']:.2f}  outputs identical {result['outputs_identical']}")
+    lines.append(
+        f"acceptance {result['acceptance_rate']:.3f}  mean accepted length "
+        f"{result['mean_accepted_length']:.2f}  outputs identical {result['outputs_identical']}"
+    )
     lines.append(f"{'concurrency':<14}{'plain tok/s':>12}{'spec tok/s':>12}{'spec/plain':>12}")
-    lines += [f"{r['concurrency']:<14}{r['plain_tokens_per_s']:>12.2f}{r['spec_tokens_per_s']:>12.2f}"
-              f"{r['spec_vs_plain']:>12.3f}" for r in result["by_concurrency"]]
+    lines += [
+        f"{r['concurrency']:<14}{r['plain_tokens_per_s']:>12.2f}{r['spec_tokens_per_s']:>12.2f}"
+        f"{r['spec_vs_plain']:>12.3f}"
+        for r in result["by_concurrency"]
+    ]
     return "\n".join(lines)

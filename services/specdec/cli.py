@@ -1,4 +1,5 @@
 """The `specdec` command: serve a tier, bring the stack up, inspect it, generate."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,15 +14,19 @@ from typing import Any
 
 from specdec.config import DEFAULT_PORTS, Settings
 
-DEMO_PROMPT = ("Here is a Python function:\n\ndef area(width, height):\n    return width * height\n\n"
-               "Rewrite it with type hints and a docstring, keeping the same names.")
+DEMO_PROMPT = (
+    "Here is a Python function:\n\ndef area(width, height):\n    return width * height\n\n"
+    "Rewrite it with type hints and a docstring, keeping the same names."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -50,12 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(up)
     up.add_argument("--draft-replicas", type=int, default=1)
     up.add_argument("--target-replicas", type=int, default=1)
-    up.add_argument("--coordinator-replicas", type=int, default=1,
-                    help="coordinators on one Redis (the first on --port): a client given several fails over")
+    up.add_argument(
+        "--coordinator-replicas",
+        type=int,
+        default=1,
+        help="coordinators on one Redis (the first on --port): a client given several fails over",
+    )
     up.add_argument("--port", type=int, default=DEFAULT_PORTS["coordinator"])
     up.add_argument("--redis-url", default="")
-    up.add_argument("--http-port", type=int, default=None,
-                    help="first coordinator's OpenAI-compatible HTTP port (default SPECDEC_HTTP_PORT or 8000; 0 = off)")
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="first coordinator's OpenAI-compatible HTTP port (default SPECDEC_HTTP_PORT or 8000; 0 = off)",
+    )
     up.add_argument("--demo", action="store_true", help="generate once, print it, then stop everything")
     up.set_defaults(func=cmd_up)
 
@@ -67,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text")
     gen.add_argument("prompt")
     where = gen.add_mutually_exclusive_group()
-    where.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_PORTS['coordinator']}",
-                       help="HOST:PORT, or several comma-separated: a broken call resumes on the next")
+    where.add_argument(
+        "--coordinator",
+        default=f"127.0.0.1:{DEFAULT_PORTS['coordinator']}",
+        help="HOST:PORT, or several comma-separated: a broken call resumes on the next",
+    )
     where.add_argument("--local", action="store_true", help="run the embedded engine in-process")
     _model_flags(gen)
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
@@ -90,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kind", action="append", default=[], help="only prompts of this kind (copy, chat)")
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--concurrency", default="1", help="comma-separated levels, e.g. 1,2,4,8,16")
-    bench.add_argument("--waves", type=int, default=3,
-                       help="requests per concurrency level, as a multiple of the level (at least one per prompt)")
+    bench.add_argument(
+        "--waves",
+        type=int,
+        default=3,
+        help="requests per concurrency level, as a multiple of the level (at least one per prompt)",
+    )
     bench.add_argument("--distributed", action="store_true", help="also through the three services")
     bench.add_argument("--compare-hf", action="store_true", help="also transformers' own generate")
     bench.add_argument("--overlap", action="store_true", help="pre-draft the next step during verification")
@@ -124,9 +144,21 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    flags = {k: getattr(args, k, None) for k in ("model", "drafter", "device", "dtype", "host", "port",
-                                                   "advertise_host", "redis_url", "max_batch_size",
-                                                   "http_port")}
+    flags = {
+        k: getattr(args, k, None)
+        for k in (
+            "model",
+            "drafter",
+            "device",
+            "dtype",
+            "host",
+            "port",
+            "advertise_host",
+            "redis_url",
+            "max_batch_size",
+            "http_port",
+        )
+    }
     for name in ("draft_addresses", "target_addresses"):
         raw = getattr(args, name, None)
         flags[name] = [a for a in raw.split(",") if a] if raw else None
@@ -145,15 +177,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _apply_threads(settings)
     from specdec import telemetry
 
-    telemetry.configure(args.tier, settings.metrics_port, settings.host,
-                        instance=f"{settings.advertise_host or settings.host}:{settings.port_for(args.tier)}",
-                        prometheus=args.tier == "coordinator" and settings.http_port > 0)  # the HTTP /metrics
-    builders = {"coordinator": "specdec.coordinator.service", "draft": "specdec.draft.service",
-                "target": "specdec.target.service"}
+    telemetry.configure(
+        args.tier,
+        settings.metrics_port,
+        settings.host,
+        instance=f"{settings.advertise_host or settings.host}:{settings.port_for(args.tier)}",
+        prometheus=args.tier == "coordinator" and settings.http_port > 0,
+    )  # the HTTP /metrics
+    builders = {
+        "coordinator": "specdec.coordinator.service",
+        "draft": "specdec.draft.service",
+        "target": "specdec.target.service",
+    }
     module = __import__(builders[args.tier], fromlist=["build"])
 
     async def run() -> None:
         await module.build(settings).run_until_signal()
+
     asyncio.run(run())
     return 0
 
@@ -162,11 +202,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     from specdec.launcher import start_stack
 
     settings = _settings(args)
-    print(f"starting valkey, {args.target_replicas} target and {args.draft_replicas} draft replica(s) "
-          f"of {settings.model} (drafter {settings.drafter}) ...", flush=True)
-    stack = start_stack(settings.model, settings.drafter, args.draft_replicas, args.target_replicas, args.port,
-                        args.redis_url, settings.device, settings.dtype,
-                        coordinator_replicas=args.coordinator_replicas, extra_env=_http_env(args))
+    print(
+        f"starting valkey, {args.target_replicas} target and {args.draft_replicas} draft replica(s) "
+        f"of {settings.model} (drafter {settings.drafter}) ...",
+        flush=True,
+    )
+    stack = start_stack(
+        settings.model,
+        settings.drafter,
+        args.draft_replicas,
+        args.target_replicas,
+        args.port,
+        args.redis_url,
+        settings.device,
+        settings.dtype,
+        coordinator_replicas=args.coordinator_replicas,
+        extra_env=_http_env(args),
+    )
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     try:
@@ -201,17 +253,21 @@ def _demo(address: str, drafter: str) -> int:
         for d in ("none", drafter):
             print(f"\n--- drafter {d} ---", flush=True)
             done = None
-            for event in client.generate(messages=[{"role": "user", "content": DEMO_PROMPT}],
-                                         max_new_tokens=96, drafter=d):
+            for event in client.generate(
+                messages=[{"role": "user", "content": DEMO_PROMPT}], max_new_tokens=96, drafter=d
+            ):
                 if event.HasField("chunk"):
                     print(event.chunk.text, end="", flush=True)
                 else:
                     done = event.done
             if done is not None:
                 s = done.stats
-                print(f"\n[{done.stats.generated_tokens} tokens, {s.tokens_per_s:.1f} tok/s, acceptance "
-                      f"{s.acceptance_rate:.2f}, mean accepted length {s.mean_accepted_length:.2f}, "
-                      f"steps {s.steps}, ttft {s.ttft_ms:.0f} ms]", flush=True)
+                print(
+                    f"\n[{done.stats.generated_tokens} tokens, {s.tokens_per_s:.1f} tok/s, acceptance "
+                    f"{s.acceptance_rate:.2f}, mean accepted length {s.mean_accepted_length:.2f}, "
+                    f"steps {s.steps}, ttft {s.ttft_ms:.0f} ms]",
+                    flush=True,
+                )
     return 0
 
 
@@ -229,6 +285,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             return [vars(r) for r in await registry.replicas()]
         finally:
             await registry.close()
+
     replicas = asyncio.run(fetch())
     if args.json:
         print(json.dumps({"replicas": replicas}, indent=2))
@@ -236,15 +293,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'TIER':<12} {'ADDRESS':<22} {'PID':>7} {'MODEL':<24} {'SESSIONS':>8} {'QUEUE':>6}")
     for r in replicas:
         load = r.get("load") or {}
-        print(f"{r['tier']:<12} {r['address']:<22} {r['pid']:>7} {r['model'][:24]:<24} "
-              f"{load.get('active_sessions', 0):>8} {load.get('queue_depth', 0):>6}")
+        print(
+            f"{r['tier']:<12} {r['address']:<22} {r['pid']:>7} {r['model'][:24]:<24} "
+            f"{load.get('active_sessions', 0):>8} {load.get('queue_depth', 0):>6}"
+        )
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, seed=args.seed, drafter=args.drafter, max_draft_tokens=args.k,
-                  adaptive=False if args.no_adaptive else None)
+    params = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        drafter=args.drafter,
+        max_draft_tokens=args.k,
+        adaptive=False if args.no_adaptive else None,
+    )
     prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
     out = _generate_local(args, prompt, params) if args.local else _generate_remote(args, prompt, params)
     if args.json:
@@ -266,8 +332,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
 def cmd_prefix_bench(args: argparse.Namespace) -> int:
     from specdec.prefix_bench import prefix_bench
 
-    result = prefix_bench(args.model, args.prefix_tokens, rounds=args.rounds, chunk_tokens=args.chunk_tokens,
-                          redis_url=args.redis_url)
+    result = prefix_bench(
+        args.model, args.prefix_tokens, rounds=args.rounds, chunk_tokens=args.chunk_tokens, redis_url=args.redis_url
+    )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -279,11 +346,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     _apply_threads(Settings.from_env())  # SPECDEC_TORCH_THREADS applies to the embedded runs
 
-    cfg = BenchConfig(model=args.model, drafter=args.drafter, k=args.k, max_new_tokens=args.max_new_tokens,
-                      prompts=Path(args.prompts) if args.prompts else DEFAULT_PROMPTS, kinds=args.kind,
-                      concurrency=[int(c) for c in args.concurrency.split(",") if c], waves=args.waves,
-                      distributed=args.distributed, compare_hf=args.compare_hf, overlap=args.overlap,
-                      plot=Path(args.plot) if args.plot else None)
+    cfg = BenchConfig(
+        model=args.model,
+        drafter=args.drafter,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        prompts=Path(args.prompts) if args.prompts else DEFAULT_PROMPTS,
+        kinds=args.kind,
+        concurrency=[int(c) for c in args.concurrency.split(",") if c],
+        waves=args.waves,
+        distributed=args.distributed,
+        compare_hf=args.compare_hf,
+        overlap=args.overlap,
+        plot=Path(args.plot) if args.plot else None,
+    )
     result = run_bench(cfg)
     print(table(result))
     if args.json_out:
@@ -302,8 +378,12 @@ def _generate_local(args: argparse.Namespace, prompt: dict[str, Any], params: di
         result = engine.complete(RequestSpec(**prompt, **params))
     except InvalidArgument as exc:
         raise SystemExit(f"invalid argument: {exc}") from exc
-    return {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-            "stats": result.stats.as_dict()}
+    return {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "stats": result.stats.as_dict(),
+    }
 
 
 def _generate_remote(args: argparse.Namespace, prompt: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -319,8 +399,12 @@ def _generate_remote(args: argparse.Namespace, prompt: dict[str, Any], params: d
         except grpc.RpcError as exc:
             raise SystemExit(f"{exc.code().name}: {exc.details()}") from exc
     reason = generation_pb2.FinishReason.Name(reply.finish_reason).removeprefix("FINISH_REASON_").lower()
-    return {"text": reply.text, "token_ids": list(reply.token_ids), "finish_reason": reason,
-            "stats": stats_from_proto(reply.stats).as_dict()}
+    return {
+        "text": reply.text,
+        "token_ids": list(reply.token_ids),
+        "finish_reason": reason,
+        "stats": stats_from_proto(reply.stats).as_dict(),
+    }
 
 
 if __name__ == "__main__":

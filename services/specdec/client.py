@@ -12,6 +12,7 @@ gives none) and the number of tokens already received: the caller sees each toke
 exactly as an unbroken stream would have sent it. Complete is sent again the same way
 (the coordinator continues the request from its session record).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,14 +27,35 @@ from specdec.rpc.options import PUBLIC_MAX_MESSAGE, client_options
 from specdec.rpc.tls import TlsFiles, channel_credentials
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
-DECODING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos",
-            "logprobs")
-SPECULATION = {"drafter": "drafter", "max_draft_tokens": "max_draft_tokens", "k": "max_draft_tokens",
-               "adaptive": "adaptive", "overlap": "overlap"}
+DECODING = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "logprobs",
+)
+SPECULATION = {
+    "drafter": "drafter",
+    "max_draft_tokens": "max_draft_tokens",
+    "k": "max_draft_tokens",
+    "adaptive": "adaptive",
+    "overlap": "overlap",
+}
 
 
-def make_request(cls: type, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
-                 token_ids: list[int] | None = None, request_id: str = "", **params: Any) -> Any:
+def make_request(
+    cls: type,
+    prompt: str | None = None,
+    *,
+    messages: list[dict[str, str]] | None = None,
+    token_ids: list[int] | None = None,
+    request_id: str = "",
+    **params: Any,
+) -> Any:
     """A GenerateRequest or CompleteRequest from keyword parameters (None = server default)."""
     request = cls(request_id=request_id)
     if prompt is not None:
@@ -64,7 +86,7 @@ MAX_BACKOFF_S = 2.0
 
 
 def parse_addresses(address: str | Sequence[str]) -> list[str]:
-    """"a:1,b:2" or ["a:1", "b:2"] -> the addresses, in order of preference."""
+    """ "a:1,b:2" or ["a:1", "b:2"] -> the addresses, in order of preference."""
     parts = address.split(",") if isinstance(address, str) else list(address)
     addresses = [a.strip() for a in parts if a.strip()]
     if not addresses:
@@ -140,8 +162,11 @@ class _AsyncBearerKey(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStream
 
 def _sync_channel(address: str, tls: TlsFiles | None, api_key: str | None) -> grpc.Channel:
     options, creds = client_options(PUBLIC_MAX_MESSAGE), _credentials(tls)
-    channel = (grpc.secure_channel(address, creds, options=options) if creds is not None
-               else grpc.insecure_channel(address, options=options))
+    channel = (
+        grpc.secure_channel(address, creds, options=options)
+        if creds is not None
+        else grpc.insecure_channel(address, options=options)
+    )
     return grpc.intercept_channel(channel, _BearerKey(api_key)) if api_key else channel
 
 
@@ -154,16 +179,24 @@ def _async_channel(address: str, tls: TlsFiles | None, api_key: str | None) -> g
 
 
 class Client:
-    def __init__(self, address: str | Sequence[str], timeout_s: float | None = None,
-                 max_retries: int | None = None, tls: TlsFiles | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str | Sequence[str],
+        timeout_s: float | None = None,
+        max_retries: int | None = None,
+        tls: TlsFiles | None = None,
+        api_key: str | None = None,
+    ) -> None:
         """`address`: one coordinator or several ("a:1,b:2"); `timeout_s` bounds a whole
         call, resumes included; `max_retries`: tries after failures in a row with no token
         received (default: twice per coordinator). `tls`: the CA to trust and, for mTLS,
         this client's certificate; `api_key`: sent as `authorization: Bearer KEY`."""
         self.addresses = parse_addresses(address)
         self.channels = [_sync_channel(a, tls, api_key) for a in self.addresses]
-        self.stubs = [generation_pb2_grpc.GenerationServiceStub(ch)  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
-                      for ch in self.channels]
+        self.stubs = [
+            generation_pb2_grpc.GenerationServiceStub(ch)  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
+            for ch in self.channels
+        ]
         self.timeout_s = timeout_s
         self._failover = _Failover(self.addresses, timeout_s, max_retries)
 
@@ -203,7 +236,8 @@ class Client:
             index = failover.current
             try:
                 reply: generation_pb2.CompleteResponse = self.stubs[index].Complete(
-                    request, timeout=failover.remaining(deadline))
+                    request, timeout=failover.remaining(deadline)
+                )
                 return reply
             except grpc.RpcError as exc:
                 failures += 1
@@ -221,13 +255,21 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, address: str | Sequence[str], timeout_s: float | None = None,
-                 max_retries: int | None = None, tls: TlsFiles | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str | Sequence[str],
+        timeout_s: float | None = None,
+        max_retries: int | None = None,
+        tls: TlsFiles | None = None,
+        api_key: str | None = None,
+    ) -> None:
         """As `Client`, on asyncio."""
         self.addresses = parse_addresses(address)
         self.channels = [_async_channel(a, tls, api_key) for a in self.addresses]
-        self.stubs = [generation_pb2_grpc.GenerationServiceStub(ch)  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
-                      for ch in self.channels]
+        self.stubs = [
+            generation_pb2_grpc.GenerationServiceStub(ch)  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
+            for ch in self.channels
+        ]
         self.timeout_s = timeout_s
         self._failover = _Failover(self.addresses, timeout_s, max_retries)
 
@@ -239,8 +281,9 @@ class AsyncClient:
     def stub(self) -> generation_pb2_grpc.GenerationServiceStub:
         return self.stubs[self._failover.current]
 
-    async def generate(self, prompt: str | None = None,
-                       **kwargs: Any) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    async def generate(
+        self, prompt: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         request = make_request(generation_pb2.GenerateRequest, prompt, **kwargs)
         request_id_for(request)
         failover, deadline, failures = self._failover, self._failover.deadline(), 0
@@ -268,7 +311,8 @@ class AsyncClient:
             index = failover.current
             try:
                 reply: generation_pb2.CompleteResponse = await self.stubs[index].Complete(
-                    request, timeout=failover.remaining(deadline))
+                    request, timeout=failover.remaining(deadline)
+                )
                 return reply
             except grpc.RpcError as exc:
                 failures += 1

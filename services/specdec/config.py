@@ -1,5 +1,6 @@
 """All settings in one typed place. Every field can be overridden by the environment
 variable SPECDEC_<FIELD> (upper case) and then by command-line flags."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Children die with the launcher (PR_SET_PDEATHSIG), so even a killed launcher leaves no
 process behind; Ctrl-C / SIGTERM stops them in order: coordinator, draft, target, Redis.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -62,8 +63,14 @@ class Stack:
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], address: str = "") -> Child:
         log = self.log_dir / f"{name}.log"
-        proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_parent, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
         child = Child(name, proc, log, address)
         self.children.append(child)
         return child
@@ -94,9 +101,29 @@ def start_valkey(stack: Stack) -> str:
     # A password (only this stack's processes get the URL), a memory cap, and eviction of
     # keys with a TTL, least recently used first: KV chunks go before the live registry and
     # session records, which are rewritten every few seconds.
-    stack.spawn("valkey", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                           "--dir", str(stack.log_dir), "--requirepass", password, "--maxmemory", VALKEY_MAXMEMORY,
-                           "--maxmemory-policy", "volatile-lru"], dict(os.environ))
+    stack.spawn(
+        "valkey",
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(stack.log_dir),
+            "--requirepass",
+            password,
+            "--maxmemory",
+            VALKEY_MAXMEMORY,
+            "--maxmemory-policy",
+            "volatile-lru",
+        ],
+        dict(os.environ),
+    )
     url = f"redis://:{password}@127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -133,10 +160,20 @@ def wait_healthy(child: Child, timeout_s: float = START_TIMEOUT_S) -> None:
     raise RuntimeError(f"{child.name} did not become healthy within {timeout_s:.0f}s (log: {child.log})")
 
 
-def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: int, port: int,
-                redis_url: str = "", device: str = "cpu", dtype: str = "float32",
-                extra_env: dict[str, str] | None = None, coordinator_replicas: int = 1, tls: bool = False,
-                api_key: str = "") -> Stack:
+def start_stack(
+    model: str,
+    drafter: str,
+    draft_replicas: int,
+    target_replicas: int,
+    port: int,
+    redis_url: str = "",
+    device: str = "cpu",
+    dtype: str = "float32",
+    extra_env: dict[str, str] | None = None,
+    coordinator_replicas: int = 1,
+    tls: bool = False,
+    api_key: str = "",
+) -> Stack:
     """Start everything and return once every tier answers its health check. The first
     coordinator listens on `port`, any further ones on free ports. Secure where it costs
     nothing: Valkey has a password, the tiers serve only this stack's coordinators (an
@@ -152,8 +189,15 @@ def start_stack(model: str, drafter: str, draft_replicas: int, target_replicas: 
         resolve_model_path(model)  # convert/cache once here, not in every tier at once
         if spec.needs_model:
             resolve_model_path(spec.model)
-        env = {**os.environ, **(extra_env or {}), "SPECDEC_REDIS_URL": stack.redis_url, "SPECDEC_MODEL": model,
-               "SPECDEC_DRAFTER": drafter, "SPECDEC_DEVICE": device, "SPECDEC_DTYPE": dtype}
+        env = {
+            **os.environ,
+            **(extra_env or {}),
+            "SPECDEC_REDIS_URL": stack.redis_url,
+            "SPECDEC_MODEL": model,
+            "SPECDEC_DRAFTER": drafter,
+            "SPECDEC_DEVICE": device,
+            "SPECDEC_DTYPE": dtype,
+        }
         env.setdefault("SPECDEC_KV_SECRET", secrets.token_hex(32))  # the tiers' KV MAC key, this stack's own
         if tls:
             stack.pki = make_local_pki(stack.log_dir / "tls")

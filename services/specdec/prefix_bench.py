@@ -6,6 +6,7 @@ prefill). Each round sends a fresh random prefix of `prefix_tokens` with a short
 (recomputed: nothing in Redis has it), then the same prefix with another suffix (restored:
 the chunks the first request wrote). Rounds alternate, so drift hits both sides alike.
 """
+
 from __future__ import annotations
 
 import random
@@ -28,9 +29,16 @@ def _wait_stored(redis_url: str, prefix: str, tier: str, at_least: int, timeout_
         client.close()
 
 
-def prefix_bench(model: str = "smollm2-135m", prefix_tokens: int = 1024, suffix_tokens: int = 16,
-                 rounds: int = 5, chunk_tokens: int = 256, target_replicas: int = 1, redis_url: str = "",
-                 extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+def prefix_bench(
+    model: str = "smollm2-135m",
+    prefix_tokens: int = 1024,
+    suffix_tokens: int = 16,
+    rounds: int = 5,
+    chunk_tokens: int = 256,
+    target_replicas: int = 1,
+    redis_url: str = "",
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run the comparison on a fresh local stack; returns medians, ratio and every sample."""
     import os
     import uuid
@@ -73,6 +81,14 @@ def prefix_bench(model: str = "smollm2-135m", prefix_tokens: int = 1024, suffix_
     finally:
         stack.stop()
     recomputed, restored = statistics.median(samples["recomputed_s"]), statistics.median(samples["from_redis_s"])
-    return {"model": model, "prefix_tokens": prefix_tokens, "suffix_tokens": suffix_tokens,
-            "chunk_tokens": chunk_tokens, "rounds": rounds, "ttft_recomputed_s": round(recomputed, 4),
-            "ttft_from_redis_s": round(restored, 4), "ratio": round(restored / recomputed, 4), "samples": samples}
+    return {
+        "model": model,
+        "prefix_tokens": prefix_tokens,
+        "suffix_tokens": suffix_tokens,
+        "chunk_tokens": chunk_tokens,
+        "rounds": rounds,
+        "ttft_recomputed_s": round(recomputed, 4),
+        "ttft_from_redis_s": round(restored, 4),
+        "ratio": round(restored / recomputed, 4),
+        "samples": samples,
+    }

@@ -6,6 +6,7 @@ at the end, the sessions every tier still holds once the load stops, the Redis k
 and the errors, GOAWAYs and failovers seen. Passes when every process grew less than
 `max_growth` (a fraction), no session or key leaked, and no request failed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,8 +55,9 @@ async def _load(address: str, streams: int, seconds: float, prompts: list[str]) 
     async def worker(client: AsyncClient) -> None:
         while time.monotonic() < deadline:
             try:
-                reply = await client.complete(rng.choice(prompts), max_new_tokens=rng.choice([16, 32, 64]),
-                                              drafter=rng.choice(["ngram", "none"]))
+                reply = await client.complete(
+                    rng.choice(prompts), max_new_tokens=rng.choice([16, 32, 64]), drafter=rng.choice(["ngram", "none"])
+                )
                 counts["tokens"] += reply.stats.generated_tokens
             except Exception:
                 counts["failed"] += 1
@@ -66,8 +68,13 @@ async def _load(address: str, streams: int, seconds: float, prompts: list[str]) 
     return counts
 
 
-def soak(model: str = "smollm2-135m", streams: int = 64, minutes: float = 10.0, warmup_s: float = 60.0,
-         max_growth: float = 0.10) -> dict[str, Any]:
+def soak(
+    model: str = "smollm2-135m",
+    streams: int = 64,
+    minutes: float = 10.0,
+    warmup_s: float = 60.0,
+    max_growth: float = 0.10,
+) -> dict[str, Any]:
     import os
     import uuid
 
@@ -91,13 +98,23 @@ def soak(model: str = "smollm2-135m", streams: int = 64, minutes: float = 10.0, 
         stack.stop()
     growth = {name: round(after[name] / before[name] - 1, 4) for name in before}
     result = {
-        "streams": streams, "minutes": minutes, "warmup": warm, "run": main,
+        "streams": streams,
+        "minutes": minutes,
+        "warmup": warm,
+        "run": main,
         "rss_mb_after_warmup": {k: round(v, 1) for k, v in before.items()},
-        "rss_mb_at_end": {k: round(v, 1) for k, v in after.items()}, "rss_growth": growth,
-        "sessions_held_after": held, "redis_keys_without_ttl": keys_forever,
+        "rss_mb_at_end": {k: round(v, 1) for k, v in after.items()},
+        "rss_growth": growth,
+        "sessions_held_after": held,
+        "redis_keys_without_ttl": keys_forever,
         "goaways": sum(log.count(m) for log in logs.values() for m in GOAWAY_MARKERS),
         "failovers": sum(log.count(m) for log in logs.values() for m in FAILOVER_MARKERS),
     }
-    result["passed"] = (all(g < max_growth for g in growth.values()) and not any(held.values())
-                        and not keys_forever and main["failed"] == 0 and result["goaways"] == 0)
+    result["passed"] = (
+        all(g < max_growth for g in growth.values())
+        and not any(held.values())
+        and not keys_forever
+        and main["failed"] == 0
+        and result["goaways"] == 0
+    )
     return result

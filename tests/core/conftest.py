@@ -1,4 +1,5 @@
 """Fixtures for the core tests: tiny seeded Llama models, built once per session."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,23 +1,25 @@
 """n-gram proposer, incremental detokenizer, request validation, micro-batcher."""
+
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 import math
+import random
 import threading
+import time
 
 import pytest
 from tiny_models import run
 
 from specdec.core.adaptive import DraftLength, StepCosts
-from specdec.core.cost import PassCost
 from specdec.core.batcher import MicroBatcher
+from specdec.core.cost import PassCost
 from specdec.core.detokenize import IncrementalDetokenizer
-from specdec.core.drafters.registry import parse_drafter
 from specdec.core.drafters.ngram import ngram_propose
+from specdec.core.drafters.registry import parse_drafter
 from specdec.core.errors import InvalidArgument
 from specdec.core.request import MAX_DRAFT_TOKENS, ModelLimits, RequestSpec, build_request
+from tests.waiting import until
 
 # ---------------------------------------------------------------- n-gram proposer
 
@@ -57,13 +59,23 @@ def test_parse_drafter_and_draft_length() -> None:
     assert fixed.k == 3
 
 
-def _steer(k: DraftLength, accept_rate: float, base_s: float, token_s: float, steps: int = 60,
-           batch: int = 1, row_s: float = 0.0) -> None:
+def _steer(
+    k: DraftLength,
+    accept_rate: float,
+    base_s: float,
+    token_s: float,
+    steps: int = 60,
+    batch: int = 1,
+    row_s: float = 0.0,
+) -> None:
     """Feed the controller steps with these costs reported by the tiers."""
     for _ in range(steps):
         proposed = k.k
-        k.update(proposed, round(proposed * accept_rate),
-                 StepCosts(draft_pass_base_s=token_s, pass_base_s=base_s, row_s=row_s, batch_size=batch))
+        k.update(
+            proposed,
+            round(proposed * accept_rate),
+            StepCosts(draft_pass_base_s=token_s, pass_base_s=base_s, row_s=row_s, batch_size=batch),
+        )
 
 
 def test_draft_length_grows_when_drafts_pay() -> None:
@@ -177,38 +189,41 @@ def build(**kw):
     return build_request(RequestSpec(**kw), StubTokenizer(), LIMITS, "ngram", AVAILABLE)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(token_ids=None, prompt=""), "prompt"),
-    (dict(token_ids=None, prompt="   "), "prompt"),
-    (dict(token_ids=[]), "token_ids.ids"),
-    (dict(token_ids=None), "input"),
-    (dict(prompt="hi"), "input"),  # two inputs
-    (dict(max_new_tokens=0), "decoding.max_new_tokens"),
-    (dict(max_new_tokens=-5), "decoding.max_new_tokens"),
-    (dict(max_new_tokens=10**9), "decoding.max_new_tokens"),
-    (dict(temperature=-0.1), "decoding.temperature"),
-    (dict(temperature=math.nan), "decoding.temperature"),
-    (dict(temperature=math.inf), "decoding.temperature"),
-    (dict(top_p=0.0), "decoding.top_p"),
-    (dict(top_p=1.5), "decoding.top_p"),
-    (dict(top_k=-1), "decoding.top_k"),
-    (dict(seed=-1), "decoding.seed"),
-    (dict(drafter="bogus"), "speculation.drafter"),
-    (dict(drafter="model:"), "speculation.drafter"),
-    (dict(drafter="model:other"), "speculation.drafter"),  # well-formed, not served here
-    (dict(max_draft_tokens=0), "speculation.max_draft_tokens"),
-    (dict(max_draft_tokens=MAX_DRAFT_TOKENS + 1), "speculation.max_draft_tokens"),
-    (dict(token_ids=list(range(64))), "token_ids.ids"),  # no room left in the context
-    (dict(token_ids=None, prompt="x" * 100), "prompt"),
-    (dict(token_ids=[1, 256]), "token_ids.ids"),
-    (dict(token_ids=[-1, 2]), "token_ids.ids"),
-    (dict(stop_token_ids=[300]), "decoding.stop_token_ids"),
-    (dict(stop=["ok", ""]), "decoding.stop"),
-    (dict(stop=[str(i) for i in range(17)]), "decoding.stop"),
-    (dict(token_ids=None, messages=[]), "chat.messages"),
-    (dict(token_ids=None, messages=[{"role": "robot", "content": "hi"}]), "chat.messages[0].role"),
-    (dict(token_ids=None, messages=[{"role": "user", "content": "hi"}]), "chat"),  # no template
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(token_ids=None, prompt=""), "prompt"),
+        (dict(token_ids=None, prompt="   "), "prompt"),
+        (dict(token_ids=[]), "token_ids.ids"),
+        (dict(token_ids=None), "input"),
+        (dict(prompt="hi"), "input"),  # two inputs
+        (dict(max_new_tokens=0), "decoding.max_new_tokens"),
+        (dict(max_new_tokens=-5), "decoding.max_new_tokens"),
+        (dict(max_new_tokens=10**9), "decoding.max_new_tokens"),
+        (dict(temperature=-0.1), "decoding.temperature"),
+        (dict(temperature=math.nan), "decoding.temperature"),
+        (dict(temperature=math.inf), "decoding.temperature"),
+        (dict(top_p=0.0), "decoding.top_p"),
+        (dict(top_p=1.5), "decoding.top_p"),
+        (dict(top_k=-1), "decoding.top_k"),
+        (dict(seed=-1), "decoding.seed"),
+        (dict(drafter="bogus"), "speculation.drafter"),
+        (dict(drafter="model:"), "speculation.drafter"),
+        (dict(drafter="model:other"), "speculation.drafter"),  # well-formed, not served here
+        (dict(max_draft_tokens=0), "speculation.max_draft_tokens"),
+        (dict(max_draft_tokens=MAX_DRAFT_TOKENS + 1), "speculation.max_draft_tokens"),
+        (dict(token_ids=list(range(64))), "token_ids.ids"),  # no room left in the context
+        (dict(token_ids=None, prompt="x" * 100), "prompt"),
+        (dict(token_ids=[1, 256]), "token_ids.ids"),
+        (dict(token_ids=[-1, 2]), "token_ids.ids"),
+        (dict(stop_token_ids=[300]), "decoding.stop_token_ids"),
+        (dict(stop=["ok", ""]), "decoding.stop"),
+        (dict(stop=[str(i) for i in range(17)]), "decoding.stop"),
+        (dict(token_ids=None, messages=[]), "chat.messages"),
+        (dict(token_ids=None, messages=[{"role": "robot", "content": "hi"}]), "chat.messages[0].role"),
+        (dict(token_ids=None, messages=[{"role": "user", "content": "hi"}]), "chat"),  # no template
+    ],
+)
 def test_request_validation_names_the_field(kwargs, field) -> None:
     with pytest.raises(InvalidArgument) as err:
         build(**kwargs)
@@ -217,11 +232,25 @@ def test_request_validation_names_the_field(kwargs, field) -> None:
 
 
 def test_valid_request_is_built() -> None:
-    request, stops = build(token_ids=[5, 6], max_new_tokens=9, temperature=0.5, top_k=3, top_p=0.9, seed=42,
-                           stop=["x"], stop_token_ids=[7], drafter="model:small", max_draft_tokens=16)
+    request, stops = build(
+        token_ids=[5, 6],
+        max_new_tokens=9,
+        temperature=0.5,
+        top_k=3,
+        top_p=0.9,
+        seed=42,
+        stop=["x"],
+        stop_token_ids=[7],
+        drafter="model:small",
+        max_draft_tokens=16,
+    )
     assert request.prompt_ids == [5, 6] and request.max_new_tokens == 9
     assert (request.sampling.temperature, request.sampling.top_k, request.sampling.top_p, request.sampling.seed) == (
-        0.5, 3, 0.9, 42)
+        0.5,
+        3,
+        0.9,
+        42,
+    )
     assert str(request.drafter) == "model:small" and request.max_draft_tokens == 16 and request.adaptive
     assert request.stop_token_ids == frozenset({7, 0})  # EOS added
     assert stops == ["x"] and request.max_context == 64
@@ -261,10 +290,11 @@ def test_batcher_batches_concurrent_submissions() -> None:
 
 
 def test_batcher_respects_max_batch_size_and_keeps_order() -> None:
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
     sizes: list[int] = []
 
     def slow_identity(items: list[str]) -> list[str]:
+        started.set()
         release.wait(5)
         sizes.append(len(items))
         return [s.upper() for s in items]
@@ -273,7 +303,9 @@ def test_batcher_respects_max_batch_size_and_keeps_order() -> None:
         batcher = MicroBatcher(slow_identity, max_batch_size=3)
         try:
             tasks = [asyncio.ensure_future(batcher.submit(c)) for c in "abcdefgh"]
-            await asyncio.sleep(0)
+            # The first batch holds the compute thread; the rest queue behind it.
+            assert await asyncio.to_thread(started.wait, 5)
+            assert batcher.stats.queue_depth > 0
             release.set()
             return await asyncio.gather(*tasks)
         finally:
@@ -373,10 +405,10 @@ def _ngram_reference(tokens: list[int], k: int, max_ngram: int = 4, min_ngram: i
         return []
     length = len(tokens)
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
-        tail = tokens[length - n:]
+        tail = tokens[length - n :]
         for start in range(length - n - 1, -1, -1):
-            if tokens[start:start + n] == tail and tokens[start + n:start + n + k]:
-                return tokens[start + n:start + n + k]
+            if tokens[start : start + n] == tail and tokens[start + n : start + n + k]:
+                return tokens[start + n : start + n + k]
     return []
 
 
@@ -389,7 +421,12 @@ def test_ngram_matches_its_plain_definition_on_random_sequences() -> None:
         tokens = [rng.randrange(vocab) for _ in range(rng.randrange(0, 40))]
         k, max_n, min_n = rng.randrange(0, 6), rng.randrange(1, 6), rng.randrange(1, 3)
         assert ngram_propose(tokens, k, max_n, min_n) == _ngram_reference(tokens, k, max_n, min_n), (
-            trial, tokens, k, max_n, min_n)
+            trial,
+            tokens,
+            k,
+            max_n,
+            min_n,
+        )
 
 
 def test_batcher_waits_briefly_for_the_rest_of_the_last_batch() -> None:
@@ -401,19 +438,21 @@ def test_batcher_waits_briefly_for_the_rest_of_the_last_batch() -> None:
         return items
 
     async def main() -> None:
-        batcher = MicroBatcher(run_batch, max_batch_size=8, gather_s=0.5)
+        batcher = MicroBatcher(run_batch, max_batch_size=8, gather_s=60.0)
 
-        async def late(item: int) -> int:
-            await asyncio.sleep(0.01)
+        async def late(item: int) -> int:  # comes back once the batch of 10 and 11 is gathering
+            await until(lambda: batcher.gathering, what="the batcher to gather")
             return await batcher.submit(item)
+
         await asyncio.gather(*(batcher.submit(i) for i in range(4)))
         await asyncio.gather(batcher.submit(10), batcher.submit(11), late(12), late(13))
-        lone = MicroBatcher(run_batch, max_batch_size=8, gather_s=5.0)
+        lone = MicroBatcher(run_batch, max_batch_size=8, gather_s=60.0)
         started = asyncio.get_running_loop().time()
         await lone.submit(99)  # a first batch never waits
-        assert asyncio.get_running_loop().time() - started < 1.0
+        assert asyncio.get_running_loop().time() - started < 10.0
         await batcher.stop()
         await lone.stop()
+
     run(main())
     assert sizes == [4, 4, 1]
 
@@ -444,9 +483,11 @@ def test_paired_batchers_gather_while_the_other_runs(paired: bool, last_batch: i
 
         async def drafted(item: int) -> int:
             return await verifier.submit(await drafter.submit(item))
+
         await asyncio.gather(verifier.submit(10), verifier.submit(11), drafted(12), drafted(13))
         await verifier.stop()
         await drafter.stop()
+
     run(main())
     assert verify_sizes == [last_batch] + ([4] if paired else [2, 2])
 

@@ -1,5 +1,6 @@
 """Every torch computation of a process runs on its one compute thread (core.compute), and
 moving draft probabilities through the wire format keeps them bit-identical."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,9 @@ def test_run_sync_runs_on_the_compute_thread_and_nests_inline() -> None:
 
 def test_engine_forward_passes_all_run_on_the_compute_thread() -> None:
     target = build_target()
-    engine = Engine(target, IdTokenizer(), drafter="model:small", draft_model=build_draft(target),
-                    draft_model_name="small")
+    engine = Engine(
+        target, IdTokenizer(), drafter="model:small", draft_model=build_draft(target), draft_model_name="small"
+    )
     threads: set[int] = set()
     for runner in (engine.verifier.worker.runner, engine.drafter.worker.methods["model:small"].runner):
         forward = runner.forward
@@ -37,12 +39,15 @@ def test_engine_forward_passes_all_run_on_the_compute_thread() -> None:
         def recorded(items, forward=forward):
             threads.add(threading.get_ident())
             return forward(items)
+
         runner.forward = recorded
 
     async def main() -> list[list[int]]:
         try:
-            specs = [RequestSpec(token_ids=[1 + i, 2, 3], max_new_tokens=12, temperature=0.9, seed=i, overlap=True)
-                     for i in range(4)]
+            specs = [
+                RequestSpec(token_ids=[1 + i, 2, 3], max_new_tokens=12, temperature=0.9, seed=i, overlap=True)
+                for i in range(4)
+            ]
             return [r.token_ids for r in await asyncio.gather(*(engine.complete_async(s) for s in specs))]
         finally:
             await engine.aclose()
@@ -55,7 +60,10 @@ def test_engine_forward_passes_all_run_on_the_compute_thread() -> None:
 def test_draft_probabilities_survive_two_wire_hops_bit_for_bit() -> None:
     # draft tier -> coordinator -> target tier: each end rebuilds q from the float16 bytes.
     torch.manual_seed(0)
-    for params in (SamplingParams(temperature=0.7, seed=1), SamplingParams(temperature=1.3, top_k=40, top_p=0.9, seed=2)):
+    for params in (
+        SamplingParams(temperature=0.7, seed=1),
+        SamplingParams(temperature=1.3, top_k=40, top_p=0.9, seed=2),
+    ):
         q = quantize_f16(probs_from_logits(torch.randn(5, 1000) * 4, params))
         hop1 = probs_from_bytes(probs_to_bytes(q), 5)
         hop2 = probs_from_bytes(probs_to_bytes(hop1), 5)

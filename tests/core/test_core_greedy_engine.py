@@ -1,6 +1,7 @@
 """Greedy speculative decoding gives exactly the target's own tokens: at every draft
 length, with the n-gram and model drafters, batched with other requests, after losing
 session state, with either runner."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,15 @@ DRAFT_LENGTHS = range(1, 9)
 
 
 def spec(prompt: list[int], drafter: str, k: int = 4, **kw) -> RequestSpec:
-    return RequestSpec(token_ids=list(prompt), max_new_tokens=kw.pop("max_new_tokens", NEW_TOKENS), ignore_eos=True,
-                       drafter=drafter, max_draft_tokens=k, adaptive=kw.pop("adaptive", False), **kw)
+    return RequestSpec(
+        token_ids=list(prompt),
+        max_new_tokens=kw.pop("max_new_tokens", NEW_TOKENS),
+        ignore_eos=True,
+        drafter=drafter,
+        max_draft_tokens=k,
+        adaptive=kw.pop("adaptive", False),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +47,10 @@ def hf_greedy(target_model) -> dict[tuple[int, ...], list[int]]:
     with torch.inference_mode():
         for prompt in PROMPTS:
             ids = torch.tensor([prompt])
-            gen = target_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                        do_sample=False)
-            out[tuple(prompt)] = gen[0, len(prompt):].tolist()
+            gen = target_model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
+            )
+            out[tuple(prompt)] = gen[0, len(prompt) :].tolist()
             assert len(out[tuple(prompt)]) == NEW_TOKENS
     return out
 
@@ -59,6 +68,7 @@ def engine_self(target_model, tokenizer) -> Engine:
 def complete_all(engine: Engine, specs: list[RequestSpec]):
     async def main():
         return await asyncio.gather(*[engine.complete_async(s) for s in specs])
+
     return run(main())
 
 
@@ -101,7 +111,9 @@ def test_adaptive_draft_length_keeps_tokens(engine_small, hf_greedy) -> None:
 def test_concurrent_requests_match_one_at_a_time(target_model, draft_model, tokenizer, hf_greedy) -> None:
     engine = Engine(target_model, tokenizer, drafter="ngram", draft_model=draft_model, draft_model_name="small")
     specs = [
-        spec(PROMPTS[0], "ngram", 3), spec(PROMPTS[1], "model:small", 5), spec(PROMPTS[2], "none"),
+        spec(PROMPTS[0], "ngram", 3),
+        spec(PROMPTS[1], "model:small", 5),
+        spec(PROMPTS[2], "none"),
         spec(PROMPTS[2], "model:small", 2, temperature=0.8, top_k=20, seed=7),
         spec(PROMPTS[0], "ngram", 6, temperature=1.0, top_p=0.9, seed=8),
         spec(PROMPTS[1], "none", temperature=1.2, seed=9),
@@ -122,10 +134,10 @@ def test_lost_sessions_resync_without_changing_output(target_model, draft_model,
     needs_resync; the loop resends and the output is unchanged."""
     verifier = LocalVerifier(TargetWorker(build_runner(target_model), max_sessions=1))
     drafter = LocalDrafter(DraftWorker(build_runner(draft_model), "small", max_sessions=1))
-    requests = [GenerationRequest(f"r{i}", list(p), NEW_TOKENS, SamplingParams(), drafter=d, max_draft_tokens=4,
-                                  adaptive=False)
-                for i, (p, d) in enumerate([(PROMPTS[0], "model:small"), (PROMPTS[1], "ngram"),
-                                            (PROMPTS[2], "model:small")])]
+    requests = [
+        GenerationRequest(f"r{i}", list(p), NEW_TOKENS, SamplingParams(), drafter=d, max_draft_tokens=4, adaptive=False)
+        for i, (p, d) in enumerate([(PROMPTS[0], "model:small"), (PROMPTS[1], "ngram"), (PROMPTS[2], "model:small")])
+    ]
 
     async def main():
         return await asyncio.gather(*[generate(r, Tiers(verifier, drafter), IdTokenizer(), []) for r in requests])
@@ -139,8 +151,9 @@ def test_hf_runner_speculation_matches(target_model, draft_model, hf_greedy) -> 
     verifier = LocalVerifier(TargetWorker(HFRunner(target_model)))
     drafter = LocalDrafter(DraftWorker(HFRunner(draft_model), "small"))
     for prompt in PROMPTS[1:]:
-        request = GenerationRequest("h", list(prompt), NEW_TOKENS, SamplingParams(), drafter="model:small",
-                                    max_draft_tokens=5, adaptive=False)
+        request = GenerationRequest(
+            "h", list(prompt), NEW_TOKENS, SamplingParams(), drafter="model:small", max_draft_tokens=5, adaptive=False
+        )
         result = run(generate(request, Tiers(verifier, drafter), IdTokenizer(), []))
         assert result.token_ids == hf_greedy[tuple(prompt)]
         assert 0 < result.stats.accepted_tokens < result.stats.proposed_tokens
@@ -204,8 +217,13 @@ def test_overlapped_drafting_keeps_sampled_tokens(engine_small) -> None:
     positions from the same context, so even sampled output is identical."""
     base = dict(max_new_tokens=30, temperature=0.8, top_p=0.95, seed=7)
     for prompt in PROMPTS:
-        off, on = complete_all(engine_small, [spec(prompt, "model:small", 4, overlap=False, **base),
-                                              spec(prompt, "model:small", 4, overlap=True, **base)])
+        off, on = complete_all(
+            engine_small,
+            [
+                spec(prompt, "model:small", 4, overlap=False, **base),
+                spec(prompt, "model:small", 4, overlap=True, **base),
+            ],
+        )
         assert on.token_ids == off.token_ids
 
 
@@ -214,10 +232,12 @@ def test_a_cache_budget_evicts_idle_sessions_without_changing_output(target_mode
     (least recently used, never one in the running batch) and recomputed when they return."""
     target = TargetWorker(build_runner(target_model), max_cached_tokens=70)
     draft = DraftWorker(build_runner(draft_model), "small", max_cached_tokens=70)
-    requests = [GenerationRequest(f"b{i}", list(p), NEW_TOKENS, SamplingParams(), drafter=d, max_draft_tokens=4,
-                                  adaptive=False)
-                for i, (p, d) in enumerate([(PROMPTS[0], "model:small"), (PROMPTS[1], "ngram"),
-                                            (PROMPTS[2], "model:small"), (PROMPTS[0], "ngram")])]
+    requests = [
+        GenerationRequest(f"b{i}", list(p), NEW_TOKENS, SamplingParams(), drafter=d, max_draft_tokens=4, adaptive=False)
+        for i, (p, d) in enumerate(
+            [(PROMPTS[0], "model:small"), (PROMPTS[1], "ngram"), (PROMPTS[2], "model:small"), (PROMPTS[0], "ngram")]
+        )
+    ]
     resyncs, idle_held = [0], [0]
     verify_batch = target.verify_batch
 
@@ -228,6 +248,7 @@ def test_a_cache_budget_evicts_idle_sessions_without_changing_output(target_mode
         idle = sum(len(s.tokens) for sid, s in target.sessions.least_recent_first() if sid not in batch)
         idle_held[0] = max(idle_held[0], idle)
         return verdicts
+
     verifier, drafter = LocalVerifier(target), LocalDrafter(draft)
     verifier.batcher._run_batch = watched
 

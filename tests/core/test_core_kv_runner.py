@@ -1,5 +1,6 @@
 """KV caches roll back exactly; the flattened runner equals HF's forward; the target
 session's cache never holds an uncommitted token."""
+
 from __future__ import annotations
 
 import random
@@ -8,11 +9,11 @@ import pytest
 import torch
 from tiny_models import VOCAB, IdTokenizer, run
 
+from specdec.core import kv_cache
 from specdec.core.attention import BatchAttention
 from specdec.core.drafters.worker import DraftWorker
 from specdec.core.generation import generate
 from specdec.core.interfaces import Tiers
-from specdec.core import kv_cache
 from specdec.core.kv_cache import KVPool, SessionKV, SessionTable
 from specdec.core.local import LocalDrafter, LocalVerifier
 from specdec.core.loop import GenerationRequest
@@ -66,7 +67,7 @@ def test_flattened_batch_equals_hf_forward_per_sequence(target_model) -> None:
     outs = runner.forward([ForwardItem(kv, s[:n], min(n, 4)) for kv, s, n in zip(kvs, seqs, prefix)])
     for s, n, out in zip(seqs, prefix, outs):
         assert out.shape == (min(n, 4), VOCAB)
-        assert torch.allclose(out, hf_logits(target_model, s[:n])[-min(n, 4):], atol=1e-4)
+        assert torch.allclose(out, hf_logits(target_model, s[:n])[-min(n, 4) :], atol=1e-4)
     # Step 2: each continues from its own cache length with a different number of new
     # tokens; one sequence sits this step out, another joins fresh.
     late = runner.new_kv()
@@ -121,6 +122,7 @@ def test_a_collection_inside_slab_allocation_does_not_deadlock(monkeypatch) -> N
     def collecting_init(self, *args, **kwargs):
         gc.collect(0)  # what a large allocation may trigger (the young generation: where the dropped cycle is)
         init(self, *args, **kwargs)
+
     monkeypatch.setattr(kv_cache.Slab, "__init__", collecting_init)
 
     def load() -> None:
@@ -132,6 +134,7 @@ def test_a_collection_inside_slab_allocation_does_not_deadlock(monkeypatch) -> N
             kept = SessionKV(pool)
             kept.reserve(10)
             del kept
+
     gc.disable()  # collections happen only where this test puts them
     try:
         worker = threading.Thread(target=load, daemon=True)
@@ -179,8 +182,14 @@ def test_grouped_attention_equals_hf_with_idle_slots_between(target_model) -> No
     chosen = [0, 2, 3, 5]  # slots 1 and 4 sit this step out: padded over, not attended
     feeds = [(kvs[i], seqs[i], 20, 20 + 1 + i) for i in chosen]
     items = [ForwardItem(kv, s[a:b], b - a) for kv, s, a, b in feeds]
-    plan = BatchAttention([item.kv for item in items], [20] * 4, [b - a for _, _, a, b in feeds],
-                          runner.num_heads, runner.num_kv_heads, runner.device)
+    plan = BatchAttention(
+        [item.kv for item in items],
+        [20] * 4,
+        [b - a for _, _, a, b in feeds],
+        runner.num_heads,
+        runner.num_kv_heads,
+        runner.device,
+    )
     assert len(plan.groups) == 1 and not plan.singles and plan.groups[0].num_slots == 6  # slots 0..5 of one slab
     outs = runner.forward(items)
     for (kv, s, a, b), out in zip(feeds, outs):
@@ -214,8 +223,9 @@ def test_target_cache_never_holds_uncommitted_tokens(target_model, draft_model, 
 
     async def main():
         requests = [
-            GenerationRequest(f"s{i}", p, 30, SamplingParams(temperature=temperature, seed=i),
-                              drafter=d, max_draft_tokens=4)
+            GenerationRequest(
+                f"s{i}", p, 30, SamplingParams(temperature=temperature, seed=i), drafter=d, max_draft_tokens=4
+            )
             for i, (p, d) in enumerate([(p, d) for p in prompts for d in ("model:small", "ngram")])
         ]
         return await asyncio_gather(*[generate(r, Tiers(verifier, drafter), IdTokenizer(), []) for r in requests])
@@ -276,7 +286,7 @@ def hf_greedy_continuation(model, ids: list[int], n: int) -> list[int]:
     out = list(ids)
     for _ in range(n):
         out.append(int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax()))
-    return out[len(ids):]
+    return out[len(ids) :]
 
 
 def test_draft_worker_rolls_back_and_drafts_from_committed_tokens(draft_model) -> None:
@@ -291,7 +301,9 @@ def test_draft_worker_rolls_back_and_drafts_from_committed_tokens(draft_model) -
     worker = DraftWorker(build_runner(draft_model), "small")
     committed, sent = tokens(8, 10), 0
     for step in range(5):
-        proposal = worker.propose_batch([ProposeItem("d", sent, committed[sent:], 4, SamplingParams(), "model:small")])[0]
+        proposal = worker.propose_batch([ProposeItem("d", sent, committed[sent:], 4, SamplingParams(), "model:small")])[
+            0
+        ]
         assert proposal.probs is None and not proposal.needs_resync
         assert proposal.tokens == hf_greedy_continuation(draft_model, committed, 4), step
         session = worker.sessions.get("d")

@@ -2,6 +2,7 @@
 alternatives) is the target's raw distribution at that position, whichever drafter
 proposed it and however many rows shared the verify pass: equal to a teacher-forced
 forward pass of the model over the final sequence, and to plain decoding, to 1e-5."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,11 +25,22 @@ def engine(target_model, draft_model, tokenizer) -> Engine:
 def _complete(engine: Engine, drafter: str, temperature: float, logprobs: int | None = TOP, k: int = 4):
     async def main():
         try:
-            return await engine.complete_async(RequestSpec(
-                token_ids=list(PROMPT), max_new_tokens=NEW_TOKENS, ignore_eos=True, drafter=drafter,
-                max_draft_tokens=k, adaptive=False, temperature=temperature, seed=11, logprobs=logprobs))
+            return await engine.complete_async(
+                RequestSpec(
+                    token_ids=list(PROMPT),
+                    max_new_tokens=NEW_TOKENS,
+                    ignore_eos=True,
+                    drafter=drafter,
+                    max_draft_tokens=k,
+                    adaptive=False,
+                    temperature=temperature,
+                    seed=11,
+                    logprobs=logprobs,
+                )
+            )
         finally:
             await engine.aclose()
+
     return run(main())
 
 
@@ -36,7 +48,7 @@ def _teacher_forced(model, tokens: list[int]) -> torch.Tensor:
     """[len(tokens), vocab] log-softmax at each generated position, from one forward pass."""
     with torch.inference_mode():
         logits = model(torch.tensor([PROMPT + tokens])).logits[0].double()
-    return torch.log_softmax(logits, -1)[len(PROMPT) - 1: len(PROMPT) - 1 + len(tokens)]
+    return torch.log_softmax(logits, -1)[len(PROMPT) - 1 : len(PROMPT) - 1 + len(tokens)]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])

@@ -4,6 +4,7 @@ First exactly, from the algorithm's own pieces: the probability of every output 
 sum_x q(x) [a(x) 1{x = y} + (1 - a(x)) r(y)], must equal the processed target p. Then
 empirically, over many seeds of the counter-based RNG, with `rejection_sample` itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,11 @@ import torch
 from scipy.stats import chisquare
 
 from specdec.core.rejection import (
-    RejectionInput, acceptance_probability, one_hot, recovery_distribution, rejection_sample,
+    RejectionInput,
+    acceptance_probability,
+    one_hot,
+    recovery_distribution,
+    rejection_sample,
 )
 from specdec.core.rng import Purpose, sample_index, uniform
 from specdec.core.sampling import SamplingParams, probs_from_logits, quantize_f16
@@ -126,8 +131,15 @@ def test_rejection_sample_matches_target_empirically(case: int) -> None:
     items = []
     for s in range(n):
         seed = 1_000_003 * s + case
-        items.append(RejectionInput(target_logits, _draft(q, seed, pos), q, params.__class__(
-            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed), pos))
+        items.append(
+            RejectionInput(
+                target_logits,
+                _draft(q, seed, pos),
+                q,
+                params.__class__(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed),
+                pos,
+            )
+        )
     for item, out in zip(items, [rejection_sample(item) for item in items]):
         assert 0 <= out.num_accepted <= k
         assert len(out.tokens) == out.num_accepted + 1
@@ -188,13 +200,25 @@ def test_same_seed_same_output_and_seeds_matter() -> None:
     for _ in range(3):
         again = rejection_sample(RejectionInput(logits.clone(), list(draft), q.clone(), params, pos))
         assert (again.num_accepted, again.tokens) == (first.num_accepted, first.tokens)
-    outs = {tuple(rejection_sample(RejectionInput(logits, _draft(q, s, pos), q, SamplingParams(1.0, seed=s), pos)).tokens)
-            for s in range(50)}
+    outs = {
+        tuple(rejection_sample(RejectionInput(logits, _draft(q, s, pos), q, SamplingParams(1.0, seed=s), pos)).tokens)
+        for s in range(50)
+    }
     assert len(outs) > 5
     # The generator is a pure function of its key; purposes and positions are distinct streams.
     assert uniform(5, 6, Purpose.ACCEPT) == uniform(5, 6, Purpose.ACCEPT)
-    assert len({uniform(5, 6, Purpose.ACCEPT), uniform(5, 6, Purpose.DRAFT), uniform(5, 6, Purpose.RESAMPLE),
-                uniform(5, 7, Purpose.ACCEPT), uniform(6, 6, Purpose.ACCEPT)}) == 5
+    assert (
+        len(
+            {
+                uniform(5, 6, Purpose.ACCEPT),
+                uniform(5, 6, Purpose.DRAFT),
+                uniform(5, 6, Purpose.RESAMPLE),
+                uniform(5, 7, Purpose.ACCEPT),
+                uniform(6, 6, Purpose.ACCEPT),
+            }
+        )
+        == 5
+    )
     assert all(0.0 <= uniform(s, 0, Purpose.DRAFT) < 1.0 for s in range(100))
 
 
@@ -245,7 +269,7 @@ def test_sample_index_inverse_cdf() -> None:
     assert sample_index(probs, 0.0) == 1
     assert sample_index(probs, 0.2499) == 1
     assert sample_index(probs, 0.2501) == 3
-    assert sample_index(probs, 1.0 - 2 ** -53) == 3
+    assert sample_index(probs, 1.0 - 2**-53) == 3
     assert sample_index(probs, 1.0) == 3  # rounding past the end never picks a zero entry
     counts = [0] * 5
     for s in range(2000):

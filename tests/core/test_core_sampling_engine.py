@@ -1,5 +1,6 @@
 """Sampling through the engine: reproducible run to run for a fixed seed and settings, and
 speculative sampling follows the target's distribution (not the draft's)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,14 +27,24 @@ def engine(target_model, draft_model, tokenizer) -> Engine:
 
 
 def sample_spec(drafter: str, seed: int, k: int = 4, max_new_tokens: int = 3, **kw) -> RequestSpec:
-    return RequestSpec(token_ids=list(PROMPT), max_new_tokens=max_new_tokens, ignore_eos=True, drafter=drafter,
-                       max_draft_tokens=k, adaptive=False, seed=seed,
-                       temperature=kw.pop("temperature", TEMPERATURE), top_k=kw.pop("top_k", TOP_K), **kw)
+    return RequestSpec(
+        token_ids=list(PROMPT),
+        max_new_tokens=max_new_tokens,
+        ignore_eos=True,
+        drafter=drafter,
+        max_draft_tokens=k,
+        adaptive=False,
+        seed=seed,
+        temperature=kw.pop("temperature", TEMPERATURE),
+        top_k=kw.pop("top_k", TOP_K),
+        **kw,
+    )
 
 
 def complete_all(engine: Engine, specs: list[RequestSpec]):
     async def main():
         return await asyncio.gather(*[engine.complete_async(s) for s in specs])
+
     return run(main())
 
 
@@ -66,8 +77,10 @@ def gof_pvalue(tokens: list[int], probs: torch.Tensor) -> float:
 
 def test_sampling_is_reproducible(engine) -> None:
     for drafter, k in [("none", 1), ("ngram", 3), ("model:small", 4), ("model:small", 2)]:
-        specs = [sample_spec(drafter, seed, k, max_new_tokens=30, temperature=0.9, top_k=40, top_p=0.95)
-                 for seed in (1, 2, 3)]
+        specs = [
+            sample_spec(drafter, seed, k, max_new_tokens=30, temperature=0.9, top_k=40, top_p=0.95)
+            for seed in (1, 2, 3)
+        ]
         first = [engine.complete(s).token_ids for s in specs]
         second = complete_all(engine, specs)  # also: batching does not change a request's draws
         assert [r.token_ids for r in second] == first, drafter

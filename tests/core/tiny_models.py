@@ -1,4 +1,5 @@
 """Tiny seeded Llama models and a test tokenizer for the core tests."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,11 +13,18 @@ VOCAB = 256
 def tiny_llama(num_layers: int, seed: int, initializer_range: float = 0.2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
         initializer_range=initializer_range,
         # No special tokens: generation must run for exactly max_new_tokens everywhere.
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     return LlamaForCausalLM(config).eval()
 

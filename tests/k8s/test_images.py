@@ -9,6 +9,7 @@
 chroot isolation shares the host's network, so the containers reach loopback ports here; it
 enforces neither a read-only root nor dropped capabilities.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from emulator import EmulatorThread
+
 from tests.conftest import free_port
 
 TAG = os.environ.get("TAG", "0.1.0")
@@ -46,8 +47,9 @@ class Container:
     def __init__(self, image: str) -> None:
         if subprocess.run(["buildah", "inspect", "--type", "image", image], capture_output=True).returncode:
             pytest.fail(f"image {image} not built: run `make images` first")
-        self.id = subprocess.run(["buildah", "from", "--quiet", image], capture_output=True, text=True,
-                                 check=True).stdout.strip()
+        self.id = subprocess.run(
+            ["buildah", "from", "--quiet", image], capture_output=True, text=True, check=True
+        ).stdout.strip()
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def args(self, command: list[str], env: dict[str, str], user: str, volumes: list[str]) -> list[str]:
@@ -58,17 +60,27 @@ class Container:
             out += ["--volume", v]
         return [*out, self.id, "--", *command]
 
-    def start(self, command: list[str], log: Path, env: dict[str, str] | None = None,
-              user: str = "10001:10001", volumes: list[str] | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(self.args(command, env or {}, user, volumes or []),
-                                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    def start(
+        self,
+        command: list[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        user: str = "10001:10001",
+        volumes: list[str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            self.args(command, env or {}, user, volumes or []),
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs.append(proc)
         return proc
 
-    def run(self, command: list[str], env: dict[str, str] | None = None,
-            user: str = "10001:10001") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.args(command, env or {}, user, []), capture_output=True, text=True,
-                              timeout=60)
+    def run(
+        self, command: list[str], env: dict[str, str] | None = None, user: str = "10001:10001"
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.args(command, env or {}, user, []), capture_output=True, text=True, timeout=60)
 
     def remove(self) -> None:
         for proc in self.procs:
@@ -89,6 +101,7 @@ def container(request: pytest.FixtureRequest) -> Iterator[type[Container]]:
     def make(image: str) -> Container:
         made.append(Container(image))
         return made[-1]
+
     yield make  # type: ignore[misc]
     for c in made:
         c.remove()
@@ -99,22 +112,37 @@ def test_operator_image_reconciles_on_the_emulator(container, valkey, tmp_path: 
     uid = op.run(["id", "-u"])
     assert uid.stdout.strip() == "10001", uid.stderr
     with EmulatorThread() as api:
-        env = {"SPECDEC_OPERATOR_API_URL": api.url, "SPECDEC_OPERATOR_INTERVAL_S": "0.5",
-               "SPECDEC_OPERATOR_LIVENESS": f"http://127.0.0.1:{free_port()}/healthz",
-               "SPECDEC_OPERATOR_METRICS_PORT": str(free_port())}
+        env = {
+            "SPECDEC_OPERATOR_API_URL": api.url,
+            "SPECDEC_OPERATOR_INTERVAL_S": "0.5",
+            "SPECDEC_OPERATOR_LIVENESS": f"http://127.0.0.1:{free_port()}/healthz",
+            "SPECDEC_OPERATOR_METRICS_PORT": str(free_port()),
+        }
         log = tmp_path / "operator.log"
         proc = op.start(["python3", "-m", "specdec_operator"], log, env)
         path = "/apis/specdec.io/v1alpha1/namespaces/images/speculativedecoders"
-        api.request("POST", path, {
-            "apiVersion": "specdec.io/v1alpha1", "kind": "SpeculativeDecoder",
-            "metadata": {"name": "img", "namespace": "images"},
-            "spec": {"model": {"name": "org/model"}, "redis": {"url": valkey.url}}})
+        api.request(
+            "POST",
+            path,
+            {
+                "apiVersion": "specdec.io/v1alpha1",
+                "kind": "SpeculativeDecoder",
+                "metadata": {"name": "img", "namespace": "images"},
+                "spec": {"model": {"name": "org/model"}, "redis": {"url": valkey.url}},
+            },
+        )
         try:
             for tier in ("coordinator", "draft", "target"):
-                wait_for(f"{tier} deployment", lambda: api.request(
-                    "GET", f"/apis/apps/v1/namespaces/images/deployments/img-{tier}"), timeout=60)
-            status = wait_for("status with every tier and autoscaling on", lambda: (
-                api.request("GET", f"{path}/img") or {}).get("status", {}), timeout=30)
+                wait_for(
+                    f"{tier} deployment",
+                    lambda: api.request("GET", f"/apis/apps/v1/namespaces/images/deployments/img-{tier}"),
+                    timeout=60,
+                )
+            status = wait_for(
+                "status with every tier and autoscaling on",
+                lambda: (api.request("GET", f"{path}/img") or {}).get("status", {}),
+                timeout=30,
+            )
             assert set(status["tiers"]) == {"coordinator", "draft", "target"}
             assert proc.poll() is None, log.read_text()[-3000:]
         except AssertionError:
@@ -136,8 +164,13 @@ def test_services_image_coordinator_serves_as_non_root(container, valkey, tmp_pa
     uid = svc.run(["id", "-u"])
     assert uid.stdout.strip() == "10001", uid.stderr
     port = free_port()
-    env = {"SPECDEC_MODEL": "/models/smollm2", "SPECDEC_PORT": str(port), "SPECDEC_HOST": "127.0.0.1",
-           "SPECDEC_REDIS_URL": valkey.url, "SPECDEC_REDIS_PREFIX": "specdec:images:"}
+    env = {
+        "SPECDEC_MODEL": "/models/smollm2",
+        "SPECDEC_PORT": str(port),
+        "SPECDEC_HOST": "127.0.0.1",
+        "SPECDEC_REDIS_URL": valkey.url,
+        "SPECDEC_REDIS_PREFIX": "specdec:images:",
+    }
     log = tmp_path / "coordinator.log"
     started = time.monotonic()
     proc = svc.start(["specdec", "serve", "coordinator"], log, env, volumes=[f"{model}:/models/smollm2:ro"])
@@ -146,13 +179,15 @@ def test_services_image_coordinator_serves_as_non_root(container, valkey, tmp_pa
         assert proc.poll() is None, log.read_text()[-3000:]
         out = svc.run(["specdec-health", f"127.0.0.1:{port}"])
         return out.returncode == 0 and "SERVING" in out.stdout
+
     wait_for("coordinator SERVING", serving, timeout=120)
     print(f"coordinator SERVING {time.monotonic() - started:.1f} s after start")
     server = [pid for pid in descendants(proc.pid) if b"serve\0coordinator" in cmdline(pid)]
     assert server, "no `specdec serve coordinator` process under buildah run"
     for pid in server:
-        uid = next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                   if line.startswith("Uid:"))
+        uid = next(
+            line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:")
+        )
         assert uid == "10001", (pid, uid)
 
 

@@ -1,10 +1,11 @@
 """Failover that loses nothing, with real processes: 20+ concurrent greedy streams survive a
 kill -9 of a target or a draft replica, a SIGTERM drain and a Valkey restart, each output
 token-identical to plain decoding; the replica that takes over restores from Redis."""
+
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import signal
 import time
 
@@ -13,8 +14,9 @@ import redis
 import torch
 
 from specdec.client import AsyncClient
-from tests.kvstore.conftest import add_replica, child, start
+from tests.kvstore.conftest import add_replica, log_count, restored_tokens, start, wait_restored
 from tests.reference import hf_greedy
+from tests.waiting import wait_until
 
 NUM_REQUESTS = 20
 NEW_TOKENS = 40
@@ -23,10 +25,32 @@ CHUNK = 32
 
 @pytest.fixture(scope="module")
 def stack(kv_models, valkey):
-    running = start(kv_models["target"], f"model:{kv_models['draft']}", valkey, targets=2, drafts=2,
-                    SPECDEC_KV_CHUNK_TOKENS=str(CHUNK))
+    running = start(
+        kv_models["target"],
+        f"model:{kv_models['draft']}",
+        valkey,
+        targets=2,
+        drafts=2,
+        SPECDEC_KV_CHUNK_TOKENS=str(CHUNK),
+    )
     yield running
     running.stop()
+
+
+def live(stack, tier: str) -> list:
+    """The tier's replicas still running, oldest first."""
+    return [c for c in stack.children if c.name.startswith(f"{tier}-") and c.proc.poll() is None]
+
+
+def replicas(stack, valkey, targets: int, drafts: int) -> None:
+    """Bring the module's stack to what a test needs, whichever tests ran before it: Valkey up
+    and at least this many live replicas of each tier (a new one for each killed before)."""
+    if valkey.proc is None:  # a Valkey restart that failed half way
+        valkey.start()
+    for tier, want in (("target", targets), ("draft", drafts)):
+        while len(live(stack, tier)) < want:
+            started = sum(1 for c in stack.children if c.name.startswith(f"{tier}-"))
+            add_replica(stack, tier, f"{tier}-{started}")
 
 
 @pytest.fixture(scope="module")
@@ -48,23 +72,28 @@ async def run_with_fault(address: str, workload, drafter: str, fault) -> tuple[l
     first tokens. Returns the outputs, the fault time and the longest gap a stream saw."""
     progress = [0] * len(workload)
     times: list[list[float]] = [[] for _ in workload]
+    all_streaming = asyncio.Event()
 
     async def one(i: int, prompt: list[int]) -> list[int]:
         ids: list[int] = []
-        async for event in client.generate(token_ids=prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True,
-                                           drafter=drafter, k=3, adaptive=False):
+        async for event in client.generate(
+            token_ids=prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, drafter=drafter, k=3, adaptive=False
+        ):
             if event.HasField("chunk"):
                 ids.extend(event.chunk.token_ids)
                 times[i].append(time.perf_counter())
                 progress[i] = len(ids)
+                if min(progress) > 0:
+                    all_streaming.set()
         return ids
 
     async with AsyncClient(address, timeout_s=180) as client:
         tasks = [asyncio.create_task(one(i, p)) for i, (p, _) in enumerate(workload)]
-        while min(progress) < 1:
-            if any(task.done() for task in tasks):
-                await asyncio.gather(*tasks)  # raises what failed
-            await asyncio.sleep(0.005)
+        streaming = asyncio.create_task(all_streaming.wait())
+        await asyncio.wait([streaming, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        if not streaming.done():  # a stream ended before every one had started
+            streaming.cancel()
+            await asyncio.gather(*tasks)  # raises what failed
         assert max(progress) < NEW_TOKENS, "a stream finished before the fault: nothing would be tested"
         fault_at = time.perf_counter()
         await asyncio.to_thread(fault)
@@ -73,62 +102,39 @@ async def run_with_fault(address: str, workload, drafter: str, fault) -> tuple[l
     return outputs, fault_at, stall
 
 
-def replica_load(stack, name: str) -> dict:
-    """The registry entry's load of one replica (as the coordinator and operator see it)."""
-    address = child(stack, name).address
-    client = redis.Redis.from_url(stack.redis_url)
-    try:
-        for key in client.scan_iter(f"{stack.prefix}replica:*"):
-            raw = client.get(key)
-            if raw and json.loads(raw)["address"] == address:
-                return json.loads(raw)["load"]
-    finally:
-        client.close()
-    raise AssertionError(f"{name} is not registered")
-
-
-def wait_for_load(stack, name: str, key: str, timeout_s: float = 10) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            load = replica_load(stack, name)
-        except AssertionError:  # not (re-)registered yet
-            if time.monotonic() > deadline:
-                raise
-            load = {}
-        if load.get(key) or time.monotonic() > deadline:
-            return load
-        time.sleep(0.2)
-
-
 def report(name: str, stall: float) -> None:
     print(f"\n[{name}] longest gap between chunks a client saw after the fault: {stall:.3f} s")
 
 
-async def test_kill_target_replica_mid_stream(stack, workload):
-    victim = child(stack, "target-0")
+async def test_kill_target_replica_mid_stream(stack, workload, valkey):
+    replicas(stack, valkey, targets=2, drafts=1)
+    victim, survivor = live(stack, "target")[:2]  # the older one: surely in the coordinator's view
+    before = restored_tokens(stack, survivor)
     outputs, _, stall = await run_with_fault(stack.coordinator, workload, "ngram", victim.proc.kill)
     report("kill -9 target", stall)
     assert [o for o in outputs] == [ref for _, ref in workload]
     assert victim.proc.wait(timeout=10) == -signal.SIGKILL
-    load = wait_for_load(stack, "target-1", "kv_restored_tokens")
-    assert load["kv_restored_tokens"] >= CHUNK, f"the surviving replica recomputed everything: {load}"
-    add_replica(stack, "target", "target-2")  # two targets again for the drain test
+    restored = wait_restored(stack, survivor, before + CHUNK)
+    assert restored - before >= CHUNK, f"the surviving replica recomputed everything: {restored - before} restored"
 
 
-async def test_kill_draft_replica_mid_stream(stack, workload, kv_models):
-    victim = child(stack, "draft-0")
-    outputs, _, stall = await run_with_fault(stack.coordinator, workload, f"model:{kv_models['draft']}",
-                                             victim.proc.kill)
+async def test_kill_draft_replica_mid_stream(stack, workload, kv_models, valkey):
+    replicas(stack, valkey, targets=1, drafts=2)
+    victim, survivor = live(stack, "draft")[:2]
+    before = restored_tokens(stack, survivor)
+    outputs, _, stall = await run_with_fault(
+        stack.coordinator, workload, f"model:{kv_models['draft']}", victim.proc.kill
+    )
     report("kill -9 draft", stall)
     assert outputs == [ref for _, ref in workload]
     victim.proc.wait(timeout=10)
-    load = wait_for_load(stack, "draft-1", "kv_restored_tokens")
-    assert load["kv_restored_tokens"] >= CHUNK, f"the surviving draft replica recomputed everything: {load}"
+    restored = wait_restored(stack, survivor, before + CHUNK)
+    assert restored - before >= CHUNK, f"the surviving draft replica recomputed everything: {restored - before}"
 
 
-async def test_sigterm_drains_a_target_replica_without_failing_a_request(stack, workload):
-    victim = child(stack, "target-1")
+async def test_sigterm_drains_a_target_replica_without_failing_a_request(stack, workload, valkey):
+    replicas(stack, valkey, targets=2, drafts=1)
+    victim = live(stack, "target")[0]
     outputs, _, stall = await run_with_fault(stack.coordinator, workload, "ngram", victim.proc.terminate)
     report("SIGTERM target", stall)
     assert outputs == [ref for _, ref in workload]
@@ -138,22 +144,39 @@ async def test_sigterm_drains_a_target_replica_without_failing_a_request(stack, 
 
 
 async def test_valkey_restart_during_generation(stack, workload, valkey):
+    replicas(stack, valkey, targets=1, drafts=1)
+    serving = [c for c in stack.children if c.name != "valkey" and c.proc.poll() is None]
+    warned = {c.name: log_count(c, "registry heartbeat failed") for c in serving}
+
     def restart() -> None:
         valkey.stop()
-        time.sleep(1.0)
-        valkey.start()
+        try:  # down until every tier process has seen it (a failed heartbeat, every 0.5 s)
+            wait_until(
+                lambda: all(log_count(c, "registry heartbeat failed") > warned[c.name] for c in serving),
+                timeout_s=30,
+                what="every tier to notice that Valkey is down",
+            )
+        finally:
+            valkey.start()
 
     outputs, _, stall = await run_with_fault(stack.coordinator, workload, "ngram", restart)
     report("Valkey restart", stall)
     assert outputs == [ref for _, ref in workload]
     # The KV tier comes back by itself: new prefixes are written to the restarted server again.
     client = redis.Redis.from_url(stack.redis_url)
+
+    def chunks_written() -> bool:
+        return any(True for _ in client.scan_iter(f"{stack.prefix}kv:target:*"))
+
     deadline, seed = time.monotonic() + 30, 0
     async with AsyncClient(stack.coordinator, timeout_s=60) as generation:
-        while not any(True for _ in client.scan_iter(f"{stack.prefix}kv:target:*")):
+        while not chunks_written():
             assert time.monotonic() < deadline, "KV chunks are no longer written after the restart"
             seed += 1
-            prompt = [int(t) for t in torch.randint(200, 20000, (3 * CHUNK,), generator=torch.Generator().manual_seed(seed))]
+            prompt = [
+                int(t) for t in torch.randint(200, 20000, (3 * CHUNK,), generator=torch.Generator().manual_seed(seed))
+            ]
             await generation.complete(token_ids=prompt, max_new_tokens=2, ignore_eos=True, drafter="ngram")
-            await asyncio.sleep(0.5)
+            with contextlib.suppress(AssertionError):  # written off the hot path: look a while, then try again
+                await asyncio.to_thread(wait_until, chunks_written, 1.0)
     client.close()

@@ -1,6 +1,7 @@
 """The Redis KV tier in-process against a real Valkey: deterministic keys, exact restores, a
 hit is always a prefix, foreign/corrupt/evicted chunks are misses, Redis outages cost
 nothing but recomputation."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,15 @@ def tiny_model(seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(8)
@@ -65,8 +73,9 @@ def test_keys_are_identical_in_two_processes_and_round_trip():
     runs = []
     for seed in ("1", "2"):  # different PYTHONHASHSEED: Python's hash() would differ
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        out = subprocess.run([sys.executable, "-c", KEY_SCRIPT], capture_output=True, text=True, env=env,
-                             check=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", KEY_SCRIPT], capture_output=True, text=True, env=env, check=True, timeout=120
+        )
         runs.append(json.loads(out.stdout))
     assert runs[0] == runs[1] and len(runs[0]) == 100 // 32
     key = ChunkKey.from_string(runs[0][2])

@@ -1,5 +1,6 @@
 """A replica whose compute thread is stuck goes NOT_SERVING and leaves the registry; its
 streams finish on another replica, token-identical to plain decoding."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,8 +10,8 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from specdec.client import AsyncClient
 
+from specdec.client import AsyncClient
 from tests.kvstore.conftest import add_replica, registered, start
 from tests.reference import hf_greedy
 
@@ -22,8 +23,9 @@ STREAMS = 10
 def frozen_stack(kv_models, valkey):
     running = start(kv_models["target"], "ngram", valkey, targets=1, drafts=1)
     # The second target freezes for good in its 15th verify batch; its watchdog notices in 1 s.
-    frozen = add_replica(running, "target", "target-frozen", SPECDEC_FAILPOINTS="verify_batch=freeze@15",
-                         SPECDEC_WATCHDOG_S="1")
+    frozen = add_replica(
+        running, "target", "target-frozen", SPECDEC_FAILPOINTS="verify_batch=freeze@15", SPECDEC_WATCHDOG_S="1"
+    )
     yield running, frozen
     running.stop()
 
@@ -50,8 +52,9 @@ async def test_a_stuck_replica_goes_not_serving_and_its_streams_finish_elsewhere
 
     async def one(client: AsyncClient, prompt: list[int]) -> list[int]:
         ids, last = [], time.perf_counter()
-        async for event in client.generate(token_ids=prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True,
-                                           drafter="ngram", k=3, adaptive=False):
+        async for event in client.generate(
+            token_ids=prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, drafter="ngram", k=3, adaptive=False
+        ):
             if event.HasField("chunk"):
                 ids.extend(event.chunk.token_ids)
                 now = time.perf_counter()

@@ -1,4 +1,5 @@
 """Make the test helpers in this folder importable (simulate, emulator)."""
+
 import sys
 from pathlib import Path
 

@@ -8,6 +8,7 @@ on each new watch. :class:`FixedEmulator` fills those gaps (and forgets served r
 which kmock would keep and rescan on every new one); no controllers run, so there are no
 Pods, no ``readyReplicas`` and no garbage collection.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,26 +27,24 @@ import kmock
 from kmock._internal import enums
 
 RESOURCES = {
-    "specdec.io/v1alpha1/speculativedecoders": dict(kind="SpeculativeDecoder", namespaced=True,
-                                                    singular="speculativedecoder",
-                                                    subresources={"status"}),
+    "specdec.io/v1alpha1/speculativedecoders": dict(
+        kind="SpeculativeDecoder", namespaced=True, singular="speculativedecoder", subresources={"status"}
+    ),
     "apps/v1/deployments": dict(kind="Deployment", namespaced=True, singular="deployment"),
     "v1/services": dict(kind="Service", namespaced=True, singular="service"),
-    "policy/v1/poddisruptionbudgets": dict(kind="PodDisruptionBudget", namespaced=True,
-                                           singular="poddisruptionbudget"),
+    "policy/v1/poddisruptionbudgets": dict(kind="PodDisruptionBudget", namespaced=True, singular="poddisruptionbudget"),
     "v1/events": dict(kind="Event", namespaced=True, singular="event"),
     "v1/secrets": dict(kind="Secret", namespaced=True, singular="secret"),
     "v1/pods": dict(kind="Pod", namespaced=True, singular="pod"),
-    "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", namespaced=True,
-                                      singular="persistentvolumeclaim"),
-    "kopf.dev/v1/clusterkopfpeerings": dict(kind="ClusterKopfPeering", namespaced=False,
-                                            singular="clusterkopfpeering"),
+    "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", namespaced=True, singular="persistentvolumeclaim"),
+    "kopf.dev/v1/clusterkopfpeerings": dict(kind="ClusterKopfPeering", namespaced=False, singular="clusterkopfpeering"),
     "kopf.dev/v1/kopfpeerings": dict(kind="KopfPeering", namespaced=True, singular="kopfpeering"),
     # kopf waits for namespaces in discovery even cluster-wide; run it with --all-namespaces:
     # kmock 0.8 cannot parse /api/v1/namespaces, which kopf lists for --namespace.
     "v1/namespaces": dict(kind="Namespace", namespaced=False, singular="namespace"),
     "apiextensions.k8s.io/v1/customresourcedefinitions": dict(
-        kind="CustomResourceDefinition", namespaced=False, singular="customresourcedefinition"),
+        kind="CustomResourceDefinition", namespaced=False, singular="customresourcedefinition"
+    ),
 }
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 
@@ -119,17 +118,21 @@ class FixedEmulator(kmock.KubernetesEmulator):
         return None if obj.deleted else obj.raw
 
     async def _handle(self, request: kmock.Request):  # type: ignore[override]
-        if request.resource is not None and request.name is not None and \
-                (getattr(request.resource, "plural", None), request.namespace, request.name) in self.forbidden:
+        if (
+            request.resource is not None
+            and request.name is not None
+            and (getattr(request.resource, "plural", None), request.namespace, request.name) in self.forbidden
+        ):
             self._forget(request)
-            raise kmock.KubernetesError(status=403, reason="Forbidden",
-                                        message=f"forbidden: {request.resource.plural} {request.name!r}")
+            raise kmock.KubernetesError(
+                status=403, reason="Forbidden", message=f"forbidden: {request.resource.plural} {request.name!r}"
+            )
         if request.resource is not None:
             try:
                 async with self._lock:
                     await self._prepare(request)
             except JsonPatchConflict as exc:
-                raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc))
+                raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from exc
         try:
             return await super()._handle(request)
         finally:
@@ -156,15 +159,14 @@ class FixedEmulator(kmock.KubernetesEmulator):
             if request.namespace and not meta.get("namespace"):
                 meta["namespace"] = request.namespace
             meta.setdefault("uid", str(uuid.uuid4()))
-            meta.setdefault("creationTimestamp",
-                            datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            meta.setdefault("creationTimestamp", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
             meta["generation"] = 1
             meta["resourceVersion"] = self._next()
         elif request.action == enums.action.UPDATE and request.name is not None:
             current = self._stored(request)
             if current is None:
                 return  # the parent raises 404
-            if isinstance(data, list):   # JSON patch
+            if isinstance(data, list):  # JSON patch
                 data = merge_diff(current, apply_json_patch(current, data))
             elif not isinstance(data, dict):
                 return
@@ -174,22 +176,32 @@ class FixedEmulator(kmock.KubernetesEmulator):
             meta = dict(data.get("metadata") or {})
             for k in ("uid", "creationTimestamp", "generation"):
                 meta.pop(k, None)
-            if request.subresource is None and "spec" in data and \
-                    merge_diff(current.get("spec"), apply_merge(current.get("spec"), data["spec"])):
+            if (
+                request.subresource is None
+                and "spec" in data
+                and merge_diff(current.get("spec"), apply_merge(current.get("spec"), data["spec"]))
+            ):
                 meta["generation"] = int(current["metadata"].get("generation", 1)) + 1
             meta["resourceVersion"] = self._next()
             data["metadata"] = meta
             object.__setattr__(request, "data", data)
         elif request.action == enums.action.DELETE and request.name is not None:
             current = self._stored(request)
-            if current is not None and current["metadata"].get("finalizers") \
-                    and not current["metadata"].get("deletionTimestamp"):
+            if (
+                current is not None
+                and current["metadata"].get("finalizers")
+                and not current["metadata"].get("deletionTimestamp")
+            ):
                 # Mark for deletion with a fresh resourceVersion (the parent does not bump it).
                 obj = self.objects[(request.resource, request.namespace, request.name)]
-                obj.patch({"metadata": {
-                    "deletionTimestamp": datetime.datetime.now(datetime.UTC).strftime(
-                        "%Y-%m-%dT%H:%M:%SZ"),
-                    "resourceVersion": self._next()}})
+                obj.patch(
+                    {
+                        "metadata": {
+                            "deletionTimestamp": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            "resourceVersion": self._next(),
+                        }
+                    }
+                )
                 await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
 
     async def _serve_list(self, request: kmock.Request):  # type: ignore[override]
@@ -243,7 +255,7 @@ class EmulatorThread:
             self._ready.set()
             await self._stop.wait()
 
-    def __enter__(self) -> "EmulatorThread":
+    def __enter__(self) -> EmulatorThread:
         self.thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("kmock emulator did not start")
@@ -256,11 +268,9 @@ class EmulatorThread:
 
     # ---- a blocking client for the test thread ----
 
-    def request(self, method: str, path: str, body: Any = None,
-                content_type: str = "application/json") -> Any:
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": content_type})
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": content_type})
         try:
             with urllib.request.urlopen(req, timeout=10) as rsp:
                 text = rsp.read()

@@ -8,6 +8,7 @@ asks for, it publishes the services' heartbeat JSON into Redis (SET ... EX 10) e
 0.2 s, spreading a per-tier demand over them; replicas that a scale-down removes delete
 their key, as a gracefully stopping service does.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-
 from emulator import EmulatorThread
 
 INTERVAL_S = 0.25
@@ -49,7 +49,7 @@ class Decoder:
         self.api, self.ns, self.name, self.redis_url = api, namespace, NAME, redis_url
         self.cr_path = f"/apis/specdec.io/v1alpha1/namespaces/{namespace}/speculativedecoders"
         self.fleet = Fleet(self, redis_url)
-        self.cr: dict[str, Any] = {}        # the resource as created
+        self.cr: dict[str, Any] = {}  # the resource as created
 
     def create(self) -> None:
         self.cr = self.api.request("POST", self.cr_path, manifest(self.ns, self.redis_url))
@@ -71,8 +71,7 @@ class Decoder:
         return self.api.request("GET", f"/api/v1/namespaces/{self.ns}/services/{self.name}-{tier}")
 
     def pdb(self, tier: str) -> Any:
-        return self.api.request(
-            "GET", f"/apis/policy/v1/namespaces/{self.ns}/poddisruptionbudgets/{self.name}-{tier}")
+        return self.api.request("GET", f"/apis/policy/v1/namespaces/{self.ns}/poddisruptionbudgets/{self.name}-{tier}")
 
     def applied(self) -> bool:
         """Whether a reconcile pass has finished: every tier is in status."""
@@ -81,8 +80,7 @@ class Decoder:
 
     def events(self, reason: str) -> list[dict[str, Any]]:
         path = f"/api/v1/namespaces/{self.ns}/events"
-        return [e for e in (self.api.request("GET", path) or {}).get("items", [])
-                if e.get("reason") == reason]
+        return [e for e in (self.api.request("GET", path) or {}).get("items", []) if e.get("reason") == reason]
 
 
 class Fleet(threading.Thread):
@@ -91,6 +89,7 @@ class Fleet(threading.Thread):
     def __init__(self, decoder: Decoder, redis_url: str) -> None:
         super().__init__(name=f"fleet-{decoder.ns}", daemon=True)
         import redis
+
         self.decoder = decoder
         self.r = redis.Redis.from_url(redis_url)
         self.prefix = f"specdec:{decoder.ns}.{decoder.name}:"
@@ -108,13 +107,22 @@ class Fleet(threading.Thread):
                         self.r.delete(key)
                 for i in range(n):
                     busy = self.demand[tier] > 0
-                    value = {"tier": tier, "replica_id": f"{tier}-{i}",
-                             "address": f"10.0.0.{i}:5005{TIERS.index(tier) + 1}", "pid": 100 + i,
-                             "model": "tiny", "started_at": now - 60, "heartbeat_at": now,
-                             "load": {"queue_depth": 0, "active_sessions": 2 if busy else 0,
-                                      "batch_utilization": min(1.0, self.demand[tier] / n),
-                                      "tokens_per_s": self.tps / n if tier == "target" else 0.0,
-                                      "acceptance_rate": 0.7 if tier == "target" else None}}
+                    value = {
+                        "tier": tier,
+                        "replica_id": f"{tier}-{i}",
+                        "address": f"10.0.0.{i}:5005{TIERS.index(tier) + 1}",
+                        "pid": 100 + i,
+                        "model": "tiny",
+                        "started_at": now - 60,
+                        "heartbeat_at": now,
+                        "load": {
+                            "queue_depth": 0,
+                            "active_sessions": 2 if busy else 0,
+                            "batch_utilization": min(1.0, self.demand[tier] / n),
+                            "tokens_per_s": self.tps / n if tier == "target" else 0.0,
+                            "acceptance_rate": 0.7 if tier == "target" else None,
+                        },
+                    }
                     self.r.set(f"{self.prefix}replica:{tier}:{tier}-{i}", json.dumps(value), ex=10)
 
     def close(self) -> None:
@@ -126,11 +134,18 @@ class Fleet(threading.Thread):
 
 
 def manifest(namespace: str, redis_url: str) -> dict[str, Any]:
-    fast = {"scaleDownStabilizationSeconds": WINDOW_S, "scaleUpStabilizationSeconds": 0,
-            "maxScaleUpStep": 2, "maxScaleDownStep": 1, "headroom": 0.0,
-            "targetUtilization": 0.5, "targetQueueDepth": None}
+    fast = {
+        "scaleDownStabilizationSeconds": WINDOW_S,
+        "scaleUpStabilizationSeconds": 0,
+        "maxScaleUpStep": 2,
+        "maxScaleDownStep": 1,
+        "headroom": 0.0,
+        "targetUtilization": 0.5,
+        "targetQueueDepth": None,
+    }
     return {
-        "apiVersion": "specdec.io/v1alpha1", "kind": "SpeculativeDecoder",
+        "apiVersion": "specdec.io/v1alpha1",
+        "kind": "SpeculativeDecoder",
         "metadata": {"name": NAME, "namespace": namespace},
         "spec": {
             "model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"},
@@ -140,12 +155,17 @@ def manifest(namespace: str, redis_url: str) -> dict[str, Any]:
             "redis": {"url": redis_url},
             "tracing": {"endpoint": "http://otel-collector:4317"},
             "coordinator": {"minReplicas": 1, "maxReplicas": 3},
-            "draft": {"minReplicas": 1, "maxReplicas": 4,
-                      "autoscaling": {**fast, "scaleToZero": True,
-                                      "draftTokensPerSecondPerReplica": 1000}},
-            "target": {"minReplicas": 1, "maxReplicas": 5,
-                       "gpu": {"count": 1, "type": "NVIDIA-H100-80GB-HBM3"},
-                       "autoscaling": fast},
+            "draft": {
+                "minReplicas": 1,
+                "maxReplicas": 4,
+                "autoscaling": {**fast, "scaleToZero": True, "draftTokensPerSecondPerReplica": 1000},
+            },
+            "target": {
+                "minReplicas": 1,
+                "maxReplicas": 5,
+                "gpu": {"count": 1, "type": "NVIDIA-H100-80GB-HBM3"},
+                "autoscaling": fast,
+            },
         },
     }
 
@@ -177,7 +197,7 @@ def decoder(operator: EmulatorThread, valkey, request: pytest.FixtureRequest) ->
     yield d
     d.fleet.close()
     if d.resource() is not None:
-        operator.request("DELETE", f"{d.cr_path}/{d.name}")   # the operator cleans up later
+        operator.request("DELETE", f"{d.cr_path}/{d.name}")  # the operator cleans up later
 
 
 def test_create_makes_each_tier(decoder: Decoder, valkey) -> None:
@@ -192,8 +212,7 @@ def test_create_makes_each_tier(decoder: Decoder, valkey) -> None:
         assert env["SPECDEC_REDIS_PREFIX"] == f"specdec:{d.ns}.{d.name}:"
         assert env["SPECDEC_REDIS_URL"] == valkey.url and env["SPECDEC_DRAFTER"] == "ngram"
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
-        assert c["readinessProbe"]["grpc"]["port"] == {"coordinator": 50051, "draft": 50052,
-                                                        "target": 50053}[tier]
+        assert c["readinessProbe"]["grpc"]["port"] == {"coordinator": 50051, "draft": 50052, "target": 50053}[tier]
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert wait_for("service", lambda: d.service(tier))
         assert wait_for("pdb", lambda: d.pdb(tier))
@@ -208,19 +227,19 @@ def test_idle_draft_tier_scales_to_zero_and_back(decoder: Decoder) -> None:
     d = decoder
     wait_for("draft at 0", lambda: d.replicas("draft") == 0, timeout=WINDOW_S + 10)
     d.fleet.tps = 100.0
-    d.fleet.demand["target"] = 0.4        # the target tier is busy: drafting is needed again
+    d.fleet.demand["target"] = 0.4  # the target tier is busy: drafting is needed again
     wait_for("draft back up", lambda: (d.replicas("draft") or 0) >= 1)
 
 
 def scale_target_to_4(d: Decoder) -> None:
     d.fleet.tps = 2400.0
-    d.fleet.demand["target"] = 2.0        # 2 replicas' worth at 100%: 4 at target 0.5
+    d.fleet.demand["target"] = 2.0  # 2 replicas' worth at 100%: 4 at target 0.5
     wait_for("target at 4", lambda: d.replicas("target") == 4)
 
 
 def test_load_scales_target_up_and_draft_follows(decoder: Decoder) -> None:
     d = decoder
-    wait_for("applied", d.applied)        # the load arrives at a running decoder
+    wait_for("applied", d.applied)  # the load arrives at a running decoder
     scale_target_to_4(d)
     # 2400 tok/s at a=0.7, k=4 needs ~3470 draft tok/s: 1000/replica at 0.5 -> 4 (max).
     wait_for("draft up", lambda: (d.replicas("draft") or 0) >= 2)
@@ -248,10 +267,12 @@ def test_scale_down_waits_for_the_window(decoder: Decoder) -> None:
 def test_edit_propagates_to_deployments(decoder: Decoder) -> None:
     d = decoder
     wait_for("applied", d.applied)
-    d.api.request("PATCH", f"{d.cr_path}/{d.name}",
-                  {"spec": {"model": {"name": "org/other-model"},
-                            "image": "ghcr.io/specdec/specdec:0.2.0"}},
-                  content_type="application/merge-patch+json")
+    d.api.request(
+        "PATCH",
+        f"{d.cr_path}/{d.name}",
+        {"spec": {"model": {"name": "org/other-model"}, "image": "ghcr.io/specdec/specdec:0.2.0"}},
+        content_type="application/merge-patch+json",
+    )
 
     def updated() -> bool:
         for tier in TIERS:
@@ -260,6 +281,7 @@ def test_edit_propagates_to_deployments(decoder: Decoder) -> None:
             if env["SPECDEC_MODEL"] != "org/other-model" or not c["image"].endswith(":0.2.0"):
                 return False
         return True
+
     wait_for("edited deployments", updated)
 
 
@@ -268,11 +290,16 @@ def test_drift_is_reapplied(decoder: Decoder) -> None:
     wait_for("applied", d.applied)
     containers = d.deployment("coordinator")["spec"]["template"]["spec"]["containers"]
     containers[0]["image"] = "example.com/tampered:1"
-    d.api.request("PATCH", d.dep_path("coordinator"),
-                  {"spec": {"template": {"spec": {"containers": containers}}}},
-                  content_type="application/merge-patch+json")
-    wait_for("drift corrected", lambda: d.deployment("coordinator")[
-        "spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE)
+    d.api.request(
+        "PATCH",
+        d.dep_path("coordinator"),
+        {"spec": {"template": {"spec": {"containers": containers}}}},
+        content_type="application/merge-patch+json",
+    )
+    wait_for(
+        "drift corrected",
+        lambda: d.deployment("coordinator")["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGE,
+    )
     # The Event is posted in the background, after the re-apply.
     assert wait_for("DriftCorrected event", lambda: d.events("DriftCorrected"), timeout=5)
 
@@ -296,12 +323,18 @@ def test_uninstall_hook_deletes_decoders_while_the_operator_runs(decoder: Decode
     d = decoder
     make(d, "second")
     wait_for("applied", d.applied)
-    wait_for("second applied", lambda: d.api.request(
-        "GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/second-target"))
-    assert d.resource()["metadata"].get("finalizers")       # kopf holds it until it has run
+    wait_for(
+        "second applied", lambda: d.api.request("GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/second-target")
+    )
+    assert d.resource()["metadata"].get("finalizers")  # kopf holds it until it has run
     env = {**os.environ, "SPECDEC_OPERATOR_API_URL": d.api.url, "SPECDEC_OPERATOR_NAMESPACES": d.ns}
-    out = subprocess.run([sys.executable, "-m", "specdec_operator.uninstall", "--timeout", "20"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "specdec_operator.uninstall", "--timeout", "20"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "0 finalizer(s) stripped" in out.stderr, out.stderr
     assert d.resource() is None and d.api.request("GET", f"{d.cr_path}/second") is None
@@ -311,6 +344,7 @@ def test_uninstall_hook_deletes_decoders_while_the_operator_runs(decoder: Decode
 
 
 # ---- failures said, not swallowed --------------------------------------------------------
+
 
 def make(d: Decoder, name: str, **spec: Any) -> str:
     """Another SpeculativeDecoder in the test's namespace, with ``spec`` over the usual one."""
@@ -344,10 +378,11 @@ def test_an_unreadable_redis_secret_is_said(decoder: Decoder, case: str) -> None
     c = said(d, path, reason)
     assert "redis-url" in c["message"] and c["status"] == "True"
     # The tiers deploy all the same (their pods read the Secret themselves); only autoscaling waits.
-    assert wait_for("deployment", lambda: d.api.request(
-        "GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/secret-target"))
+    assert wait_for(
+        "deployment", lambda: d.api.request("GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/secret-target")
+    )
     time.sleep(4 * INTERVAL_S)
-    assert len(d.events(reason)) == 1              # said once, not on every timer tick
+    assert len(d.events(reason)) == 1  # said once, not on every timer tick
 
 
 def test_an_invalid_spec_is_said(decoder: Decoder) -> None:
@@ -362,12 +397,27 @@ def test_an_unschedulable_tier_is_said(decoder: Decoder) -> None:
     d = decoder
     wait_for("applied", d.applied)
     labels = d.deployment("target")["spec"]["template"]["metadata"]["labels"]
-    d.api.request("POST", f"/api/v1/namespaces/{d.ns}/pods", {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "demo-target-x1", "namespace": d.ns, "labels": labels},
-        "spec": {"containers": [{"name": "target", "image": IMAGE}]},
-        "status": {"phase": "Pending", "conditions": [{
-            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}})
+    d.api.request(
+        "POST",
+        f"/api/v1/namespaces/{d.ns}/pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "demo-target-x1", "namespace": d.ns, "labels": labels},
+            "spec": {"containers": [{"name": "target", "image": IMAGE}]},
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                    }
+                ],
+            },
+        },
+    )
     c = said(d, f"{d.cr_path}/{d.name}", "Unschedulable", kind="Ready")
     assert "Insufficient nvidia.com/gpu" in c["message"] and c["status"] == "False"
     assert c["observedGeneration"] == 1
@@ -375,40 +425,62 @@ def test_an_unschedulable_tier_is_said(decoder: Decoder) -> None:
 
 # ---- autoscaling handed to an HPA/KEDA; models delivered once ----------------------------
 
+
 def test_external_autoscaling_leaves_replicas_alone(decoder: Decoder) -> None:
     d = decoder
-    path = make(d, "ext", target={"minReplicas": 1, "maxReplicas": 8,
-                                  "autoscaling": {"mode": "external"}})
+    path = make(d, "ext", target={"minReplicas": 1, "maxReplicas": 8, "autoscaling": {"mode": "external"}})
     dep_path = f"/apis/apps/v1/namespaces/{d.ns}/deployments/ext-target"
     dep = wait_for("deployment", lambda: d.api.request("GET", dep_path))
     assert "replicas" not in dep["spec"]
-    d.api.request("PATCH", dep_path, {"spec": {"replicas": 5}},       # what an HPA does
-                  content_type="application/merge-patch+json")
-    wait_for("status shows the HPA's count", lambda: ((d.api.request("GET", path) or {}).get(
-        "status", {}).get("tiers", {}).get("target", {}).get("desiredReplicas") == 5))
+    d.api.request(
+        "PATCH",
+        dep_path,
+        {"spec": {"replicas": 5}},  # what an HPA does
+        content_type="application/merge-patch+json",
+    )
+    wait_for(
+        "status shows the HPA's count",
+        lambda: (
+            (d.api.request("GET", path) or {})
+            .get("status", {})
+            .get("tiers", {})
+            .get("target", {})
+            .get("desiredReplicas")
+            == 5
+        ),
+    )
     time.sleep(4 * INTERVAL_S)
     assert d.api.request("GET", dep_path)["spec"]["replicas"] == 5
 
 
 def test_model_cache_is_one_volume_filled_once(decoder: Decoder) -> None:
     d = decoder
-    make(d, "cached", model={"name": "org/big-model", "sizeGB": 140,
-                             "tokenSecretRef": {"name": "hub", "key": "token"},
-                             "cache": {"size": "300Gi", "storageClassName": "nfs"}})
-    pvc = wait_for("pvc", lambda: d.api.request(
-        "GET", f"/api/v1/namespaces/{d.ns}/persistentvolumeclaims/cached-model-cache"))
+    make(
+        d,
+        "cached",
+        model={
+            "name": "org/big-model",
+            "sizeGB": 140,
+            "tokenSecretRef": {"name": "hub", "key": "token"},
+            "cache": {"size": "300Gi", "storageClassName": "nfs"},
+        },
+    )
+    pvc = wait_for(
+        "pvc", lambda: d.api.request("GET", f"/api/v1/namespaces/{d.ns}/persistentvolumeclaims/cached-model-cache")
+    )
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["storageClassName"] == "nfs"
     assert pvc["metadata"]["ownerReferences"][0]["kind"] == "SpeculativeDecoder"
     for tier in TIERS:
-        dep = wait_for(f"{tier}", lambda: d.api.request(
-            "GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/cached-{tier}"))
+        dep = wait_for(
+            f"{tier}", lambda: d.api.request("GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/cached-{tier}")
+        )
         pod = dep["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "cached-model-cache"
         assert volumes["tmp"]["emptyDir"]["sizeLimit"]
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hub", "key": "token"}
-        if tier == "draft":          # an n-gram drafter loads no model
+        if tier == "draft":  # an n-gram drafter loads no model
             assert "initContainers" not in pod and "HF_HUB_OFFLINE" not in env
             continue
         init = pod["initContainers"][0]
@@ -417,4 +489,4 @@ def test_model_cache_is_one_volume_filled_once(decoder: Decoder) -> None:
     target = d.api.request("GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/cached-target")
     coord = d.api.request("GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/cached-coordinator")
     budget = lambda dep: dep["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"]
-    assert budget(target) * 5 >= 140 * 20 > budget(coord) * 5     # 140 GB: ~50 min, not 10
+    assert budget(target) * 5 >= 140 * 20 > budget(coord) * 5  # 140 GB: ~50 min, not 10

@@ -1,14 +1,14 @@
 """Fixtures for the tiers: tiny seeded models saved as HF directories (with the real
 SmolLM2 tokenizer, so text prompts work) and a running stack of real processes."""
+
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ValkeyProcess, free_port
+from tests.conftest import ValkeyProcess, launch
 from tests.reference import hf_greedy
 
 PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"
@@ -23,15 +23,22 @@ class RunningStack:
         return self.stack.coordinator
 
 
-def start(model: str, drafter: str, valkey: ValkeyProcess, targets: int = 1, drafts: int = 1,
-          extra_env: dict[str, str] | None = None) -> RunningStack:
-    from specdec.launcher import start_stack
-
+def start(
+    model: str,
+    drafter: str,
+    valkey: ValkeyProcess,
+    targets: int = 1,
+    drafts: int = 1,
+    extra_env: dict[str, str] | None = None,
+) -> RunningStack:
     prefix = f"specdec-test-{uuid.uuid4().hex[:6]}:"
-    os.environ["SPECDEC_REDIS_PREFIX"] = prefix  # the launcher's registry wait reads it too
-    env = {"SPECDEC_REDIS_PREFIX": prefix, "SPECDEC_TORCH_THREADS": "1", "SPECDEC_HEARTBEAT_S": "0.5",
-           **(extra_env or {})}
-    stack = start_stack(model, drafter, drafts, targets, free_port(), valkey.url, extra_env=env)
+    env = {
+        "SPECDEC_REDIS_PREFIX": prefix,
+        "SPECDEC_TORCH_THREADS": "1",
+        "SPECDEC_HEARTBEAT_S": "0.5",
+        **(extra_env or {}),
+    }
+    stack = launch(model, drafter, drafts, targets, valkey.url, env)
     return RunningStack(stack, prefix)
 
 
@@ -63,8 +70,9 @@ def reference(tiny_models, prompt_ids) -> list[int]:
 async def ngram_stream(client, prompt_ids: list[int]) -> tuple[list[int], float]:
     """One streamed greedy n-gram generation of 24 tokens -> (token ids, mean verify batch size)."""
     ids, batch = [], 0.0
-    async for event in client.generate(token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True,
-                                       drafter="ngram", k=3, adaptive=False):
+    async for event in client.generate(
+        token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True, drafter="ngram", k=3, adaptive=False
+    ):
         if event.HasField("chunk"):
             ids.extend(event.chunk.token_ids)
         else:

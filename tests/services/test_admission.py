@@ -1,14 +1,16 @@
 """Admission control at the coordinator: at most max_running_requests run at once, the
 rest queue (first come, first served) and still get exact output."""
+
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+
 from specdec.client import AsyncClient
 from specdec.coordinator.admission import Admission
-
 from tests.services.conftest import ngram_stream, start
+from tests.waiting import until
 
 
 async def test_admission_runs_at_most_the_limit_and_queues_the_rest() -> None:
@@ -25,11 +27,12 @@ async def test_admission_runs_at_most_the_limit_and_queues_the_rest() -> None:
             running -= 1
 
     tasks = [asyncio.create_task(request(i)) for i in range(5)]
-    await asyncio.sleep(0.05)
+    # Every request has reached the admission: it either runs or waits (whichever it is).
+    await until(lambda: running + admission.waiting == 5, what="all five requests to arrive")
     assert running == 2 and admission.waiting == 3 and order == [0, 1]
     tasks[4].cancel()  # a client that gives up while queued leaves the queue
-    await asyncio.sleep(0.05)
-    assert admission.waiting == 2
+    await asyncio.wait([tasks[4]])
+    assert tasks[4].cancelled() and admission.waiting == 2
     release.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     assert order == [0, 1, 2, 3] and admission.waiting == 0 and running == 0

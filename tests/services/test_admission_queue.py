@@ -1,10 +1,12 @@
 """The admission queue is bounded: past it a request is refused at once, with a retry hint."""
+
 from __future__ import annotations
 
 import asyncio
 
 import grpc
 import pytest
+
 from specdec.coordinator.admission import Admission
 from specdec.core.errors import Overloaded
 from specdec.rpc.errors import _status_for

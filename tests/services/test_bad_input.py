@@ -1,4 +1,5 @@
 """Every bad field gets INVALID_ARGUMENT naming it; a tier that is down gets UNAVAILABLE."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,8 +9,8 @@ import grpc
 import pytest
 
 from specdec.client import Client
-from tests.conftest import free_port
 from specdec.launcher import Child, wait_healthy
+from tests.conftest import free_port
 
 OK = {"prompt": "hello there", "max_new_tokens": 4}
 BAD = [
@@ -43,12 +44,11 @@ BAD = [
 def test_bad_input_is_invalid_argument(tiny_stack, case, override, field, method):
     params = {**OK, **override}
     prompt = params.pop("prompt")
-    with Client(tiny_stack.address, timeout_s=30) as client:
-        with pytest.raises(grpc.RpcError) as err:
-            if method == "complete":
-                client.complete(prompt, **params)
-            else:
-                list(client.generate(prompt, **params))
+    with Client(tiny_stack.address, timeout_s=30) as client, pytest.raises(grpc.RpcError) as err:
+        if method == "complete":
+            client.complete(prompt, **params)
+        else:
+            list(client.generate(prompt, **params))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert field in err.value.details()
 
@@ -65,15 +65,28 @@ def test_target_tier_down_is_unavailable(tiny_models, tmp_path):
     port, dead = free_port(), free_port()
     log = tmp_path / "coordinator.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(port),
-         "--model", tiny_models[0], "--target-addresses", f"127.0.0.1:{dead}",
-         "--draft-addresses", f"127.0.0.1:{free_port()}"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "specdec.cli",
+            "serve",
+            "coordinator",
+            "--port",
+            str(port),
+            "--model",
+            tiny_models[0],
+            "--target-addresses",
+            f"127.0.0.1:{dead}",
+            "--draft-addresses",
+            f"127.0.0.1:{free_port()}",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_healthy(Child("coordinator", proc, log, f"127.0.0.1:{port}"), timeout_s=120)
-        with Client(f"127.0.0.1:{port}", timeout_s=60) as client:
-            with pytest.raises(grpc.RpcError) as err:
-                client.complete("hello there", max_new_tokens=4)
+        with Client(f"127.0.0.1:{port}", timeout_s=60) as client, pytest.raises(grpc.RpcError) as err:
+            client.complete("hello there", max_new_tokens=4)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "target" in err.value.details()
     finally:

@@ -3,6 +3,7 @@ Redis; a client given both resumes its streams on the survivor when the one serv
 killed with -9, and every output is the uninterrupted one (greedy and seeded sampling). A
 request_id names one request: a finished one answers its result again, two coordinators
 given it at once run it once, a malformed record is a miss."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,8 +34,9 @@ def stack(tiny_models, valkey):
     env = {"SPECDEC_REDIS_PREFIX": prefix, "SPECDEC_TORCH_THREADS": "1", "SPECDEC_HEARTBEAT_S": "0.5"}
     with pytest.MonkeyPatch.context() as patch:  # the launcher's registry wait reads the prefix too
         patch.setenv("SPECDEC_REDIS_PREFIX", prefix)
-        running = start_stack(tiny_models[0], "ngram", 1, 1, free_port(), valkey.url, extra_env=env,
-                              coordinator_replicas=2)
+        running = start_stack(
+            tiny_models[0], "ngram", 1, 1, free_port(), valkey.url, extra_env=env, coordinator_replicas=2
+        )
     running.prefix = prefix  # type: ignore[attr-defined]
     yield running
     running.stop()
@@ -46,8 +48,12 @@ def coordinators(stack) -> list:
     while len(live) < 2:
         port = free_port()
         name = f"coordinator-{sum(c.name.startswith('coordinator') for c in stack.children)}"
-        child = stack.spawn(name, [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(port)],
-                            stack.env, f"127.0.0.1:{port}")
+        child = stack.spawn(
+            name,
+            [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(port)],
+            stack.env,
+            f"127.0.0.1:{port}",
+        )
         wait_healthy(child)
         live.append(child)
     return live[:2]
@@ -58,7 +64,7 @@ def workload(prompt_ids: list[int]) -> list[dict]:
     tokens) alternating, on prompts that differ in where they start."""
     requests = []
     for i in range(NUM_STREAMS):
-        params = dict(token_ids=prompt_ids[i % 5:], max_new_tokens=NEW_TOKENS, ignore_eos=True, drafter="ngram", k=3)
+        params = dict(token_ids=prompt_ids[i % 5 :], max_new_tokens=NEW_TOKENS, ignore_eos=True, drafter="ngram", k=3)
         if i % 2:
             params.update(temperature=0.8, top_p=0.95, seed=1000 + i, adaptive=False)
         requests.append(params)
@@ -111,11 +117,12 @@ async def test_kill_coordinator_mid_stream_every_stream_completes_identically(st
     reference, _ = await run_streams([victim.address, survivor.address], requests)
     assert all(len(ids) == NEW_TOKENS and dones == 1 for ids, _, _, dones, _ in reference)
 
-    outputs, stalls = await run_streams([victim.address, survivor.address], requests, victim.proc.kill,
-                                        fault_after=6)
+    outputs, stalls = await run_streams([victim.address, survivor.address], requests, victim.proc.kill, fault_after=6)
     assert victim.proc.wait(timeout=10) == -signal.SIGKILL
-    print(f"\n[kill -9 coordinator] {len(stalls)} streams; time from the kill to their next chunk: "
-          f"median {sorted(stalls)[len(stalls) // 2]:.3f} s, max {max(stalls):.3f} s")
+    print(
+        f"\n[kill -9 coordinator] {len(stalls)} streams; time from the kill to their next chunk: "
+        f"median {sorted(stalls)[len(stalls) // 2]:.3f} s, max {max(stalls):.3f} s"
+    )
     for i, (got, want) in enumerate(zip(outputs, reference)):
         assert got[:4] == want[:4], f"stream {i} ({'sampled' if i % 2 else 'greedy'}) differs after failover"
         assert got[4] == NEW_TOKENS, "the resumed request's statistics count the whole request"
@@ -147,8 +154,9 @@ def complete_ids(address: str, **params) -> list[int]:
 def test_a_finished_request_id_answers_its_result_not_a_new_generation(stack, prompt_ids):
     a, b = coordinators(stack)
     # Sampling without a seed: a new generation would draw a new seed and other tokens.
-    params = dict(token_ids=prompt_ids, max_new_tokens=16, ignore_eos=True, temperature=1.0,
-                  request_id=f"done-{uuid.uuid4().hex}")
+    params = dict(
+        token_ids=prompt_ids, max_new_tokens=16, ignore_eos=True, temperature=1.0, request_id=f"done-{uuid.uuid4().hex}"
+    )
     first = complete_ids(a.address, **params)
     assert complete_ids(a.address, **params) == first
     assert complete_ids(b.address, **params) == first
@@ -162,12 +170,14 @@ def test_a_finished_request_id_answers_its_result_not_a_new_generation(stack, pr
 
 async def test_one_request_id_sent_to_two_coordinators_runs_once(stack, prompt_ids):
     a, b = coordinators(stack)
-    params = dict(token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True, temperature=1.0,
-                  request_id=f"race-{uuid.uuid4().hex}")
+    params = dict(
+        token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True, temperature=1.0, request_id=f"race-{uuid.uuid4().hex}"
+    )
 
     async def complete(address: str) -> list[int]:
         async with AsyncClient(address, timeout_s=120) as client:
             return list((await client.complete(**params)).token_ids)
+
     first, second = await asyncio.gather(complete(a.address), complete(b.address))
     assert first == second, "two coordinators each ran the request (each drew its own seed)"
 
@@ -177,8 +187,14 @@ async def test_a_stream_resumed_elsewhere_while_its_coordinator_lives_waits_for_
     the lease (the first notices its client left, writes its record, lets go) and then
     continues the request; sampled without a seed, so a second run would show."""
     a, b = coordinators(stack)
-    params = dict(token_ids=prompt_ids, max_new_tokens=48, ignore_eos=True, temperature=1.0, drafter="ngram",
-                  request_id=f"back-{uuid.uuid4().hex}")
+    params = dict(
+        token_ids=prompt_ids,
+        max_new_tokens=48,
+        ignore_eos=True,
+        temperature=1.0,
+        drafter="ngram",
+        request_id=f"back-{uuid.uuid4().hex}",
+    )
     request = make_request(generation_pb2.GenerateRequest, **params)
     held: list[int] = []
     async with grpc.aio.insecure_channel(a.address) as first, grpc.aio.insecure_channel(b.address) as second:
@@ -189,8 +205,12 @@ async def test_a_stream_resumed_elsewhere_while_its_coordinator_lives_waits_for_
                 break
         call.cancel()  # the connection "dropped"; coordinator a may not have noticed yet
         request.resume_from = len(held)
-        rest = [t async for e in generation_pb2_grpc.GenerationServiceStub(second).Generate(request, timeout=120)
-                if e.HasField("chunk") for t in e.chunk.token_ids]
+        rest = [
+            t
+            async for e in generation_pb2_grpc.GenerationServiceStub(second).Generate(request, timeout=120)
+            if e.HasField("chunk")
+            for t in e.chunk.token_ids
+        ]
     assert len(held) + len(rest) == 48
     # One run, not two: the finished request answers exactly what the client got (a second
     # run would have drawn another seed, and other tokens).
@@ -211,11 +231,13 @@ def test_resume_from_without_a_record_regenerates_and_skips_what_the_client_hold
     with grpc.insecure_channel(a.address) as channel:
         rest = list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=120))
         assert [t for e in rest if e.HasField("chunk") for t in e.chunk.token_ids] == ids[held:]
-        assert chunks[0].text + "".join(e.chunk.text for e in rest if e.HasField("chunk")) == \
-            "".join(c.text for c in chunks)
+        assert chunks[0].text + "".join(e.chunk.text for e in rest if e.HasField("chunk")) == "".join(
+            c.text for c in chunks
+        )
         # Unseeded sampling: the held tokens' seed is gone with the record; say so.
-        request = make_request(generation_pb2.GenerateRequest, **params, temperature=1.0,
-                               request_id=f"lost-{uuid.uuid4().hex}")
+        request = make_request(
+            generation_pb2.GenerateRequest, **params, temperature=1.0, request_id=f"lost-{uuid.uuid4().hex}"
+        )
         request.resume_from = 3
         with pytest.raises(grpc.RpcError) as err:
             list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=120))
@@ -232,9 +254,14 @@ def test_a_malformed_record_is_a_miss_never_a_crash(stack, prompt_ids):
     expected = complete_ids(a.address, **params)
     db = redis.Redis.from_url(stack.redis_url)
     try:
-        for n, (index, record) in enumerate([("not-a-record-id\n\x00", None), ("r1", b"{not json"),
-                                              ("r2", json.dumps({"v": 1, "state": "running"})),
-                                              ("r3", json.dumps({"v": 1, "prompt_ids": [10 ** 9]}))]):
+        for n, (index, record) in enumerate(
+            [
+                ("not-a-record-id\n\x00", None),
+                ("r1", b"{not json"),
+                ("r2", json.dumps({"v": 1, "state": "running"})),
+                ("r3", json.dumps({"v": 1, "prompt_ids": [10**9]})),
+            ]
+        ):
             request_id = f"bad-{n}-{uuid.uuid4().hex}"
             spec = spec_from_proto(make_request(generation_pb2.CompleteRequest, **params, request_id=request_id))
             digest = request_digest(request_id, fingerprint(spec))
@@ -250,9 +277,25 @@ def test_a_malformed_record_is_a_miss_never_a_crash(stack, prompt_ids):
 def test_cli_generate_takes_several_coordinators(stack):
     _, b = coordinators(stack)
     dead = f"127.0.0.1:{free_port()}"
-    out = subprocess.run([sys.executable, "-m", "specdec.cli", "generate", "hello there", "--coordinator",
-                          f"{dead},{b.address}", "--max-new-tokens", "4", "--json", "--drafter", "none"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specdec.cli",
+            "generate",
+            "hello there",
+            "--coordinator",
+            f"{dead},{b.address}",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            "--drafter",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["stats"]["generated_tokens"] > 0
 
@@ -272,6 +315,7 @@ def test_up_prints_one_line_per_coordinator(monkeypatch, capsys):
 
     def interrupt(_: float) -> None:
         raise KeyboardInterrupt
+
     monkeypatch.setattr(launcher, "start_stack", fake_start_stack)
     monkeypatch.setattr(cli.time, "sleep", interrupt)
     assert cli.main(["up", "--coordinator-replicas", "2", "--model", "m", "--drafter", "ngram"]) == 0

@@ -1,5 +1,6 @@
 """Clients that go away leave nothing behind: 50 streams dropped at once (before, during
 and after their first chunk) leave no session on any tier within 5 s."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +8,7 @@ import json
 import time
 
 import redis
+
 from specdec.client import AsyncClient
 
 
@@ -36,8 +38,9 @@ async def test_fifty_clients_that_disconnect_at_once_leave_no_session(tiny_stack
     before = _sessions(store, tiny_stack.prefix)
     clients = [AsyncClient(tiny_stack.address, timeout_s=60) for _ in range(50)]
     try:
-        drops = [asyncio.wait_for(_drop(c, prompt_ids, i % 3), 0.05 if i % 3 == 0 else 60)
-                 for i, c in enumerate(clients)]
+        drops = [
+            asyncio.wait_for(_drop(c, prompt_ids, i % 3), 0.05 if i % 3 == 0 else 60) for i, c in enumerate(clients)
+        ]
         await asyncio.gather(*drops, return_exceptions=True)  # the first third time out: dropped mid-call
     finally:
         await asyncio.gather(*(c.close() for c in clients))

@@ -1,6 +1,7 @@
 """Seeded random requests built from the message descriptors, against the live stack: no
 request may get INTERNAL or UNKNOWN, none may crash a tier, and a normal request still
 works afterwards. Public API (Generate, Complete) and the target tier's Verify stream."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,7 @@ import uuid
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+
 from specdec.client import Client
 from specdec.rpc.streams import Dial
 from specdec.v1 import generation_pb2, generation_pb2_grpc, target_pb2, target_pb2_grpc
@@ -19,8 +21,21 @@ PUBLIC_REQUESTS = 1000
 VERIFY_ITEMS = 500
 INTS = [0, 1, -1, 2, 3, 7, 16, 64, 511, 512, 49151, 49152, 2**31 - 1, -(2**31)]
 FLOATS = [0.0, 1.0, 0.5, 0.7, -1.0, 1e-9, 2.0, 100.0, 1e9, float("nan"), float("inf"), -float("inf")]
-STRINGS = ["", " ", "hello", "ngram", "none", "model:", "model:x", "user", "system", "wizard", "\x00", "é" * 40,
-           "x" * 300]
+STRINGS = [
+    "",
+    " ",
+    "hello",
+    "ngram",
+    "none",
+    "model:",
+    "model:x",
+    "user",
+    "system",
+    "wizard",
+    "\x00",
+    "é" * 40,
+    "x" * 300,
+]
 T = FieldDescriptor
 
 
@@ -93,6 +108,7 @@ async def test_random_public_requests_never_get_internal(tiny_stack):
         async def one(request: Message) -> None:
             async with limit:
                 codes[(await _call(stub, request)).name] += 1
+
         await asyncio.gather(*(one(r) for r in requests))
     print(f"\n[fuzz public] {dict(codes)}")
     assert sum(codes.values()) == PUBLIC_REQUESTS
@@ -123,8 +139,9 @@ async def test_random_verify_items_never_get_internal(tiny_stack, prompt_ids):
 
     async def requests():
         for start in range(0, len(items), 25):
-            yield target_pb2.VerifyRequest(items=items[start:start + 25])
+            yield target_pb2.VerifyRequest(items=items[start : start + 25])
         await done.wait()
+
     async with Dial(token=tiny_stack.stack.env["SPECDEC_INTERNAL_TOKEN"]).channel(target) as channel:
         async for response in target_pb2_grpc.TargetServiceStub(channel).Verify(requests(), timeout=120):
             answers.update({r.tag: r for r in response.results})

@@ -5,6 +5,7 @@ replicas): one with the HTTP front on (two requests at a time, none queued, so a
 refused with 429), and one on an empty registry prefix (no target tier: 503). Greedy
 output through HTTP is the gRPC path's, token for token.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,11 +56,15 @@ class Front:
 def _coordinator(tmp_path, name: str, env: dict[str, str]) -> tuple[Child, Front]:
     port, http = free_port(), free_port()
     log = tmp_path / f"{name}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(port)],
-                            env={**env, "SPECDEC_HTTP_PORT": str(http)}, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
-    return Child(name, proc, log, f"127.0.0.1:{port}"), Front(f"127.0.0.1:{port}", f"http://127.0.0.1:{http}/v1",
-                                                               env["SPECDEC_MODEL"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(port)],
+        env={**env, "SPECDEC_HTTP_PORT": str(http)},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    return Child(name, proc, log, f"127.0.0.1:{port}"), Front(
+        f"127.0.0.1:{port}", f"http://127.0.0.1:{http}/v1", env["SPECDEC_MODEL"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +73,17 @@ def fronts(tiny_stack, tmp_path_factory) -> Iterator[tuple[Front, Front]]:
     tmp = tmp_path_factory.mktemp("http")
     keys = tmp / "api-keys"
     keys.write_text(hashlib.sha256(API_KEY.encode()).hexdigest() + "\n")
-    env = {**tiny_stack.stack.env, "SPECDEC_REDIS_PREFIX": tiny_stack.prefix, "SPECDEC_TORCH_THREADS": "1",
-           "SPECDEC_MAX_RUNNING_REQUESTS": "2", "SPECDEC_MAX_QUEUED_REQUESTS": "0"}
-    started = [_coordinator(tmp, "http", {**env, "SPECDEC_API_KEYS_FILE": str(keys)}),
-               _coordinator(tmp, "orphan", {**env, "SPECDEC_REDIS_PREFIX": f"{tiny_stack.prefix}none:"})]
+    env = {
+        **tiny_stack.stack.env,
+        "SPECDEC_REDIS_PREFIX": tiny_stack.prefix,
+        "SPECDEC_TORCH_THREADS": "1",
+        "SPECDEC_MAX_RUNNING_REQUESTS": "2",
+        "SPECDEC_MAX_QUEUED_REQUESTS": "0",
+    }
+    started = [
+        _coordinator(tmp, "http", {**env, "SPECDEC_API_KEYS_FILE": str(keys)}),
+        _coordinator(tmp, "orphan", {**env, "SPECDEC_REDIS_PREFIX": f"{tiny_stack.prefix}none:"}),
+    ]
     try:
         for child, _ in started:
             wait_healthy(child, timeout_s=120)
@@ -92,9 +104,9 @@ def front(fronts) -> Front:
 def _grpc(address: str, prompt: str | None = None, **kwargs):
     """The gRPC path (the tiny stack's own coordinator: same replicas, no API keys)."""
     with Client(address, timeout_s=60) as client:
-        return client.complete(prompt, max_new_tokens=24, temperature=0.0, ignore_eos=True, drafter="ngram", k=3,
-                               adaptive=False,
-                               **kwargs)
+        return client.complete(
+            prompt, max_new_tokens=24, temperature=0.0, ignore_eos=True, drafter="ngram", k=3, adaptive=False, **kwargs
+        )
 
 
 def _check_usage(usage, prompt_tokens: int, completion_tokens: int, steps_at_least: int = 1) -> None:
@@ -118,9 +130,16 @@ def test_completion_greedy_is_the_grpc_output(tiny_stack, front, prompt_ids, ref
     assert reply.usage.speculation["proposed_tokens"] == grpc_reply.stats.proposed_tokens
 
     # the prompt as token ids, streamed, with usage in a last chunk of its own
-    chunks = list(front.client().completions.create(model=front.model, prompt=prompt_ids, stream=True,
-                                                    stream_options={"include_usage": True}, **GREEDY,
-                                                    extra_body=SPEC))
+    chunks = list(
+        front.client().completions.create(
+            model=front.model,
+            prompt=prompt_ids,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+            extra_body=SPEC,
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == grpc_reply.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
@@ -134,9 +153,15 @@ def test_chat_streamed_and_not_is_the_grpc_output(tiny_stack, front):
     assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == grpc_reply.text
     _check_usage(reply.usage, grpc_reply.stats.prompt_tokens, 24)
-    stream = client.chat.completions.create(model=front.model, messages=CHAT, stream=True,
-                                            stream_options={"include_usage": True},
-                                            max_completion_tokens=24, temperature=0.0, extra_body=SPEC)
+    stream = client.chat.completions.create(
+        model=front.model,
+        messages=CHAT,
+        stream=True,
+        stream_options={"include_usage": True},
+        max_completion_tokens=24,
+        temperature=0.0,
+        extra_body=SPEC,
+    )
     chunks = list(stream)
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert deltas[0].role == "assistant"
@@ -171,9 +196,17 @@ def test_logprobs_with_speculation_equal_plain_decoding(tiny_stack, front):
 
     def ask(drafter: str, **extra):
         speculation = {"drafter": drafter, "max_draft_tokens": 3, "adaptive": False}
-        return client.chat.completions.create(model=front.model, messages=CHAT, temperature=0.0, max_tokens=16,
-                                              logprobs=True, top_logprobs=3, **extra,
-                                              extra_body={"ignore_eos": True, "speculation": speculation})
+        return client.chat.completions.create(
+            model=front.model,
+            messages=CHAT,
+            temperature=0.0,
+            max_tokens=16,
+            logprobs=True,
+            top_logprobs=3,
+            **extra,
+            extra_body={"ignore_eos": True, "speculation": speculation},
+        )
+
     plain = ask("none").choices[0]
     entries = plain.logprobs.content
     assert len(entries) == 16 and all(len(e.top_logprobs) == 3 for e in entries)
@@ -186,18 +219,35 @@ def test_logprobs_with_speculation_equal_plain_decoding(tiny_stack, front):
         for a, b in zip(spec.logprobs.content, entries, strict=True):
             assert (a.token, [t.token for t in a.top_logprobs]) == (b.token, [t.token for t in b.top_logprobs])
             assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
-    streamed = [lp for c in ask("ngram", stream=True) if c.choices and c.choices[0].logprobs
-                for lp in c.choices[0].logprobs.content]
+    streamed = [
+        lp
+        for c in ask("ngram", stream=True)
+        if c.choices and c.choices[0].logprobs
+        for lp in c.choices[0].logprobs.content
+    ]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-5)
     with Client(tiny_stack.address, timeout_s=60) as grpc_client:
-        chunks = [e.chunk for e in grpc_client.generate(messages=CHAT, max_new_tokens=16, temperature=0.0,
-                                                        ignore_eos=True, drafter="ngram", k=3, adaptive=False,
-                                                        logprobs=3) if e.HasField("chunk")]
+        chunks = [
+            e.chunk
+            for e in grpc_client.generate(
+                messages=CHAT,
+                max_new_tokens=16,
+                temperature=0.0,
+                ignore_eos=True,
+                drafter="ngram",
+                k=3,
+                adaptive=False,
+                logprobs=3,
+            )
+            if e.HasField("chunk")
+        ]
     values = [lp.logprob for c in chunks for lp in c.logprobs]
-    assert sum(len(c.token_ids) for c in chunks) == 16 and values == pytest.approx([e.logprob for e in entries],
-                                                                                  abs=1e-5)
-    completion = client.completions.create(model=front.model, prompt=PROMPT, max_tokens=5, temperature=0.0,
-                                           logprobs=2, extra_body={"ignore_eos": True})
+    assert sum(len(c.token_ids) for c in chunks) == 16 and values == pytest.approx(
+        [e.logprob for e in entries], abs=1e-5
+    )
+    completion = client.completions.create(
+        model=front.model, prompt=PROMPT, max_tokens=5, temperature=0.0, logprobs=2, extra_body={"ignore_eos": True}
+    )
     lp = completion.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
     assert lp.text_offset == sorted(lp.text_offset) and all(len(top) <= 2 for top in lp.top_logprobs)
@@ -227,8 +277,11 @@ BAD = [  # (endpoint, fields, the param named)
     ("chat", {"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ("chat", {"top_logprobs": 2}, "top_logprobs"),
     ("completions", {"logprobs": 21}, "logprobs"),
-    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format"),
+    (
+        "chat",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+        "response_format",
+    ),
     ("chat", {"extra_body": {"speculation": {"drafter": "telepathy"}}}, "speculation.drafter"),
     ("chat", {"extra_body": {"speculation": {"max_draft_tokens": 99}}}, "speculation.max_draft_tokens"),
     ("chat", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
@@ -244,8 +297,9 @@ def test_bad_parameter_is_400_naming_it(front, endpoint, fields, param):
     client = front.client()
     with pytest.raises(openai.BadRequestError) as err:
         if endpoint == "chat":
-            result = client.chat.completions.create(**{"model": front.model, "messages": CHAT, "max_tokens": 4,
-                                                       **fields})
+            result = client.chat.completions.create(
+                **{"model": front.model, "messages": CHAT, "max_tokens": 4, **fields}
+            )
         else:
             result = client.completions.create(**{"model": front.model, "prompt": "hi", "max_tokens": 4, **fields})
         list(result) if fields.get("stream") else None
@@ -254,8 +308,11 @@ def test_bad_parameter_is_400_naming_it(front, endpoint, fields, param):
 
 
 def _post(front: Front, path: str, body: bytes) -> tuple[int, bytes]:
-    request = urllib.request.Request(front.base_url + path, data=body, headers={
-        "Content-Type": "application/json", "Authorization": f"Bearer {front.api_key}"})
+    request = urllib.request.Request(
+        front.base_url + path,
+        data=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {front.api_key}"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as reply:
             return reply.status, reply.read()
@@ -266,8 +323,14 @@ def _post(front: Front, path: str, body: bytes) -> tuple[int, bytes]:
 def test_sse_wire_format_and_oversized_body(front):
     """What a client without the openai package sees: `data: {json}` events, then
     `data: [DONE]`; a body over SPECDEC_MAX_REQUEST_BYTES is a 413; one that is not JSON a 400."""
-    body = {"model": front.model, "prompt": "hello there", "max_tokens": 3, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    body = {
+        "model": front.model,
+        "prompt": "hello there",
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     status, raw = _post(front, "/completions", json.dumps(body).encode())
     events = [line for line in raw.decode().splitlines() if line and not line.startswith(":")]
     assert status == 200 and all(line.startswith("data: ") for line in events), events
@@ -318,8 +381,17 @@ def test_overload_is_429_and_a_closed_stream_frees_its_slot(front):
     """Two streams hold both running slots (none may queue): a third request is refused
     with 429 and Retry-After; closing the streams ends their requests on the server."""
     client = front.client()
-    held = [client.completions.create(model=front.model, prompt=PROMPT, max_tokens=400, temperature=0.0,
-                                      stream=True, extra_body={"ignore_eos": True}) for _ in range(2)]
+    held = [
+        client.completions.create(
+            model=front.model,
+            prompt=PROMPT,
+            max_tokens=400,
+            temperature=0.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        for _ in range(2)
+    ]
     for stream in held:
         next(iter(stream))  # the headers came with a verified chunk: the request is running
     with pytest.raises(openai.RateLimitError) as err:
@@ -327,8 +399,11 @@ def test_overload_is_429_and_a_closed_stream_frees_its_slot(front):
     assert err.value.status_code == 429 and int(err.value.response.headers["retry-after"]) >= 1
     for stream in held:
         stream.close()
-    wait_until(lambda: json.loads(front.get("/health")[1])["active_requests"] == 0, timeout_s=30,
-               what="the closed streams' requests to end")
+    wait_until(
+        lambda: json.loads(front.get("/health")[1])["active_requests"] == 0,
+        timeout_s=30,
+        what="the closed streams' requests to end",
+    )
     assert client.completions.create(model=front.model, prompt="hello there", max_tokens=2).choices[0].text
 
 
@@ -358,6 +433,7 @@ def test_up_turns_the_http_front_on_and_prints_it(monkeypatch, capsys, flag, por
 
     def interrupt(_: float) -> None:
         raise KeyboardInterrupt
+
     monkeypatch.delenv("SPECDEC_HTTP_PORT", raising=False)
     monkeypatch.setattr(launcher, "start_stack", fake_start_stack)
     monkeypatch.setattr(cli.time, "sleep", interrupt)

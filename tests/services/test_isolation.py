@@ -1,5 +1,6 @@
 """A bad item fails alone: the tier answers it with INVALID_ARGUMENT naming the field,
 and every other item of its stream and batch is verified as if it had not been there."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,10 +9,10 @@ import uuid
 import grpc
 import numpy as np
 import pytest
+
 from specdec.client import AsyncClient
 from specdec.rpc.streams import Dial
 from specdec.v1 import sampling_pb2, target_pb2, target_pb2_grpc
-
 from tests.services.conftest import ngram_stream
 
 VOCAB = 49152  # the tiny models share SmolLM2's tokenizer
@@ -38,11 +39,13 @@ def _poisoned(prompt_ids: list[int]) -> dict[str, target_pb2.VerifyItem]:
     def item(**fields) -> target_pb2.VerifyItem:
         base = dict(session_id=uuid.uuid4().hex, tokens=prompt_ids, sampling=sampled)
         return target_pb2.VerifyItem(**{**base, **fields})
+
     return {
         "tokens": item(tokens=[*prompt_ids, 10**8]),
         "draft_tokens": item(draft_tokens=[1, VOCAB + 5]),
-        "draft_probs_f16": item(draft_tokens=[9999, 8888, 7777, 6666, 5555],
-                                draft_probs_f16=_f16(np.full((5, VOCAB), np.nan))),
+        "draft_probs_f16": item(
+            draft_tokens=[9999, 8888, 7777, 6666, 5555], draft_probs_f16=_f16(np.full((5, VOCAB), np.nan))
+        ),
         "draft_probs_f16 ": item(draft_tokens=[9999, 8888], draft_probs_f16=_f16(np.zeros((2, VOCAB)))),
         "draft_probs_f16  ": item(draft_tokens=[1, 2], draft_probs_f16=_f16(uniform[:2, :100])),
         "sampling.top_p": item(sampling=sampling_pb2.SamplingParams(temperature=1.0, top_p=0.0)),
@@ -62,6 +65,7 @@ async def _verify(address: str, items: list[target_pb2.VerifyItem], token: str) 
     async def requests():
         yield target_pb2.VerifyRequest(items=items)
         await done.wait()  # keep the stream open until every answer is in
+
     async with Dial(token=token).channel(address) as channel:
         answers: dict[int, target_pb2.VerifyResult] = {}
         async for response in target_pb2_grpc.TargetServiceStub(channel).Verify(requests()):
@@ -74,8 +78,9 @@ async def _verify(address: str, items: list[target_pb2.VerifyItem], token: str) 
 
 async def test_bad_items_fail_alone_with_the_field_named(tiny_stack, prompt_ids, reference):
     poisoned = _poisoned(prompt_ids)
-    good = target_pb2.VerifyItem(session_id=uuid.uuid4().hex, tokens=prompt_ids,
-                                 sampling=sampling_pb2.SamplingParams(top_p=1.0))
+    good = target_pb2.VerifyItem(
+        session_id=uuid.uuid4().hex, tokens=prompt_ids, sampling=sampling_pb2.SamplingParams(top_p=1.0)
+    )
     answers = await asyncio.wait_for(_verify(_target(tiny_stack), [good, *poisoned.values()], _token(tiny_stack)), 60)
     assert not answers[0].HasField("error") and list(answers[0].tokens) == reference[:1]
     for tag, field in enumerate(poisoned, start=1):
@@ -91,8 +96,9 @@ async def test_a_poisoned_item_beside_eight_streams_changes_none_of_them(tiny_st
             assert all(a.error.code == INVALID_ARGUMENT for a in answers.values())
 
     async with AsyncClient(tiny_stack.address, timeout_s=120) as client:
-        results = await asyncio.wait_for(asyncio.gather(
-            *(ngram_stream(client, prompt_ids) for _ in range(8)), poison()), 120)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(ngram_stream(client, prompt_ids) for _ in range(8)), poison()), 120
+        )
     assert all(ids == reference for ids, _ in results[:8])
 
 

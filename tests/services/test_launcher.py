@@ -1,4 +1,5 @@
 """`start_stack` survives a tier port that was taken between picking and binding."""
+
 from __future__ import annotations
 
 import socket
@@ -15,8 +16,9 @@ def test_tier_whose_port_was_taken_starts_on_another(tiny_models, valkey, monkey
     real = launcher.free_port
     monkeypatch.setattr(launcher, "free_port", lambda: next(ports, None) or real())
     monkeypatch.setenv("SPECDEC_REDIS_PREFIX", "specdec-launcher-test:")
-    stack = launcher.start_stack(tiny_models[0], "ngram", 1, 1, real(), valkey.url,
-                                 extra_env={"SPECDEC_TORCH_THREADS": "1"})
+    stack = launcher.start_stack(
+        tiny_models[0], "ngram", 1, 1, real(), valkey.url, extra_env={"SPECDEC_TORCH_THREADS": "1"}
+    )
     try:
         assert any(child.proc.poll() not in (None, 0) for child in stack.children), "the first target did not fail"
         with Client(stack.coordinator, timeout_s=60) as client:

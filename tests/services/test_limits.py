@@ -1,6 +1,7 @@
 """Sizes are capped before any work: every limit answers INVALID_ARGUMENT naming the field
 (or, for a message over the port's cap, gRPC's own RESOURCE_EXHAUSTED), and a large
 prompt being tokenized keeps no other caller waiting."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +10,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from specdec.client import AsyncClient, Client
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
@@ -21,8 +23,10 @@ LIMITS = [
     ("decoding.stop", {"stop": ["x" * 257]}),
     ("chat.messages", {"prompt": None, "messages": [HI] * 257}),
     ("prompt", {"prompt": "x" * (TINY_CONTEXT * LONGEST_TOKEN + 1)}),
-    ("chat.messages", {"prompt": None, "messages": [{"role": "user", "content": "x" * TINY_CONTEXT * LONGEST_TOKEN},
-                                                    HI]}),
+    (
+        "chat.messages",
+        {"prompt": None, "messages": [{"role": "user", "content": "x" * TINY_CONTEXT * LONGEST_TOKEN}, HI]},
+    ),
 ]
 
 
@@ -61,17 +65,28 @@ async def test_large_requests_keep_nobody_waiting(tiny_stack):
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     near_cap = "hello world " * (TINY_CONTEXT * LONGEST_TOKEN // 12)  # fits the cap, not the context
     async with AsyncClient(tiny_stack.address, timeout_s=60) as client:
-        outcomes = await asyncio.gather(*(client.complete(near_cap, max_new_tokens=2) for _ in range(8)),
-                                        return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(client.complete(near_cap, max_new_tokens=2) for _ in range(8)), return_exceptions=True
+        )
     stop.set()
     latencies = await health
-    assert all(isinstance(o, grpc.aio.AioRpcError) and o.code() == grpc.StatusCode.INVALID_ARGUMENT
-               and "does not fit" in o.details() for o in outcomes), outcomes
+    assert all(
+        isinstance(o, grpc.aio.AioRpcError)
+        and o.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "does not fit" in o.details()
+        for o in outcomes
+    ), outcomes
     assert len(latencies) > 5 and max(latencies) < 0.25, sorted(latencies)[-3:]
 
 
-@pytest.mark.parametrize("override", [{"drafter": "d" * 5000}, {"drafter": "model:" + "m" * 5000},
-                                      {"prompt": None, "messages": [{"role": "r" * 5000, "content": "hi"}]}])
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"drafter": "d" * 5000},
+        {"drafter": "model:" + "m" * 5000},
+        {"prompt": None, "messages": [{"role": "r" * 5000, "content": "hi"}]},
+    ],
+)
 def test_errors_never_echo_unbounded_input(tiny_stack, override):
     params = {"prompt": "hello", "max_new_tokens": 2, **override}
     prompt = params.pop("prompt")

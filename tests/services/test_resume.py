@@ -1,6 +1,7 @@
 """Resuming a request from its session record, without processes: what a resumed stream
 sends (no token lost or repeated, text only for the new tokens), where the continued loop
 starts, how a record is checked when read back, and when the client tries again."""
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,9 @@ def unbroken(decoder: CharDecoder, stops: list[str], steps: list[list[int]]) -> 
     return ids, text, boundaries
 
 
-def resumed(decoder: CharDecoder, stops: list[str], steps: list[list[int]], held: int,
-            history: int) -> tuple[list[int], str]:
+def resumed(
+    decoder: CharDecoder, stops: list[str], steps: list[list[int]], held: int, history: int
+) -> tuple[list[int], str]:
     """What a client holding `held` tokens receives from a stream continued from a record of
     `history` committed tokens, as the coordinator's Delivery sends it."""
     tokens = [t for step in steps for t in step]
@@ -115,11 +117,29 @@ def test_delivery_of_a_fresh_stream_passes_everything():
 
 
 def record(**over) -> SessionRecord:
-    base = dict(request_id="r1", fingerprint="f", state="running", prompt_ids=[5, 6, 7], generated_ids=[8, 9],
-                max_new_tokens=6, sampling={"temperature": 0.7, "top_k": 0, "top_p": 0.9, "seed": 42},
-                drafter="ngram", max_draft_tokens=3, adaptive=False, overlap=False, stop=[], stop_token_ids=[2],
-                stats={"generated_tokens": 2, "steps": 1, "proposed_tokens": 3, "accepted_tokens": 1,
-                       "ttft_s": 0.5, "elapsed_s": 1.0})
+    base = dict(
+        request_id="r1",
+        fingerprint="f",
+        state="running",
+        prompt_ids=[5, 6, 7],
+        generated_ids=[8, 9],
+        max_new_tokens=6,
+        sampling={"temperature": 0.7, "top_k": 0, "top_p": 0.9, "seed": 42},
+        drafter="ngram",
+        max_draft_tokens=3,
+        adaptive=False,
+        overlap=False,
+        stop=[],
+        stop_token_ids=[2],
+        stats={
+            "generated_tokens": 2,
+            "steps": 1,
+            "proposed_tokens": 3,
+            "accepted_tokens": 1,
+            "ttft_s": 0.5,
+            "elapsed_s": 1.0,
+        },
+    )
     return SessionRecord(**{**base, **over})
 
 
@@ -148,11 +168,24 @@ def test_a_record_whose_output_is_complete_is_finished():
 
 
 def test_statistics_add_up_across_a_resume():
-    after = SpecStats(prompt_tokens=5, generated_tokens=4, proposed_tokens=6, accepted_tokens=3, steps=2,
-                      ttft_s=0.2, elapsed_s=2.0, drafter="ngram")
+    after = SpecStats(
+        prompt_tokens=5,
+        generated_tokens=4,
+        proposed_tokens=6,
+        accepted_tokens=3,
+        steps=2,
+        ttft_s=0.2,
+        elapsed_s=2.0,
+        drafter="ngram",
+    )
     merged = merged_stats(record().stats, after, prompt_tokens=3)
-    assert (merged.prompt_tokens, merged.generated_tokens, merged.proposed_tokens, merged.accepted_tokens,
-            merged.steps) == (3, 6, 9, 4, 3)
+    assert (
+        merged.prompt_tokens,
+        merged.generated_tokens,
+        merged.proposed_tokens,
+        merged.accepted_tokens,
+        merged.steps,
+    ) == (3, 6, 9, 4, 3)
     assert merged.ttft_s == 0.5 and merged.elapsed_s == 3.0
     assert stats_counters(merged)["generated_tokens"] == 6
 
@@ -165,13 +198,31 @@ def raw(**over) -> bytes:
 
 def test_a_record_read_back_is_checked_field_by_field():
     assert SessionRecord.from_json(raw(), VOCAB, CONTEXT) == record()
-    bad = [b"not json", b"[]", json.dumps({"v": 1}).encode(), raw(v=2), raw(state="weird"),
-           raw(prompt_ids=[]), raw(prompt_ids=[1, VOCAB]), raw(generated_ids=[-1]), raw(generated_ids=["1"]),
-           raw(generated_ids=[True]), raw(max_new_tokens=1), raw(max_new_tokens="6"),
-           raw(sampling={"temperature": 1.0}), raw(sampling={"temperature": "x", "top_k": 0, "top_p": 1, "seed": 1}),
-           raw(prompt_ids=list(range(CONTEXT))), raw(stop=[1]), raw(state="done"),
-           raw(state="done", finish_reason="bored"), raw(stats={"steps": "many"}), raw(adaptive=1),
-           raw(request_id=""), raw(request_id="r" * 300), raw(stop_token_ids=[VOCAB + 1])]
+    bad = [
+        b"not json",
+        b"[]",
+        json.dumps({"v": 1}).encode(),
+        raw(v=2),
+        raw(state="weird"),
+        raw(prompt_ids=[]),
+        raw(prompt_ids=[1, VOCAB]),
+        raw(generated_ids=[-1]),
+        raw(generated_ids=["1"]),
+        raw(generated_ids=[True]),
+        raw(max_new_tokens=1),
+        raw(max_new_tokens="6"),
+        raw(sampling={"temperature": 1.0}),
+        raw(sampling={"temperature": "x", "top_k": 0, "top_p": 1, "seed": 1}),
+        raw(prompt_ids=list(range(CONTEXT))),
+        raw(stop=[1]),
+        raw(state="done"),
+        raw(state="done", finish_reason="bored"),
+        raw(stats={"steps": "many"}),
+        raw(adaptive=1),
+        raw(request_id=""),
+        raw(request_id="r" * 300),
+        raw(stop_token_ids=[VOCAB + 1]),
+    ]
     for value in bad:
         with pytest.raises((ValueError, TypeError)):
             SessionRecord.from_json(value, VOCAB, CONTEXT)
@@ -180,8 +231,10 @@ def test_a_record_read_back_is_checked_field_by_field():
 def test_a_recorded_sampling_field_out_of_range_cannot_be_continued():
     from specdec.core.errors import InvalidArgument
 
-    for sampling in ({"temperature": -1.0, "top_k": 0, "top_p": 1.0, "seed": 1},
-                     {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 1 << 70}):
+    for sampling in (
+        {"temperature": -1.0, "top_k": 0, "top_p": 1.0, "seed": 1},
+        {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 1 << 70},
+    ):
         with pytest.raises((ValueError, InvalidArgument)):
             request_from_record(record(sampling=sampling), "s", CONTEXT)
     with pytest.raises((ValueError, InvalidArgument)):

@@ -1,9 +1,9 @@
 """Routing trusts nothing it reads: malformed or stale registry records are skipped, a
 replica that accepts TCP and never answers costs one connect timeout once, and sessions
 go only to draft replicas that serve their drafter."""
+
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import time
@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 import redis
+
 from specdec.client import AsyncClient
 from specdec.coordinator.remote import RemoteVerifier
 from specdec.coordinator.routing import ReplicaPool
@@ -58,8 +59,9 @@ async def test_requests_succeed_while_bad_records_sit_in_the_registry(tiny_stack
         async with AsyncClient(tiny_stack.address, timeout_s=60) as client:
             deadline = time.monotonic() + 2.5  # the coordinator re-reads the registry every second
             while time.monotonic() < deadline:
-                reply = await client.complete(token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True,
-                                              drafter="ngram", adaptive=False)
+                reply = await client.complete(
+                    token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True, drafter="ngram", adaptive=False
+                )
                 assert list(reply.token_ids) == reference
     finally:
         store.delete(*keys)
@@ -77,9 +79,14 @@ def black_hole():
 
 async def test_an_address_that_never_answers_costs_one_connect_timeout_once(tiny_stack, prompt_ids, black_hole):
     target = next(c.address for c in tiny_stack.stack.children if c.name.startswith("target-"))
-    pool = ReplicaPool("target", None, [black_hole, target], lambda ch: target_pb2_grpc.TargetServiceStub(ch).Verify(),
-                       lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel),
-                       Dial(token=tiny_stack.stack.env["SPECDEC_INTERNAL_TOKEN"]))
+    pool = ReplicaPool(
+        "target",
+        None,
+        [black_hole, target],
+        lambda ch: target_pb2_grpc.TargetServiceStub(ch).Verify(),
+        lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel),
+        Dial(token=tiny_stack.stack.env["SPECDEC_INTERNAL_TOKEN"]),
+    )
     verifier = RemoteVerifier(pool, timeout_s=60, max_failovers=2)
     timings = []
     try:

@@ -1,4 +1,5 @@
 """A seeded request samples the same tokens in-process and through the tiers."""
+
 from __future__ import annotations
 
 from specdec.client import Client
@@ -13,7 +14,8 @@ def test_sampling_fields_reach_the_tiers_as_the_caller_wrote_them():
     from specdec.v1 import generation_pb2
 
     request = generation_pb2.GenerateRequest(
-        prompt="x", decoding=generation_pb2.DecodingParams(temperature=0.7, top_p=0.9))
+        prompt="x", decoding=generation_pb2.DecodingParams(temperature=0.7, top_p=0.9)
+    )
     wire = generation_pb2.GenerateRequest.FromString(request.SerializeToString())
     spec = spec_from_proto(wire)
     assert (spec.temperature, spec.top_p) == (0.7, 0.9)
@@ -26,8 +28,16 @@ def test_seeded_sampling_through_the_tiers_equals_in_process(tiny_stack, tiny_mo
     from specdec.core.request import RequestSpec
 
     drafter = f"model:{tiny_models[1]}"
-    params = dict(max_new_tokens=24, ignore_eos=True, temperature=0.7, top_p=0.9, top_k=50, seed=4321,
-                  drafter=drafter, adaptive=False)
+    params = dict(
+        max_new_tokens=24,
+        ignore_eos=True,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=50,
+        seed=4321,
+        drafter=drafter,
+        adaptive=False,
+    )
     engine = Engine.load(tiny_models[0], drafter)
     local = engine.complete(RequestSpec(token_ids=prompt_ids, max_draft_tokens=4, **params))
     with Client(tiny_stack.address, timeout_s=120) as client:

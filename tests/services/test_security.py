@@ -1,6 +1,7 @@
 """Access control with real gRPC servers and real certificates (trustme): mTLS between the
 coordinator and a tier, certificates rotated without a restart, the internal token, API
 keys with a per-key call limit. The draft tier's real servicer (n-gram, no model) serves."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from specdec.core.drafters.worker import DraftWorker
 from specdec.core.local import LocalDrafter
 from specdec.draft.service import DraftServicer
@@ -28,8 +30,11 @@ async def draft_server(policy: AccessPolicy, tls: TlsFiles | None = None, client
     server = grpc.aio.server(interceptors=[AccessInterceptor(policy)])
     draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(LocalDrafter(DraftWorker())), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    port = (server.add_secure_port("127.0.0.1:0", server_credentials(tls, client_auth)) if tls
-            else server.add_insecure_port("127.0.0.1:0"))
+    port = (
+        server.add_secure_port("127.0.0.1:0", server_credentials(tls, client_auth))
+        if tls
+        else server.add_insecure_port("127.0.0.1:0")
+    )
     await server.start()
     try:
         yield f"127.0.0.1:{port}"
@@ -38,11 +43,18 @@ async def draft_server(policy: AccessPolicy, tls: TlsFiles | None = None, client
 
 
 async def propose(channel: grpc.aio.Channel, metadata: tuple = ()) -> draft_pb2.ProposeResult:
-    item = draft_pb2.ProposeItem(tag=1, session_id=uuid.uuid4().hex, tokens=[1, 2, 3, 1, 2], num_tokens=2,
-                                 drafter="ngram", sampling=sampling_pb2.SamplingParams(top_p=1.0))
+    item = draft_pb2.ProposeItem(
+        tag=1,
+        session_id=uuid.uuid4().hex,
+        tokens=[1, 2, 3, 1, 2],
+        num_tokens=2,
+        drafter="ngram",
+        sampling=sampling_pb2.SamplingParams(top_p=1.0),
+    )
 
     async def requests():
         yield draft_pb2.ProposeRequest(items=[item])
+
     call = draft_pb2_grpc.DraftServiceStub(channel).Propose(requests(), metadata=metadata, timeout=10)
     async for response in call:
         return response.results[0]
@@ -65,8 +77,11 @@ async def test_tiers_serve_only_a_coordinator_over_mtls(tmp_path: Path):
                     await propose(channel)
             assert code_of(err.value) in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE)
         with pytest.raises(grpc.aio.AioRpcError) as err:  # no certificate at all: the handshake fails
-            async with grpc.aio.secure_channel(address, channel_credentials(TlsFiles("", "", pki.ca)), options=[
-                    ("grpc.ssl_target_name_override", "specdec-tier")]) as channel:
+            async with grpc.aio.secure_channel(
+                address,
+                channel_credentials(TlsFiles("", "", pki.ca)),
+                options=[("grpc.ssl_target_name_override", "specdec-tier")],
+            ) as channel:
                 await propose(channel)
         assert code_of(err.value) == grpc.StatusCode.UNAVAILABLE
 
@@ -87,6 +102,7 @@ async def test_rotated_certificate_files_are_served_without_a_restart(tmp_path: 
     def install(pki) -> None:  # as a mounted Secret changes: new files in place
         for src, dst in ((pki.tier.cert, live.cert), (pki.tier.key, live.key), (pki.ca, live.ca)):
             Path(dst).write_bytes(Path(src).read_bytes())
+
     install(old)
     async with draft_server(AccessPolicy(internal=True, tls=True), live) as address:
         async with Dial(old.coordinator).channel(address) as channel:
@@ -127,6 +143,7 @@ async def test_api_keys_and_the_per_key_call_limit():
         async def idle_stream():  # holds its call open until cancelled
             yield draft_pb2.ProposeRequest()
             await asyncio.Event().wait()
+
         holding = draft_pb2_grpc.DraftServiceStub(channel).Propose(idle_stream(), metadata=key)
         await holding.wait_for_connection()
         for _ in range(100):  # the server has registered the held call once a second one is refused
@@ -144,15 +161,15 @@ async def test_api_keys_and_the_per_key_call_limit():
 @pytest.fixture(scope="module")
 def tls_stack(tiny_models, valkey):
     from specdec.launcher import start_stack
-
     from tests.conftest import free_port
 
     prefix = f"specdec-tls-{uuid.uuid4().hex[:6]}:"
     env = {"SPECDEC_REDIS_PREFIX": prefix, "SPECDEC_TORCH_THREADS": "1", "SPECDEC_HEARTBEAT_S": "0.5"}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SPECDEC_REDIS_PREFIX", prefix)
-        stack = start_stack(tiny_models[0], "ngram", 1, 1, free_port(), valkey.url, extra_env=env, tls=True,
-                            api_key="the-key")
+        stack = start_stack(
+            tiny_models[0], "ngram", 1, 1, free_port(), valkey.url, extra_env=env, tls=True, api_key="the-key"
+        )
     yield stack
     stack.stop()
 
@@ -181,11 +198,17 @@ async def test_a_forged_verify_from_a_user_certificate_is_refused(tls_stack, pro
     from specdec.v1 import target_pb2, target_pb2_grpc
 
     target = next(c.address for c in tls_stack.children if c.name.startswith("target-"))
-    item = target_pb2.VerifyItem(tag=1, session_id="a-victim", tokens=prompt_ids, draft_tokens=[1, 2],
-                                 sampling=sampling_pb2.SamplingParams(top_p=1.0))
+    item = target_pb2.VerifyItem(
+        tag=1,
+        session_id="a-victim",
+        tokens=prompt_ids,
+        draft_tokens=[1, 2],
+        sampling=sampling_pb2.SamplingParams(top_p=1.0),
+    )
 
     async def requests():
         yield target_pb2.VerifyRequest(items=[item])
+
     async with Dial(tls_stack.pki.client).channel(target) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in target_pb2_grpc.TargetServiceStub(channel).Verify(requests(), timeout=10):

@@ -1,5 +1,6 @@
 """The three tiers as separate processes with a real Valkey: exactness, batching,
 reproducibility, status."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,9 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from specdec.client import AsyncClient, Client
 
+from specdec.client import AsyncClient, Client
 from tests.services.conftest import PROMPT, ngram_stream
+from tests.waiting import eventually
 
 
 def complete_ids(client: Client, prompt_ids: list[int], **params) -> tuple[list[int], object]:
@@ -19,8 +21,9 @@ def complete_ids(client: Client, prompt_ids: list[int], **params) -> tuple[list[
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "model"])
-def test_greedy_identical_to_plain_decoding_for_every_draft_length(tiny_stack, tiny_models, prompt_ids,
-                                                                   reference, drafter):
+def test_greedy_identical_to_plain_decoding_for_every_draft_length(
+    tiny_stack, tiny_models, prompt_ids, reference, drafter
+):
     name = "ngram" if drafter == "ngram" else f"model:{tiny_models[1]}"
     accepted = 0
     with Client(tiny_stack.address, timeout_s=120) as client:
@@ -47,10 +50,10 @@ def test_streaming_chunks_add_up_to_complete(tiny_stack, prompt_ids, reference):
 def test_sampling_with_seed_is_reproducible(tiny_stack, tiny_models, prompt_ids):
     params = dict(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     with Client(tiny_stack.address, timeout_s=120) as client:
-        runs = [complete_ids(client, prompt_ids, drafter=f"model:{tiny_models[1]}", k=4, **params)[0]
-                for _ in range(2)]
-        other_seed = complete_ids(client, prompt_ids, drafter=f"model:{tiny_models[1]}", k=4,
-                                  **{**params, "seed": 99})[0]
+        runs = [complete_ids(client, prompt_ids, drafter=f"model:{tiny_models[1]}", k=4, **params)[0] for _ in range(2)]
+        other_seed = complete_ids(client, prompt_ids, drafter=f"model:{tiny_models[1]}", k=4, **{**params, "seed": 99})[
+            0
+        ]
     assert runs[0] == runs[1]
     assert other_seed != runs[0]
 
@@ -64,28 +67,57 @@ async def test_eight_concurrent_streams_are_correct_and_batched(tiny_stack, prom
 
 def test_status_lists_every_tier(tiny_stack, valkey):
     env = {"SPECDEC_REDIS_PREFIX": tiny_stack.prefix, "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "specdec.cli", "status", "--redis-url", valkey.url, "--json"],
-                         capture_output=True, text=True, env=env, check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "specdec.cli", "status", "--redis-url", valkey.url, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=60,
+    )
     replicas = json.loads(out.stdout)["replicas"]
     assert {r["tier"] for r in replicas} == {"coordinator", "draft", "target"}
     assert all({"address", "pid", "model", "load"} <= set(r) for r in replicas)
 
 
 def test_cli_generate_json_through_coordinator(tiny_stack):
-    out = subprocess.run([sys.executable, "-m", "specdec.cli", "generate", PROMPT, "--coordinator",
-                          tiny_stack.address, "--max-new-tokens", "8", "--json", "--drafter", "ngram"],
-                         capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specdec.cli",
+            "generate",
+            PROMPT,
+            "--coordinator",
+            tiny_stack.address,
+            "--max-new-tokens",
+            "8",
+            "--json",
+            "--drafter",
+            "ngram",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     reply = json.loads(out.stdout)
     assert len(reply["token_ids"]) == reply["stats"]["generated_tokens"] > 0
-    assert {"proposed_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length", "steps", "ttft_s",
-            "tokens_per_s"} <= set(reply["stats"])
+    assert {
+        "proposed_tokens",
+        "accepted_tokens",
+        "acceptance_rate",
+        "mean_accepted_length",
+        "steps",
+        "ttft_s",
+        "tokens_per_s",
+    } <= set(reply["stats"])
     assert reply["finish_reason"] in {"length", "stop"}
 
 
 def test_registry_load_reports_throughput_and_acceptance(tiny_stack, tiny_models, prompt_ids, valkey):
     """The load the operator scales on: tokens/s and acceptance of the last interval."""
     import threading
-    import time
 
     import redis
 
@@ -100,8 +132,8 @@ def test_registry_load_reports_throughput_and_acceptance(tiny_stack, tiny_models
     rates: dict[str, list[float]] = {t: [] for t in (*tiers, "draft")}  # the draft tier: tokens drafted
     acceptance: dict[str, list[float]] = {t: [] for t in tiers}
     store = redis.Redis.from_url(valkey.url)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not (all(rates.values()) and all(acceptance.values())):
+
+    def every_tier_reported() -> None:  # the records live in Redis: read them until all have reported
         for key in store.scan_iter(f"{tiny_stack.prefix}replica:*"):
             record = json.loads(store.get(key) or "{}")
             load = record.get("load", {})
@@ -110,8 +142,11 @@ def test_registry_load_reports_throughput_and_acceptance(tiny_stack, tiny_models
                     rates[record["tier"]].append(load["tokens_per_s"])
                 if load.get("acceptance_rate") is not None and record["tier"] in tiers:
                     acceptance[record["tier"]].append(load["acceptance_rate"])
-        time.sleep(0.1)
-    store.close()
-    worker.join()
-    assert all(rates.values()) and all(acceptance.values()), (rates, acceptance)
+        assert all(rates.values()) and all(acceptance.values()), (rates, acceptance)
+
+    try:
+        eventually(every_tier_reported, timeout_s=10)
+    finally:
+        store.close()
+        worker.join()
     assert all(0.0 <= a <= 1.0 for values in acceptance.values() for a in values)

@@ -1,4 +1,5 @@
 """The Grafana dashboards are valid JSON and use only metrics the services export."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,36 @@ DASHBOARDS = sorted((Path(__file__).resolve().parents[2] / "helm/specdec/files")
 # Not ours, each from a named standard exporter: the autoscaler's decisions as Deployment replicas.
 EXTERNAL = {"kube_deployment_spec_replicas": "kube-state-metrics"}
 PROMQL_WORDS = {
-    "sum", "avg", "min", "max", "count", "rate", "irate", "increase", "histogram_quantile", "by", "without",
-    "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "bool", "clamp_min",
-    "clamp_max", "abs", "topk", "bottomk", "quantile", "label_values", "le", "inf", "nan",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "count",
+    "rate",
+    "irate",
+    "increase",
+    "histogram_quantile",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "bool",
+    "clamp_min",
+    "clamp_max",
+    "abs",
+    "topk",
+    "bottomk",
+    "quantile",
+    "label_values",
+    "le",
+    "inf",
+    "nan",
 }
 SPAN_NAMES = {"specdec.generation", "specdec.step", "draft.propose", "target.verify", "target.verify_batch"}
 
@@ -71,9 +99,16 @@ def test_dashboard_uses_only_exported_metrics(path: Path):
     assert not unknown, f"{path.name} references metrics nobody exports: {sorted(unknown)}"
     assert len(used & exported) >= 12, "the dashboard should chart the services' own metrics"
     # the acceptance, throughput, latency and tier metrics the issue asks for are all there
-    for needed in ("specdec_generated_tokens_total", "specdec_draft_tokens_accepted_total",
-                   "specdec_time_to_first_token_seconds_bucket", "specdec_inter_token_latency_seconds_bucket",
-                   "specdec_queue_depth", "specdec_replicas", "specdec_batch_size_bucket", "specdec_kv_chunks_total"):
+    for needed in (
+        "specdec_generated_tokens_total",
+        "specdec_draft_tokens_accepted_total",
+        "specdec_time_to_first_token_seconds_bucket",
+        "specdec_inter_token_latency_seconds_bucket",
+        "specdec_queue_depth",
+        "specdec_replicas",
+        "specdec_batch_size_bucket",
+        "specdec_kv_chunks_total",
+    ):
         assert needed in used, needed
 
 
@@ -88,5 +123,7 @@ def test_slow_request_panel_queries_real_spans(path: Path):
 
 
 def test_metric_name_extraction():
-    assert metric_names('sum by (le, tier) (rate(a_bucket{x="1"}[5m])) / on (tier) b_total offset 5m') == \
-        {"a_bucket", "b_total"}
+    assert metric_names('sum by (le, tier) (rate(a_bucket{x="1"}[5m])) / on (tier) b_total offset 5m') == {
+        "a_bucket",
+        "b_total",
+    }

@@ -1,7 +1,6 @@
 """Exported metrics agree with the response statistics; names match what Prometheus shows."""
-from __future__ import annotations
 
-import time
+from __future__ import annotations
 
 import pytest
 
@@ -12,20 +11,16 @@ PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"
 COORDINATOR, TARGET, DRAFT = "specdec-coordinator", "specdec-target", "specdec-draft"
 
 
-def _poll(check, timeout_s: float = 15.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+def _one(points: list, what: str):
+    """The one data point of `what`: an assertion (looked at again) until its export is in."""
+    assert len(points) == 1, f"{len(points)} data points of {what}"
+    return points[0]
 
 
 def _sum(receiver, service: str, name: str, **labels) -> float:
-    points = [p for attrs, p in receiver.metric_points(service, name)
-              if all(attrs.get(k) == v for k, v in labels.items())]
+    points = [
+        p for attrs, p in receiver.metric_points(service, name) if all(attrs.get(k) == v for k, v in labels.items())
+    ]
     assert points, f"{service} exported no {name}{labels or ''}"
     return sum(p.as_int if p.WhichOneof("value") == "as_int" else p.as_double for p in points)
 
@@ -46,19 +41,36 @@ def test_counters_and_acceptance_agree_with_the_response(traced_stack, otlp_rece
         assert _sum(r, COORDINATOR, "specdec_draft_tokens_proposed", drafter="ngram") == proposed
         assert _sum(r, COORDINATOR, "specdec_draft_tokens_accepted", drafter="ngram") == accepted
         assert _sum(r, COORDINATOR, "specdec_requests", drafter="ngram", finish_reason="length") == 2
-        (rate,) = [p for a, p in r.metric_points(COORDINATOR, "specdec_acceptance_rate") if a["drafter"] == "ngram"]
+        rate = _one(
+            [p for a, p in r.metric_points(COORDINATOR, "specdec_acceptance_rate") if a["drafter"] == "ngram"],
+            "specdec_acceptance_rate",
+        )
         assert rate.count == 2
         assert rate.sum == pytest.approx(sum(x.stats.acceptance_rate for x in replies), rel=1e-6)
-        (length,) = [p for a, p in r.metric_points(COORDINATOR, "specdec_accepted_length") if a["drafter"] == "ngram"]
+        length = _one(
+            [p for a, p in r.metric_points(COORDINATOR, "specdec_accepted_length") if a["drafter"] == "ngram"],
+            "specdec_accepted_length",
+        )
         assert length.count == sum(x.stats.steps for x in replies) and length.sum == generated
-        (ttft,) = [p for a, p in r.metric_points(COORDINATOR, "specdec_time_to_first_token_seconds")
-                   if a["drafter"] == "ngram"]
+        ttft = _one(
+            [
+                p
+                for a, p in r.metric_points(COORDINATOR, "specdec_time_to_first_token_seconds")
+                if a["drafter"] == "ngram"
+            ],
+            "specdec_time_to_first_token_seconds",
+        )
         assert ttft.count == 2
-        replicas = {a["tier"]: _sum(r, COORDINATOR, "specdec_replicas", tier=a["tier"])
-                    for a, _ in r.metric_points(COORDINATOR, "specdec_replicas")}
+        replicas = {
+            a["tier"]: _sum(r, COORDINATOR, "specdec_replicas", tier=a["tier"])
+            for a, _ in r.metric_points(COORDINATOR, "specdec_replicas")
+        }
         assert replicas == {"draft": 1, "target": 1}
         for service, tier in ((TARGET, "target"), (DRAFT, "draft")):
-            (batches,) = [p for a, p in r.metric_points(service, "specdec_batch_size") if a["tier"] == tier]
+            batches = _one(
+                [p for a, p in r.metric_points(service, "specdec_batch_size") if a["tier"] == tier],
+                f"{service} specdec_batch_size",
+            )
             assert batches.count > 0
             assert r.metric_points(service, "specdec_queue_depth")
             assert r.metric_points(service, "specdec_tier_latency_seconds")
@@ -66,15 +78,16 @@ def test_counters_and_acceptance_agree_with_the_response(traced_stack, otlp_rece
         kv = {a["result"] for a, _ in r.metric_points(TARGET, "specdec_kv_chunks")}
         assert kv == {"hit", "miss", "rejected", "stored", "dropped"}
         assert _sum(r, TARGET, "specdec_kv_chunks", result="stored") > 0  # 8-token chunks of the prompts
-    _poll(check)
+
+    otlp_receiver.check_until_passes(check)  # looked at again as each export arrives
 
 
 def test_prometheus_exposition_uses_the_documented_names():
     """Record every instrument through the real Prometheus reader: the series it exposes are
     exactly `prometheus_names()` (what the dashboards are checked against)."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.metrics import Observation
+    from opentelemetry.sdk.metrics import MeterProvider
     from prometheus_client import CollectorRegistry, generate_latest
 
     from specdec.telemetry.setup import create_instruments
@@ -84,10 +97,11 @@ def test_prometheus_exposition_uses_the_documented_names():
     meter = provider.get_meter("specdec")
     made = create_instruments(meter)
     for spec in instruments.INSTRUMENTS.values():
-        labels = {k: "x" for k in spec.labels}
+        labels = dict.fromkeys(spec.labels, "x")
         if spec.kind in (instruments.GAUGE, instruments.OBSERVED_COUNTER):
-            create = meter.create_observable_gauge if spec.kind == instruments.GAUGE else \
-                meter.create_observable_counter
+            create = (
+                meter.create_observable_gauge if spec.kind == instruments.GAUGE else meter.create_observable_counter
+            )
             create(spec.name, [lambda _o, labels=labels: [Observation(1, labels)]], spec.unit, spec.description)
         elif spec.kind == instruments.HISTOGRAM:
             made[spec.name].record(1, labels)
@@ -95,6 +109,5 @@ def test_prometheus_exposition_uses_the_documented_names():
             made[spec.name].add(1, labels)
     text = generate_latest(registry).decode()
     provider.shutdown()
-    exposed = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
-               if line.startswith("specdec_")}
+    exposed = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("specdec_")}
     assert exposed == instruments.prometheus_names()

@@ -1,4 +1,5 @@
 """One generation through three tier processes yields one connected trace."""
+
 from __future__ import annotations
 
 import os
@@ -16,24 +17,40 @@ SERVER, INTERNAL = 2, 1  # OTLP span kinds
 def _complete(address: str, metadata: tuple = (), **kwargs) -> generation_pb2.CompleteResponse:
     with grpc.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        return stub.Complete(make_request(generation_pb2.CompleteRequest, PROMPT, **kwargs), metadata=metadata,
-                             timeout=120)
+        return stub.Complete(
+            make_request(generation_pb2.CompleteRequest, PROMPT, **kwargs), metadata=metadata, timeout=120
+        )
 
 
 def test_one_generation_is_one_connected_trace(traced_stack, telemetry_models, otlp_receiver):
     caller_trace, caller_span = os.urandom(16).hex(), os.urandom(8).hex()
     otlp_receiver.spans.clear()
-    reply = _complete(traced_stack.coordinator, (("traceparent", f"00-{caller_trace}-{caller_span}-01"),),
-                      max_new_tokens=24, ignore_eos=True, drafter=f"model:{telemetry_models[1]}", k=4,
-                      adaptive=False)
+    reply = _complete(
+        traced_stack.coordinator,
+        (("traceparent", f"00-{caller_trace}-{caller_span}-01"),),
+        max_new_tokens=24,
+        ignore_eos=True,
+        drafter=f"model:{telemetry_models[1]}",
+        k=4,
+        adaptive=False,
+    )
     stats = reply.stats
     assert stats.generated_tokens == 24 and stats.proposed_tokens > 0
 
     def complete(spans: list[Span]) -> bool:
-        steps = [s for s in spans if s.name == "specdec.step"]
-        verifies = [s for s in spans if s.name == "target.verify"]
-        return (any(s.name == "specdec.generation" for s in spans) and len(steps) >= stats.steps
-                and len(verifies) >= stats.steps and any(s.name == "target.verify_batch" for s in spans))
+        """Every process's spans of this request are in (each tier exports on its own)."""
+        steps = {s.span_id for s in spans if s.name == "specdec.step"}
+        linked = {sid for s in spans if s.name == "target.verify_batch" for _, sid, _ in s.links}
+        count = lambda name: sum(s.name == name for s in spans)
+        return (
+            count("specdec.generation") > 0
+            and len(steps) >= stats.steps
+            and steps <= linked
+            and count("target.verify") >= stats.steps
+            and count("draft.propose") >= stats.steps - 1
+            and count("kv.restore") > 0
+        )
+
     spans = otlp_receiver.wait_for(complete)
     batch_traces = {s.trace_id for s in spans if s.name.endswith("_batch")}  # batches: traces of their own
     request_spans = [s for s in spans if s.trace_id not in batch_traces and not s.name.startswith("grpc.health")]

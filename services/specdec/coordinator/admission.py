@@ -6,6 +6,7 @@ coordinator's queue depth, which the operator scales on. The queue is bounded to
 `max_queued`, a request is refused at once with a retry hint (RESOURCE_EXHAUSTED) rather
 than held for longer than any client would wait.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -5,6 +5,7 @@ the call answers `needs_resync`; the loop resends the session's tokens from 0, t
 routes it to another replica, and that replica recomputes the cache. The counter-based
 randomness makes the replay produce the same tokens.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,9 @@ class RemoteTier:
     def __init__(self, pool: ReplicaPool, timeout_s: float, max_failovers: int) -> None:
         self.pool, self.timeout_s, self.max_failovers = pool, timeout_s, max_failovers
 
-    async def call(self, session_id: str, prefix_len: int, build: Callable[[int], Any],
-                   serves: str | None = None) -> tuple[Any, str] | None:
+    async def call(
+        self, session_id: str, prefix_len: int, build: Callable[[int], Any], serves: str | None = None
+    ) -> tuple[Any, str] | None:
         """(the result message, the replica that answered), or None when the session must be
         resent from 0. A replica whose stream broke but that answers a reconnect keeps the
         session (its state is still there: the item is resent as it was)."""
@@ -62,8 +64,9 @@ class RemoteTier:
 class RemoteVerifier(RemoteTier):
     async def verify(self, item: VerifyItem) -> Verdict:
         parent = traceparent()  # the step's span: the target's span joins the request's trace
-        result = await self.call(item.session_id, item.prefix_len,
-                                 lambda tag: convert.verify_item_to_proto(tag, item, parent))
+        result = await self.call(
+            item.session_id, item.prefix_len, lambda tag: convert.verify_item_to_proto(tag, item, parent)
+        )
         return Verdict(needs_resync=True) if result is None else convert.verdict_from_proto(*result)
 
 
@@ -73,8 +76,12 @@ class RemoteDrafter(RemoteTier):
     async def propose(self, item: ProposeItem) -> Proposal:
         try:
             parent = traceparent()
-            result = await self.call(item.session_id, item.prefix_len,
-                                     lambda tag: convert.propose_item_to_proto(tag, item, parent), item.drafter)
+            result = await self.call(
+                item.session_id,
+                item.prefix_len,
+                lambda tag: convert.propose_item_to_proto(tag, item, parent),
+                item.drafter,
+            )
         except TierUnavailable as exc:
             log.info("no draft replica (%s); decoding without speculation", exc)
             return Proposal(unavailable=True)

@@ -8,6 +8,7 @@ one recorded, max_new_tokens is what remains, the stop conditions are the record
 `Delivery` then decides what the client still lacks: tokens after the ones it holds, and
 only the text those add (the detokenizer's text for the held tokens is never re-sent).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,18 +71,26 @@ def request_from_record(record: SessionRecord, session_id: str, max_context: int
     """The loop's request that continues the record where it stopped (ValueError or
     InvalidArgument when the record does not describe one)."""
     s = record.sampling
-    sampling = SamplingParams(temperature=float(s["temperature"]), top_k=int(s["top_k"]), top_p=float(s["top_p"]),
-                              seed=int(s["seed"])).validate("sampling.")
+    sampling = SamplingParams(
+        temperature=float(s["temperature"]), top_k=int(s["top_k"]), top_p=float(s["top_p"]), seed=int(s["seed"])
+    ).validate("sampling.")
     if not 1 <= record.max_draft_tokens <= MAX_DRAFT_TOKENS:
         raise ValueError(f"max_draft_tokens {record.max_draft_tokens}")
     remaining = record.max_new_tokens - len(record.generated_ids)
     if remaining < 1:
         raise ValueError("nothing left to generate")
     return GenerationRequest(
-        session_id=session_id, prompt_ids=[*record.prompt_ids, *record.generated_ids], max_new_tokens=remaining,
-        sampling=sampling, drafter=parse_drafter(record.drafter, "drafter"), max_draft_tokens=record.max_draft_tokens,
-        adaptive=record.adaptive, stop_token_ids=frozenset(record.stop_token_ids), max_context=max_context,
-        overlap=record.overlap)
+        session_id=session_id,
+        prompt_ids=[*record.prompt_ids, *record.generated_ids],
+        max_new_tokens=remaining,
+        sampling=sampling,
+        drafter=parse_drafter(record.drafter, "drafter"),
+        max_draft_tokens=record.max_draft_tokens,
+        adaptive=record.adaptive,
+        stop_token_ids=frozenset(record.stop_token_ids),
+        max_context=max_context,
+        overlap=record.overlap,
+    )
 
 
 def stats_counters(stats: SpecStats) -> dict[str, float]:
@@ -124,7 +133,7 @@ class Delivery:
         if len(self.tokens) <= self.held:
             return None
         if self._held_chars is None:  # the client stopped inside this step: its text there
-            self._held_chars = len(self._text_for(self.tokens[:self.held]))
-        out = self.tokens[max(start, self.held):], self.text[self._held_chars:]
+            self._held_chars = len(self._text_for(self.tokens[: self.held]))
+        out = self.tokens[max(start, self.held) :], self.text[self._held_chars :]
         self.held, self._held_chars = len(self.tokens), len(self.text)
         return out

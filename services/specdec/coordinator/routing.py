@@ -7,6 +7,7 @@ those that serve what the session needs (a draft replica lists its drafters). A 
 whose stream broke and that does not answer a reconnect is quarantined, longer each time
 it fails again in a row.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,9 +29,15 @@ EMPTY_GRACE_S = 15.0  # an empty registry right after replicas were seen is a re
 
 
 class ReplicaPool:
-    def __init__(self, tier: str, registry: Registry | None, static: list[str],
-                 open_stream: Callable[[Any], Any], make_request: Callable[[list[Any], list[str]], Any],
-                 dial: Dial | None = None) -> None:
+    def __init__(
+        self,
+        tier: str,
+        registry: Registry | None,
+        static: list[str],
+        open_stream: Callable[[Any], Any],
+        make_request: Callable[[list[Any], list[str]], Any],
+        dial: Dial | None = None,
+    ) -> None:
         self.tier, self.registry, self.static, self.dial = tier, registry, static, dial
         self._open_stream, self._make_request = open_stream, make_request
         self._known: list[ReplicaInfo] = [ReplicaInfo(tier=tier, address=a) for a in static]
@@ -93,6 +100,7 @@ class ReplicaPool:
         def score(r: ReplicaInfo) -> tuple[int, int, float]:
             client = self._clients.get(r.address)
             return (placed[r.address], client.in_flight if client else 0, float(r.load.get("queue_depth") or 0))
+
         return min(replicas, key=score).address
 
     def _client(self, address: str) -> TaggedStreamClient:

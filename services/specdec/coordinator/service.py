@@ -4,6 +4,7 @@ With Redis, each request with a request_id is indexed and leased (`state/session
 coordinator that receives a request whose record exists continues it from the record
 (`resume.py`) instead of starting anew, and only one coordinator runs it at a time.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -62,8 +63,11 @@ from specdec.v1 import (
 )
 
 log = logging.getLogger(__name__)
-FINISH = {"length": generation_pb2.FINISH_REASON_LENGTH, "stop": generation_pb2.FINISH_REASON_STOP,
-          "context": generation_pb2.FINISH_REASON_CONTEXT}
+FINISH = {
+    "length": generation_pb2.FINISH_REASON_LENGTH,
+    "stop": generation_pb2.FINISH_REASON_STOP,
+    "context": generation_pb2.FINISH_REASON_CONTEXT,
+}
 OWNER_WAIT_S = 60.0  # a request_id that a live coordinator runs: wait this long for it to let go
 OWNER_POLL_S = 0.05  # ... reading its lease this often
 OWNER_PROBE_S = 1.0  # a lease holder whose port does not accept a connection within this is dead
@@ -110,15 +114,25 @@ class Coordinator:
         self.sessions = SessionStore(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
         dial = Dial(tls_files(settings), settings.internal_token)  # mTLS, or the internal token
         self.draft_pool = ReplicaPool(
-            "draft", registry, settings.draft_addresses,
+            "draft",
+            registry,
+            settings.draft_addresses,
             lambda ch: draft_pb2_grpc.DraftServiceStub(ch).Propose(),  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
-            lambda items, rel: draft_pb2.ProposeRequest(items=items, release_session_ids=rel), dial)
+            lambda items, rel: draft_pb2.ProposeRequest(items=items, release_session_ids=rel),
+            dial,
+        )
         self.target_pool = ReplicaPool(
-            "target", registry, settings.target_addresses,
+            "target",
+            registry,
+            settings.target_addresses,
             lambda ch: target_pb2_grpc.TargetServiceStub(ch).Verify(),  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
-            lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel), dial)
-        self.tiers = Tiers(RemoteVerifier(self.target_pool, settings.tier_timeout_s, settings.max_failovers),
-                           RemoteDrafter(self.draft_pool, settings.tier_timeout_s, settings.max_failovers))
+            lambda items, rel: target_pb2.VerifyRequest(items=items, release_session_ids=rel),
+            dial,
+        )
+        self.tiers = Tiers(
+            RemoteVerifier(self.target_pool, settings.tier_timeout_s, settings.max_failovers),
+            RemoteDrafter(self.draft_pool, settings.tier_timeout_s, settings.max_failovers),
+        )
         self.default_drafter = parse_drafter(settings.drafter, "SPECDEC_DRAFTER")
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.admission = Admission(settings.max_running_requests, settings.max_queued_requests)
@@ -133,8 +147,10 @@ class Coordinator:
         self._claims: dict[str, _Claim] = {}  # request digest -> this coordinator's claim
         self._probes: dict[str, asyncio.Future[bool]] = {}  # lease holder -> its health probe in flight
         self._dead: dict[str, float] = {}  # lease holder -> when it was found dead
-        observe("specdec_replicas", lambda: [(pool.healthy_count(), {"tier": pool.tier})
-                                             for pool in (self.draft_pool, self.target_pool)])
+        observe(
+            "specdec_replicas",
+            lambda: [(pool.healthy_count(), {"tier": pool.tier}) for pool in (self.draft_pool, self.target_pool)],
+        )
 
     async def drafters(self) -> list[str]:
         served = {d for r in await self.draft_pool.replicas() for d in r.drafters}
@@ -154,8 +170,9 @@ class Coordinator:
         if resume_from and not spec.request_id:
             raise InvalidArgument("resume_from", "resuming a request needs its request_id")
         if resume_from > self.limits.max_new_tokens:
-            raise InvalidArgument("resume_from", f"at most max_new_tokens ({self.limits.max_new_tokens}), "
-                                                 f"got {resume_from}")
+            raise InvalidArgument(
+                "resume_from", f"at most max_new_tokens ({self.limits.max_new_tokens}), got {resume_from}"
+            )
         digest = fp = None
         if self.sessions is not None and spec.request_id:
             # In proportion to the prompt: off the event loop, like tokenizing.
@@ -176,8 +193,7 @@ class Coordinator:
                 async for chunk in chunks:
                     yield chunk
 
-    async def _prepare(self, spec: RequestSpec, digest: str | None, fp: str, claim: _Claim,
-                       resume_from: int) -> _Run:
+    async def _prepare(self, spec: RequestSpec, digest: str | None, fp: str, claim: _Claim, resume_from: int) -> _Run:
         """The run: the request's record continued when there is one, else a new request."""
         loop = asyncio.get_running_loop()
         found = await self._find(digest, spec.request_id, fp) if digest is not None else None
@@ -192,37 +208,66 @@ class Coordinator:
         # event loop, so other streams and the health check are not kept waiting; on one
         # thread, because a transformers tokenizer is not safe to call from several at once.
         request, stops = await loop.run_in_executor(
-            self._tokenizing, build_request, spec, self.tokenizer, self.limits, self.default_drafter, drafters,
-            self.settings.overlap)
+            self._tokenizing,
+            build_request,
+            spec,
+            self.tokenizer,
+            self.limits,
+            self.default_drafter,
+            drafters,
+            self.settings.overlap,
+        )
         if resume_from and not request.sampling.greedy and spec.seed is None:
             # The held tokens were sampled with a seed drawn for them, and the record that kept it is gone.
-            raise CannotResume("the request's session record is gone and it samples without a seed: "
-                               "its held tokens cannot be continued; send it again without resume_from")
-        return _Run(spec, stops, request.session_id, digest, fp, request.prompt_ids, request.max_new_tokens,
-                    request, claim)
+            raise CannotResume(
+                "the request's session record is gone and it samples without a seed: "
+                "its held tokens cannot be continued; send it again without resume_from"
+            )
+        return _Run(
+            spec, stops, request.session_id, digest, fp, request.prompt_ids, request.max_new_tokens, request, claim
+        )
 
-    def _continued(self, spec: RequestSpec, digest: str | None, fp: str, claim: _Claim, record_id: str,
-                   record: SessionRecord) -> _Run | None:
+    def _continued(
+        self, spec: RequestSpec, digest: str | None, fp: str, claim: _Claim, record_id: str, record: SessionRecord
+    ) -> _Run | None:
         """The run that continues `record` (on the tokenizing thread: it detokenizes the
         history); None when the record does not describe a request this coordinator can run."""
         history = list(record.generated_ids)
         detok = IncrementalDetokenizer(self.tokenizer, record.stop)
         stopped = detok.add(history).stopped
         finished = finish_reason(record, self.limits.max_context, stopped)
-        run = _Run(spec, list(record.stop), record_id, digest, fp, list(record.prompt_ids), record.max_new_tokens,
-                   None, claim, record=record, history=history, before=dict(record.stats), detok=detok,
-                   finished=finished)
+        run = _Run(
+            spec,
+            list(record.stop),
+            record_id,
+            digest,
+            fp,
+            list(record.prompt_ids),
+            record.max_new_tokens,
+            None,
+            claim,
+            record=record,
+            history=history,
+            before=dict(record.stats),
+            detok=detok,
+            finished=finished,
+        )
         if finished is not None:
             run.final_text = released_text(self.tokenizer, record.stop, history, final=True)
             return run
         try:
             run.request = request_from_record(record, uuid.uuid4().hex, self.limits.max_context)
         except (ValueError, InvalidArgument) as exc:
-            log.warning("session record %s cannot be continued (%s); starting the request anew", record_id[:64],
-                        str(exc)[:200])
+            log.warning(
+                "session record %s cannot be continued (%s); starting the request anew", record_id[:64], str(exc)[:200]
+            )
             return None
-        log.info("request %s continues from its record: %d tokens committed (%s)", spec.request_id[:64],
-                 len(history), record.state)
+        log.info(
+            "request %s continues from its record: %d tokens committed (%s)",
+            spec.request_id[:64],
+            len(history),
+            record.state,
+        )
         return run
 
     def _replay(self, run: _Run, result: GenerationResult, delivery: Delivery) -> list[Chunk]:
@@ -231,12 +276,17 @@ class Coordinator:
         if delivery.held > len(run.history):
             raise InvalidArgument("resume_from", f"the request has {len(run.history)} tokens, not {delivery.held}")
         result.token_ids, result.text, result.finish_reason = list(run.history), run.final_text, run.finished
-        result.stats = merged_stats(run.before, SpecStats(drafter=run.record.drafter if run.record else "none"),
-                                    len(run.prompt_ids))
+        result.stats = merged_stats(
+            run.before, SpecStats(drafter=run.record.drafter if run.record else "none"), len(run.prompt_ids)
+        )
         if run.record is not None and run.record.state != "done" and self.sessions is not None:
-            self.sessions.update(run.record_id, dataclasses.replace(
-                run.record, state="done", finish_reason=run.finished, owner=self.owner, updated_at=time.time()),
-                index=run.digest)
+            self.sessions.update(
+                run.record_id,
+                dataclasses.replace(
+                    run.record, state="done", finish_reason=run.finished, owner=self.owner, updated_at=time.time()
+                ),
+                index=run.digest,
+            )
         out = delivery.add(run.history, run.final_text)
         return [] if out is None else [Chunk(out[0], out[1], Step(out[0], run.finished))]
 
@@ -281,8 +331,9 @@ class Coordinator:
                 result.stats = self._stats(run, inner)
             self._record(run, "done", delivery.tokens, stats_counters(result.stats), step, result.finish_reason)
             if delivery.held > len(delivery.tokens):  # the client said it held more than there is
-                raise InvalidArgument("resume_from", f"the request has {len(delivery.tokens)} tokens, "
-                                                     f"not {delivery.held}")
+                raise InvalidArgument(
+                    "resume_from", f"the request has {len(delivery.tokens)} tokens, not {delivery.held}"
+                )
         finally:
             self.active -= 1
             self.proposed_tokens += inner.stats.proposed_tokens
@@ -294,22 +345,44 @@ class Coordinator:
             return inner.stats
         return merged_stats(run.before, inner.stats, len(run.prompt_ids))
 
-    def _record(self, run: _Run, state: str, tokens: list[int], stats: SpecStats | dict[str, float],
-                step: Step | None = None, finish: str | None = None) -> None:
+    def _record(
+        self,
+        run: _Run,
+        state: str,
+        tokens: list[int],
+        stats: SpecStats | dict[str, float],
+        step: Step | None = None,
+        finish: str | None = None,
+    ) -> None:
         if self.sessions is None or run.request is None:
             return
         request, s = run.request, run.request.sampling
         placement = {"draft": step.draft_replica, "target": step.target_replica} if step else {}
-        self.sessions.update(run.record_id, SessionRecord(
-            request_id=run.spec.request_id or run.record_id, fingerprint=run.fingerprint, state=state,
-            prompt_ids=run.prompt_ids, generated_ids=list(tokens), max_new_tokens=run.max_new_tokens,
-            sampling={"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed},
-            drafter=str(request.drafter), max_draft_tokens=request.max_draft_tokens, adaptive=request.adaptive,
-            overlap=request.overlap, stop=run.stops, stop_token_ids=sorted(request.stop_token_ids),
-            tier_session_id=request.session_id, finish_reason=finish,
-            stats=stats if isinstance(stats, dict) else stats_counters(stats),
-            placement={k: v for k, v in placement.items() if v}, owner=self.owner, updated_at=time.time(),
-        ), index=run.digest)
+        self.sessions.update(
+            run.record_id,
+            SessionRecord(
+                request_id=run.spec.request_id or run.record_id,
+                fingerprint=run.fingerprint,
+                state=state,
+                prompt_ids=run.prompt_ids,
+                generated_ids=list(tokens),
+                max_new_tokens=run.max_new_tokens,
+                sampling={"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed},
+                drafter=str(request.drafter),
+                max_draft_tokens=request.max_draft_tokens,
+                adaptive=request.adaptive,
+                overlap=request.overlap,
+                stop=run.stops,
+                stop_token_ids=sorted(request.stop_token_ids),
+                tier_session_id=request.session_id,
+                finish_reason=finish,
+                stats=stats if isinstance(stats, dict) else stats_counters(stats),
+                placement={k: v for k, v in placement.items() if v},
+                owner=self.owner,
+                updated_at=time.time(),
+            ),
+            index=run.digest,
+        )
 
     async def _find(self, digest: str, request_id: str, fp: str) -> tuple[str, SessionRecord] | None:
         assert self.sessions is not None
@@ -440,9 +513,13 @@ class Coordinator:
                 log.debug("releasing orphaned session failed: %s", exc)
 
     def load(self) -> dict[str, float | int | None]:
-        return {"queue_depth": self.admission.waiting, "active_sessions": self.active, "batch_utilization": 0.0,
-                "generated_tokens": self.generated_tokens,
-                **self.rates.read(self.generated_tokens, self.proposed_tokens, self.accepted_tokens)}
+        return {
+            "queue_depth": self.admission.waiting,
+            "active_sessions": self.active,
+            "batch_utilization": 0.0,
+            "generated_tokens": self.generated_tokens,
+            **self.rates.read(self.generated_tokens, self.proposed_tokens, self.accepted_tokens),
+        }
 
 
 def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteRequest) -> RequestSpec:
@@ -453,14 +530,24 @@ def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteR
 
     def opt(msg: generation_pb2.DecodingParams | generation_pb2.SpeculationParams, name: str) -> Any:
         return getattr(msg, name) if msg.HasField(name) else None  # None: left unset (proto3 optional)
+
     return RequestSpec(
         prompt=m.prompt if which == "prompt" else None,
         messages=[{"role": x.role, "content": x.content} for x in m.chat.messages] if which == "chat" else None,
         token_ids=list(m.token_ids.ids) if which == "token_ids" else None,
-        max_new_tokens=opt(d, "max_new_tokens"), temperature=opt(d, "temperature"), top_k=opt(d, "top_k"),
-        top_p=opt(d, "top_p"), seed=opt(d, "seed"), stop=list(d.stop), stop_token_ids=list(d.stop_token_ids),
-        ignore_eos=d.ignore_eos, drafter=opt(s, "drafter"), max_draft_tokens=opt(s, "max_draft_tokens"),
-        adaptive=opt(s, "adaptive"), overlap=opt(s, "overlap"), request_id=m.request_id,
+        max_new_tokens=opt(d, "max_new_tokens"),
+        temperature=opt(d, "temperature"),
+        top_k=opt(d, "top_k"),
+        top_p=opt(d, "top_p"),
+        seed=opt(d, "seed"),
+        stop=list(d.stop),
+        stop_token_ids=list(d.stop_token_ids),
+        ignore_eos=d.ignore_eos,
+        drafter=opt(s, "drafter"),
+        max_draft_tokens=opt(s, "max_draft_tokens"),
+        adaptive=opt(s, "adaptive"),
+        overlap=opt(s, "overlap"),
+        request_id=m.request_id,
         logprobs=opt(d, "logprobs"),
     )
 
@@ -481,29 +568,41 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.coordinator = coordinator
 
     @grpc_errors
-    async def Generate(self, request: generation_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         result = GenerationResult()
         async with _resume_errors(context):
             async for chunk in self.coordinator.stream(spec_from_proto(request), result, request.resume_from):
                 yield generation_pb2.GenerateResponse(
                     request_id=request.request_id,
-                    chunk=generation_pb2.TokenChunk(token_ids=chunk.token_ids, text=chunk.text,
-                                                    logprobs=logprobs_to_proto(chunk_logprobs(chunk))))
-        yield generation_pb2.GenerateResponse(request_id=request.request_id, done=generation_pb2.GenerationDone(
-            finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result.stats)))
+                    chunk=generation_pb2.TokenChunk(
+                        token_ids=chunk.token_ids, text=chunk.text, logprobs=logprobs_to_proto(chunk_logprobs(chunk))
+                    ),
+                )
+        yield generation_pb2.GenerateResponse(
+            request_id=request.request_id,
+            done=generation_pb2.GenerationDone(
+                finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result.stats)
+            ),
+        )
 
     @grpc_errors
-    async def Complete(self, request: generation_pb2.CompleteRequest,
-                       context: grpc.aio.ServicerContext) -> generation_pb2.CompleteResponse:
+    async def Complete(
+        self, request: generation_pb2.CompleteRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.CompleteResponse:
         result = GenerationResult()
         async with _resume_errors(context):
             async for _ in self.coordinator.stream(spec_from_proto(request), result):
                 pass
         return generation_pb2.CompleteResponse(
-            request_id=request.request_id, text=result.text, token_ids=result.token_ids,
-            finish_reason=FINISH[result.finish_reason], stats=stats_to_proto(result.stats),
-            logprobs=logprobs_to_proto(result.logprobs))
+            request_id=request.request_id,
+            text=result.text,
+            token_ids=result.token_ids,
+            finish_reason=FINISH[result.finish_reason],
+            stats=stats_to_proto(result.stats),
+            logprobs=logprobs_to_proto(result.logprobs),
+        )
 
 
 def build(settings: Settings) -> TierServer:
@@ -511,15 +610,24 @@ def build(settings: Settings) -> TierServer:
 
     config = AutoConfig.from_pretrained(resolve_model_path(settings.model))
     tokenizer = load_tokenizer(settings.model)
-    limits = ModelLimits(vocab_size=config.vocab_size, max_context=getattr(config, "max_position_embeddings", 1 << 20),
-                         max_new_tokens=settings.max_new_tokens, max_token_chars=longest_token_chars(tokenizer))
+    limits = ModelLimits(
+        vocab_size=config.vocab_size,
+        max_context=getattr(config, "max_position_embeddings", 1 << 20),
+        max_new_tokens=settings.max_new_tokens,
+        max_token_chars=longest_token_chars(tokenizer),
+    )
     coordinator = Coordinator(settings, tokenizer, limits)
     name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
     server = TierServer(
-        "coordinator", settings, [name],
+        "coordinator",
+        settings,
+        [name],
         lambda server: generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
-            GenerationServicer(coordinator), server),
-        coordinator.load, model=settings.model)
+            GenerationServicer(coordinator), server
+        ),
+        coordinator.load,
+        model=settings.model,
+    )
     coordinator.set_address(server.address, server.info.replica_id)
     if settings.http_port:  # the OpenAI-compatible front: same process, loop and Coordinator.stream
         from specdec.http.app import HttpFront

@@ -27,6 +27,7 @@ re-measures acceptance (and again at once while those drafts are all kept, so a 
 notices within a few steps that its text has become copyable), unless drafting would not
 pay even if every draft were kept: then only a change in cost brings drafting back.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,8 +62,9 @@ class CostBook:
 
 
 class DraftLength:
-    def __init__(self, max_k: int, adaptive: bool, prior_acceptance: float = 0.7,
-                 costs: StepCosts | None = None) -> None:
+    def __init__(
+        self, max_k: int, adaptive: bool, prior_acceptance: float = 0.7, costs: StepCosts | None = None
+    ) -> None:
         if max_k < 0:
             raise ValueError("max_k must be >= 0")
         self.max_k, self.adaptive = max_k, adaptive

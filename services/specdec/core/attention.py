@@ -8,6 +8,7 @@ values are written with one indexed store, and one call attends over a view of t
 slab's slot range, queries padded to the longest session's rows and keys masked to each
 session's own length. Prefills (many rows) and lone sessions attend by themselves.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,8 +48,15 @@ class _Group:
 class BatchAttention:
     """Plans, once per forward pass, how each session attends; then runs every layer."""
 
-    def __init__(self, kvs: list[SessionKV], starts: list[int], sizes: list[int], num_heads: int,
-                 num_kv_heads: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        kvs: list[SessionKV],
+        starts: list[int],
+        sizes: list[int],
+        num_heads: int,
+        num_kv_heads: int,
+        device: torch.device,
+    ) -> None:
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.group = num_heads // num_kv_heads
         self.singles: list[_Single] = []
@@ -66,9 +74,15 @@ class BatchAttention:
                 for i in members:  # alone, or too many idle slots between them to pad over
                     self._single(kvs[i], offsets[i], starts[i], sizes[i], device)
             else:
-                self.groups.append(self._plan_group([kvs[i] for i in members], [offsets[i] for i in members],
-                                                    [starts[i] for i in members], [sizes[i] for i in members],
-                                                    device))
+                self.groups.append(
+                    self._plan_group(
+                        [kvs[i] for i in members],
+                        [offsets[i] for i in members],
+                        [starts[i] for i in members],
+                        [sizes[i] for i in members],
+                        device,
+                    )
+                )
 
     def _single(self, kv: SessionKV, offset: int, start: int, size: int, device: torch.device) -> None:
         mask = None
@@ -78,8 +92,9 @@ class BatchAttention:
             mask = (keys[None, :] <= queries[:, None]).repeat(self.group, 1)[None, None]
         self.singles.append(_Single(kv, slice(offset, offset + size), start, mask))
 
-    def _plan_group(self, kvs: list[SessionKV], offsets: list[int], starts: list[int], sizes: list[int],
-                    device: torch.device) -> _Group:
+    def _plan_group(
+        self, kvs: list[SessionKV], offsets: list[int], starts: list[int], sizes: list[int], device: torch.device
+    ) -> _Group:
         first = min(kv.index for kv in kvs)
         num_slots = max(kv.index for kv in kvs) - first + 1
         max_rows = max(sizes)
@@ -100,11 +115,23 @@ class BatchAttention:
         visible = keys <= torch.tensor(limit, device=device)[:, :, None]  # [slots, max_rows, length]
         mask = visible[:, None, None].expand(num_slots, 1, self.group, max_rows, length)
         rows_t, slots_t, positions_t, slot_offsets_t, row_offsets_t = (
-            torch.tensor(xs, device=device) for xs in (rows, slots, positions, slot_offsets, row_offsets))
+            torch.tensor(xs, device=device) for xs in (rows, slots, positions, slot_offsets, row_offsets)
+        )
         slab = kvs[0].slab
         assert slab is not None  # only sessions holding a slot are grouped
-        return _Group(slab, first, rows_t, slots_t, positions_t, slot_offsets_t, row_offsets_t, num_slots, max_rows,
-                      length, mask.reshape(num_slots, 1, self.group * max_rows, length))
+        return _Group(
+            slab,
+            first,
+            rows_t,
+            slots_t,
+            positions_t,
+            slot_offsets_t,
+            row_offsets_t,
+            num_slots,
+            max_rows,
+            length,
+            mask.reshape(num_slots, 1, self.group * max_rows, length),
+        )
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Write this layer's new k, v [n, kv_heads, d] into the caches and attend with q
@@ -117,8 +144,9 @@ class BatchAttention:
             out[g.rows] = self._attend_group(g, layer, q[g.rows], k[g.rows], v[g.rows], scale)
         return out
 
-    def _attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                    scale: float) -> torch.Tensor:
+    def _attend_one(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
         """q [t, heads, d] against one session's cache views [kv_heads, len, d].
 
         Grouped-query heads are folded into the query rows ([kv_heads, group*t, d]) so the
@@ -130,8 +158,9 @@ class BatchAttention:
         out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=scale)
         return out[0].reshape(self.num_heads, t, -1).transpose(0, 1)
 
-    def _attend_group(self, g: _Group, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+    def _attend_group(
+        self, g: _Group, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         cache_k, cache_v = g.slab.keys[layer], g.slab.values[layer]
         cache_k[g.slots, :, g.positions] = k
         cache_v[g.slots, :, g.positions] = v
@@ -141,6 +170,10 @@ class BatchAttention:
         span = slice(g.first_slot, g.first_slot + g.num_slots)
         out = F.scaled_dot_product_attention(
             padded.view(g.num_slots, self.num_kv_heads, self.group * g.max_rows, d),
-            cache_k[span, :, : g.length], cache_v[span, :, : g.length], attn_mask=g.mask, scale=scale)
+            cache_k[span, :, : g.length],
+            cache_v[span, :, : g.length],
+            attn_mask=g.mask,
+            scale=scale,
+        )
         out = out.view(g.num_slots, self.num_kv_heads, self.group, g.max_rows, d)
         return out[g.slot_offsets, :, :, g.row_offsets].reshape(-1, self.num_heads, d)

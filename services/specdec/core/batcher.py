@@ -3,6 +3,7 @@ batch. A lone session runs at once; sessions that were in the previous batch get
 gather window (`gather_s`, 4 ms, 1 ms for a paired drafter/verifier) to rejoin, and
 requests that arrive while a batch is running share the next one.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,8 +38,12 @@ class MicroBatcher(Generic[Item, Result]):
     (`core.compute`), so the event loop keeps accepting work while the model computes. A
     result that is an Exception fails only its own item's caller."""
 
-    def __init__(self, run_batch: Callable[[list[Item]], Sequence[Result | Exception]], max_batch_size: int = 32,
-                 gather_s: float = 0.004) -> None:
+    def __init__(
+        self,
+        run_batch: Callable[[list[Item]], Sequence[Result | Exception]],
+        max_batch_size: int = 32,
+        gather_s: float = 0.004,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._run_batch = run_batch
@@ -81,8 +86,12 @@ class MicroBatcher(Generic[Item, Result]):
         self._downstream = True
         self.gather_s = upstream.gather_s = gather_s
 
-    def wrap_batches(self, wrap: Callable[[Callable[[list[Item]], Sequence[Result | Exception]]],
-                                          Callable[[list[Item]], Sequence[Result | Exception]]]) -> None:
+    def wrap_batches(
+        self,
+        wrap: Callable[
+            [Callable[[list[Item]], Sequence[Result | Exception]]], Callable[[list[Item]], Sequence[Result | Exception]]
+        ],
+    ) -> None:
         """Decorate the batch function (the services add tracing and metrics this way)."""
         self._run_batch = wrap(self._run_batch)
 
@@ -186,4 +195,3 @@ class MicroBatcher(Generic[Item, Result]):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-

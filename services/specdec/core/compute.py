@@ -9,6 +9,7 @@ sequences took 52 ms, and 100 ms after a single matmul had run on a second threa
 So model loading, every batch and every other sizeable tensor op go through this single
 thread, and the event loop and gRPC threads only move bytes.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -36,7 +37,8 @@ def executor() -> concurrent.futures.Executor:
     with _lock:
         if _executor is None:
             _executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="torch", initializer=_remember_thread)
+                max_workers=1, thread_name_prefix="torch", initializer=_remember_thread
+            )
         return _executor
 
 

@@ -7,6 +7,7 @@ sequences share the pass. The draft controller (`core/adaptive.py`) needs both n
 know what a drafted token costs at the current load, so the verifier fits them online and
 reports them with every verdict; nobody has to configure a row budget per machine.
 """
+
 from __future__ import annotations
 
 import time

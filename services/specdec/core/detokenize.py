@@ -3,6 +3,7 @@
 Text is released only once it is final: not while the last character is an incomplete
 UTF-8 sequence, and not while it might still become the start of a stop string.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class IncrementalDetokenizer:
         # Several stop strings may occur in the new text: stop at the earliest.
         hits = [at for stop in self.stop_strings if (at := full.find(stop, max(0, self._emitted - len(stop)))) != -1]
         if hits:
-            return self._release(full[:min(hits)], stopped=True)
+            return self._release(full[: min(hits)], stopped=True)
         if final:
             return self._release(full)
         end = len(full) - self._holdback
@@ -41,7 +42,7 @@ class IncrementalDetokenizer:
         return self._release(full[: max(end, self._emitted)])
 
     def _release(self, upto: str, stopped: bool = False) -> TextDelta:
-        delta = upto[self._emitted:]
+        delta = upto[self._emitted :]
         self._emitted = max(self._emitted, len(upto))
         self.text += delta
         return TextDelta(delta, stopped)

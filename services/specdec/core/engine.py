@@ -5,6 +5,7 @@ Usable as a library and the benchmark baseline; runs the same loop the coordinat
     engine = Engine.load("smollm2-135m", drafter="ngram")
     result = engine.complete(RequestSpec(prompt="def fib(n):", max_new_tokens=64))
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,9 +24,15 @@ from specdec.core.tokenizer import Tokenizer
 
 
 class Engine:
-    def __init__(self, target_model: CausalLM, tokenizer: Tokenizer, drafter: str | DrafterSpec = "ngram",
-                 draft_model: CausalLM | None = None, draft_model_name: str = "",
-                 overlap: bool = False) -> None:
+    def __init__(
+        self,
+        target_model: CausalLM,
+        tokenizer: Tokenizer,
+        drafter: str | DrafterSpec = "ngram",
+        draft_model: CausalLM | None = None,
+        draft_model_name: str = "",
+        overlap: bool = False,
+    ) -> None:
         runner = compute.run_sync(build_runner, target_model)  # packs weights: torch work
         self.tokenizer = tokenizer
         self.verifier = LocalVerifier(TargetWorker(runner))
@@ -35,12 +42,14 @@ class Engine:
         self.tiers = Tiers(self.verifier, self.drafter)
         self.default_drafter = parse_drafter(drafter)
         self.default_overlap = overlap
-        self.limits = ModelLimits(vocab_size=runner.vocab_size, max_context=runner.max_context,
-                                  max_token_chars=longest_token_chars(tokenizer))
+        self.limits = ModelLimits(
+            vocab_size=runner.vocab_size, max_context=runner.max_context, max_token_chars=longest_token_chars(tokenizer)
+        )
 
     @classmethod
-    def load(cls, model: str, drafter: str | DrafterSpec = "ngram", device: str = "cpu",
-             dtype: str = "float32") -> Engine:
+    def load(
+        cls, model: str, drafter: str | DrafterSpec = "ngram", device: str = "cpu", dtype: str = "float32"
+    ) -> Engine:
         """The target `model`, and the draft model `drafter` names, if any (every engine
         also serves the model-free drafters)."""
         spec = parse_drafter(drafter)
@@ -55,17 +64,20 @@ class Engine:
         return self.drafter.worker.drafters
 
     async def complete_async(self, spec: RequestSpec) -> GenerationResult:
-        request, stops = build_request(spec, self.tokenizer, self.limits, self.default_drafter,
-                                       self.available_drafters, self.default_overlap)
+        request, stops = build_request(
+            spec, self.tokenizer, self.limits, self.default_drafter, self.available_drafters, self.default_overlap
+        )
         return await generate(request, self.tiers, self.tokenizer, stops)
 
     def complete(self, spec: RequestSpec) -> GenerationResult:
         """Synchronous convenience for scripts; not for use inside a running event loop."""
+
         async def run() -> GenerationResult:
             try:
                 return await self.complete_async(spec)
             finally:
                 await self.aclose()
+
         return asyncio.run(run())
 
     async def aclose(self) -> None:

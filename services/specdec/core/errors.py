@@ -1,4 +1,5 @@
 """Domain errors. Services map them to gRPC status codes at the edge."""
+
 from __future__ import annotations
 
 

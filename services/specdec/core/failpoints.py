@@ -5,6 +5,7 @@
 freezes the 30th call of `failpoint("verify_batch")` for good (the thread blocks), as a
 stuck kernel or a deadlock would. Only tests set it; unset, a failpoint is one dict lookup.
 """
+
 from __future__ import annotations
 
 import os

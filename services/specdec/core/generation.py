@@ -1,4 +1,5 @@
 """A whole generation: the speculation loop plus detokenization, stop strings, timing."""
+
 from __future__ import annotations
 
 import time
@@ -29,8 +30,9 @@ class GenerationResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when the request asked
 
 
-async def generate_stream(request: GenerationRequest, tiers: Tiers, tokenizer: Decoder, stop_strings: list[str],
-                          result: GenerationResult) -> AsyncGenerator[Chunk, None]:
+async def generate_stream(
+    request: GenerationRequest, tiers: Tiers, tokenizer: Decoder, stop_strings: list[str], result: GenerationResult
+) -> AsyncGenerator[Chunk, None]:
     """Yield one chunk per step as tokens are verified; fill `result` (text, ids, reason, stats)."""
     start = time.perf_counter()
     detok = IncrementalDetokenizer(tokenizer, stop_strings)
@@ -62,11 +64,12 @@ def chunk_logprobs(chunk: Chunk) -> list[TokenLogprob]:
     """The logprobs of the chunk's tokens: the tail of its step's (a resumed delivery may
     hold the head back); empty when the request did not ask for them."""
     n, logprobs = len(chunk.token_ids), chunk.step.logprobs
-    return logprobs[len(logprobs) - n:] if n and len(logprobs) >= n else []
+    return logprobs[len(logprobs) - n :] if n and len(logprobs) >= n else []
 
 
-async def generate(request: GenerationRequest, tiers: Tiers, tokenizer: Decoder,
-                   stop_strings: list[str]) -> GenerationResult:
+async def generate(
+    request: GenerationRequest, tiers: Tiers, tokenizer: Decoder, stop_strings: list[str]
+) -> GenerationResult:
     result = GenerationResult()
     async for _ in generate_stream(request, tiers, tokenizer, stop_strings, result):
         pass

@@ -1,5 +1,6 @@
 """The two seams of the speculation loop. Local implementations wrap in-process workers;
 remote ones are gRPC clients of the draft and target tiers. The loop cannot tell."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -12,6 +12,7 @@ Because the sessions of a slab sit side by side in one tensor, a batched forward
 for all of them in one call over a view of it, instead of one call per session; nobody's
 context is copied or concatenated (see `core/attention.py`).
 """
+
 from __future__ import annotations
 
 import heapq
@@ -99,8 +100,9 @@ class SlotClass:
 class KVPool:
     """Every session's KV for one model, in slabs by capacity class."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    def __init__(
+        self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.classes: dict[int, SlotClass] = {}
@@ -191,8 +193,7 @@ class SessionKV:
     def read(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the keys and values [kv_heads, end-start, head_dim] at positions start..end."""
         assert self.slab is not None and end <= self.capacity
-        return (self.slab.keys[layer][self.index, :, start:end],
-                self.slab.values[layer][self.index, :, start:end])
+        return (self.slab.keys[layer][self.index, :, start:end], self.slab.values[layer][self.index, :, start:end])
 
     def commit(self, token_ids: list[int]) -> None:
         """Record that KV for `token_ids` was written after the current length."""
@@ -296,8 +297,9 @@ def trim_to_tokens(table: SessionTable[S], max_tokens: int, keep: Container[str]
     return evicted
 
 
-def sync_session(table: SessionTable[S], session_id: str, prefix_len: int, tokens: list[int],
-                 create: Callable[[], S]) -> S | None:
+def sync_session(
+    table: SessionTable[S], session_id: str, prefix_len: int, tokens: list[int], create: Callable[[], S]
+) -> S | None:
     """Apply a delta (`prefix_len` known tokens, then `tokens`) to a session's committed
     tokens; None when this replica lacks the prefix and the caller must resend from 0."""
     session = table.get(session_id)

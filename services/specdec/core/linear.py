@@ -10,6 +10,7 @@ load on this machine, at the row counts decoding and verification use, and the f
 is kept. Fusing q/k/v and gate/up into one product halves the calls. Elsewhere (CUDA,
 other dtypes, quantized modules) the plain path is used.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,7 @@ _packing_pays: dict[tuple[int, int], bool] = {}  # weight shape -> packed was fa
 
 
 def _onednn_available() -> bool:
-    return (hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]  # unannotated in torch
+    return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]  # unannotated in torch
 
 
 class FusedLinear:
@@ -47,8 +47,9 @@ class FusedLinear:
             return  # e.g. int8 weight-only modules: call them one by one
         weight = torch.cat([m.weight.detach() for m in linears])
         if any(m.bias is not None for m in linears):
-            self.bias = torch.cat([m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features)
-                                   for m in linears])
+            self.bias = torch.cat(
+                [m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in linears]
+            )
         use_onednn = pack and weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_available()
         if use_onednn:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS)
@@ -79,18 +80,26 @@ def packing_pays(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor 
         with torch.inference_mode():
             for rows in TIMED_ROWS:
                 x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+
                 def plain(x: torch.Tensor = x) -> object:
                     return F.linear(x, weight, bias)
 
                 def onednn(x: torch.Tensor = x) -> object:
                     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
                 plain(), onednn()  # warm both (oneDNN makes a primitive per row count)
                 plain_best, packed_best = _best_of_interleaved(plain, onednn)
                 plain_s += plain_best
                 packed_s += packed_best
         _packing_pays[shape] = packed_s < plain_s
-        log.info("linear %s: packed %.3f ms, plain %.3f ms over rows %s: %s", shape, packed_s * 1e3,
-                 plain_s * 1e3, TIMED_ROWS, "packed" if _packing_pays[shape] else "plain")
+        log.info(
+            "linear %s: packed %.3f ms, plain %.3f ms over rows %s: %s",
+            shape,
+            packed_s * 1e3,
+            plain_s * 1e3,
+            TIMED_ROWS,
+            "packed" if _packing_pays[shape] else "plain",
+        )
     return _packing_pays[shape]
 
 

@@ -3,6 +3,7 @@
 The draft and target services use exactly these, fed from their gRPC streams; the
 embedded engine uses them directly.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

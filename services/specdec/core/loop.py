@@ -9,6 +9,7 @@ what the tiers reported, who served it and how long it waited. Request statistic
 telemetry, session records and the draft-length controller all read that record; nothing
 is reconstructed afterwards.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -80,15 +81,19 @@ class _Sync:
     draft_replica: str = ""  # the replica holding the session's draft state (kept while steps draft nothing)
 
 
-async def speculate(request: GenerationRequest, drafter: Drafter | None, verifier: Verifier,
-                    costs: CostBook) -> AsyncGenerator[Step, None]:
+async def speculate(
+    request: GenerationRequest, drafter: Drafter | None, verifier: Verifier, costs: CostBook
+) -> AsyncGenerator[Step, None]:
     """Yield one `Step` per verification until a stop condition; frees tier state at the end.
     `costs` holds the tiers' reported costs, shared by the requests of one engine."""
     drafter = drafter if request.drafter.speculates else None
     committed = list(request.prompt_ids)
     sync = _Sync()
-    k = DraftLength(request.max_draft_tokens if drafter is not None else 0, request.adaptive,
-                    costs=costs.for_drafter(str(request.drafter)))
+    k = DraftLength(
+        request.max_draft_tokens if drafter is not None else 0,
+        request.adaptive,
+        costs=costs.for_drafter(str(request.drafter)),
+    )
     generated = 0
     predraft: asyncio.Task[Proposal] | None = None
     predraft_len = 0  # committed length at which the pending pre-draft is valid
@@ -107,9 +112,19 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
                 if proposal is None:
                     continue  # drafter asked for a resync
             drafted = time.perf_counter()
-            verifying = asyncio.ensure_future(verifier.verify(VerifyItem(
-                request.session_id, sync.target, committed[sync.target:], proposal.tokens,
-                proposal.probs, request.sampling, request.logprobs)))
+            verifying = asyncio.ensure_future(
+                verifier.verify(
+                    VerifyItem(
+                        request.session_id,
+                        sync.target,
+                        committed[sync.target :],
+                        proposal.tokens,
+                        proposal.probs,
+                        request.sampling,
+                        request.logprobs,
+                    )
+                )
+            )
             if request.overlap and drafter is not None and proposal.tokens and want > 0:
                 predraft = _start_predraft(request, drafter, committed, sync, proposal, want)
                 predraft_len = len(committed) + len(proposal.tokens) + 1
@@ -141,19 +156,35 @@ async def speculate(request: GenerationRequest, drafter: Drafter | None, verifie
 def _step(request: GenerationRequest, proposal: Proposal, verdict: Verdict, remaining: int, length: int) -> Step:
     """The step record: the verdict's tokens cut at a stop token or a limit, and what it cost."""
     tokens, reason = _finish(request, verdict.tokens, remaining, length)
-    reported = StepCosts(proposal.draft_pass_base_s, proposal.draft_row_s, verdict.pass_base_s, verdict.row_s,
-                         verdict.batch_size)
-    return Step(tokens, reason, proposed=len(proposal.tokens), accepted=min(verdict.num_accepted, len(tokens)),
-                batch_size=verdict.batch_size, reported=reported, drafter_unavailable=proposal.unavailable,
-                target_replica=verdict.replica, logprobs=verdict.logprobs[: len(tokens)])
+    reported = StepCosts(
+        proposal.draft_pass_base_s, proposal.draft_row_s, verdict.pass_base_s, verdict.row_s, verdict.batch_size
+    )
+    return Step(
+        tokens,
+        reason,
+        proposed=len(proposal.tokens),
+        accepted=min(verdict.num_accepted, len(tokens)),
+        batch_size=verdict.batch_size,
+        reported=reported,
+        drafter_unavailable=proposal.unavailable,
+        target_replica=verdict.replica,
+        logprobs=verdict.logprobs[: len(tokens)],
+    )
 
 
-def _start_predraft(request: GenerationRequest, drafter: Drafter, committed: list[int], sync: _Sync,
-                    proposal: Proposal, k: int) -> asyncio.Task[Proposal]:
+def _start_predraft(
+    request: GenerationRequest, drafter: Drafter, committed: list[int], sync: _Sync, proposal: Proposal, k: int
+) -> asyncio.Task[Proposal]:
     """Draft the next step now, as if `proposal` will be accepted whole. The first token is
     the drafter's guess at the target's own token; the rest is the next draft (PEARL)."""
-    item = ProposeItem(request.session_id, sync.draft, committed[sync.draft:] + proposal.tokens, k + 1,
-                       request.sampling, str(request.drafter))
+    item = ProposeItem(
+        request.session_id,
+        sync.draft,
+        committed[sync.draft :] + proposal.tokens,
+        k + 1,
+        request.sampling,
+        str(request.drafter),
+    )
     sync.draft = len(committed) + len(proposal.tokens)
     return asyncio.ensure_future(drafter.propose(item))
 
@@ -165,18 +196,25 @@ def _use_predraft(predraft: Proposal | None, all_accepted: bool, committed: list
         return None
     if predraft.tokens[0] != committed[-1]:
         return None
-    tokens = predraft.tokens[1:want + 1]
-    probs = None if predraft.probs is None else predraft.probs[1:want + 1]
-    return Proposal(tokens, probs, draft_pass_base_s=predraft.draft_pass_base_s, draft_row_s=predraft.draft_row_s,
-                    replica=predraft.replica)
+    tokens = predraft.tokens[1 : want + 1]
+    probs = None if predraft.probs is None else predraft.probs[1 : want + 1]
+    return Proposal(
+        tokens,
+        probs,
+        draft_pass_base_s=predraft.draft_pass_base_s,
+        draft_row_s=predraft.draft_row_s,
+        replica=predraft.replica,
+    )
 
 
-async def _propose(request: GenerationRequest, drafter: Drafter | None, committed: list[int],
-                   sync: _Sync, k: int) -> Proposal | None:
+async def _propose(
+    request: GenerationRequest, drafter: Drafter | None, committed: list[int], sync: _Sync, k: int
+) -> Proposal | None:
     if drafter is None or k <= 0:
         return Proposal()
-    proposal = await drafter.propose(ProposeItem(
-        request.session_id, sync.draft, committed[sync.draft:], k, request.sampling, str(request.drafter)))
+    proposal = await drafter.propose(
+        ProposeItem(request.session_id, sync.draft, committed[sync.draft :], k, request.sampling, str(request.drafter))
+    )
     if proposal.needs_resync:
         _resync(sync, "draft")
         return None
@@ -194,8 +232,7 @@ def _resync(sync: _Sync, tier: str) -> None:
         sync.target = 0
 
 
-def _finish(request: GenerationRequest, tokens: list[int], remaining: int, length: int
-            ) -> tuple[list[int], str | None]:
+def _finish(request: GenerationRequest, tokens: list[int], remaining: int, length: int) -> tuple[list[int], str | None]:
     """Cut the step's tokens at the first stop token or the length limit."""
     for i, token in enumerate(tokens[:remaining]):
         if token in request.stop_token_ids:

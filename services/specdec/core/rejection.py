@@ -13,6 +13,7 @@ The committed tokens are then distributed exactly as if sampled from p alone. Gr
 decoding is the limit where p is one-hot: accept while the draft equals the argmax, then
 emit the argmax. A deterministic drafter (n-gram) is a one-hot q.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,4 +83,3 @@ def _greedy(logits: torch.Tensor, draft: list[int]) -> RejectionOutput:
     while accepted < len(draft) and draft[accepted] == argmax[accepted]:
         accepted += 1
     return RejectionOutput(accepted, [*draft[:accepted], argmax[accepted]])
-

@@ -4,6 +4,7 @@ Transport-neutral: the coordinator converts protobuf into a RequestSpec, the CLI
 embedded engine build one directly. Every problem is an InvalidArgument naming the field
 as the public proto spells it.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -64,8 +65,14 @@ def longest_token_chars(tokenizer: Tokenizer) -> int:
     return max((len(token) for token in vocab()), default=1) if vocab is not None else 1 << 20
 
 
-def build_request(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits, default_drafter: DrafterSpec | str,
-                  available_drafters: list[str], default_overlap: bool = False) -> tuple[GenerationRequest, list[str]]:
+def build_request(
+    spec: RequestSpec,
+    tokenizer: Tokenizer,
+    limits: ModelLimits,
+    default_drafter: DrafterSpec | str,
+    available_drafters: list[str],
+    default_overlap: bool = False,
+) -> tuple[GenerationRequest, list[str]]:
     """-> (the loop's request, stop strings). Raises InvalidArgument. Sizes are checked
     before anything is tokenized; tokenizing a large prompt takes a while, so a server
     calls this off its event loop."""
@@ -87,9 +94,15 @@ def build_request(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits, 
     stops = _stop_token_ids(spec, tokenizer, limits)
     _check_stop_strings(spec.stop)
     request = GenerationRequest(
-        session_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_new_tokens=max_new, sampling=sampling,
-        drafter=drafter, max_draft_tokens=k, adaptive=True if spec.adaptive is None else spec.adaptive,
-        stop_token_ids=stops, max_context=limits.max_context,
+        session_id=uuid.uuid4().hex,
+        prompt_ids=prompt_ids,
+        max_new_tokens=max_new,
+        sampling=sampling,
+        drafter=drafter,
+        max_draft_tokens=k,
+        adaptive=True if spec.adaptive is None else spec.adaptive,
+        stop_token_ids=stops,
+        max_context=limits.max_context,
         overlap=default_overlap if spec.overlap is None else spec.overlap,
         logprobs=_logprobs(spec.logprobs),
     )
@@ -113,11 +126,14 @@ def check_sizes(spec: RequestSpec, limits: ModelLimits) -> None:
     chars = sum(len(text) for text in texts)
     if chars > limits.max_context * limits.max_token_chars:
         field = "prompt" if spec.prompt is not None else "chat.messages"
-        raise InvalidArgument(field,
-                              f"{chars} characters cannot fit the model's context of {limits.max_context} tokens")
+        raise InvalidArgument(
+            field, f"{chars} characters cannot fit the model's context of {limits.max_context} tokens"
+        )
     if spec.token_ids is not None and len(spec.token_ids) >= limits.max_context:
-        raise InvalidArgument("token_ids.ids", f"prompt of {len(spec.token_ids)} tokens does not fit the model's "
-                                               f"context of {limits.max_context}")
+        raise InvalidArgument(
+            "token_ids.ids",
+            f"prompt of {len(spec.token_ids)} tokens does not fit the model's context of {limits.max_context}",
+        )
 
 
 def _prompt_ids(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits) -> list[int]:
@@ -138,8 +154,9 @@ def _prompt_ids(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits) ->
         if bad:
             raise InvalidArgument(field_name, f"token id {bad[0]} outside the vocabulary [0, {limits.vocab_size})")
     if len(ids) >= limits.max_context:
-        raise InvalidArgument(field_name,
-                              f"prompt of {len(ids)} tokens does not fit the model's context of {limits.max_context}")
+        raise InvalidArgument(
+            field_name, f"prompt of {len(ids)} tokens does not fit the model's context of {limits.max_context}"
+        )
     return ids
 
 
@@ -157,8 +174,9 @@ def _chat_ids(messages: list[dict[str, str]], tokenizer: Tokenizer) -> list[int]
         raise InvalidArgument("chat.messages", "must not be empty")
     for i, message in enumerate(messages):
         if message.get("role") not in ROLES:
-            raise InvalidArgument(f"chat.messages[{i}].role",
-                                  f"must be one of {ROLES}, got {str(message.get('role'))[:40]!r}")
+            raise InvalidArgument(
+                f"chat.messages[{i}].role", f"must be one of {ROLES}, got {str(message.get('role'))[:40]!r}"
+            )
     if not any(m.get("content", "").strip() for m in messages):
         raise InvalidArgument("chat.messages", "all messages are empty")
     if getattr(tokenizer, "chat_template", None) is None:
@@ -168,16 +186,19 @@ def _chat_ids(messages: list[dict[str, str]], tokenizer: Tokenizer) -> list[int]
 
 def _drafter(drafter: DrafterSpec, available: list[str]) -> DrafterSpec:
     if drafter.speculates and str(drafter) not in available:
-        raise InvalidArgument("speculation.drafter",
-                              f"drafter {str(drafter)[:100]!r} is not served here; available: {['none', *available]}")
+        raise InvalidArgument(
+            "speculation.drafter",
+            f"drafter {str(drafter)[:100]!r} is not served here; available: {['none', *available]}",
+        )
     return drafter
 
 
 def _stop_token_ids(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits) -> frozenset[int]:
     for t in spec.stop_token_ids:
         if not 0 <= t < limits.vocab_size:
-            raise InvalidArgument("decoding.stop_token_ids",
-                                  f"token id {t} outside the vocabulary [0, {limits.vocab_size})")
+            raise InvalidArgument(
+                "decoding.stop_token_ids", f"token id {t} outside the vocabulary [0, {limits.vocab_size})"
+            )
     stops = set(spec.stop_token_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and not spec.ignore_eos:

@@ -6,6 +6,7 @@ exactly the same numbers. The session's identity enters through its seed (a rand
 drawn and recorded when the caller gives none), so two requests with the same seed and
 input give the same output, as callers of OpenAI-style APIs expect.
 """
+
 from __future__ import annotations
 
 import hashlib

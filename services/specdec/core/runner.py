@@ -8,6 +8,7 @@ where their slots sit together (`core/attention.py`); nobody's context is copied
 architectures fall back to `HFRunner`, which calls the model's own forward per sequence
 with a rolled-back DynamicCache.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -52,8 +53,9 @@ class CausalLM(Protocol):
 
     def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True,
-                         remove_duplicate: bool = True) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
 
 
 class _Attention(Protocol):
@@ -139,13 +141,18 @@ class ModelRunner:
         self.max_context: int = cfg.max_position_embeddings
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        self.qkv = [FusedLinear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], pack)
-                    for layer in self.layers]
+        self.qkv = [
+            FusedLinear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], pack)
+            for layer in self.layers
+        ]
         self.o_proj = [FusedLinear([layer.self_attn.o_proj], pack) for layer in self.layers]
-        self.gate_up = [FusedLinear([layer.mlp.gate_proj, layer.mlp.up_proj], pack) if _gated_mlp(layer.mlp) else None
-                        for layer in self.layers]
-        self.down = [FusedLinear([layer.mlp.down_proj], pack) if _gated_mlp(layer.mlp) else None
-                     for layer in self.layers]
+        self.gate_up = [
+            FusedLinear([layer.mlp.gate_proj, layer.mlp.up_proj], pack) if _gated_mlp(layer.mlp) else None
+            for layer in self.layers
+        ]
+        self.down = [
+            FusedLinear([layer.mlp.down_proj], pack) if _gated_mlp(layer.mlp) else None for layer in self.layers
+        ]
         self.lm_head = FusedLinear([model.lm_head], pack)
         self.pool = KVPool(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
 
@@ -168,16 +175,24 @@ class ModelRunner:
         hidden = self.inner.embed_tokens(ids)  # [num_tokens, hidden]
         cos, sin = self.inner.rotary_emb(hidden[None], positions[None])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [num_tokens, 1, head_dim]
-        attention = BatchAttention([item.kv for item in items], starts, sizes, self.num_heads, self.num_kv_heads,
-                                   self.device)
+        attention = BatchAttention(
+            [item.kv for item in items], starts, sizes, self.num_heads, self.num_kv_heads, self.device
+        )
         for layer_idx, layer in enumerate(self.layers):
             hidden = self._layer(layer_idx, layer, hidden, cos, sin, attention)
         for item in items:
             item.kv.commit(item.tokens)
         return self._logits(hidden, sizes, [item.num_logits for item in items])
 
-    def _layer(self, layer_idx: int, layer: _DecoderLayer, hidden: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, attention: BatchAttention) -> torch.Tensor:
+    def _layer(
+        self,
+        layer_idx: int,
+        layer: _DecoderLayer,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: BatchAttention,
+    ) -> torch.Tensor:
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         n = x.shape[0]
@@ -255,5 +270,5 @@ class HFRunner:
             ids = torch.tensor([item.tokens], device=self.device)
             result = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: cache})
             item.kv.commit(item.tokens)
-            out.append(result.logits[0, -item.num_logits:].float())
+            out.append(result.logits[0, -item.num_logits :].float())
         return out

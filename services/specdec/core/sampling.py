@@ -3,6 +3,7 @@
 Temperature, top-k and top-p are applied to the target's and the drafter's logits alike,
 *before* the rejection test, so both sides speak about the same distribution.
 """
+
 from __future__ import annotations
 
 import math

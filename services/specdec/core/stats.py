@@ -1,6 +1,7 @@
 """Per-request speculation counters, summed from the loop's step records; rates are
 derived where they are read. The one place a request's statistics are shaped: the
 services convert this to and from protobuf (`rpc/convert.py`), the CLI prints `as_dict`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,13 +55,19 @@ class SpecStats:
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {
-            "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
-            "proposed_tokens": self.proposed_tokens, "accepted_tokens": self.accepted_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "proposed_tokens": self.proposed_tokens,
+            "accepted_tokens": self.accepted_tokens,
             "acceptance_rate": round(self.acceptance_rate, 4),
-            "mean_accepted_length": round(self.mean_accepted_length, 4), "steps": self.steps,
-            "ttft_s": round(self.ttft_s, 4), "elapsed_s": round(self.elapsed_s, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "steps": self.steps,
+            "ttft_s": round(self.ttft_s, 4),
+            "elapsed_s": round(self.elapsed_s, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),
-            "mean_verify_batch_size": round(self.mean_verify_batch_size, 3), "drafter": self.drafter,
-            "predrafts": self.predrafts, "predrafts_used": self.predrafts_used,
+            "mean_verify_batch_size": round(self.mean_verify_batch_size, 3),
+            "drafter": self.drafter,
+            "predrafts": self.predrafts,
+            "predrafts_used": self.predrafts_used,
             "steps_without_drafter": self.steps_without_drafter,
         }

@@ -1,4 +1,5 @@
 """The target worker: one batched forward pass verifies many sessions' drafts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,8 +36,14 @@ class TargetStats:
 class TargetWorker:
     """Verifies drafts against the target model. Not thread-safe: one batch at a time."""
 
-    def __init__(self, runner: Runner, max_sessions: int = 1024, prefix_store: PrefixStore | None = None,
-                 max_cached_tokens: int | None = None, max_idle_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        max_sessions: int = 1024,
+        prefix_store: PrefixStore | None = None,
+        max_cached_tokens: int | None = None,
+        max_idle_s: float = 600.0,
+    ) -> None:
         self.max_idle_s = max_idle_s  # a session unused this long is dropped (its caller is gone)
         self.runner = runner
         self.max_cached_tokens = max_cached_tokens  # memory budget of the session caches (None: count only)
@@ -77,8 +84,9 @@ class TargetWorker:
         return [v for v in verdicts if v is not None]
 
     def _sync(self, item: VerifyItem) -> TargetSession | None:
-        return sync_session(self.sessions, item.session_id, item.prefix_len, item.tokens,
-                            lambda: TargetSession(kv=self.runner.new_kv()))
+        return sync_session(
+            self.sessions, item.session_id, item.prefix_len, item.tokens, lambda: TargetSession(kv=self.runner.new_kv())
+        )
 
     def _forward_item(self, session: TargetSession, item: VerifyItem) -> ForwardItem:
         kv = session.kv
@@ -89,10 +97,15 @@ class TargetWorker:
 
     def _judge(self, session: TargetSession, item: VerifyItem, logits: torch.Tensor, batch_size: int) -> Verdict:
         committed = len(session.tokens)
-        out = rejection_sample(RejectionInput(
-            target_logits=logits, draft_tokens=item.draft_tokens, draft_probs=item.draft_probs,
-            sampling=item.sampling, first_position=committed,
-        ))
+        out = rejection_sample(
+            RejectionInput(
+                target_logits=logits,
+                draft_tokens=item.draft_tokens,
+                draft_probs=item.draft_probs,
+                sampling=item.sampling,
+                first_position=committed,
+            )
+        )
         session.tokens.extend(out.tokens)
         self.stats.draft_tokens += len(item.draft_tokens)
         self.stats.accepted_tokens += out.num_accepted
@@ -102,8 +115,14 @@ class TargetWorker:
         session.kv.truncate(len(session.tokens) - 1)
         if self.prefix_store is not None:
             self.prefix_store.offer(session.tokens, session.kv)
-        return Verdict(out.num_accepted, out.tokens, batch_size, pass_base_s=self.cost.base_s, row_s=self.cost.row_s,
-                       logprobs=token_logprobs(logits, out.tokens, item.logprobs) if item.logprobs >= 0 else [])
+        return Verdict(
+            out.num_accepted,
+            out.tokens,
+            batch_size,
+            pass_base_s=self.cost.base_s,
+            row_s=self.cost.row_s,
+            logprobs=token_logprobs(logits, out.tokens, item.logprobs) if item.logprobs >= 0 else [],
+        )
 
     def _count(self, batch_size: int) -> None:
         self.stats.forward_passes += 1

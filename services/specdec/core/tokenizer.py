@@ -1,5 +1,6 @@
 """What the core uses of a tokenizer: transformers' tokenizers (`PreTrainedTokenizerBase`)
 fit these protocols, and so does any test double with the same methods."""
+
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -22,5 +23,6 @@ class Tokenizer(Decoder, Protocol):
     def encode(self, text: str, /, *, add_special_tokens: bool = ...) -> list[int]: ...
 
     # a list of ids or, in newer transformers, a dict-like holding input_ids
-    def apply_chat_template(self, conversation: list[dict[str, str]], /, *, add_generation_prompt: bool = ...,
-                            tokenize: bool = ...) -> Any: ...
+    def apply_chat_template(
+        self, conversation: list[dict[str, str]], /, *, add_generation_prompt: bool = ..., tokenize: bool = ...
+    ) -> Any: ...

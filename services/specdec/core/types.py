@@ -4,6 +4,7 @@ Items carry tokens as a delta: `prefix_len` tokens the replica is believed to ho
 then `tokens` after them. A replica that lacks the prefix answers `needs_resync` and the
 caller resends from 0, so a restarted or re-routed replica recovers by itself.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """DraftService: propose items from every stream meet in one micro-batcher."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,15 +32,22 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self.drafter, self.drain = drafter, drain or Drain()
         TELEMETRY.instrument(drafter.batcher, lambda: len(drafter.worker.sessions), drafter.worker.prefix_store)
 
-    async def Propose(self, request_iterator: AsyncIterator[draft_pb2.ProposeRequest],
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[draft_pb2.ProposeResponse]:
-        async for response in serve_tagged(request_iterator, self._propose, _failed, self._release, _respond,
-                                           self.drain.closing, self.drain.abandoned):
+    async def Propose(
+        self, request_iterator: AsyncIterator[draft_pb2.ProposeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[draft_pb2.ProposeResponse]:
+        async for response in serve_tagged(
+            request_iterator, self._propose, _failed, self._release, _respond, self.drain.closing, self.drain.abandoned
+        ):
             yield response
 
     async def _propose(self, item: draft_pb2.ProposeItem) -> draft_pb2.ProposeResult:
-        proposal = await TELEMETRY.handle(item.traceparent, convert.propose_item_from_proto(item),
-                                          self.drafter.propose, _item_attributes, _proposal_attributes)
+        proposal = await TELEMETRY.handle(
+            item.traceparent,
+            convert.propose_item_from_proto(item),
+            self.drafter.propose,
+            _item_attributes,
+            _proposal_attributes,
+        )
         return convert.proposal_to_proto(item.tag, proposal)
 
     async def _release(self, session_ids: list[str]) -> None:
@@ -51,9 +59,13 @@ TELEMETRY = TierTelemetry("draft", "propose")
 
 
 def _item_attributes(item: ProposeItem) -> dict[str, Any]:
-    return {"specdec.session_id": item.session_id, "specdec.prefix_len": item.prefix_len,
-            "specdec.new_tokens": len(item.tokens), "specdec.requested_tokens": item.num_tokens,
-            "specdec.drafter": item.drafter}
+    return {
+        "specdec.session_id": item.session_id,
+        "specdec.prefix_len": item.prefix_len,
+        "specdec.new_tokens": len(item.tokens),
+        "specdec.requested_tokens": item.num_tokens,
+        "specdec.drafter": item.drafter,
+    }
 
 
 def _proposal_attributes(item: ProposeItem, proposal: Proposal) -> dict[str, Any]:
@@ -76,18 +88,31 @@ def build(settings: Settings) -> TierServer:
     runner = compute.run_sync(build_runner, model) if model is not None else None
     store = store_for(settings, "draft", model, runner) if model is not None and runner is not None else None
     budget = kv_token_budget(settings.kv_budget_mb, getattr(runner, "pool", None), settings.device)
-    drafter = LocalDrafter(DraftWorker(runner, model_name, settings.max_sessions, store, budget, settings.session_idle_s),
-                           settings.max_batch_size)
+    drafter = LocalDrafter(
+        DraftWorker(runner, model_name, settings.max_sessions, store, budget, settings.session_idle_s),
+        settings.max_batch_size,
+    )
     stats = drafter.batcher.stats
     rates = IntervalRates()  # read only by the heartbeat
-    drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None,
-                  stalled=drafter.batcher.stalled_s)
+    drain = Drain(
+        flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None,
+        stalled=drafter.batcher.stalled_s,
+    )
     return TierServer(
-        "draft", settings, [draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
+        "draft",
+        settings,
+        [draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name],
         lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
-            DraftServicer(drafter, drain), server),
-        lambda: {"queue_depth": stats.queue_depth, "active_sessions": len(drafter.worker.sessions),
-                 "batch_utilization": drafter.batcher.utilization,
-                 **rates.read(drafter.worker.drafted_tokens, 0, 0),
-                 **(store.stats.as_load() if store is not None else {})},
-        model=model_name or "ngram", drafters=drafter.worker.drafters, drain=drain)
+            DraftServicer(drafter, drain), server
+        ),
+        lambda: {
+            "queue_depth": stats.queue_depth,
+            "active_sessions": len(drafter.worker.sessions),
+            "batch_utilization": drafter.batcher.utilization,
+            **rates.read(drafter.worker.drafted_tokens, 0, 0),
+            **(store.stats.as_load() if store is not None else {}),
+        },
+        model=model_name or "ngram",
+        drafters=drafter.worker.drafters,
+        drain=drain,
+    )

@@ -11,6 +11,7 @@ A streamed request's headers go out once its first chunk is verified, so that a 
 refused (bad field, full queue, no target tier) gets its status code rather than a
 stream that opens and fails.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -74,8 +75,15 @@ class UnknownModel(LookupError):
 class ApiError(Exception):
     """An error answered as OpenAI's error JSON."""
 
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code, headers
 
@@ -97,8 +105,14 @@ def api_error(exc: BaseException, request: BaseModel | None = None) -> ApiError:
     if isinstance(exc, UnknownModel):
         return ApiError(404, str(exc), "invalid_request_error", "model", "model_not_found")
     if isinstance(exc, Overloaded):
-        return ApiError(429, str(exc), "rate_limit_error", None, "overloaded",
-                        {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
+        return ApiError(
+            429,
+            str(exc),
+            "rate_limit_error",
+            None,
+            "overloaded",
+            {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+        )
     if isinstance(exc, TierUnavailable):
         return ApiError(503, str(exc), "service_unavailable_error", None, "tier_unavailable")
     name = type(exc).__name__
@@ -111,15 +125,19 @@ def api_error(exc: BaseException, request: BaseModel | None = None) -> ApiError:
 def _validation_error(exc: RequestValidationError) -> ApiError:
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":
-        return ApiError(400, f"the body is not valid JSON: {str(first.get('msg', ''))[:200]}",
-                        "invalid_request_error", None, "invalid_json")
+        return ApiError(
+            400,
+            f"the body is not valid JSON: {str(first.get('msg', ''))[:200]}",
+            "invalid_request_error",
+            None,
+            "invalid_json",
+        )
     loc = [p for p in first.get("loc", ()) if p != "body"]
     # pydantic names the union member a value failed against ("str", "list[int]"): not a param
     loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "bool")))]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
     message = str(first.get("msg", "invalid request"))[:300]
-    return ApiError(400, f"{param}: {message}" if param else message, "invalid_request_error", param,
-                    "invalid_value")
+    return ApiError(400, f"{param}: {message}" if param else message, "invalid_request_error", param, "invalid_value")
 
 
 class Choices:
@@ -128,8 +146,10 @@ class Choices:
 
     def __init__(self, coordinator: Coordinator, specs: list[RequestSpec]) -> None:
         self.results = [GenerationResult() for _ in specs]
-        self.streams = [cast(AsyncGenerator[Chunk, None], coordinator.stream(spec, result))
-                        for spec, result in zip(specs, self.results)]
+        self.streams = [
+            cast(AsyncGenerator[Chunk, None], coordinator.stream(spec, result))
+            for spec, result in zip(specs, self.results)
+        ]
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Chunk | None]]:
         if len(self.streams) == 1:
@@ -171,6 +191,7 @@ async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
+
     watch = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
@@ -195,8 +216,13 @@ def _authorize(request: Request) -> bytes | None:
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     digest = policy.key_ok(key.strip()) if scheme.lower() == "bearer" else None
     if digest is None:
-        raise ApiError(401, "missing or unknown API key (Authorization: Bearer KEY)", "invalid_request_error",
-                       None, "invalid_api_key")
+        raise ApiError(
+            401,
+            "missing or unknown API key (Authorization: Bearer KEY)",
+            "invalid_request_error",
+            None,
+            "invalid_api_key",
+        )
     return digest
 
 
@@ -210,8 +236,11 @@ def create_app(coordinator: Coordinator, settings: Settings, draining: Callable[
     model_id = settings.model
     aliases = {model_id, Path(model_id.rstrip("/")).name}
     created = int(time.time())
-    app = FastAPI(title="specdec", summary="OpenAI-compatible API over distributed speculative decoding",
-                  max_body_size=settings.max_request_bytes)
+    app = FastAPI(
+        title="specdec",
+        summary="OpenAI-compatible API over distributed speculative decoding",
+        max_body_size=settings.max_request_bytes,
+    )
     app.state.policy = policy
 
     @app.exception_handler(RequestValidationError)
@@ -235,8 +264,13 @@ def create_app(coordinator: Coordinator, settings: Settings, draining: Callable[
             yield
             return
         if calls[digest] >= policy.max_calls_per_key:
-            raise ApiError(429, f"at most {policy.max_calls_per_key} concurrent calls per API key",
-                           "rate_limit_error", None, "too_many_calls")
+            raise ApiError(
+                429,
+                f"at most {policy.max_calls_per_key} concurrent calls per API key",
+                "rate_limit_error",
+                None,
+                "too_many_calls",
+            )
         calls[digest] += 1
         try:
             yield
@@ -251,15 +285,27 @@ def create_app(coordinator: Coordinator, settings: Settings, draining: Callable[
         raise UnknownModel(f"The model `{name[:200]}` does not exist; this server serves `{model_id}`")
 
     def model_card() -> dict[str, Any]:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "specdec",
-                "max_model_len": coordinator.limits.max_context}
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "specdec",
+            "max_model_len": coordinator.limits.max_context,
+        }
 
     @app.get("/health")
     async def health() -> JSONResponse:
         tiers = {pool.tier: pool.healthy_count() for pool in (coordinator.draft_pool, coordinator.target_pool)}
         status = "draining" if draining() else "ok"
-        return JSONResponse({"status": status, "replicas": tiers, "active_requests": coordinator.active,
-                             "queued_requests": coordinator.admission.waiting}, 503 if draining() else 200)
+        return JSONResponse(
+            {
+                "status": status,
+                "replicas": tiers,
+                "active_requests": coordinator.active,
+                "queued_requests": coordinator.admission.waiting,
+            },
+            503 if draining() else 200,
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -281,8 +327,9 @@ def create_app(coordinator: Coordinator, settings: Settings, draining: Callable[
             raise api_error(exc) from None
         return model_card()
 
-    async def run(request: Request, body: CompletionRequest | ChatCompletionRequest, chat: bool,
-                  digest: bytes | None) -> Response:
+    async def run(
+        request: Request, body: CompletionRequest | ChatCompletionRequest, chat: bool, digest: bytes | None
+    ) -> Response:
         held = contextlib.ExitStack()
         held.enter_context(key_call(digest))
         try:
@@ -314,9 +361,15 @@ def create_app(coordinator: Coordinator, settings: Settings, draining: Callable[
             raise api_error(exc, body) from None
         out = envelope("chat.completion" if chat else "text_completion", rid, name)
         out["choices"] = [
-            _choice(i, texts[i], result.finish_reason, chat,
-                    None if logprobs is None else logprobs(result.token_ids, result.logprobs))
-            for i, result in enumerate(choices.results)]
+            _choice(
+                i,
+                texts[i],
+                result.finish_reason,
+                chat,
+                None if logprobs is None else logprobs(result.token_ids, result.logprobs),
+            )
+            for i, result in enumerate(choices.results)
+        ]
         out["usage"] = usage(prompt_tokens([r.stats for r in choices.results], n), [r.stats for r in choices.results])
         return JSONResponse(out)
 
@@ -339,8 +392,12 @@ async def _collect(choices: Choices) -> list[str]:
 
 def _choice(i: int, text: str, reason: str, chat: bool, logprobs: dict[str, Any] | None) -> dict[str, Any]:
     if chat:
-        return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                "finish_reason": finish_reason(reason)}
+        return {
+            "index": i,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs,
+            "finish_reason": finish_reason(reason),
+        }
     return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(reason)}
 
 
@@ -372,20 +429,35 @@ class Logprobs:
 
     def __call__(self, ids: list[int], logprobs: list[TokenLogprob], choice: int = 0) -> dict[str, Any]:
         if self.chat:
-            return {"content": [{**self._entry(t, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top]}
-                                for t, lp in zip(ids, logprobs)], "refusal": None}
+            return {
+                "content": [
+                    {**self._entry(t, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top]}
+                    for t, lp in zip(ids, logprobs)
+                ],
+                "refusal": None,
+            }
         tokens = [self.text(t) for t in ids]
         offsets = []
         for token in tokens:
             offsets.append(self.offsets.get(choice, 0))
             self.offsets[choice] = offsets[-1] + len(token)
-        return {"tokens": tokens, "token_logprobs": [max(lp.logprob, MIN_LOGPROB) for lp in logprobs],
-                "top_logprobs": [{self.text(i): max(v, MIN_LOGPROB) for i, v in lp.top} for lp in logprobs],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [max(lp.logprob, MIN_LOGPROB) for lp in logprobs],
+            "top_logprobs": [{self.text(i): max(v, MIN_LOGPROB) for i, v in lp.top} for lp in logprobs],
+            "text_offset": offsets,
+        }
 
 
-async def _stream(body: CompletionRequest | ChatCompletionRequest, choices: Choices, rid: str, model: str, n: int,
-                  chat: bool, logprobs: Logprobs | None) -> Response:
+async def _stream(
+    body: CompletionRequest | ChatCompletionRequest,
+    choices: Choices,
+    rid: str,
+    model: str,
+    n: int,
+    chat: bool,
+    logprobs: Logprobs | None,
+) -> Response:
     """Server-sent events in OpenAI's chunk shapes; the first chunk is awaited before the
     response starts, so refusals keep their status code."""
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -464,9 +536,16 @@ class HttpFront:
             tls_options = {"ssl_certfile": tls.cert, "ssl_keyfile": tls.key}
             if settings.tls_client_auth and tls.ca:
                 tls_options |= {"ssl_ca_certs": tls.ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
-        self.config = uvicorn.Config(self.app, host=settings.host, port=settings.http_port, log_level="warning",
-                                     access_log=False, lifespan="off",
-                                     timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s), **tls_options)
+        self.config = uvicorn.Config(
+            self.app,
+            host=settings.host,
+            port=settings.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+            **tls_options,
+        )
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
         self.address = ""

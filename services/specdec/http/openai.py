@@ -7,6 +7,7 @@ ignored; its neutral value (`presence_penalty: 0`, `logprobs: false`, ...) is ac
 Responses are plain dicts in OpenAI's shapes; `usage` carries the speculation statistics
 under `usage.speculation`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -90,9 +91,12 @@ class _Sampling(_Strict):
 
     def _refuse_unsupported(self) -> None:
         neutral: list[tuple[str, Any, Any]] = [
-            ("presence_penalty", self.presence_penalty, 0.0), ("frequency_penalty", self.frequency_penalty, 0.0),
-            ("repetition_penalty", self.repetition_penalty, 1.0), ("min_p", self.min_p, 0.0),
-            ("min_tokens", self.min_tokens, 0)]
+            ("presence_penalty", self.presence_penalty, 0.0),
+            ("frequency_penalty", self.frequency_penalty, 0.0),
+            ("repetition_penalty", self.repetition_penalty, 1.0),
+            ("min_p", self.min_p, 0.0),
+            ("min_tokens", self.min_tokens, 0),
+        ]
         for name, value, default in neutral:
             if value is not None and value != default:
                 raise NotSupported(name)
@@ -109,9 +113,17 @@ class _Sampling(_Strict):
         return RequestSpec(
             max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
             temperature=DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
-            top_p=self.top_p, top_k=0 if self.top_k == -1 else self.top_k, seed=self.seed, stop=stop,
-            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, drafter=spec.drafter,
-            max_draft_tokens=spec.max_draft_tokens, adaptive=spec.adaptive, overlap=spec.overlap)
+            top_p=self.top_p,
+            top_k=0 if self.top_k == -1 else self.top_k,
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            drafter=spec.drafter,
+            max_draft_tokens=spec.max_draft_tokens,
+            adaptive=spec.adaptive,
+            overlap=spec.overlap,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -257,10 +269,13 @@ def usage(prompt_tokens: int, stats: Sequence[SpecStats]) -> dict[str, Any]:
     steps = sum(s.steps for s in stats)
     drafters = sorted({s.drafter for s in stats}) or ["none"]
     return {
-        "prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
         "speculation": {
             "drafter": drafters[0] if len(drafters) == 1 else ",".join(drafters),
-            "proposed_tokens": proposed, "accepted_tokens": accepted,
+            "proposed_tokens": proposed,
+            "accepted_tokens": accepted,
             "acceptance_rate": round(accepted / proposed, 6) if proposed else 0.0,
             "mean_accepted_length": round(completion / steps, 6) if steps else 0.0,
             "steps": steps,
@@ -282,8 +297,13 @@ def new_id(prefix: str) -> str:
 
 
 def envelope(kind: str, rid: str, model: str, created: int | None = None) -> dict[str, Any]:
-    return {"id": rid, "object": kind, "created": int(time.time()) if created is None else created, "model": model,
-            "system_fingerprint": None}
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "system_fingerprint": None,
+    }
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

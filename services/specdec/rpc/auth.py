@@ -12,6 +12,7 @@
   Anyone else: PERMISSION_DENIED. Only an authenticated coordinator can advance or
   release a session.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -73,8 +74,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         self.policy = policy
         self.calls: Counter[bytes] = Counter()  # calls in flight per API key digest
 
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
-                                details: grpc.HandlerCallDetails) -> Any:
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN):
             return handler
@@ -84,7 +86,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
             if policy.tls:
                 return _wrap(handler, self._check_peer, None)
             if policy.internal_token and not hmac.compare_digest(
-                    metadata.get(INTERNAL_TOKEN_HEADER, "").encode(), policy.internal_token.encode()):
+                metadata.get(INTERNAL_TOKEN_HEADER, "").encode(), policy.internal_token.encode()
+            ):
                 return _deny(handler, grpc.StatusCode.PERMISSION_DENIED, "this tier serves coordinators only")
             return handler
         if not policy.key_hashes:
@@ -103,8 +106,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
 
     async def _enter(self, digest: bytes, context: grpc.aio.ServicerContext) -> None:
         if self.calls[digest] >= self.policy.max_calls_per_key:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"at most {self.policy.max_calls_per_key} concurrent calls per API key")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {self.policy.max_calls_per_key} concurrent calls per API key",
+            )
         self.calls[digest] += 1
 
     def _leave(self, digest: bytes) -> None:
@@ -122,6 +127,7 @@ def _wrap(handler: Any, before: Before, after: Callable[[], None] | None) -> Any
     behavior = getattr(handler, kind)
 
     if handler.response_streaming:
+
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await before(context)
             try:
@@ -130,8 +136,10 @@ def _wrap(handler: Any, before: Before, after: Callable[[], None] | None) -> Any
             finally:
                 if after is not None:
                     after()
+
         wrapped: Callable[..., Any] = streaming
     else:
+
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await before(context)
             try:
@@ -139,6 +147,7 @@ def _wrap(handler: Any, before: Before, after: Callable[[], None] | None) -> Any
             finally:
                 if after is not None:
                     after()
+
         wrapped = unary
     return _handler(kind, wrapped, handler)
 
@@ -146,12 +155,17 @@ def _wrap(handler: Any, before: Before, after: Callable[[], None] | None) -> Any
 def _deny(handler: Any, code: grpc.StatusCode, message: str) -> Any:
     async def deny(context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
+
     return _wrap(handler, deny, None)
 
 
 def _kind(handler: Any) -> str:
-    return {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary",
-            (True, True): "stream_stream"}[(handler.request_streaming, handler.response_streaming)]
+    return {
+        (False, False): "unary_unary",
+        (False, True): "unary_stream",
+        (True, False): "stream_unary",
+        (True, True): "stream_stream",
+    }[(handler.request_streaming, handler.response_streaming)]
 
 
 def _handler(kind: str, behavior: Callable[..., Any], like: Any) -> Any:

@@ -1,4 +1,5 @@
 """protobuf <-> core types. Probabilities travel as packed little-endian float16."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -39,58 +40,106 @@ def sampling_from_proto(m: sampling_pb2.SamplingParams) -> SamplingParams:
 
 def propose_item_to_proto(tag: int, item: ProposeItem, traceparent: str = "") -> draft_pb2.ProposeItem:
     return draft_pb2.ProposeItem(
-        tag=tag, session_id=item.session_id, prefix_len=item.prefix_len, tokens=item.tokens,
-        num_tokens=item.num_tokens, sampling=sampling_to_proto(item.sampling), drafter=item.drafter,
-        traceparent=traceparent)
+        tag=tag,
+        session_id=item.session_id,
+        prefix_len=item.prefix_len,
+        tokens=item.tokens,
+        num_tokens=item.num_tokens,
+        sampling=sampling_to_proto(item.sampling),
+        drafter=item.drafter,
+        traceparent=traceparent,
+    )
 
 
 def propose_item_from_proto(m: draft_pb2.ProposeItem) -> ProposeItem:
-    return ProposeItem(m.session_id, m.prefix_len, list(m.tokens), m.num_tokens,
-                       sampling_from_proto(m.sampling), m.drafter or "ngram")
+    return ProposeItem(
+        m.session_id, m.prefix_len, list(m.tokens), m.num_tokens, sampling_from_proto(m.sampling), m.drafter or "ngram"
+    )
 
 
 def proposal_to_proto(tag: int, p: Proposal) -> draft_pb2.ProposeResult:
-    return draft_pb2.ProposeResult(tag=tag, tokens=p.tokens, draft_probs_f16=probs_to_bytes(p.probs),
-                                   needs_resync=p.needs_resync, draft_pass_base_seconds=p.draft_pass_base_s,
-                                   draft_row_seconds=p.draft_row_s)
+    return draft_pb2.ProposeResult(
+        tag=tag,
+        tokens=p.tokens,
+        draft_probs_f16=probs_to_bytes(p.probs),
+        needs_resync=p.needs_resync,
+        draft_pass_base_seconds=p.draft_pass_base_s,
+        draft_row_seconds=p.draft_row_s,
+    )
 
 
 def proposal_from_proto(m: draft_pb2.ProposeResult, replica: str = "") -> Proposal:
     tokens = list(m.tokens)
-    return Proposal(tokens, probs_from_bytes(m.draft_probs_f16, len(tokens)), m.needs_resync,
-                    m.draft_pass_base_seconds, m.draft_row_seconds, replica)
+    return Proposal(
+        tokens,
+        probs_from_bytes(m.draft_probs_f16, len(tokens)),
+        m.needs_resync,
+        m.draft_pass_base_seconds,
+        m.draft_row_seconds,
+        replica,
+    )
 
 
 def verify_item_to_proto(tag: int, item: VerifyItem, traceparent: str = "") -> target_pb2.VerifyItem:
     return target_pb2.VerifyItem(
-        tag=tag, session_id=item.session_id, prefix_len=item.prefix_len, tokens=item.tokens,
-        draft_tokens=item.draft_tokens, draft_probs_f16=probs_to_bytes(item.draft_probs),
-        sampling=sampling_to_proto(item.sampling), traceparent=traceparent,
-        logprobs=item.logprobs if item.logprobs >= 0 else None)
+        tag=tag,
+        session_id=item.session_id,
+        prefix_len=item.prefix_len,
+        tokens=item.tokens,
+        draft_tokens=item.draft_tokens,
+        draft_probs_f16=probs_to_bytes(item.draft_probs),
+        sampling=sampling_to_proto(item.sampling),
+        traceparent=traceparent,
+        logprobs=item.logprobs if item.logprobs >= 0 else None,
+    )
 
 
 def verify_item_from_proto(m: target_pb2.VerifyItem) -> VerifyItem:
     drafts = list(m.draft_tokens)
-    return VerifyItem(m.session_id, m.prefix_len, list(m.tokens), drafts,
-                      probs_from_bytes(m.draft_probs_f16, len(drafts)), sampling_from_proto(m.sampling),
-                      m.logprobs if m.HasField("logprobs") else -1)
+    return VerifyItem(
+        m.session_id,
+        m.prefix_len,
+        list(m.tokens),
+        drafts,
+        probs_from_bytes(m.draft_probs_f16, len(drafts)),
+        sampling_from_proto(m.sampling),
+        m.logprobs if m.HasField("logprobs") else -1,
+    )
 
 
 def verdict_to_proto(tag: int, v: Verdict) -> target_pb2.VerifyResult:
-    return target_pb2.VerifyResult(tag=tag, num_accepted=v.num_accepted, tokens=v.tokens,
-                                   batch_size=v.batch_size, needs_resync=v.needs_resync,
-                                   pass_base_seconds=v.pass_base_s, row_seconds=v.row_s,
-                                   logprobs=logprobs_to_proto(v.logprobs))
+    return target_pb2.VerifyResult(
+        tag=tag,
+        num_accepted=v.num_accepted,
+        tokens=v.tokens,
+        batch_size=v.batch_size,
+        needs_resync=v.needs_resync,
+        pass_base_seconds=v.pass_base_s,
+        row_seconds=v.row_s,
+        logprobs=logprobs_to_proto(v.logprobs),
+    )
 
 
 def verdict_from_proto(m: target_pb2.VerifyResult, replica: str = "") -> Verdict:
-    return Verdict(m.num_accepted, list(m.tokens), m.batch_size, m.needs_resync, m.pass_base_seconds, m.row_seconds,
-                   replica, logprobs_from_proto(m.logprobs))
+    return Verdict(
+        m.num_accepted,
+        list(m.tokens),
+        m.batch_size,
+        m.needs_resync,
+        m.pass_base_seconds,
+        m.row_seconds,
+        replica,
+        logprobs_from_proto(m.logprobs),
+    )
 
 
 def logprobs_to_proto(logprobs: list[TokenLogprob]) -> list[generation_pb2.TokenLogprob]:
-    return [generation_pb2.TokenLogprob(logprob=t.logprob, top_token_ids=[i for i, _ in t.top],
-                                        top_logprobs=[v for _, v in t.top]) for t in logprobs]
+    return [
+        generation_pb2.TokenLogprob(
+            logprob=t.logprob, top_token_ids=[i for i, _ in t.top], top_logprobs=[v for _, v in t.top]
+        )
+        for t in logprobs
+    ]
 
 
 def logprobs_from_proto(ms: Iterable[generation_pb2.TokenLogprob]) -> list[TokenLogprob]:
@@ -99,18 +148,37 @@ def logprobs_from_proto(ms: Iterable[generation_pb2.TokenLogprob]) -> list[Token
 
 def stats_to_proto(st: SpecStats) -> generation_pb2.SpeculationStats:
     return generation_pb2.SpeculationStats(
-        prompt_tokens=st.prompt_tokens, generated_tokens=st.generated_tokens, proposed_tokens=st.proposed_tokens,
-        accepted_tokens=st.accepted_tokens, steps=st.steps, acceptance_rate=st.acceptance_rate,
-        mean_accepted_length=st.mean_accepted_length, ttft_ms=st.ttft_s * 1e3, elapsed_ms=st.elapsed_s * 1e3,
-        tokens_per_s=st.tokens_per_s, mean_verify_batch_size=st.mean_verify_batch_size, drafter=st.drafter,
-        predrafts=st.predrafts, predrafts_used=st.predrafts_used, steps_without_drafter=st.steps_without_drafter)
+        prompt_tokens=st.prompt_tokens,
+        generated_tokens=st.generated_tokens,
+        proposed_tokens=st.proposed_tokens,
+        accepted_tokens=st.accepted_tokens,
+        steps=st.steps,
+        acceptance_rate=st.acceptance_rate,
+        mean_accepted_length=st.mean_accepted_length,
+        ttft_ms=st.ttft_s * 1e3,
+        elapsed_ms=st.elapsed_s * 1e3,
+        tokens_per_s=st.tokens_per_s,
+        mean_verify_batch_size=st.mean_verify_batch_size,
+        drafter=st.drafter,
+        predrafts=st.predrafts,
+        predrafts_used=st.predrafts_used,
+        steps_without_drafter=st.steps_without_drafter,
+    )
 
 
 def stats_from_proto(m: generation_pb2.SpeculationStats) -> SpecStats:
     """The counters back; rates are derived from them again (they equal the sent ones)."""
     return SpecStats(
-        prompt_tokens=m.prompt_tokens, generated_tokens=m.generated_tokens, proposed_tokens=m.proposed_tokens,
-        accepted_tokens=m.accepted_tokens, steps=m.steps,
-        batch_size_sum=round(m.mean_verify_batch_size * m.steps), predrafts=m.predrafts,
-        predrafts_used=m.predrafts_used, steps_without_drafter=m.steps_without_drafter, ttft_s=m.ttft_ms / 1e3,
-        elapsed_s=m.elapsed_ms / 1e3, drafter=m.drafter)
+        prompt_tokens=m.prompt_tokens,
+        generated_tokens=m.generated_tokens,
+        proposed_tokens=m.proposed_tokens,
+        accepted_tokens=m.accepted_tokens,
+        steps=m.steps,
+        batch_size_sum=round(m.mean_verify_batch_size * m.steps),
+        predrafts=m.predrafts,
+        predrafts_used=m.predrafts_used,
+        steps_without_drafter=m.steps_without_drafter,
+        ttft_s=m.ttft_ms / 1e3,
+        elapsed_s=m.elapsed_ms / 1e3,
+        drafter=m.drafter,
+    )

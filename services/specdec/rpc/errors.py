@@ -1,6 +1,7 @@
 """Domain exception -> gRPC status, in one place: for every servicer method, and for one
 failed item of a tier's stream (`ItemError`), which the coordinator raises again as the
 same domain exception so the status survives the hop."""
+
 from __future__ import annotations
 
 import functools
@@ -33,9 +34,11 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
 def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a unary or server-streaming aio servicer method with status mapping."""
     if inspect.isasyncgenfunction(method):
+
         @functools.wraps(method)
-        async def stream_wrapper(self: object, request: object,
-                                 context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream_wrapper(
+            self: object, request: object, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             try:
                 async for item in method(self, request, context):
                     yield item
@@ -43,6 +46,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             except Exception as exc:
                 await context.abort(*_status_for(exc))
+
         return stream_wrapper
 
     @functools.wraps(method)
@@ -53,16 +57,19 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except Exception as exc:
             await context.abort(*_status_for(exc))
+
     return unary_wrapper
 
 
 def item_error(exc: Exception) -> errors_pb2.ItemError:
     """A tier's answer for an item that failed: its status code, field and message."""
     if isinstance(exc, InvalidArgument):
-        return errors_pb2.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], field=exc.field,
-                                    message=str(exc)[:MAX_MESSAGE])
-    return errors_pb2.ItemError(code=grpc.StatusCode.INTERNAL.value[0],
-                                message=f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE])
+        return errors_pb2.ItemError(
+            code=grpc.StatusCode.INVALID_ARGUMENT.value[0], field=exc.field, message=str(exc)[:MAX_MESSAGE]
+        )
+    return errors_pb2.ItemError(
+        code=grpc.StatusCode.INTERNAL.value[0], message=f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE]
+    )
 
 
 def raise_item_error(error: errors_pb2.ItemError, where: str) -> NoReturn:

@@ -5,6 +5,7 @@ the coordinator's (common name `specdec-coordinator`, serving clients on localho
 presenting itself to the tiers), and a client certificate for the caller. Each process
 gets its own key: a tier cannot pass for a coordinator.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -12,6 +12,7 @@ an item), so they allow 64 MiB; the public port allows what a request needs (def
 MiB, SPECDEC_MAX_REQUEST_BYTES). gRPC itself refuses a larger message with
 RESOURCE_EXHAUSTED before any of our code (or the tokenizer) sees it.
 """
+
 from __future__ import annotations
 
 KEEPALIVE_S = 10.0

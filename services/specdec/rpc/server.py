@@ -1,5 +1,6 @@
 """Bootstrap shared by every tier: aio server, health, reflection, registry heartbeat,
 graceful SIGTERM, and a watchdog on the compute thread."""
+
 from __future__ import annotations
 
 import asyncio
@@ -58,9 +59,17 @@ class Companion(Protocol):
 class TierServer:
     """One tier's gRPC server and its registry entry."""
 
-    def __init__(self, tier: str, settings: Settings, service_names: list[str],
-                 add_servicers: Callable[[grpc.aio.Server], None], load: Callable[[], dict[str, float | int | None]],
-                 model: str = "", drafters: list[str] | None = None, drain: Drain | None = None) -> None:
+    def __init__(
+        self,
+        tier: str,
+        settings: Settings,
+        service_names: list[str],
+        add_servicers: Callable[[grpc.aio.Server], None],
+        load: Callable[[], dict[str, float | int | None]],
+        model: str = "",
+        drafters: list[str] | None = None,
+        drain: Drain | None = None,
+    ) -> None:
         self.tier, self.settings, self.service_names = tier, settings, service_names
         self.drain = drain
         max_message = settings.max_request_bytes if tier == "coordinator" else INTERNAL_MAX_MESSAGE
@@ -73,13 +82,18 @@ class TierServer:
         if tier == "coordinator" or settings.reflection:
             reflection.enable_server_reflection(
                 [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-                self.server)
+                self.server,
+            )
         address = f"{settings.host}:{settings.port_for(tier)}"
-        self.port = (self.server.add_secure_port(address, server_credentials(tls, settings.tls_client_auth))
-                     if tls.enabled else self.server.add_insecure_port(address))
+        self.port = (
+            self.server.add_secure_port(address, server_credentials(tls, settings.tls_client_auth))
+            if tls.enabled
+            else self.server.add_insecure_port(address)
+        )
         self.address = f"{settings.advertise_host or settings.host}:{self.port}"
-        self.info = ReplicaInfo(tier=tier, address=self.address, model=model, drafters=drafters or [],
-                                heartbeat_s=settings.heartbeat_s)
+        self.info = ReplicaInfo(
+            tier=tier, address=self.address, model=model, drafters=drafters or [], heartbeat_s=settings.heartbeat_s
+        )
         self.registry = Registry(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
         self.heartbeat = Heartbeat(self.registry, self.info, load, settings.heartbeat_s) if self.registry else None
         self._watchdog: asyncio.Task[None] | None = None

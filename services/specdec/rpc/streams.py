@@ -4,14 +4,15 @@ Many sessions share one long-lived stream per replica. The client tags each item
 coalesces whatever is queued into one message; the server handles items concurrently
 (they meet again in the tier's micro-batcher) and answers each with its tag.
 """
+
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -40,8 +41,9 @@ class Dial:
         interceptors = [_Metadata(((INTERNAL_TOKEN_HEADER, self.token),))] if self.token else None
         if self.tls is not None and self.tls.enabled:
             options = [*client_options(), ("grpc.ssl_target_name_override", TIER_SERVER_NAME)]
-            return grpc.aio.secure_channel(address, channel_credentials(self.tls), options=options,
-                                           interceptors=interceptors)
+            return grpc.aio.secure_channel(
+                address, channel_credentials(self.tls), options=options, interceptors=interceptors
+            )
         return grpc.aio.insecure_channel(address, options=client_options(), interceptors=interceptors)
 
 
@@ -51,8 +53,9 @@ class _Metadata(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]  
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.metadata = metadata
 
-    async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any,
-                                      request_iterator: Any) -> Any:
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
         details = details._replace(metadata=(*(details.metadata or ()), *self.metadata))
         return await continuation(details, request_iterator)
 
@@ -61,12 +64,15 @@ class ReplicaFailed(RuntimeError):
     """The stream to a replica broke; pending calls should go elsewhere."""
 
 
-async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awaitable[Any]],
-                       failed: Callable[[Any, Exception], Any],
-                       release: Callable[[list[str]], Awaitable[None]],
-                       respond: Callable[[list[Any]], Any],
-                       closing: asyncio.Event | None = None,
-                       abandoned: asyncio.Event | None = None) -> AsyncIterator[Any]:
+async def serve_tagged(
+    requests: AsyncIterator[Any],
+    handle: Callable[[Any], Awaitable[Any]],
+    failed: Callable[[Any, Exception], Any],
+    release: Callable[[list[str]], Awaitable[None]],
+    respond: Callable[[list[Any]], Any],
+    closing: asyncio.Event | None = None,
+    abandoned: asyncio.Event | None = None,
+) -> AsyncIterator[Any]:
     """Server side: yield responses as items finish until the client half-closes. An item
     whose handler raises is answered with `failed(item, exc)` (an error result), so one bad
     item never stalls or breaks the stream. Once `closing` is set (the replica drains), items
@@ -160,8 +166,13 @@ async def serve_tagged(requests: AsyncIterator[Any], handle: Callable[[Any], Awa
 class TaggedStreamClient:
     """Client side of one replica's stream."""
 
-    def __init__(self, address: str, open_stream: Callable[[grpc.aio.Channel], Any],
-                 make_request: Callable[[list[Any], list[str]], Any], dial: Dial | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        open_stream: Callable[[grpc.aio.Channel], Any],
+        make_request: Callable[[list[Any], list[str]], Any],
+        dial: Dial | None = None,
+    ) -> None:
         self.address = address
         self._channel = (dial or Dial()).channel(address)
         self._open_stream = open_stream
@@ -202,8 +213,9 @@ class TaggedStreamClient:
         replica answers NOT_SERVING while its port is still open)."""
         try:
             await self.connect(timeout_s)
-            reply = await health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(),
-                                                                         timeout=timeout_s)
+            reply = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s
+            )
         except (ReplicaFailed, grpc.RpcError):
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

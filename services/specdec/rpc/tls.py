@@ -10,6 +10,7 @@ the tiers, a user's to the coordinator) and trusts only the CA file; a new chann
 rotated files. Tier certificates name `TIER_SERVER_NAME` among their DNS names, so the
 coordinator verifies a replica reached by pod IP against that name.
 """
+
 from __future__ import annotations
 
 import logging

@@ -18,6 +18,7 @@ dropped write, with a short back-off so a dead server costs the hot path nothing
 recovers by itself when the server returns. Entries carry a TTL; a byte budget beyond that is
 Redis's own `maxmemory` + eviction policy (an evicted chunk is a miss, never an error).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -80,7 +81,7 @@ class KVIdentity:
         count = len(tokens) // n if count is None else min(count, len(tokens) // n)
         chain, keys = self.seed(), []
         for i in range(count):
-            ids = struct.pack(f"<{n}I", *tokens[i * n:(i + 1) * n])
+            ids = struct.pack(f"<{n}I", *tokens[i * n : (i + 1) * n])
             chain = hashlib.blake2b(chain + ids, digest_size=16).digest()
             keys.append(ChunkKey(self.model, self.dtype, self.layout, self.tier, n, i, chain.hex()))
         return keys
@@ -99,8 +100,9 @@ class ChunkKey:
     chain: str  # hex blake2b chain over the identity and every token id up to the chunk's end
 
     def to_string(self) -> str:
-        return "|".join([self.model, self.dtype, self.layout, self.tier, str(self.chunk_tokens), str(self.index),
-                         self.chain])
+        return "|".join(
+            [self.model, self.dtype, self.layout, self.tier, str(self.chunk_tokens), str(self.index), self.chain]
+        )
 
     @classmethod
     def from_string(cls, text: str) -> ChunkKey:
@@ -123,24 +125,35 @@ def encode_chunk(key: ChunkKey, tensor: torch.Tensor, secret: bytes = b"") -> by
     """Header + raw bytes of a [layers, 2, kv_heads, chunk_tokens, head_dim] tensor."""
     body = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
     dtype = str(tensor.dtype).removeprefix("torch.")
-    header = json.dumps({"key": key.to_string(), "shape": list(tensor.shape), "dtype": dtype,
-                         "mac": chunk_mac(secret, key, list(tensor.shape), dtype, body)}).encode()
+    header = json.dumps(
+        {
+            "key": key.to_string(),
+            "shape": list(tensor.shape),
+            "dtype": dtype,
+            "mac": chunk_mac(secret, key, list(tensor.shape), dtype, body),
+        }
+    ).encode()
     return _HEADER.pack(MAGIC, FORMAT_VERSION, len(header)) + header + body
 
 
-def decode_chunk(raw: bytes, key: ChunkKey, shape: tuple[int, ...], dtype: torch.dtype,
-                 secret: bytes = b"") -> torch.Tensor | None:
+def decode_chunk(
+    raw: bytes, key: ChunkKey, shape: tuple[int, ...], dtype: torch.dtype, secret: bytes = b""
+) -> torch.Tensor | None:
     """The chunk's tensor, or None if the payload is not exactly what `key` promises, or was
     not written by a holder of `secret`."""
     try:
         magic, version, size = _HEADER.unpack_from(raw)
         if magic != MAGIC or version != FORMAT_VERSION:
             return None
-        header = json.loads(raw[_HEADER.size:_HEADER.size + size])
-        body = memoryview(raw)[_HEADER.size + size:]
+        header = json.loads(raw[_HEADER.size : _HEADER.size + size])
+        body = memoryview(raw)[_HEADER.size + size :]
         name = str(dtype).removeprefix("torch.")
-        if (header["key"] != key.to_string() or tuple(header["shape"]) != tuple(shape) or header["dtype"] != name
-                or not hmac.compare_digest(chunk_mac(secret, key, list(shape), name, body), str(header["mac"]))):
+        if (
+            header["key"] != key.to_string()
+            or tuple(header["shape"]) != tuple(shape)
+            or header["dtype"] != name
+            or not hmac.compare_digest(chunk_mac(secret, key, list(shape), name, body), str(header["mac"]))
+        ):
             return None
         flat = torch.frombuffer(bytearray(body), dtype=torch.uint8)
         return flat.view(dtype).reshape(shape)
@@ -151,11 +164,22 @@ def decode_chunk(raw: bytes, key: ChunkKey, shape: tuple[int, ...], dtype: torch
 def model_fingerprint(model: CausalLM) -> str:
     """A stable id for a model's architecture and weights (the same in every process)."""
     cfg = model.config
-    fields = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rope_parameters",
-              "max_position_embeddings")
-    digest = hashlib.blake2b(json.dumps({f: getattr(cfg, f, None) for f in fields}, sort_keys=True,
-                                        default=str).encode(), digest_size=8)
+    fields = (
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rope_theta",
+        "rope_parameters",
+        "max_position_embeddings",
+    )
+    digest = hashlib.blake2b(
+        json.dumps({f: getattr(cfg, f, None) for f in fields}, sort_keys=True, default=str).encode(), digest_size=8
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             digest.update(name.encode())
@@ -198,20 +222,31 @@ class RedisKVStore:
 
     on_lookup: Callable[[Lookup], None] | None = None  # called on the worker thread after each read
 
-    def __init__(self, redis_url: str, prefix: str, identity: KVIdentity, ttl_s: float = 3600.0,
-                 max_pending_bytes: int = 256 << 20, batch_chunks: int = 16, secret: bytes = b"") -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str,
+        identity: KVIdentity,
+        ttl_s: float = 3600.0,
+        max_pending_bytes: int = 256 << 20,
+        batch_chunks: int = 16,
+        secret: bytes = b"",
+    ) -> None:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be > 0")
         self.prefix, self.identity, self.ttl_s = prefix, identity, ttl_s
         self.secret = secret
         if not secret:
-            log.warning("no SPECDEC_KV_SECRET: KV chunks in Redis carry a checksum, not a MAC; whoever can "
-                        "write to Redis can change what this tier computes from")
+            log.warning(
+                "no SPECDEC_KV_SECRET: KV chunks in Redis carry a checksum, not a MAC; whoever can "
+                "write to Redis can change what this tier computes from"
+            )
         self.max_pending_bytes, self.batch_chunks = max_pending_bytes, batch_chunks
         # One quick retry (a connection broken by a server restart), no back-off sleeps on
         # the worker thread; our own back-off below keeps a dead server off the hot path.
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=0.5,
-                                          retry=Retry(NoBackoff(), 1))
+        self.redis = redis.Redis.from_url(
+            redis_url, socket_timeout=1.0, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 1)
+        )
         self.stats = KVStoreStats()
         self._offered: weakref.WeakKeyDictionary[SessionKV, int] = weakref.WeakKeyDictionary()
         self._queue: queue.Queue[tuple[ChunkKey, torch.Tensor, int] | None] = queue.Queue()
@@ -330,8 +365,9 @@ class RedisKVStore:
             if not self._available():
                 self.stats.dropped_chunks += len(batch)
                 return
-            payloads = [(key.redis_key(self.prefix), encode_chunk(key, tensor, self.secret))
-                        for key, tensor, _ in batch]
+            payloads = [
+                (key.redis_key(self.prefix), encode_chunk(key, tensor, self.secret)) for key, tensor, _ in batch
+            ]
             pipe = self.redis.pipeline(transaction=False)
             for name, payload in payloads:
                 pipe.set(name, payload, ex=max(1, int(self.ttl_s)))
@@ -392,7 +428,14 @@ def store_for(settings: Settings, tier: str, model: CausalLM, runner: Runner) ->
     kv = runner.new_kv()
     if not kv.has_buffers or kv.pool is None:  # (buffers live in a pool)
         return None
-    identity = KVIdentity(model_fingerprint(model), str(kv.pool.dtype).removeprefix("torch."), LAYOUT, tier,
-                          settings.kv_chunk_tokens)
-    return RedisKVStore(settings.redis_url, settings.redis_prefix, identity, settings.kv_ttl_s,
-                        int(settings.kv_max_pending_mb) << 20, secret=settings.kv_secret.encode())
+    identity = KVIdentity(
+        model_fingerprint(model), str(kv.pool.dtype).removeprefix("torch."), LAYOUT, tier, settings.kv_chunk_tokens
+    )
+    return RedisKVStore(
+        settings.redis_url,
+        settings.redis_prefix,
+        identity,
+        settings.kv_ttl_s,
+        int(settings.kv_max_pending_mb) << 20,
+        secret=settings.kv_secret.encode(),
+    )

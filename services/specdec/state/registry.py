@@ -4,6 +4,7 @@ Each replica heartbeats `{prefix}replica:{tier}:{replica_id}` = JSON (SET EX ttl
 address, model and live load. The coordinator routes on it, the operator scales on it,
 `specdec status` prints it. A replica that stops reporting expires and disappears.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,8 +66,17 @@ class ReplicaInfo:
 STALE_HEARTBEATS = 3
 CLOCK_SLACK_S = 2.0
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "tier": str, "address": str, "model": str, "replica_id": str, "pid": int, "started_at": (int, float),
-    "heartbeat_at": (int, float), "drafters": list, "load": dict, "heartbeat_s": (int, float)}
+    "tier": str,
+    "address": str,
+    "model": str,
+    "replica_id": str,
+    "pid": int,
+    "started_at": (int, float),
+    "heartbeat_at": (int, float),
+    "drafters": list,
+    "load": dict,
+    "heartbeat_s": (int, float),
+}
 
 
 class Registry:
@@ -107,8 +117,13 @@ class Registry:
 class Heartbeat:
     """Publishes a replica's record every interval; Redis outages are logged, not fatal."""
 
-    def __init__(self, registry: Registry, info: ReplicaInfo, load: Callable[[], dict[str, float | int | None]],
-                 interval_s: float) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        info: ReplicaInfo,
+        load: Callable[[], dict[str, float | int | None]],
+        interval_s: float,
+    ) -> None:
         self.registry, self.info, self.load, self.interval_s = registry, info, load, interval_s
         self._task: asyncio.Task[None] | None = None
         self._warned = False
@@ -149,5 +164,7 @@ class IntervalRates:
         then, tokens0, drafted0, accepted0 = self._last
         self._last = (now, tokens, drafted, accepted)
         judged = drafted - drafted0
-        return {"tokens_per_s": round((tokens - tokens0) / max(now - then, 1e-6), 2),
-                "acceptance_rate": round((accepted - accepted0) / judged, 4) if judged else None}
+        return {
+            "tokens_per_s": round((tokens - tokens0) / max(now - then, 1e-6), 2),
+            "acceptance_rate": round((accepted - accepted0) / judged, 4) if judged else None,
+        }

@@ -17,6 +17,7 @@ it is written (`settled`, bounded: a slow or absent Redis only costs the record,
 request), so a record is rarely behind what a client holds. Whatever is read back is
 checked field by field; a record that is not well formed is a miss (logged).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,11 +47,15 @@ LEASE_REFRESH_S = LEASE_TTL_S / 4
 # holder it found dead (two coordinators racing for one orphan: one wins).
 # Keeping a lease also retakes one that vanished (a restarted Redis): it is lost only when
 # another owner holds it.
-_KEEP = ("local v = redis.call('GET', KEYS[1]) if v == false or v == ARGV[1] then "
-         "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end return 0")
+_KEEP = (
+    "local v = redis.call('GET', KEYS[1]) if v == false or v == ARGV[1] then "
+    "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end return 0"
+)
 _DROP = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-_TAKE = ("local v = redis.call('GET', KEYS[1]) if v == false or v == ARGV[1] then "
-         "redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0")
+_TAKE = (
+    "local v = redis.call('GET', KEYS[1]) if v == false or v == ARGV[1] then "
+    "redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0"
+)
 
 
 def request_digest(request_id: str, fingerprint: str) -> str:
@@ -137,13 +142,43 @@ class SessionRecord:
 
 
 _FIELDS = tuple(f.name for f in fields(SessionRecord))
-_REQUIRED = ("request_id", "fingerprint", "state", "prompt_ids", "generated_ids", "max_new_tokens", "sampling",
-             "drafter", "max_draft_tokens", "adaptive", "overlap", "stop", "stop_token_ids")
+_REQUIRED = (
+    "request_id",
+    "fingerprint",
+    "state",
+    "prompt_ids",
+    "generated_ids",
+    "max_new_tokens",
+    "sampling",
+    "drafter",
+    "max_draft_tokens",
+    "adaptive",
+    "overlap",
+    "stop",
+    "stop_token_ids",
+)
 _TYPES: dict[str, type | tuple[type, ...]] = {
-    "request_id": str, "fingerprint": str, "state": str, "prompt_ids": list, "generated_ids": list,
-    "max_new_tokens": int, "sampling": dict, "drafter": str, "max_draft_tokens": int, "adaptive": bool,
-    "overlap": bool, "stop": list, "stop_token_ids": list, "tier_session_id": str, "finish_reason": str,
-    "stats": dict, "placement": dict, "owner": str, "updated_at": (int, float), "v": int}
+    "request_id": str,
+    "fingerprint": str,
+    "state": str,
+    "prompt_ids": list,
+    "generated_ids": list,
+    "max_new_tokens": int,
+    "sampling": dict,
+    "drafter": str,
+    "max_draft_tokens": int,
+    "adaptive": bool,
+    "overlap": bool,
+    "stop": list,
+    "stop_token_ids": list,
+    "tier_session_id": str,
+    "finish_reason": str,
+    "stats": dict,
+    "placement": dict,
+    "owner": str,
+    "updated_at": (int, float),
+    "v": int,
+}
 
 
 def _is(value: object, kind: type | tuple[type, ...]) -> bool:
@@ -229,8 +264,9 @@ class SessionStore:
             return None
         return data if isinstance(data, dict) else None
 
-    async def find(self, digest: str, request_id: str, fingerprint: str, vocab_size: int,
-                   max_context: int) -> tuple[str, SessionRecord] | None:
+    async def find(
+        self, digest: str, request_id: str, fingerprint: str, vocab_size: int, max_context: int
+    ) -> tuple[str, SessionRecord] | None:
         """(record id, record) of the request named by `digest`, or None: missing, expired,
         not well formed, or another request's (each of those a miss, the bad ones logged)."""
         record_id = await self.redis.get(self.index_key(digest))
@@ -246,8 +282,7 @@ class SessionStore:
         try:
             record = SessionRecord.from_json(raw, vocab_size, max_context)
         except (ValueError, TypeError) as exc:
-            log.warning("session record %s is not well formed (%s); treated as missing", record_id[:64],
-                        str(exc)[:200])
+            log.warning("session record %s is not well formed (%s); treated as missing", record_id[:64], str(exc)[:200])
             return None
         if record.request_id != request_id or record.fingerprint != fingerprint:
             log.warning("session record %s belongs to another request; treated as missing", record_id[:64])
@@ -263,8 +298,14 @@ class Leases:
     alive by one task for all of this process's leases. A lease found taken by another
     owner on refresh is lost: `on_lost(digest)` tells its run to stop."""
 
-    def __init__(self, store: SessionStore, owner: str, on_lost: Callable[[str], None],
-                 ttl_s: float = LEASE_TTL_S, refresh_s: float = LEASE_REFRESH_S) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        owner: str,
+        on_lost: Callable[[str], None],
+        ttl_s: float = LEASE_TTL_S,
+        refresh_s: float = LEASE_REFRESH_S,
+    ) -> None:
         self.store, self.owner, self.on_lost, self.ttl_ms = store, owner, on_lost, int(ttl_s * 1000)
         self.refresh_s = refresh_s
         self.held: set[str] = set()
@@ -315,4 +356,3 @@ class Leases:
                 log.warning("lease of request %s lost to another coordinator", digest)
                 self.held.discard(digest)
                 self.on_lost(digest)
-

@@ -1,4 +1,5 @@
 """TargetService: verify items from every stream meet in one micro-batcher."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,15 +31,22 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         self.verifier, self.drain = verifier, drain or Drain()
         TELEMETRY.instrument(verifier.batcher, lambda: len(verifier.worker.sessions), verifier.worker.prefix_store)
 
-    async def Verify(self, request_iterator: AsyncIterator[target_pb2.VerifyRequest],
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[target_pb2.VerifyResponse]:
-        async for response in serve_tagged(request_iterator, self._verify, _failed, self._release, _respond,
-                                           self.drain.closing, self.drain.abandoned):
+    async def Verify(
+        self, request_iterator: AsyncIterator[target_pb2.VerifyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[target_pb2.VerifyResponse]:
+        async for response in serve_tagged(
+            request_iterator, self._verify, _failed, self._release, _respond, self.drain.closing, self.drain.abandoned
+        ):
             yield response
 
     async def _verify(self, item: target_pb2.VerifyItem) -> target_pb2.VerifyResult:
-        verdict = await TELEMETRY.handle(item.traceparent, convert.verify_item_from_proto(item),
-                                         self.verifier.verify, _item_attributes, _verdict_attributes)
+        verdict = await TELEMETRY.handle(
+            item.traceparent,
+            convert.verify_item_from_proto(item),
+            self.verifier.verify,
+            _item_attributes,
+            _verdict_attributes,
+        )
         return convert.verdict_to_proto(item.tag, verdict)
 
     async def _release(self, session_ids: list[str]) -> None:
@@ -50,16 +58,23 @@ TELEMETRY = TierTelemetry("target", "verify")
 
 
 def _item_attributes(item: VerifyItem) -> dict[str, Any]:
-    return {"specdec.session_id": item.session_id, "specdec.prefix_len": item.prefix_len,
-            "specdec.new_tokens": len(item.tokens), "specdec.draft_tokens": len(item.draft_tokens)}
+    return {
+        "specdec.session_id": item.session_id,
+        "specdec.prefix_len": item.prefix_len,
+        "specdec.new_tokens": len(item.tokens),
+        "specdec.draft_tokens": len(item.draft_tokens),
+    }
 
 
 def _verdict_attributes(item: VerifyItem, verdict: Verdict) -> dict[str, Any]:
     if not verdict.needs_resync:
         TELEMETRY.count("specdec_verified_draft_tokens", len(item.draft_tokens))
         TELEMETRY.count("specdec_verified_accepted_tokens", verdict.num_accepted)
-    return {"specdec.accepted_tokens": verdict.num_accepted, "specdec.committed_tokens": len(verdict.tokens),
-            "specdec.needs_resync": verdict.needs_resync}
+    return {
+        "specdec.accepted_tokens": verdict.num_accepted,
+        "specdec.committed_tokens": len(verdict.tokens),
+        "specdec.needs_resync": verdict.needs_resync,
+    }
 
 
 def _failed(item: target_pb2.VerifyItem, exc: Exception) -> target_pb2.VerifyResult:
@@ -95,11 +110,21 @@ def build(settings: Settings) -> TierServer:
     runner = compute.run_sync(build_runner, model)
     store = store_for(settings, "target", model, runner)
     budget = kv_token_budget(settings.kv_budget_mb, getattr(runner, "pool", None), settings.device)
-    verifier = LocalVerifier(TargetWorker(runner, settings.max_sessions, store, budget, settings.session_idle_s), settings.max_batch_size)
-    drain = Drain(flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None,
-                  stalled=verifier.batcher.stalled_s)
+    verifier = LocalVerifier(
+        TargetWorker(runner, settings.max_sessions, store, budget, settings.session_idle_s), settings.max_batch_size
+    )
+    drain = Drain(
+        flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None,
+        stalled=verifier.batcher.stalled_s,
+    )
     return TierServer(
-        "target", settings, [target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name],
+        "target",
+        settings,
+        [target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name],
         lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
-            TargetServicer(verifier, drain), server),
-        LoadMeter(verifier, store), model=settings.model, drain=drain)
+            TargetServicer(verifier, drain), server
+        ),
+        LoadMeter(verifier, store),
+        model=settings.model,
+        drain=drain,
+    )

@@ -11,10 +11,19 @@
 
 The core imports none of this; the service adapters call these hooks.
 """
+
 from specdec.telemetry.interceptor import server_interceptors
 from specdec.telemetry.requests import traced_chunks, traceparent
 from specdec.telemetry.setup import STATE, configure, observe, shutdown
 from specdec.telemetry.tiers import TierTelemetry
 
-__all__ = ["STATE", "TierTelemetry", "configure", "observe", "server_interceptors", "shutdown", "traced_chunks",
-           "traceparent"]
+__all__ = [
+    "STATE",
+    "TierTelemetry",
+    "configure",
+    "observe",
+    "server_interceptors",
+    "shutdown",
+    "traced_chunks",
+    "traceparent",
+]

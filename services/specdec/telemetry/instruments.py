@@ -5,6 +5,7 @@ OTLP -> collector -> Prometheus pipeline and the optional scrape endpoint expose
 series: counters gain `_total`, histograms `_bucket` / `_sum` / `_count`. The dashboards
 in helm/specdec/files/ may reference only `prometheus_names()` (a test checks).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,50 +29,115 @@ class Instrument:
     buckets: tuple[float, ...] = ()  # explicit histogram boundaries
 
 
-INSTRUMENTS = {i.name: i for i in [
-    # coordinator: per request and per speculation step
-    Instrument("specdec_requests", COUNTER, "{request}", "Finished generations", ("drafter", "finish_reason")),
-    Instrument("specdec_active_requests", UPDOWN, "{request}", "Generations in progress", ("drafter",)),
-    Instrument("specdec_generated_tokens", COUNTER, "{token}", "Tokens generated (committed)", ("drafter",)),
-    Instrument("specdec_draft_tokens_proposed", COUNTER, "{token}", "Draft tokens sent to verification",
-               ("drafter",)),
-    Instrument("specdec_draft_tokens_accepted", COUNTER, "{token}", "Draft tokens the target kept", ("drafter",)),
-    Instrument("specdec_accepted_length", HISTOGRAM, "{token}",
-               "Tokens committed per speculation step (accepted drafts + the target's own)", ("drafter",), TOKENS),
-    Instrument("specdec_acceptance_rate", HISTOGRAM, "1", "Per-request share of draft tokens accepted",
-               ("drafter",), RATIO),
-    Instrument("specdec_time_to_first_token_seconds", HISTOGRAM, "s", "Request start to first verified token",
-               ("drafter",), SECONDS),
-    Instrument("specdec_inter_token_latency_seconds", HISTOGRAM, "s",
-               "Time between streamed chunks divided by the chunk's tokens", ("drafter",), SECONDS),
-    Instrument("specdec_request_duration_seconds", HISTOGRAM, "s", "Whole generation, end to end",
-               ("drafter",), SECONDS),
-    Instrument("specdec_step_duration_seconds", HISTOGRAM, "s", "One speculation step (draft + verify)",
-               ("drafter",), SECONDS),
-    Instrument("specdec_replicas", GAUGE, "{replica}", "Healthy replicas the coordinator routes to", ("tier",)),
-    # draft and target tiers
-    Instrument("specdec_tier_latency_seconds", HISTOGRAM, "s", "Item arrival to result inside a tier (queue + batch)",
-               ("tier",), SECONDS),
-    Instrument("specdec_queue_wait_seconds", HISTOGRAM, "s", "Item arrival to the start of its batch",
-               ("tier",), SECONDS),
-    Instrument("specdec_batch_size", HISTOGRAM, "{sequence}", "Sequences per batched forward pass", ("tier",), BATCH),
-    Instrument("specdec_batch_duration_seconds", HISTOGRAM, "s", "One batched forward pass", ("tier",), SECONDS),
-    Instrument("specdec_queue_depth", GAUGE, "{item}", "Items waiting for a batch", ("tier",)),
-    Instrument("specdec_active_sessions", GAUGE, "{session}", "Sessions holding state on this replica", ("tier",)),
-    Instrument("specdec_session_cache_lookups", COUNTER, "{lookup}",
-               "Items whose session state the replica held (hit) or had to resync (miss)", ("tier", "result")),
-    Instrument("specdec_verified_draft_tokens", COUNTER, "{token}", "Draft tokens verified by this target replica",
-               ("tier",)),
-    Instrument("specdec_verified_accepted_tokens", COUNTER, "{token}", "Draft tokens accepted by this target replica",
-               ("tier",)),
-    # the shared KV tier in Redis (target and draft replicas with a KV store)
-    Instrument("specdec_kv_chunks", OBSERVED_COUNTER, "{chunk}",
-               "KV chunks by outcome: hit / miss / rejected (reads), stored / dropped (writes)", ("tier", "result")),
-    Instrument("specdec_kv_restored_tokens", OBSERVED_COUNTER, "{token}",
-               "Tokens of KV cache restored from Redis instead of recomputed", ("tier",)),
-    Instrument("specdec_kv_lookup_duration_seconds", HISTOGRAM, "s", "One KV read from Redis (restore)",
-               ("tier",), SECONDS),
-]}
+INSTRUMENTS = {
+    i.name: i
+    for i in [
+        # coordinator: per request and per speculation step
+        Instrument("specdec_requests", COUNTER, "{request}", "Finished generations", ("drafter", "finish_reason")),
+        Instrument("specdec_active_requests", UPDOWN, "{request}", "Generations in progress", ("drafter",)),
+        Instrument("specdec_generated_tokens", COUNTER, "{token}", "Tokens generated (committed)", ("drafter",)),
+        Instrument(
+            "specdec_draft_tokens_proposed", COUNTER, "{token}", "Draft tokens sent to verification", ("drafter",)
+        ),
+        Instrument("specdec_draft_tokens_accepted", COUNTER, "{token}", "Draft tokens the target kept", ("drafter",)),
+        Instrument(
+            "specdec_accepted_length",
+            HISTOGRAM,
+            "{token}",
+            "Tokens committed per speculation step (accepted drafts + the target's own)",
+            ("drafter",),
+            TOKENS,
+        ),
+        Instrument(
+            "specdec_acceptance_rate", HISTOGRAM, "1", "Per-request share of draft tokens accepted", ("drafter",), RATIO
+        ),
+        Instrument(
+            "specdec_time_to_first_token_seconds",
+            HISTOGRAM,
+            "s",
+            "Request start to first verified token",
+            ("drafter",),
+            SECONDS,
+        ),
+        Instrument(
+            "specdec_inter_token_latency_seconds",
+            HISTOGRAM,
+            "s",
+            "Time between streamed chunks divided by the chunk's tokens",
+            ("drafter",),
+            SECONDS,
+        ),
+        Instrument(
+            "specdec_request_duration_seconds", HISTOGRAM, "s", "Whole generation, end to end", ("drafter",), SECONDS
+        ),
+        Instrument(
+            "specdec_step_duration_seconds",
+            HISTOGRAM,
+            "s",
+            "One speculation step (draft + verify)",
+            ("drafter",),
+            SECONDS,
+        ),
+        Instrument("specdec_replicas", GAUGE, "{replica}", "Healthy replicas the coordinator routes to", ("tier",)),
+        # draft and target tiers
+        Instrument(
+            "specdec_tier_latency_seconds",
+            HISTOGRAM,
+            "s",
+            "Item arrival to result inside a tier (queue + batch)",
+            ("tier",),
+            SECONDS,
+        ),
+        Instrument(
+            "specdec_queue_wait_seconds", HISTOGRAM, "s", "Item arrival to the start of its batch", ("tier",), SECONDS
+        ),
+        Instrument(
+            "specdec_batch_size", HISTOGRAM, "{sequence}", "Sequences per batched forward pass", ("tier",), BATCH
+        ),
+        Instrument("specdec_batch_duration_seconds", HISTOGRAM, "s", "One batched forward pass", ("tier",), SECONDS),
+        Instrument("specdec_queue_depth", GAUGE, "{item}", "Items waiting for a batch", ("tier",)),
+        Instrument("specdec_active_sessions", GAUGE, "{session}", "Sessions holding state on this replica", ("tier",)),
+        Instrument(
+            "specdec_session_cache_lookups",
+            COUNTER,
+            "{lookup}",
+            "Items whose session state the replica held (hit) or had to resync (miss)",
+            ("tier", "result"),
+        ),
+        Instrument(
+            "specdec_verified_draft_tokens",
+            COUNTER,
+            "{token}",
+            "Draft tokens verified by this target replica",
+            ("tier",),
+        ),
+        Instrument(
+            "specdec_verified_accepted_tokens",
+            COUNTER,
+            "{token}",
+            "Draft tokens accepted by this target replica",
+            ("tier",),
+        ),
+        # the shared KV tier in Redis (target and draft replicas with a KV store)
+        Instrument(
+            "specdec_kv_chunks",
+            OBSERVED_COUNTER,
+            "{chunk}",
+            "KV chunks by outcome: hit / miss / rejected (reads), stored / dropped (writes)",
+            ("tier", "result"),
+        ),
+        Instrument(
+            "specdec_kv_restored_tokens",
+            OBSERVED_COUNTER,
+            "{token}",
+            "Tokens of KV cache restored from Redis instead of recomputed",
+            ("tier",),
+        ),
+        Instrument(
+            "specdec_kv_lookup_duration_seconds", HISTOGRAM, "s", "One KV read from Redis (restore)", ("tier",), SECONDS
+        ),
+    ]
+}
 
 
 def prometheus_base_name(instrument: Instrument) -> str:

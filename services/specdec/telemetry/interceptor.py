@@ -4,6 +4,7 @@ caller sends W3C trace context (`traceparent` / `tracestate`) in the gRPC metada
 Bidirectional streams between the tiers are long-lived and carry many sessions, so they
 get no span of their own: their items carry `traceparent` instead (see `tiers.py`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -33,11 +34,13 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
             return grpc.unary_stream_rpc_method_handler(
                 _stream(handler.unary_stream, method, metadata),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                response_serializer=handler.response_serializer,
+            )
         return grpc.unary_unary_rpc_method_handler(
             _unary(handler.unary_unary, method, metadata),
             request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _start(method: str, metadata: dict[str, str]) -> Any:
@@ -46,8 +49,12 @@ def _start(method: str, metadata: dict[str, str]) -> Any:
 
     service, _, name = method.rpartition("/")
     parent = TraceContextTextMapPropagator().extract(metadata)
-    return STATE.tracer.start_span(method, context=parent, kind=trace.SpanKind.SERVER, attributes={
-        "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+    return STATE.tracer.start_span(
+        method,
+        context=parent,
+        kind=trace.SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+    )
 
 
 def _end(span: Any, exc: BaseException | None, context: grpc.aio.ServicerContext) -> None:
@@ -80,6 +87,7 @@ def _unary(behavior: Callable[..., Any], method: str, metadata: dict[str, str]) 
         finally:
             otel_context.detach(token)
             _end(span, error, context)
+
     return wrapper
 
 
@@ -111,4 +119,5 @@ def _stream(behavior: Callable[..., Any], method: str, metadata: dict[str, str])
             if not exhausted and hasattr(responses, "aclose"):
                 await responses.aclose()
             _end(span, error, context)
+
     return wrapper

@@ -5,6 +5,7 @@ over OTLP/gRPC to a receiver in this process (which counts and drops them), one 
 telemetry off, and alternates the same requests between them so machine noise hits both
 alike. Prints tokens/s of each and the ratio (target: >= 0.95).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ from concurrent import futures
 import grpc
 
 PROMPTS = [
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "The cat sat on the mat. The dog sat on the log. The cat sat on the",
     "Here is a list of the planets of the solar system in order: Mercury, Venus,",
     "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
@@ -30,22 +31,26 @@ def _receiver() -> tuple[grpc.Server, str, dict[str, int]]:
     counts = {"spans": 0, "metric_exports": 0}
 
     class Traces(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
-                   context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+        def Export(
+            self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+        ) -> trace_service_pb2.ExportTraceServiceResponse:
             counts["spans"] += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
             return trace_service_pb2.ExportTraceServiceResponse()
 
     class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
-        def Export(self, request: metrics_service_pb2.ExportMetricsServiceRequest,
-                   context: grpc.ServicerContext) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        def Export(
+            self, request: metrics_service_pb2.ExportMetricsServiceRequest, context: grpc.ServicerContext
+        ) -> metrics_service_pb2.ExportMetricsServiceResponse:
             counts["metric_exports"] += 1
             return metrics_service_pb2.ExportMetricsServiceResponse()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
-        Traces(), server)
+        Traces(), server
+    )
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
-        Metrics(), server)
+        Metrics(), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, f"http://127.0.0.1:{port}", counts
@@ -67,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     server, endpoint, counts = _receiver()
     base = {"SPECDEC_TORCH_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
     on_env = {**base, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "5000"}
-    off_env = {**base, "OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "",
-               "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "", "SPECDEC_METRICS_PORT": "0"}
+    off_env = {
+        **base,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "",
+        "SPECDEC_METRICS_PORT": "0",
+    }
     stacks = {}
     try:
         for name, env in (("off", off_env), ("on", on_env)):
@@ -82,16 +92,29 @@ def main(argv: list[str] | None = None) -> int:
             for i, prompt in enumerate(PROMPTS):
                 order = ["off", "on"] if (r + i) % 2 == 0 else ["on", "off"]
                 for name in order:
-                    stats = clients[name].complete(prompt, max_new_tokens=args.max_new_tokens, ignore_eos=True,
-                                                   drafter=args.drafter, k=args.k).stats
+                    stats = (
+                        clients[name]
+                        .complete(
+                            prompt, max_new_tokens=args.max_new_tokens, ignore_eos=True, drafter=args.drafter, k=args.k
+                        )
+                        .stats
+                    )
                     totals[name]["tokens"] += stats.generated_tokens
                     totals[name]["seconds"] += stats.elapsed_ms / 1e3
         time.sleep(1.0)  # let the last spans arrive
         tps = {name: t["tokens"] / t["seconds"] for name, t in totals.items()}
-        result = {"model": args.model, "drafter": args.drafter, "k": args.k, "max_new_tokens": args.max_new_tokens,
-                  "requests_each": args.rounds * len(PROMPTS), "tokens_per_s_off": round(tps["off"], 2),
-                  "tokens_per_s_on": round(tps["on"], 2), "ratio_on_over_off": round(tps["on"] / tps["off"], 4),
-                  "spans_received": counts["spans"], "metric_exports_received": counts["metric_exports"]}
+        result = {
+            "model": args.model,
+            "drafter": args.drafter,
+            "k": args.k,
+            "max_new_tokens": args.max_new_tokens,
+            "requests_each": args.rounds * len(PROMPTS),
+            "tokens_per_s_off": round(tps["off"], 2),
+            "tokens_per_s_on": round(tps["on"], 2),
+            "ratio_on_over_off": round(tps["on"] / tps["off"], 4),
+            "spans_received": counts["spans"],
+            "metric_exports_received": counts["metric_exports"],
+        }
         print(json.dumps(result, indent=2))
         if args.json_out:
             with open(args.json_out, "w") as f:

@@ -5,6 +5,7 @@ step at a time with the step's span current (so the remote tiers receive it as t
 parent through `traceparent`), and reads what the step did from the step record each
 chunk carries (`core.loop.Step`).
 """
+
 from __future__ import annotations
 
 import time
@@ -33,8 +34,9 @@ def traceparent() -> str:
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
-def traced_chunks(chunks: AsyncGenerator[Chunk, None], request: GenerationRequest,
-                  result: GenerationResult) -> AsyncGenerator[Chunk, None]:
+def traced_chunks(
+    chunks: AsyncGenerator[Chunk, None], request: GenerationRequest, result: GenerationResult
+) -> AsyncGenerator[Chunk, None]:
     """Wrap a generation's chunk stream (one chunk per step) in spans and metrics; the
     stream itself when telemetry is off."""
     if not STATE.enabled:
@@ -42,19 +44,27 @@ def traced_chunks(chunks: AsyncGenerator[Chunk, None], request: GenerationReques
     return _traced(chunks, request, result)
 
 
-async def _traced(chunks: AsyncGenerator[Chunk, None], request: GenerationRequest,
-                  result: GenerationResult) -> AsyncGenerator[Chunk, None]:
+async def _traced(
+    chunks: AsyncGenerator[Chunk, None], request: GenerationRequest, result: GenerationResult
+) -> AsyncGenerator[Chunk, None]:
     from opentelemetry import context, trace
     from opentelemetry.trace import Status, StatusCode
 
     tracer, m = STATE.tracer, STATE.instruments
     labels = {"drafter": str(request.drafter)}
     stats = result.stats
-    gen_span = tracer.start_span(GENERATION_SPAN, attributes={
-        "specdec.session_id": request.session_id, "specdec.drafter": str(request.drafter),
-        "specdec.max_draft_tokens": request.max_draft_tokens, "specdec.adaptive": request.adaptive,
-        "specdec.max_new_tokens": request.max_new_tokens, "specdec.prompt_tokens": len(request.prompt_ids),
-        "specdec.temperature": request.sampling.temperature})
+    gen_span = tracer.start_span(
+        GENERATION_SPAN,
+        attributes={
+            "specdec.session_id": request.session_id,
+            "specdec.drafter": str(request.drafter),
+            "specdec.max_draft_tokens": request.max_draft_tokens,
+            "specdec.adaptive": request.adaptive,
+            "specdec.max_new_tokens": request.max_new_tokens,
+            "specdec.prompt_tokens": len(request.prompt_ids),
+            "specdec.temperature": request.sampling.temperature,
+        },
+    )
     gen_ctx = trace.set_span_in_context(gen_span)
     m["specdec_active_requests"].add(1, labels)
     start = last = time.perf_counter()
@@ -63,8 +73,9 @@ async def _traced(chunks: AsyncGenerator[Chunk, None], request: GenerationReques
         while True:
             position = len(request.prompt_ids) + stats.generated_tokens
             step_start = time.perf_counter()
-            span = tracer.start_span(STEP_SPAN, context=gen_ctx, attributes={
-                "specdec.step": stats.steps, "specdec.position": position})
+            span = tracer.start_span(
+                STEP_SPAN, context=gen_ctx, attributes={"specdec.step": stats.steps, "specdec.position": position}
+            )
             token = context.attach(trace.set_span_in_context(span, gen_ctx))
             try:
                 chunk = await anext(chunks)
@@ -109,9 +120,13 @@ async def _traced(chunks: AsyncGenerator[Chunk, None], request: GenerationReques
 
 def _step_attributes(step: Step) -> dict[str, Any]:
     attributes: dict[str, Any] = {
-        "specdec.draft_tokens": step.proposed, "specdec.accepted_tokens": step.accepted,
-        "specdec.committed_tokens": len(step.tokens), "specdec.verify.batch_size": step.batch_size,
-        "specdec.draft.wait_ms": step.draft_s * 1e3, "specdec.verify.wait_ms": step.verify_s * 1e3}
+        "specdec.draft_tokens": step.proposed,
+        "specdec.accepted_tokens": step.accepted,
+        "specdec.committed_tokens": len(step.tokens),
+        "specdec.verify.batch_size": step.batch_size,
+        "specdec.draft.wait_ms": step.draft_s * 1e3,
+        "specdec.verify.wait_ms": step.verify_s * 1e3,
+    }
     if step.first_rejected is not None:
         attributes["specdec.first_rejected_index"] = step.first_rejected  # acceptance position
     for tier, address in (("draft", step.draft_replica), ("target", step.target_replica)):
@@ -120,16 +135,24 @@ def _step_attributes(step: Step) -> dict[str, Any]:
     return attributes
 
 
-def _finish(span: Any, ctx: Any, stats: Any, result: Any, labels: dict[str, str], elapsed_s: float,
-            finished: bool) -> None:
+def _finish(
+    span: Any, ctx: Any, stats: Any, result: Any, labels: dict[str, str], elapsed_s: float, finished: bool
+) -> None:
     m = STATE.instruments
     reason = result.finish_reason if finished else "cancelled"
-    span.set_attributes({
-        "specdec.finish_reason": reason, "specdec.generated_tokens": stats.generated_tokens,
-        "specdec.proposed_tokens": stats.proposed_tokens, "specdec.accepted_tokens": stats.accepted_tokens,
-        "specdec.acceptance_rate": stats.acceptance_rate, "specdec.steps": stats.steps,
-        "specdec.mean_accepted_length": stats.mean_accepted_length, "specdec.ttft_ms": stats.ttft_s * 1e3,
-        "specdec.tokens_per_s": stats.tokens_per_s})
+    span.set_attributes(
+        {
+            "specdec.finish_reason": reason,
+            "specdec.generated_tokens": stats.generated_tokens,
+            "specdec.proposed_tokens": stats.proposed_tokens,
+            "specdec.accepted_tokens": stats.accepted_tokens,
+            "specdec.acceptance_rate": stats.acceptance_rate,
+            "specdec.steps": stats.steps,
+            "specdec.mean_accepted_length": stats.mean_accepted_length,
+            "specdec.ttft_ms": stats.ttft_s * 1e3,
+            "specdec.tokens_per_s": stats.tokens_per_s,
+        }
+    )
     span.end()
     m["specdec_active_requests"].add(-1, labels)
     m["specdec_requests"].add(1, {**labels, "finish_reason": reason})

@@ -9,6 +9,7 @@ Honoured: `OTEL_SDK_DISABLED`, `OTEL_SERVICE_NAME` (default `specdec-<tier>`),
 `OTEL_EXPORTER_OTLP_*` (headers, timeout, insecure, certificates), `OTEL_BSP_*`,
 `OTEL_METRIC_EXPORT_INTERVAL`, `OTEL_METRICS_EXEMPLAR_FILTER`. Export is OTLP over gRPC.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,8 +46,14 @@ def _signal_on(env: Mapping[str, str], signal: str) -> bool:
     return bool(env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
 
-def configure(tier: str, metrics_port: int = 0, metrics_host: str = "127.0.0.1",
-              environ: Mapping[str, str] | None = None, instance: str = "", prometheus: bool = False) -> State:
+def configure(
+    tier: str,
+    metrics_port: int = 0,
+    metrics_host: str = "127.0.0.1",
+    environ: Mapping[str, str] | None = None,
+    instance: str = "",
+    prometheus: bool = False,
+) -> State:
     """Install tracer and meter providers for this process's tier when the environment asks
     for export; otherwise leave everything off. Idempotent per process. `prometheus`: metrics
     on for a scrape endpoint the process serves itself (the coordinator's HTTP /metrics)."""
@@ -62,8 +69,11 @@ def configure(tier: str, metrics_port: int = 0, metrics_host: str = "127.0.0.1",
 
     from opentelemetry.sdk.resources import Resource
 
-    attributes = {"service.namespace": "specdec", "specdec.tier": tier,
-                  "service.instance.id": instance or f"{tier}-{os.getpid()}"}
+    attributes = {
+        "service.namespace": "specdec",
+        "specdec.tier": tier,
+        "service.instance.id": instance or f"{tier}-{os.getpid()}",
+    }
     if not env.get("OTEL_SERVICE_NAME"):
         attributes["service.name"] = f"specdec-{tier}"
     resource = Resource.create(attributes)
@@ -80,8 +90,13 @@ def configure(tier: str, metrics_port: int = 0, metrics_host: str = "127.0.0.1",
         from opentelemetry.metrics import NoOpMeter
 
         STATE.instruments = create_instruments(NoOpMeter("specdec"))
-    log.info("telemetry on for %s: traces=%s metrics=%s prometheus_port=%s", STATE.service_name,
-             traces, metrics, metrics_port or "-")
+    log.info(
+        "telemetry on for %s: traces=%s metrics=%s prometheus_port=%s",
+        STATE.service_name,
+        traces,
+        metrics,
+        metrics_port or "-",
+    )
     return STATE
 
 
@@ -132,8 +147,9 @@ def create_instruments(meter: Any) -> dict[str, Any]:
         elif spec.kind == UPDOWN:
             made[spec.name] = meter.create_up_down_counter(spec.name, spec.unit, spec.description)
         elif spec.kind == HISTOGRAM:
-            made[spec.name] = meter.create_histogram(spec.name, spec.unit, spec.description,
-                                                     explicit_bucket_boundaries_advisory=list(spec.buckets))
+            made[spec.name] = meter.create_histogram(
+                spec.name, spec.unit, spec.description, explicit_bucket_boundaries_advisory=list(spec.buckets)
+            )
     made["_meter"] = meter
     return made
 
@@ -154,6 +170,7 @@ def observe(name: str, read: Callable[[], Iterable[tuple[float, dict[str, str]]]
         except Exception:  # a gauge must never break collection of the others
             log.debug("gauge %s failed", name, exc_info=True)
             return []
+
     meter = STATE.instruments["_meter"]
     create = meter.create_observable_gauge if spec.kind == GAUGE else meter.create_observable_counter
     create(name, [callback], spec.unit, spec.description)

@@ -5,6 +5,7 @@ span link to every item's step, and the tier's latency/queue/batch metrics.
 The micro-batcher runs batches on a worker thread and knows nothing of tracing; items are
 matched to their trace context by identity while their servicer call is waiting.
 """
+
 from __future__ import annotations
 
 import time
@@ -61,21 +62,37 @@ class TierTelemetry:
 
     def _instrument_kv(self, store: Any) -> None:
         stats = store.stats
-        outcomes = {"hit": "hit_chunks", "miss": "missed_chunks", "rejected": "rejected_chunks",
-                    "stored": "stored_chunks", "dropped": "dropped_chunks"}
-        observe("specdec_kv_chunks", lambda: [(getattr(stats, field), {**self.labels, "result": result})
-                                              for result, field in outcomes.items()])
+        outcomes = {
+            "hit": "hit_chunks",
+            "miss": "missed_chunks",
+            "rejected": "rejected_chunks",
+            "stored": "stored_chunks",
+            "dropped": "dropped_chunks",
+        }
+        observe(
+            "specdec_kv_chunks",
+            lambda: [(getattr(stats, field), {**self.labels, "result": result}) for result, field in outcomes.items()],
+        )
         observe("specdec_kv_restored_tokens", lambda: [(stats.restored_tokens, self.labels)])
         store.on_lookup = self._record_lookup
 
     def _record_lookup(self, lookup: Any) -> None:
         """A span (child of the batch span) and a duration for each restore that read Redis."""
         STATE.instruments["specdec_kv_lookup_duration_seconds"].record(
-            (lookup.end_ns - lookup.start_ns) / 1e9, self.labels)
-        span = STATE.tracer.start_span("kv.restore", start_time=lookup.start_ns, attributes={
-            "specdec.tier": self.tier, "db.system": "redis", "db.operation": "MGET",
-            "specdec.kv.hit_chunks": lookup.hit_chunks, "specdec.kv.restored_tokens": lookup.restored_tokens,
-            "specdec.kv.hit": lookup.restored_tokens > 0})
+            (lookup.end_ns - lookup.start_ns) / 1e9, self.labels
+        )
+        span = STATE.tracer.start_span(
+            "kv.restore",
+            start_time=lookup.start_ns,
+            attributes={
+                "specdec.tier": self.tier,
+                "db.system": "redis",
+                "db.operation": "MGET",
+                "specdec.kv.hit_chunks": lookup.hit_chunks,
+                "specdec.kv.restored_tokens": lookup.restored_tokens,
+                "specdec.kv.hit": lookup.restored_tokens > 0,
+            },
+        )
         span.end(end_time=lookup.end_ns)
 
     def wrap_batch(self, run_batch: Callable[[list[Item]], list[Result]]) -> Callable[[list[Item]], list[Result]]:
@@ -90,15 +107,24 @@ class TierTelemetry:
 
             started = time.perf_counter()
             pending = [self._pending.get(id(item)) for item in items]
-            links = [Link(p.parent, {"specdec.session_id": getattr(item, "session_id", "")})
-                     for p, item in zip(pending, items) if p is not None and p.parent is not None]
+            links = [
+                Link(p.parent, {"specdec.session_id": getattr(item, "session_id", "")})
+                for p, item in zip(pending, items)
+                if p is not None and p.parent is not None
+            ]
             span = None
             if links:  # a batch of untraced items is not worth a trace of its own
                 span = STATE.tracer.start_span(
-                    f"{self.tier}.{self.operation}_batch", context=Context(), links=links,
+                    f"{self.tier}.{self.operation}_batch",
+                    context=Context(),
+                    links=links,
                     kind=trace.SpanKind.INTERNAL,
-                    attributes={"specdec.tier": self.tier, "specdec.batch.size": len(items),
-                                "specdec.batch.traced_items": len(links)})
+                    attributes={
+                        "specdec.tier": self.tier,
+                        "specdec.batch.size": len(items),
+                        "specdec.batch.traced_items": len(links),
+                    },
+                )
             token = context.attach(trace.set_span_in_context(span)) if span is not None else None
             try:
                 results = run_batch(items)  # KV reads inside become children of the batch span
@@ -121,11 +147,17 @@ class TierTelemetry:
             m["specdec_batch_size"].record(len(items), self.labels)
             m["specdec_batch_duration_seconds"].record(finished - started, self.labels)
             return results
+
         return traced
 
-    async def handle(self, traceparent: str, item: Item, call: Callable[[Item], Awaitable[Result]],
-                     attributes: Callable[[Item], dict[str, Any]],
-                     describe: Callable[[Item, Result], dict[str, Any]]) -> Result:
+    async def handle(
+        self,
+        traceparent: str,
+        item: Item,
+        call: Callable[[Item], Awaitable[Result]],
+        attributes: Callable[[Item], dict[str, Any]],
+        describe: Callable[[Item, Result], dict[str, Any]],
+    ) -> Result:
         """Run `call(item)` inside the item's span (a child of the step in `traceparent`);
         `attributes(item)` and `describe(item, result)` give the span's attributes."""
         if not STATE.enabled:
@@ -138,8 +170,11 @@ class TierTelemetry:
         span = None
         if parent is not None:
             span = STATE.tracer.start_span(
-                f"{self.tier}.{self.operation}", context=trace.set_span_in_context(trace.NonRecordingSpan(parent)),
-                kind=trace.SpanKind.SERVER, attributes={"specdec.tier": self.tier, **attributes(item)})
+                f"{self.tier}.{self.operation}",
+                context=trace.set_span_in_context(trace.NonRecordingSpan(parent)),
+                kind=trace.SpanKind.SERVER,
+                attributes={"specdec.tier": self.tier, **attributes(item)},
+            )
         self._pending[id(item)] = pending
         try:
             result = await call(item)
@@ -158,13 +193,18 @@ class TierTelemetry:
         if pending.started:
             m["specdec_queue_wait_seconds"].record(pending.started - pending.arrived, self.labels)
         m["specdec_session_cache_lookups"].add(
-            1, {**self.labels, "result": "miss" if described.get("specdec.needs_resync") else "hit"})
+            1, {**self.labels, "result": "miss" if described.get("specdec.needs_resync") else "hit"}
+        )
         if span is not None:
             span.set_attributes(described)
             if pending.started:
-                span.set_attributes({"specdec.batch.size": pending.batch_size,
-                                     "specdec.batch.wait_ms": (pending.started - pending.arrived) * 1e3,
-                                     "specdec.batch.compute_ms": (pending.finished - pending.started) * 1e3})
+                span.set_attributes(
+                    {
+                        "specdec.batch.size": pending.batch_size,
+                        "specdec.batch.wait_ms": (pending.started - pending.arrived) * 1e3,
+                        "specdec.batch.compute_ms": (pending.finished - pending.started) * 1e3,
+                    }
+                )
             if pending.batch is not None:
                 span.add_link(pending.batch, {"specdec.link": "batch"})
             span.end()
@@ -173,4 +213,3 @@ class TierTelemetry:
     def count(self, name: str, value: int) -> None:
         if STATE.metrics and value:
             STATE.instruments[name].add(value, self.labels)
-

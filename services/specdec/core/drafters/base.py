@@ -3,6 +3,7 @@ learns from what the target committed after its last proposal, and frees a sessi
 state. The registry (`drafters/registry.py`) lists the classes and parses a drafter spec
 once; the worker (`drafters/worker.py`) routes each item to the drafter it names.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,8 +35,7 @@ class DraftMethod(Protocol):
     name: str
 
     @classmethod
-    def create(cls, runner: Runner | None, model_name: str,
-               prefix_store: PrefixStore | None) -> DraftMethod | None:
+    def create(cls, runner: Runner | None, model_name: str, prefix_store: PrefixStore | None) -> DraftMethod | None:
         """An instance for a replica holding `runner` (its draft model, or None); None when
         this drafter cannot run there."""
         ...

@@ -4,6 +4,7 @@ All sessions of a batch draft together, one batched forward pass per drafted tok
 session's cache is rolled back to its committed tokens before it drafts again (never
 rebuilt), and with a prefix store its committed chunks are shared through Redis.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -58,16 +59,22 @@ class ModelDrafter:
         if self.prefix_store is not None:
             for (session, _), kv in zip(rows, caches):  # the store keeps only the committed part of the cache
                 self.prefix_store.offer(session.tokens, kv)
-        return [Proposal(drafts[j], None if item.sampling.greedy else torch.stack(probs[j]),
-                         draft_pass_base_s=self.cost.base_s, draft_row_s=self.cost.row_s)
-                for j, (_, item) in enumerate(rows)]
+        return [
+            Proposal(
+                drafts[j],
+                None if item.sampling.greedy else torch.stack(probs[j]),
+                draft_pass_base_s=self.cost.base_s,
+                draft_row_s=self.cost.row_s,
+            )
+            for j, (_, item) in enumerate(rows)
+        ]
 
     def _feed(self, session: DraftSession) -> tuple[SessionKV, list[int]]:
         """The session's cache, and the committed tokens it lacks after rolling it back (or
         restoring a prefix)."""
         if session.kv is None:
             session.kv = self.runner.new_kv()
-        return session.kv, session.tokens[prepare_cache(session.kv, session.tokens, self.prefix_store):]
+        return session.kv, session.tokens[prepare_cache(session.kv, session.tokens, self.prefix_store) :]
 
     def learn(self, session: DraftSession, committed: list[int]) -> None:
         pass  # the rollback happens lazily in _feed, against the committed tokens

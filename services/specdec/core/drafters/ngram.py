@@ -5,6 +5,7 @@ match first); the tokens that followed that match are proposed. Deterministic, s
 draft distribution is one-hot. Vectorised: one pass finds every earlier occurrence of the
 last token, then match lengths grow by comparing one step further back for all at once.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
@@ -39,7 +40,7 @@ def ngram_propose(tokens: list[int], k: int, max_ngram: int = 4, min_ngram: int 
     if best < min_ngram:
         return []
     end = int(ends[np.flatnonzero(lengths == best)[-1]])  # the most recent of the longest
-    return tokens[end + 1:end + 1 + k]
+    return tokens[end + 1 : end + 1 + k]
 
 
 class NgramDrafter:

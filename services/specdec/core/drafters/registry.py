@@ -4,6 +4,7 @@ A spec is `none`, a model-free drafter's kind (`ngram`) or `kind:MODEL` for a dr
 that runs a model (`model:NAME`). It is parsed here once, into a `DrafterSpec`; everything
 else passes that around. A new drafter is a new class added to `DRAFTERS`.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple

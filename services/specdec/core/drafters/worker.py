@@ -1,5 +1,6 @@
 """The draft worker: per-session drafting state and batched proposals for every drafter
 that one draft replica serves."""
+
 from __future__ import annotations
 
 from specdec.core.drafters.base import DraftMethod, DraftRow, DraftSession
@@ -16,9 +17,15 @@ class DraftWorker:
     always, a model drafter given a runner. Not thread-safe: one batch at a time (the
     batcher guarantees it)."""
 
-    def __init__(self, runner: Runner | None = None, model_name: str = "", max_sessions: int = 1024,
-                 prefix_store: PrefixStore | None = None, max_cached_tokens: int | None = None,
-                 max_idle_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        runner: Runner | None = None,
+        model_name: str = "",
+        max_sessions: int = 1024,
+        prefix_store: PrefixStore | None = None,
+        max_cached_tokens: int | None = None,
+        max_idle_s: float = 600.0,
+    ) -> None:
         self.max_idle_s = max_idle_s  # a session unused this long is dropped (its caller is gone)
         self.max_cached_tokens = max_cached_tokens  # memory budget of the session states (None: count only)
         self.methods: dict[str, DraftMethod] = {m.name: m for m in build_methods(runner, model_name, prefix_store)}
@@ -44,8 +51,9 @@ class DraftWorker:
         for i, item in enumerate(items):
             method = self.methods.get(item.drafter)
             if method is None:
-                results[i] = InvalidArgument("drafter",
-                                             f"this replica serves {self.drafters}, not {item.drafter[:100]!r}")
+                results[i] = InvalidArgument(
+                    "drafter", f"this replica serves {self.drafters}, not {item.drafter[:100]!r}"
+                )
                 continue
             try:
                 check_item(item, self.vocab_size)
