@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="first coordinator's OpenAI-compatible HTTP port (default SPECDEC_HTTP_PORT or 8000; 0 = off)",
     )
+    up.add_argument("--tls", action="store_true", help="mTLS on every hop with a throw-away CA (prints its files)")
+    up.add_argument("--api-key", default="", help="the coordinators accept only this key (Bearer)")
     up.add_argument("--demo", action="store_true", help="generate once, print it, then stop everything")
     up.set_defaults(func=cmd_up)
 
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--json", action="store_true")
+    _client_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="plain vs speculative decoding, side by side in one run")
@@ -134,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--redis-url", default="", help="default: start an embedded Valkey")
     pb.set_defaults(func=cmd_prefix_bench)
     return parser
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", default="", help="CA file to check the coordinator's certificate against (TLS on)")
+    p.add_argument("--tls-cert", default="", help="client certificate file (mTLS)")
+    p.add_argument("--tls-key", default="", help="its key file")
+    p.add_argument("--api-key", default=None, help="sent as authorization: Bearer KEY")
+
+
+def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from specdec.rpc.tls import TlsFiles
+
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_ca or args.tls_cert else None
+    return {"tls": tls, "api_key": args.api_key or None}
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -218,6 +235,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         settings.dtype,
         coordinator_replicas=args.coordinator_replicas,
         extra_env=_http_env(args),
+        tls=args.tls,
+        api_key=args.api_key,
     )
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
@@ -227,8 +246,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         for url in stack.http:
             print(f"http: {url}", flush=True)
         print(f"redis: {stack.redis_url}\nlogs: {stack.log_dir}", flush=True)
+        client_tls = stack.pki.client if stack.pki is not None else None
+        if client_tls is not None:
+            print(
+                f"tls-ca: {client_tls.ca}\ntls-client-cert: {client_tls.cert}\ntls-client-key: {client_tls.key}",
+                flush=True,
+            )
         if args.demo:
-            return _demo(",".join(stack.coordinators), settings.drafter)
+            return _demo(",".join(stack.coordinators), settings.drafter, tls=client_tls, api_key=args.api_key or None)
         print("serving; Ctrl-C to stop", flush=True)
         while not stop["flag"]:
             time.sleep(0.5)
@@ -246,10 +271,10 @@ def _http_env(args: argparse.Namespace) -> dict[str, str]:
     return {"SPECDEC_HTTP_PORT": str(port)}
 
 
-def _demo(address: str, drafter: str) -> int:
+def _demo(address: str, drafter: str, **options: Any) -> int:
     from specdec.client import Client
 
-    with Client(address, timeout_s=300) as client:
+    with Client(address, timeout_s=300, **options) as client:
         for d in ("none", drafter):
             print(f"\n--- drafter {d} ---", flush=True)
             done = None
@@ -393,7 +418,7 @@ def _generate_remote(args: argparse.Namespace, prompt: dict[str, Any], params: d
     from specdec.rpc.convert import stats_from_proto
     from specdec.v1 import generation_pb2
 
-    with Client(args.coordinator) as client:
+    with Client(args.coordinator, **_client_kwargs(args)) as client:
         try:
             reply = client.complete(**prompt, **params)
         except grpc.RpcError as exc:
