@@ -295,7 +295,9 @@ def create_app(coordinator: Coordinator, settings: Settings, draining: Callable[
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        tiers = {pool.tier: pool.healthy_count() for pool in (coordinator.draft_pool, coordinator.target_pool)}
+        # replicas() reads the registry when its view is stale (at most once a second), so
+        # the first /health after start already counts the tiers
+        tiers = {pool.tier: len(await pool.replicas()) for pool in (coordinator.draft_pool, coordinator.target_pool)}
         status = "draining" if draining() else "ok"
         return JSONResponse(
             {
