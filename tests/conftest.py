@@ -98,13 +98,10 @@ class ValkeyProcess:
 
 def launch(model: str, drafter: str, drafts: int, targets: int, redis_url: str, env: dict[str, str]):
     """`launcher.start_stack` on a free port with `env` (which names the stack's own
-    SPECDEC_REDIS_PREFIX) for the tiers. The launcher's registry wait reads the prefix from
-    this process's environment, so it is set here only while the stack starts."""
+    SPECDEC_REDIS_PREFIX) for the tiers."""
     from specdec.launcher import start_stack
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SPECDEC_REDIS_PREFIX", env["SPECDEC_REDIS_PREFIX"])
-        return start_stack(model, drafter, drafts, targets, free_port(), redis_url, extra_env=env)
+    return start_stack(model, drafter, drafts, targets, free_port(), redis_url, extra_env=env)
 
 
 @pytest.fixture(scope="session")

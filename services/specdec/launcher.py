@@ -253,7 +253,7 @@ def start_stack(
             wait_healthy(coordinator)
         stack.coordinators = [c.address for c in coordinators]
         stack.coordinator = stack.coordinators[0]
-        _wait_registered(stack.redis_url, target_replicas, draft_replicas)
+        _wait_registered(stack.redis_url, env.get("SPECDEC_REDIS_PREFIX", "specdec:"), target_replicas, draft_replicas)
         return stack
     except BaseException:
         stack.stop()
@@ -283,12 +283,11 @@ def tier_env(env: dict[str, str], tier: str, index: int) -> dict[str, str]:
     return out
 
 
-def _wait_registered(redis_url: str, targets: int, drafts: int, timeout_s: float = 30) -> None:
+def _wait_registered(redis_url: str, prefix: str, targets: int, drafts: int, timeout_s: float = 30) -> None:
     """Health is up before the first heartbeat lands; wait until routing can see every tier."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    prefix = os.environ.get("SPECDEC_REDIS_PREFIX", "specdec:")
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:

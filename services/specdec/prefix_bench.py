@@ -40,7 +40,6 @@ def prefix_bench(
     extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run the comparison on a fresh local stack; returns medians, ratio and every sample."""
-    import os
     import uuid
 
     from specdec.client import Client
@@ -48,15 +47,7 @@ def prefix_bench(
 
     key_prefix = f"specdec-prefixbench-{uuid.uuid4().hex[:6]}:"
     env = {"SPECDEC_REDIS_PREFIX": key_prefix, "SPECDEC_KV_CHUNK_TOKENS": str(chunk_tokens), **(extra_env or {})}
-    saved = os.environ.get("SPECDEC_REDIS_PREFIX")
-    os.environ["SPECDEC_REDIS_PREFIX"] = key_prefix  # the launcher's registry wait reads it
-    try:
-        stack = start_stack(model, "none", 0, target_replicas, free_port(), redis_url, extra_env=env)
-    finally:
-        if saved is None:
-            os.environ.pop("SPECDEC_REDIS_PREFIX", None)
-        else:
-            os.environ["SPECDEC_REDIS_PREFIX"] = saved
+    stack = start_stack(model, "none", 0, target_replicas, free_port(), redis_url, extra_env=env)
     rng = random.Random(1234)
 
     def ids(n: int) -> list[int]:

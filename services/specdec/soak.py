@@ -75,7 +75,6 @@ def soak(
     warmup_s: float = 60.0,
     max_growth: float = 0.10,
 ) -> dict[str, Any]:
-    import os
     import uuid
 
     from specdec.bench import DEFAULT_PROMPTS, load_prompts
@@ -83,7 +82,6 @@ def soak(
 
     prompts = [row["prompt"] for row in load_prompts(DEFAULT_PROMPTS) if "prompt" in row] or ["Hello"]
     prefix = f"specdec-soak-{uuid.uuid4().hex[:6]}:"
-    os.environ["SPECDEC_REDIS_PREFIX"] = prefix  # the launcher's registry wait reads it
     stack = start_stack(model, "ngram", 1, 1, free_port(), extra_env={"SPECDEC_REDIS_PREFIX": prefix})
     try:
         processes = {c.name: c for c in stack.children if c.name != "valkey"}

@@ -165,11 +165,9 @@ def tls_stack(tiny_models, valkey):
 
     prefix = f"specdec-tls-{uuid.uuid4().hex[:6]}:"
     env = {"SPECDEC_REDIS_PREFIX": prefix, "SPECDEC_TORCH_THREADS": "1", "SPECDEC_HEARTBEAT_S": "0.5"}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SPECDEC_REDIS_PREFIX", prefix)
-        stack = start_stack(
-            tiny_models[0], "ngram", 1, 1, free_port(), valkey.url, extra_env=env, tls=True, api_key="the-key"
-        )
+    stack = start_stack(
+        tiny_models[0], "ngram", 1, 1, free_port(), valkey.url, extra_env=env, tls=True, api_key="the-key"
+    )
     yield stack
     stack.stop()
 
