@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from specdec.rpc.options import PUBLIC_MAX_MESSAGE, client_options
+from specdec.rpc.options import PUBLIC_MAX_MESSAGE, add_metadata, client_options, with_metadata
 from specdec.rpc.tls import TlsFiles, channel_credentials
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
@@ -133,31 +133,22 @@ def _credentials(tls: TlsFiles | None) -> grpc.ChannelCredentials | None:
 
 
 class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]  # grpc is untyped
-    """Adds `authorization: Bearer KEY` to every call (on plaintext channels too, where
-    gRPC's own call credentials are refused)."""
+    """Adds `authorization: Bearer KEY` to every call of a sync channel (on plaintext
+    channels too, where gRPC's own call credentials are refused); `add_metadata` does it
+    for asyncio channels."""
 
     def __init__(self, key: str) -> None:
-        self.metadata = (("authorization", f"Bearer {key}"),)
-
-    def _with_key(self, details: Any) -> Any:
-        return details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+        self.metadata = _bearer(key)
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._with_key(details), request)
+        return continuation(with_metadata(details, self.metadata), request)
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._with_key(details), request)
+        return continuation(with_metadata(details, self.metadata), request)
 
 
-class _AsyncBearerKey(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]  # grpc is untyped
-    def __init__(self, key: str) -> None:
-        self.metadata = (("authorization", f"Bearer {key}"),)
-
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(details._replace(metadata=(*(details.metadata or ()), *self.metadata)), request)
-
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(details._replace(metadata=(*(details.metadata or ()), *self.metadata)), request)
+def _bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
 
 
 def _sync_channel(address: str, tls: TlsFiles | None, api_key: str | None) -> grpc.Channel:
@@ -172,7 +163,7 @@ def _sync_channel(address: str, tls: TlsFiles | None, api_key: str | None) -> gr
 
 def _async_channel(address: str, tls: TlsFiles | None, api_key: str | None) -> grpc.aio.Channel:
     options, creds = client_options(PUBLIC_MAX_MESSAGE), _credentials(tls)
-    interceptors = [_AsyncBearerKey(api_key)] if api_key else None
+    interceptors = add_metadata(_bearer(api_key)) if api_key else None
     if creds is not None:
         return grpc.aio.secure_channel(address, creds, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

@@ -178,7 +178,13 @@ async def test_the_stack_under_mtls_generates_as_in_plaintext(tls_stack, prompt_
     pki = tls_stack.pki
     async with AsyncClient(tls_stack.coordinator, timeout_s=60, tls=pki.client, api_key="the-key") as client:
         reply = await client.complete(token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True, drafter="ngram")
-    assert list(reply.token_ids) == reference
+        streamed = [  # a streaming call carries the key too
+            t
+            async for event in client.generate(token_ids=prompt_ids, max_new_tokens=24, ignore_eos=True)
+            if event.HasField("chunk")
+            for t in event.chunk.token_ids
+        ]
+    assert list(reply.token_ids) == reference and streamed == reference
     refused = [
         (TlsFiles("", "", pki.ca), "the-key", grpc.StatusCode.UNAVAILABLE),  # no client certificate
         (make_local_pki(Path(tls_stack.log_dir) / "stranger").client, "the-key", grpc.StatusCode.UNAVAILABLE),

@@ -166,13 +166,13 @@ class Coordinator:
     async def stream(self, spec: RequestSpec, result: GenerationResult, resume_from: int = 0) -> AsyncIterator[Chunk]:
         """The request's chunks after the first `resume_from` tokens (which the client holds
         from an earlier stream of the same request_id); `result` gets the whole output."""
-        check_sizes(spec, self.limits)  # cheap, and before anything is tokenized
         if resume_from and not spec.request_id:
             raise InvalidArgument("resume_from", "resuming a request needs its request_id")
         if resume_from > self.limits.max_new_tokens:
             raise InvalidArgument(
                 "resume_from", f"at most max_new_tokens ({self.limits.max_new_tokens}), got {resume_from}"
             )
+        check_sizes(spec, self.limits)  # before the fingerprint below hashes the prompt
         digest = fp = None
         if self.sessions is not None and spec.request_id:
             # In proportion to the prompt: off the event loop, like tokenizing.

@@ -285,9 +285,10 @@ def trim_to_tokens(table: SessionTable[S], max_tokens: int, keep: Container[str]
     until all sessions together hold at most `max_tokens` tokens: the replica's memory
     budget for caches, which grow with their tokens. Returns how many were evicted (each
     costs only a recomputation, should its request come back)."""
-    total = sum(len(session.tokens) for _, session in table.least_recent_first())
+    sessions = table.least_recent_first()  # one copy per batch: evicting changes the table
+    total = sum(len(session.tokens) for _, session in sessions)
     evicted = 0
-    for session_id, session in table.least_recent_first():
+    for session_id, session in sessions:
         if total <= max_tokens:
             break
         if session_id not in keep:

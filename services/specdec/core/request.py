@@ -11,6 +11,7 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 
+from specdec.core.checks import check_ids
 from specdec.core.drafters.registry import DrafterSpec, parse_drafter
 from specdec.core.errors import InvalidArgument
 from specdec.core.loop import GenerationRequest
@@ -150,9 +151,7 @@ def _prompt_ids(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits) ->
         ids, field_name = list(spec.token_ids or []), "token_ids.ids"
         if not ids:
             raise InvalidArgument(field_name, "must not be empty")
-        bad = [t for t in ids if not 0 <= t < limits.vocab_size]
-        if bad:
-            raise InvalidArgument(field_name, f"token id {bad[0]} outside the vocabulary [0, {limits.vocab_size})")
+        check_ids(field_name, ids, limits.vocab_size)
     if len(ids) >= limits.max_context:
         raise InvalidArgument(
             field_name, f"prompt of {len(ids)} tokens does not fit the model's context of {limits.max_context}"
@@ -194,11 +193,7 @@ def _drafter(drafter: DrafterSpec, available: list[str]) -> DrafterSpec:
 
 
 def _stop_token_ids(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits) -> frozenset[int]:
-    for t in spec.stop_token_ids:
-        if not 0 <= t < limits.vocab_size:
-            raise InvalidArgument(
-                "decoding.stop_token_ids", f"token id {t} outside the vocabulary [0, {limits.vocab_size})"
-            )
+    check_ids("decoding.stop_token_ids", spec.stop_token_ids, limits.vocab_size)
     stops = set(spec.stop_token_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and not spec.ignore_eos:

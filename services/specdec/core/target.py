@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specdec.core.checks import MAX_ITEM_DRAFT_TOKENS, check_delta, check_ids
 from specdec.core.cost import PassCost
 from specdec.core.errors import InvalidArgument
 from specdec.core.failpoints import failpoint
@@ -129,7 +130,6 @@ class TargetWorker:
         self.stats.max_batch_size = max(self.stats.max_batch_size, batch_size)
 
 
-MAX_DRAFT_TOKENS = 64  # per item; far above any useful draft, it bounds one item's rows
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's cap)
 
 
@@ -150,21 +150,17 @@ def check_item(item: VerifyItem, vocab_size: int, max_context: int) -> None:
     """Whatever arrives is checked as if a stranger sent it: a bad item must fail alone,
     and draft probabilities that are not a distribution would break exactness (a NaN q
     accepts any draft). Fields are named as in target.proto's VerifyItem."""
-    item.sampling.validate("sampling.")
-    if item.prefix_len < 0:
-        raise InvalidArgument("prefix_len", f"must be >= 0, got {item.prefix_len}")
+    check_delta(item.prefix_len, item.sampling)
     if item.prefix_len == 0 and not item.tokens:
         raise InvalidArgument("tokens", "a new session needs at least one committed token")
     if not -1 <= item.logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {item.logprobs}")
-    if len(item.draft_tokens) > MAX_DRAFT_TOKENS:
-        raise InvalidArgument("draft_tokens", f"at most {MAX_DRAFT_TOKENS}, got {len(item.draft_tokens)}")
+    if len(item.draft_tokens) > MAX_ITEM_DRAFT_TOKENS:
+        raise InvalidArgument("draft_tokens", f"at most {MAX_ITEM_DRAFT_TOKENS}, got {len(item.draft_tokens)}")
     if item.prefix_len + len(item.tokens) + len(item.draft_tokens) >= max_context:
         raise InvalidArgument("tokens", f"the session would exceed the model's context of {max_context}")
-    for name, ids in (("tokens", item.tokens), ("draft_tokens", item.draft_tokens)):
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise InvalidArgument(name, f"token id {bad} outside the vocabulary [0, {vocab_size})")
+    check_ids("tokens", item.tokens, vocab_size)
+    check_ids("draft_tokens", item.draft_tokens, vocab_size)
     if item.draft_probs is not None:
         _check_probs(item.draft_probs, item.draft_tokens, vocab_size)
 
@@ -172,7 +168,7 @@ def check_item(item: VerifyItem, vocab_size: int, max_context: int) -> None:
 def _check_probs(q: torch.Tensor, draft: list[int], vocab_size: int) -> None:
     if tuple(q.shape) != (len(draft), vocab_size):
         raise InvalidArgument("draft_probs_f16", f"shape {tuple(q.shape)}, want [{len(draft)}, {vocab_size}]")
-    if not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
-        raise InvalidArgument("draft_probs_f16", "probabilities must be finite and non-negative")
-    if not torch.allclose(q.sum(dim=-1), torch.ones(len(draft), dtype=q.dtype), atol=1e-3):
-        raise InvalidArgument("draft_probs_f16", "each row must sum to 1")
+    # Two passes over k x vocab: min() propagates a NaN (and fails >= 0); with no negative
+    # entry, an infinite one makes its row's sum infinite.
+    if not bool(q.min() >= 0) or not torch.allclose(q.sum(dim=-1), torch.ones(len(draft), dtype=q.dtype), atol=1e-3):
+        raise InvalidArgument("draft_probs_f16", "probabilities must be finite, non-negative, each row summing to 1")

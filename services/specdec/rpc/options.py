@@ -15,6 +15,10 @@ RESOURCE_EXHAUSTED before any of our code (or the tokenizer) sees it.
 
 from __future__ import annotations
 
+from typing import Any
+
+import grpc
+
 KEEPALIVE_S = 10.0
 KEEPALIVE_TIMEOUT_S = 5.0
 INTERNAL_MAX_MESSAGE = 64 << 20
@@ -45,3 +49,41 @@ def server_options(max_message: int = INTERNAL_MAX_MESSAGE, keepalive_s: float =
         ("grpc.keepalive_time_ms", int(keepalive_s * 2000)),
         ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
     ]
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def with_metadata(details: Any, metadata: Metadata) -> Any:
+    """A call's details with `metadata` appended (an API key, the internal token)."""
+    return details._replace(metadata=(*(details.metadata or ()), *metadata))
+
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]  # grpc is untyped
+    def __init__(self, metadata: Metadata) -> None:
+        self.metadata = metadata
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(with_metadata(details, self.metadata), request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]  # grpc is untyped
+    def __init__(self, metadata: Metadata) -> None:
+        self.metadata = metadata
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(with_metadata(details, self.metadata), request)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]  # grpc is untyped
+    def __init__(self, metadata: Metadata) -> None:
+        self.metadata = metadata
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(with_metadata(details, self.metadata), requests)
+
+
+def add_metadata(metadata: Metadata) -> list[Any]:
+    """Interceptors that add `metadata` to every call an asyncio channel makes. One per
+    kind of call: grpc.aio files an interceptor under the first kind it implements only."""
+    return [_UnaryUnary(metadata), _UnaryStream(metadata), _StreamStream(metadata)]

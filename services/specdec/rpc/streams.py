@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec.rpc.auth import INTERNAL_TOKEN_HEADER
-from specdec.rpc.options import client_options
+from specdec.rpc.options import add_metadata, client_options
 from specdec.rpc.tls import TIER_SERVER_NAME, TlsFiles, channel_credentials
 
 log = logging.getLogger(__name__)
@@ -38,26 +38,13 @@ class Dial:
     token: str = ""
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        interceptors = [_Metadata(((INTERNAL_TOKEN_HEADER, self.token),))] if self.token else None
+        interceptors = add_metadata(((INTERNAL_TOKEN_HEADER, self.token),)) if self.token else None
         if self.tls is not None and self.tls.enabled:
             options = [*client_options(), ("grpc.ssl_target_name_override", TIER_SERVER_NAME)]
             return grpc.aio.secure_channel(
                 address, channel_credentials(self.tls), options=options, interceptors=interceptors
             )
         return grpc.aio.insecure_channel(address, options=client_options(), interceptors=interceptors)
-
-
-class _Metadata(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]  # grpc is untyped
-    """Adds fixed metadata to every stream the channel opens."""
-
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.metadata = metadata
-
-    async def intercept_stream_stream(
-        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
-    ) -> Any:
-        details = details._replace(metadata=(*(details.metadata or ()), *self.metadata))
-        return await continuation(details, request_iterator)
 
 
 class ReplicaFailed(RuntimeError):

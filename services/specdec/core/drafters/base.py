@@ -7,7 +7,7 @@ once; the worker (`drafters/worker.py`) routes each item to the drafter it names
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from specdec.core.types import Proposal, ProposeItem
 
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 class DraftSession:
     tokens: list[int] = field(default_factory=list)  # the session's committed tokens
     kv: SessionKV | None = None  # the draft model's cache (model drafters)
-    state: dict[str, Any] = field(default_factory=dict)  # any other drafter's own state, by its name
 
 
 DraftRow = tuple[DraftSession, ProposeItem]

@@ -3,6 +3,7 @@ that one draft replica serves."""
 
 from __future__ import annotations
 
+from specdec.core.checks import MAX_ITEM_DRAFT_TOKENS, check_delta, check_ids
 from specdec.core.drafters.base import DraftMethod, DraftRow, DraftSession
 from specdec.core.drafters.registry import build_methods
 from specdec.core.errors import InvalidArgument
@@ -79,17 +80,10 @@ class DraftWorker:
         return session
 
 
-MAX_DRAFT_TOKENS = 64  # per item: bounds one item's draft passes
-
-
 def check_item(item: ProposeItem, vocab_size: int | None) -> None:
     """Checked as if a stranger sent it; fields named as in draft.proto's ProposeItem."""
-    item.sampling.validate("sampling.")
-    if item.prefix_len < 0:
-        raise InvalidArgument("prefix_len", f"must be >= 0, got {item.prefix_len}")
-    if not 0 <= item.num_tokens <= MAX_DRAFT_TOKENS:
-        raise InvalidArgument("num_tokens", f"must be in [0, {MAX_DRAFT_TOKENS}], got {item.num_tokens}")
+    check_delta(item.prefix_len, item.sampling)
+    if not 0 <= item.num_tokens <= MAX_ITEM_DRAFT_TOKENS:
+        raise InvalidArgument("num_tokens", f"must be in [0, {MAX_ITEM_DRAFT_TOKENS}], got {item.num_tokens}")
     if vocab_size is not None:
-        bad = next((t for t in item.tokens if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise InvalidArgument("tokens", f"token id {bad} outside the vocabulary [0, {vocab_size})")
+        check_ids("tokens", item.tokens, vocab_size)
