@@ -32,6 +32,9 @@ def stack(kv_models, valkey):
         targets=2,
         drafts=2,
         SPECDEC_KV_CHUNK_TOKENS=str(CHUNK),
+        # Each verify step 30 ms slower: a fast machine would otherwise finish every stream
+        # (they step in lockstep) before the fault could strike mid-stream.
+        SPECDEC_FAILPOINTS="verify_batch=sleep@30",
     )
     yield running
     running.stop()
