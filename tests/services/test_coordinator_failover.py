@@ -31,7 +31,13 @@ NEW_TOKENS = 64
 @pytest.fixture(scope="module")
 def stack(tiny_models, valkey):
     prefix = f"specdec-coord-{uuid.uuid4().hex[:6]}:"
-    env = {"SPECDEC_REDIS_PREFIX": prefix, "SPECDEC_TORCH_THREADS": "1", "SPECDEC_HEARTBEAT_S": "0.5"}
+    env = {
+        "SPECDEC_REDIS_PREFIX": prefix,
+        "SPECDEC_TORCH_THREADS": "1",
+        "SPECDEC_HEARTBEAT_S": "0.5",
+        # Each verify step 20 ms slower, so the kill always lands while every stream is mid-flight.
+        "SPECDEC_FAILPOINTS": "verify_batch=sleep@20",
+    }
     with pytest.MonkeyPatch.context() as patch:  # the launcher's registry wait reads the prefix too
         patch.setenv("SPECDEC_REDIS_PREFIX", prefix)
         running = start_stack(
