@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import ssl
 import uuid
 from pathlib import Path
 
@@ -218,3 +220,57 @@ async def test_a_forged_verify_from_a_user_certificate_is_refused(tls_stack, pro
             async for _ in target_pb2_grpc.TargetServiceStub(channel).Verify(requests(), timeout=10):
                 pass
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def served_certificate(port: int, trusted: list[str], client: TlsFiles) -> bytes:
+    """The DER certificate the server presents on a fresh handshake."""
+    context = ssl.create_default_context(cafile=trusted[0])
+    for ca in trusted[1:]:
+        context.load_verify_locations(ca)
+    context.load_cert_chain(client.cert, client.key)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with context.wrap_socket(sock, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def leaf_der(cert_file: str) -> bytes:
+    pem = Path(cert_file).read_text()
+    return ssl.PEM_cert_to_DER_cert(pem[: pem.index("-----END CERTIFICATE-----") + 25])
+
+
+def test_the_http_front_serves_rotated_certificate_files_without_a_restart(tls_stack, tmp_path: Path):
+    import sys
+
+    from specdec.launcher import wait_healthy
+    from specdec.rpc.local_pki import tls_env
+    from tests.conftest import free_port
+    from tests.waiting import wait_until
+
+    old, new = tls_stack.pki, make_local_pki(tmp_path / "new")
+    live = TlsFiles(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), str(tmp_path / "ca.pem"))
+
+    def install(files: TlsFiles) -> None:  # as a mounted Secret changes: new files in place
+        for src, dst in ((files.cert, live.cert), (files.key, live.key), (files.ca, live.ca)):
+            Path(dst).write_bytes(Path(src).read_bytes())
+
+    install(old.coordinator)
+    grpc_port, http_port = free_port(), free_port()
+    env = {**tls_stack.env, **tls_env(live), "SPECDEC_HTTP_PORT": str(http_port), "SPECDEC_METRICS_PORT": "0"}
+    argv = [sys.executable, "-m", "specdec.cli", "serve", "coordinator", "--port", str(grpc_port)]
+    child = tls_stack.spawn("coordinator-rotating", argv, env, f"127.0.0.1:{grpc_port}")
+    child.tls = old.client
+    try:
+        wait_healthy(child)
+        trusted = [old.ca, new.ca]
+        assert served_certificate(http_port, trusted, old.client) == leaf_der(old.coordinator.cert)
+        install(new.coordinator)
+        wait_until(
+            lambda: served_certificate(http_port, trusted, old.client) == leaf_der(new.coordinator.cert),
+            timeout_s=15,
+            what="the HTTP front to serve the rotated certificate",
+        )
+    finally:
+        child.proc.terminate()
+        child.proc.wait(timeout=30)

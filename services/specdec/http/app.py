@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MIN_LOGPROB = -9999.0  # JSON has no -inf (a token the model rules out entirely)
 SSE_PING_S = 15  # keep-alive comment on a quiet stream (proxies close idle connections)
+TLS_POLL_S = 1.0  # how often the HTTP front looks for rotated certificate files (one stat() each)
 T = TypeVar("T")
 
 
@@ -534,7 +535,8 @@ class HttpFront:
         tls = tls_files(settings)
         self.scheme = "https" if tls.enabled else "http"
         tls_options: dict[str, Any] = {}
-        if tls.enabled:  # TLS as on the gRPC port (its files are read at start, not re-read on change)
+        self.tls = tls
+        if tls.enabled:  # TLS as on the gRPC port; rotated files are re-read by _reload_tls
             tls_options = {"ssl_certfile": tls.cert, "ssl_keyfile": tls.key}
             if settings.tls_client_auth and tls.ca:
                 tls_options |= {"ssl_ca_certs": tls.ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
@@ -550,6 +552,7 @@ class HttpFront:
         )
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
+        self._reloader: asyncio.Task[None] | None = None
         self.address = ""
 
     async def start(self) -> None:
@@ -571,12 +574,39 @@ class HttpFront:
                 self._task.result()
                 raise RuntimeError("the HTTP front stopped while starting")
             await asyncio.sleep(0.01)
+        if self.tls.enabled:
+            self._reloader = asyncio.create_task(self._reload_tls())
         log.info("OpenAI-compatible HTTP front on %s", self.address)
+
+    async def _reload_tls(self) -> None:
+        """uvicorn reads the certificate once; cert-manager rewrites the mounted files in
+        place. Load them into the live SSLContext when they change: every new handshake
+        gets the new chain. A new CA is added to those trusted for client certificates (an
+        SSLContext cannot forget one: the old CA stays trusted until the next restart)."""
+        seen = self.tls.mtimes()
+        while True:
+            await asyncio.sleep(TLS_POLL_S)
+            try:
+                mtimes = self.tls.mtimes()
+                if mtimes == seen:
+                    continue
+                context = self.config.ssl
+                assert context is not None
+                context.load_cert_chain(self.tls.cert, self.tls.key)
+                if self.settings.tls_client_auth and self.tls.ca:
+                    context.load_verify_locations(self.tls.ca)
+            except (OSError, ssl.SSLError) as exc:  # a rotation half way: keep serving, look again
+                log.warning("HTTP front: TLS files unreadable, keeping the current certificate: %s", exc)
+                continue
+            seen = mtimes
+            log.info("HTTP front: TLS certificate files changed: reloaded")
 
     async def stop(self, grace_s: float) -> None:
         if self._server is None or self._task is None:
             return
         self.draining = True
+        if self._reloader is not None:
+            self._reloader.cancel()
         self.config.timeout_graceful_shutdown = math.ceil(grace_s)
         self._server.should_exit = True
         with contextlib.suppress(Exception):

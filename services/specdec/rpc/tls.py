@@ -35,7 +35,7 @@ class TlsFiles:
     def enabled(self) -> bool:
         return bool(self.cert and self.key)
 
-    def _mtimes(self) -> tuple[float, ...]:
+    def mtimes(self) -> tuple[float, ...]:
         return tuple(os.stat(p).st_mtime_ns if p else 0 for p in (self.cert, self.key, self.ca))
 
     def _read(self) -> tuple[bytes, bytes, bytes | None]:
@@ -47,7 +47,7 @@ def server_credentials(files: TlsFiles, require_client_auth: bool) -> grpc.Serve
     """Credentials that reload `files` when they change (checked at each handshake)."""
     if require_client_auth and not files.ca:
         raise ValueError("SPECDEC_TLS_CA_FILE is required to check client certificates")
-    seen = {"mtimes": files._mtimes()}
+    seen = {"mtimes": files.mtimes()}
 
     def config() -> grpc.ServerCertificateConfiguration:
         key, cert, ca = files._read()
@@ -55,7 +55,7 @@ def server_credentials(files: TlsFiles, require_client_auth: bool) -> grpc.Serve
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         try:
-            mtimes = files._mtimes()
+            mtimes = files.mtimes()
             if mtimes == seen["mtimes"]:
                 return None
             fresh = config()
