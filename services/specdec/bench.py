@@ -1,24 +1,27 @@
 """`specdec bench`: what speculation buys, measured side by side in one run.
 
-On the same prompts and machine: plain target decoding with this engine (`none`), the
+On the same prompts and machine: plain target decoding with this engine (`none`), each
 chosen drafter embedded (in-process), optionally the three services on loopback
-(`--distributed`) and transformers' own `generate` (`--compare-hf`), plus aggregate
-throughput at several concurrency levels. Configurations are interleaved per prompt so
-machine noise hits them alike; every reported figure is a ratio or a side-by-side rate.
+(`--distributed`) and transformers' own `generate` in a process of its own
+(`--compare-hf`, see bench_peer), plus aggregate throughput at several concurrency levels.
+Configurations are interleaved per prompt so machine noise hits them alike; every reported
+figure is a ratio or a side-by-side rate, overall and per prompt category (a Spec-Bench
+category, a bundled prompt's kind, or `multiturn` for the traces of bench_prompts).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from specdec.bench_peer import Peer
+from specdec.bench_prompts import Item, Row, Trace, as_prompt, turns
+from specdec.bench_prompts import load_prompts as load_items
 from specdec.core import compute
-from specdec.core.drafters.model import ModelDrafter
 from specdec.core.drafters.registry import parse_drafter
 from specdec.core.engine import Engine
 from specdec.core.request import RequestSpec, chat_prompt_ids
@@ -29,17 +32,27 @@ DEFAULT_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
 @dataclass
 class BenchConfig:
     model: str = "smollm2-135m"
-    drafter: str = "ngram"
+    drafter: str = "ngram"  # comma-separated: each is measured; the first is the one swept and served
     k: int = 5
-    prompts: Path = DEFAULT_PROMPTS
+    prompts: Path | str = DEFAULT_PROMPTS  # comma-separated JSONL paths and/or `multiturn`
     max_new_tokens: int = 64
     concurrency: list[int] = field(default_factory=lambda: [1])
     distributed: bool = False
     compare_hf: bool = False
     plot: Path | None = None
-    kinds: list[str] = field(default_factory=list)  # keep only prompts of these kinds
+    kinds: list[str] = field(default_factory=list)  # keep only prompts of these kinds (categories)
     overlap: bool = False  # pre-draft the next step during verification
     waves: int = 3  # requests per concurrency level, in multiples of the level
+    per_category: int = 0  # at most this many prompts (traces) of each kind, drawn with `seed`; 0: all
+    seed: int = 0
+
+    @property
+    def drafters(self) -> list[str]:
+        return [d.strip() for d in self.drafter.split(",") if d.strip()]
+
+    @property
+    def primary(self) -> str:
+        return self.drafters[0]
 
 
 @dataclass
@@ -62,20 +75,30 @@ class Tally:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def load_prompts(path: Path, kinds: list[str] | None = None) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for i, row in enumerate(rows):
-        if "prompt" not in row and "messages" not in row:
-            raise ValueError(f"{path}:{i + 1}: each line needs 'prompt' or 'messages'")
-    rows = [r for r in rows if not kinds or r.get("kind") in kinds]
-    if not rows:
-        raise ValueError(f"{path}: no prompts (kinds {kinds})")
-    return rows
+def _ratio(a: float, b: float, digits: int = 4) -> float:
+    return round(a / b, digits) if b else 0.0
 
 
-def _spec(
-    row: dict[str, Any], cfg: BenchConfig, drafter: str, k: int | None = None, adaptive: bool | None = None
-) -> RequestSpec:
+def load_prompts(path: Path, kinds: list[str] | None = None) -> list[Row]:
+    """The rows of one JSONL file (the bench's own format or Spec-Bench's)."""
+    return [item for item in load_items(path, kinds) if isinstance(item, dict)]
+
+
+def _engine_drafter(cfg: BenchConfig) -> str:
+    """The drafter spec to load the engine with: the one that needs a model, if any (every
+    engine serves all model-free drafters besides)."""
+    if not cfg.drafters:
+        raise ValueError("--drafter: name at least one drafter")
+    specs = [parse_drafter(d, "drafter") for d in cfg.drafters]
+    if any(not s.speculates for s in specs):
+        raise ValueError("--drafter: `none` is always measured; name drafters only")
+    with_model = {str(s) for s in specs if s.needs_model}
+    if len(with_model) > 1:
+        raise ValueError(f"--drafter: at most one drafter with a model per run, got {sorted(with_model)}")
+    return with_model.pop() if with_model else cfg.primary
+
+
+def _spec(row: Row, cfg: BenchConfig, drafter: str, k: int | None = None, adaptive: bool | None = None) -> RequestSpec:
     return RequestSpec(
         prompt=row.get("prompt"),
         messages=row.get("messages"),
@@ -87,6 +110,12 @@ def _spec(
     )
 
 
+def _prompt_ids(engine: Engine, row: Row) -> list[int]:
+    if "messages" in row:
+        return chat_prompt_ids(engine.tokenizer, row["messages"])
+    return list(engine.tokenizer.encode(row["prompt"], add_special_tokens=False))
+
+
 def _progress(done: int, total: int, label: str) -> None:
     width = 30
     filled = int(width * done / max(total, 1))
@@ -96,49 +125,160 @@ def _progress(done: int, total: int, label: str) -> None:
         sys.stderr.write("\n")
 
 
-async def _sequential(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, Any]:
-    plain, spec = Tally(), Tally()
-    predrafts = [0, 0]  # made, used
-    identical, per_prompt = True, []
+def _first_row(items: list[Item], chat: bool) -> Row:
+    first = items[0]
+    return as_prompt(first.row(0, []) if isinstance(first, Trace) else first, chat)
+
+
+async def _measure_row(
+    engine: Engine, row: Row, cfg: BenchConfig, peer: Peer | None, index: int
+) -> tuple[dict[str, Any], list[int]]:
+    """One prompt, every configuration back to back: plain, each drafter, the peer's."""
+    p = await engine.complete_async(_spec(row, cfg, "none"))
+    entry: dict[str, Any] = {"index": index, "kind": row.get("kind", "")}
+    entry |= {key: row[key] for key in ("id", "turn") if key in row}
+    entry |= {"prompt_tokens": p.stats.prompt_tokens, "tokens": p.stats.generated_tokens}
+    entry |= {"plain_seconds": p.stats.elapsed_s, "plain_tokens_per_s": round(p.stats.tokens_per_s, 3)}
+    runs = {}
+    for drafter in cfg.drafters:
+        s = await engine.complete_async(_spec(row, cfg, drafter))
+        st = s.stats
+        runs[drafter] = {
+            "tokens": st.generated_tokens,
+            "seconds": st.elapsed_s,
+            "tokens_per_s": round(st.tokens_per_s, 3),
+            "proposed": st.proposed_tokens,
+            "accepted": st.accepted_tokens,
+            "steps": st.steps,
+            "predrafts": st.predrafts,
+            "predrafts_used": st.predrafts_used,
+            "acceptance_rate": round(st.acceptance_rate, 4),
+            "mean_accepted_length": round(st.mean_accepted_length, 3),
+            "identical": s.token_ids == p.token_ids,
+        }
+    first = runs[cfg.primary]
+    entry |= {key: first[key] for key in ("acceptance_rate", "mean_accepted_length")}
+    entry |= {"spec_tokens_per_s": first["tokens_per_s"], "identical": all(r["identical"] for r in runs.values())}
+    entry["drafters"] = runs
+    if peer is not None:
+        entry["hf"] = _peer_runs(peer.measure(_prompt_ids(engine, row)), p.token_ids)
+    return entry, p.token_ids
+
+
+def _peer_runs(reply: dict[str, Any], reference: list[int]) -> dict[str, Any]:
+    """The peer's reply without its token ids: tokens, seconds, and whether they equal ours."""
+
+    def run(r: dict[str, Any]) -> dict[str, Any]:
+        return {"tokens": len(r["ids"]), "seconds": r["seconds"], "identical": r["ids"] == reference}
+
+    out = {"plain": run(reply["plain"]), "lookup": {n: run(r) for n, r in reply["lookup"].items()}}
+    if reply.get("assisted"):
+        out["assisted"] = run(reply["assisted"])
+    return out
+
+
+async def _sequential(
+    engine: Engine, items: list[Item], cfg: BenchConfig, peer: Peer | None
+) -> tuple[list[dict[str, Any]], list[Row], list[list[int]]]:
+    """Every prompt in turn (a trace's turns in order, each quoting the answer before it):
+    the per-prompt entries, the prompts as run, and their plain outputs."""
+    chat = getattr(engine.tokenizer, "chat_template", None) is not None
+    entries: list[dict[str, Any]] = []
+    rows: list[Row] = []
     outputs: list[list[int]] = []
-    for i, row in enumerate(rows):
-        _progress(i, len(rows), "embedded: plain vs speculative")
-        p = await engine.complete_async(_spec(row, cfg, "none"))
-        s = await engine.complete_async(_spec(row, cfg, cfg.drafter))
-        predrafts[0] += s.stats.predrafts
-        predrafts[1] += s.stats.predrafts_used
-        plain.add(p.stats.generated_tokens, p.stats.elapsed_s)
-        spec.add(
-            s.stats.generated_tokens, s.stats.elapsed_s, s.stats.proposed_tokens, s.stats.accepted_tokens, s.stats.steps
-        )
-        identical &= p.token_ids == s.token_ids
-        outputs.append(p.token_ids)
-        per_prompt.append(
-            {
-                "index": i,
-                "kind": row.get("kind", ""),
-                "tokens": p.stats.generated_tokens,
-                "plain_tokens_per_s": round(p.stats.tokens_per_s, 3),
-                "spec_tokens_per_s": round(s.stats.tokens_per_s, 3),
-                "acceptance_rate": round(s.stats.acceptance_rate, 4),
-                "mean_accepted_length": round(s.stats.mean_accepted_length, 3),
-                "identical": p.token_ids == s.token_ids,
-            }
-        )
-    _progress(len(rows), len(rows), "embedded done")
-    return {
-        "plain": plain,
-        "spec": spec,
-        "identical": identical,
-        "per_prompt": per_prompt,
-        "outputs": outputs,
-        "predraft_use_rate": predrafts[1] / predrafts[0] if predrafts[0] else 0.0,
+    total = sum(turns(item) for item in items)
+    for item in items:
+        answers: list[str] = []
+        for turn in range(turns(item)):
+            _progress(len(rows), total, "plain vs speculative" + (" vs transformers" if peer else ""))
+            row = as_prompt(item.row(turn, answers) if isinstance(item, Trace) else item, chat)
+            entry, output = await _measure_row(engine, row, cfg, peer, len(rows))
+            entries.append(entry)
+            rows.append(row)
+            outputs.append(output)
+            answers.append(str(engine.tokenizer.decode(output, skip_special_tokens=True)).strip())
+    _progress(total, total, "embedded done")
+    return entries, rows, outputs
+
+
+def _summary(entries: list[dict[str, Any]], cfg: BenchConfig, best_lookup: str | None) -> dict[str, Any]:
+    """Rates over `entries` (tokens over seconds summed, so long prompts weigh as they cost)."""
+    plain = Tally()
+    for e in entries:
+        plain.add(e["tokens"], e["plain_seconds"])
+    by_drafter = {}
+    for drafter in cfg.drafters:
+        t = Tally()
+        for e in entries:
+            r = e["drafters"][drafter]
+            t.add(r["tokens"], r["seconds"], r["proposed"], r["accepted"], r["steps"])
+        by_drafter[drafter] = {
+            "tokens_per_s": round(t.rate, 3),
+            "speedup_vs_plain": _ratio(t.rate, plain.rate),
+            "acceptance_rate": _ratio(t.accepted, t.proposed),
+            "mean_accepted_length": _ratio(t.tokens, t.steps),
+        }
+    first = by_drafter[cfg.primary]
+    out: dict[str, Any] = {"prompts": len(entries), "plain_tokens_per_s": round(plain.rate, 3)}
+    out |= {"spec_tokens_per_s": first["tokens_per_s"], "speedup_vs_plain": first["speedup_vs_plain"]}
+    out |= {"acceptance_rate": first["acceptance_rate"], "mean_accepted_length": first["mean_accepted_length"]}
+    out["by_drafter"] = by_drafter
+    if entries and "hf" in entries[0]:
+        out |= _hf_summary(entries, cfg, plain.rate, first["tokens_per_s"], best_lookup)
+    return out
+
+
+def _hf_rates(entries: list[dict[str, Any]]) -> dict[str, float]:
+    """The peer's tokens/s per configuration: `plain`, `lookup:N`, `assisted`."""
+    tallies: dict[str, Tally] = {}
+    for e in entries:
+        hf = e["hf"]
+        runs = {"plain": hf["plain"], **{f"lookup:{n}": r for n, r in hf["lookup"].items()}}
+        if "assisted" in hf:
+            runs["assisted"] = hf["assisted"]
+        for name, r in runs.items():
+            tallies.setdefault(name, Tally()).add(r["tokens"], r["seconds"])
+    return {name: t.rate for name, t in tallies.items()}
+
+
+def best_lookup(entries: list[dict[str, Any]]) -> str | None:
+    """The peer's fastest prompt_lookup_num_tokens over the whole run."""
+    rates = _hf_rates(entries) if entries and "hf" in entries[0] else {}
+    lookups = {name.partition(":")[2]: rate for name, rate in rates.items() if name.startswith("lookup:")}
+    return max(lookups, key=lambda n: lookups[n]) if lookups else None
+
+
+def _hf_summary(
+    entries: list[dict[str, Any]], cfg: BenchConfig, plain: float, spec: float, best: str | None
+) -> dict[str, Any]:
+    rates = _hf_rates(entries)
+    lookup = {name.partition(":")[2]: round(rate, 3) for name, rate in rates.items() if name.startswith("lookup:")}
+    best_rate = lookup.get(best or "", 0.0)
+    # The peer's speculative mode that matches ours: assisted for a model drafter, else prompt lookup.
+    hf_spec = rates["assisted"] if parse_drafter(cfg.primary).needs_model and "assisted" in rates else best_rate
+    out: dict[str, Any] = {
+        "hf_plain_tokens_per_s": round(rates["plain"], 3),
+        "hf_lookup_tokens_per_s": lookup,
+        "hf_lookup_best": int(best) if best else 0,
+        "hf_prompt_lookup_tokens_per_s": best_rate,
+        "hf_lookup_vs_hf_plain": _ratio(best_rate, rates["plain"]),
+        "hf_spec_tokens_per_s": round(hf_spec, 3),
+        "speedup_vs_hf_spec": _ratio(spec, hf_spec),
+        "plain_vs_hf_plain": _ratio(plain, rates["plain"]),
     }
+    if "assisted" in rates:
+        out["hf_assisted_tokens_per_s"] = round(rates["assisted"], 3)
+    return out
+
+
+def _by_category(entries: list[dict[str, Any]], cfg: BenchConfig, best: str | None) -> list[dict[str, Any]]:
+    kinds = list(dict.fromkeys(e["kind"] for e in entries))  # first-seen order
+    return [{"category": k, **_summary([e for e in entries if e["kind"] == k], cfg, best)} for k in kinds]
 
 
 async def _aggregate(
     engine: Engine,
-    rows: list[dict[str, Any]],
+    rows: list[Row],
     cfg: BenchConfig,
     drafter: str,
     concurrency: int,
@@ -167,19 +307,19 @@ async def _aggregate(
 
 
 async def _by_concurrency(
-    engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig, reference: list[list[int]]
+    engine: Engine, rows: list[Row], cfg: BenchConfig, reference: list[list[int]]
 ) -> list[dict[str, Any]]:
     out = []
     for n, level in enumerate(cfg.concurrency):
         _progress(n, len(cfg.concurrency), f"concurrency {level}")
         plain, plain_same = await _aggregate(engine, rows, cfg, "none", level, reference)
-        spec, spec_same = await _aggregate(engine, rows, cfg, cfg.drafter, level, reference)
+        spec, spec_same = await _aggregate(engine, rows, cfg, cfg.primary, level, reference)
         out.append(
             {
                 "concurrency": level,
                 "plain_tokens_per_s": round(plain, 3),
                 "spec_tokens_per_s": round(spec, 3),
-                "spec_vs_plain": round(spec / plain, 4) if plain else 0.0,
+                "spec_vs_plain": _ratio(spec, plain),
                 "outputs_identical": plain_same and spec_same,
             }
         )
@@ -187,7 +327,7 @@ async def _by_concurrency(
     return out
 
 
-async def _draft_length_sweep(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig) -> list[dict[str, Any]]:
+async def _draft_length_sweep(engine: Engine, rows: list[Row], cfg: BenchConfig) -> list[dict[str, Any]]:
     sample, out = rows[: min(3, len(rows))], []
     plain = Tally()
     for row in sample:
@@ -196,17 +336,17 @@ async def _draft_length_sweep(engine: Engine, rows: list[dict[str, Any]], cfg: B
     for k in (1, 2, 4, 8):
         spec = Tally()
         for row in sample:
-            r = await engine.complete_async(_spec(row, cfg, cfg.drafter, k=k, adaptive=False))
+            r = await engine.complete_async(_spec(row, cfg, cfg.primary, k=k, adaptive=False))
             spec.add(r.stats.generated_tokens, r.stats.elapsed_s)
-        out.append({"k": k, "speedup_vs_plain": round(spec.rate / plain.rate, 4) if plain.rate else 0.0})
+        out.append({"k": k, "speedup_vs_plain": _ratio(spec.rate, plain.rate)})
     return out
 
 
-def _distributed(rows: list[dict[str, Any]], cfg: BenchConfig, reference: list[list[int]]) -> dict[str, Any]:
+def _distributed(rows: list[Row], cfg: BenchConfig, reference: list[list[int]]) -> dict[str, Any]:
     from specdec.client import AsyncClient
     from specdec.launcher import free_port, start_stack
 
-    stack = start_stack(cfg.model, cfg.drafter, 1, 1, free_port())
+    stack = start_stack(cfg.model, _engine_drafter(cfg), 1, 1, free_port())
     try:
 
         async def run() -> tuple[Tally, bool]:
@@ -215,7 +355,7 @@ def _distributed(rows: list[dict[str, Any]], cfg: BenchConfig, reference: list[l
                 for i, row in enumerate(rows):
                     _progress(i, len(rows), "distributed")
                     kw = {"messages": row["messages"]} if "messages" in row else {"prompt": row["prompt"]}
-                    reply = await client.complete(**kw, max_new_tokens=cfg.max_new_tokens, drafter=cfg.drafter, k=cfg.k)
+                    reply = await client.complete(**kw, max_new_tokens=cfg.max_new_tokens, drafter=cfg.primary, k=cfg.k)
                     tally.add(reply.stats.generated_tokens, reply.stats.elapsed_ms / 1e3)
                     identical &= list(reply.token_ids) == reference[i]
             _progress(len(rows), len(rows), "distributed done")
@@ -227,95 +367,88 @@ def _distributed(rows: list[dict[str, Any]], cfg: BenchConfig, reference: list[l
     return {"tally": tally, "identical": identical}
 
 
-def _hf(engine: Engine, rows: list[dict[str, Any]], cfg: BenchConfig, reference: list[list[int]]) -> dict[str, Any]:
-    """transformers' own generate: plain, and its matching speculative mode; and whether
-    their outputs equal this engine's plain decoding."""
+def _start_peer(engine: Engine, cfg: BenchConfig, first: Row) -> Peer:
+    """transformers in its own process, with the torch threads the engine computes with."""
     import torch
-    from transformers import GenerationMixin
 
-    model = engine.verifier.worker.runner.model
-    assert isinstance(model, GenerationMixin)  # a transformers causal LM
-    tok = engine.tokenizer
-    extra: dict[str, Any] = {}
-    if cfg.drafter == "ngram":
-        extra = {"prompt_lookup_num_tokens": cfg.k}
-    elif parse_drafter(cfg.drafter).needs_model:
-        drafter = engine.drafter.worker.methods[cfg.drafter]
-        assert isinstance(drafter, ModelDrafter)  # a drafter that needs a model
-        extra = {"assistant_model": drafter.runner.model}
-    plain, spec = Tally(), Tally()
-    identical = True
-    for i, row in enumerate(rows):
-        _progress(i, len(rows), "transformers generate")
-        if "messages" in row:
-            ids = chat_prompt_ids(tok, row["messages"])
-        else:
-            ids = tok.encode(row["prompt"], add_special_tokens=False)
-        inputs = torch.tensor([ids])
-        for tally, kwargs in ((plain, {}), (spec, extra)):
-            start = time.perf_counter()
-            out = model.generate(
-                inputs,
-                attention_mask=torch.ones_like(inputs),
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tok.eos_token_id,
-                **kwargs,
-            )
-            tally.add(out.shape[1] - len(ids), time.perf_counter() - start)
-            identical &= out[0, len(ids) :].tolist() == reference[i]
-    _progress(len(rows), len(rows), "transformers done")
-    return {"plain": plain.rate, "spec": spec.rate if extra else 0.0, "identical": identical}
+    threads = compute.run_sync(torch.get_num_threads)
+    spec = parse_drafter(_engine_drafter(cfg))  # a model drafter, if any, is the peer's assistant model
+    _progress(0, 1, "starting the transformers peer")
+    peer = Peer(cfg.model, cfg.max_new_tokens, threads, assistant=spec.model if spec.needs_model else None)
+    try:
+        peer.warm_up(_prompt_ids(engine, first))
+    except BaseException:
+        peer.close()
+        raise
+    _progress(1, 1, "transformers peer ready")
+    return peer
+
+
+async def _embedded(
+    engine: Engine, items: list[Item], cfg: BenchConfig, peer: Peer | None, first: Row
+) -> dict[str, Any]:
+    for drafter in ["none", *cfg.drafters]:  # warm-up: first-call costs stay out of the figures
+        await engine.complete_async(_spec(first, cfg, drafter))
+    try:
+        entries, rows, outputs = await _sequential(engine, items, cfg, peer)
+    finally:
+        if peer is not None:
+            peer.close()  # before the concurrency runs: its idle threads must not compete
+    by_concurrency = await _by_concurrency(engine, rows, cfg, outputs)
+    by_draft_length = await _draft_length_sweep(engine, rows, cfg) if cfg.plot else []
+    await engine.aclose()
+    return {
+        "entries": entries,
+        "rows": rows,
+        "outputs": outputs,
+        "by_concurrency": by_concurrency,
+        "by_draft_length": by_draft_length,
+    }
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    rows = load_prompts(cfg.prompts, cfg.kinds)
-    engine = Engine.load(cfg.model, cfg.drafter)
-
-    async def embedded() -> dict[str, Any]:
-        await engine.complete_async(_spec(rows[0], cfg, "none"))  # warm-up
-        seq = await _sequential(engine, rows, cfg)
-        seq["by_concurrency"] = await _by_concurrency(engine, rows, cfg, seq["outputs"])
-        seq["by_draft_length"] = await _draft_length_sweep(engine, rows, cfg) if cfg.plot else []
-        await engine.aclose()
-        return seq
-
-    seq = asyncio.run(embedded())
-    plain, spec = seq["plain"], seq["spec"]
+    items = load_items(cfg.prompts, cfg.kinds, cfg.per_category, cfg.seed)
+    engine = Engine.load(cfg.model, _engine_drafter(cfg))
+    first = _first_row(items, getattr(engine.tokenizer, "chat_template", None) is not None)
+    peer = _start_peer(engine, cfg, first) if cfg.compare_hf else None
+    run = asyncio.run(_embedded(engine, items, cfg, peer, first))
+    entries = run["entries"]
+    best = best_lookup(entries)
     result: dict[str, Any] = {
         "model": cfg.model,
         "drafter": cfg.drafter,
         "k": cfg.k,
         "max_new_tokens": cfg.max_new_tokens,
         "prompts": str(cfg.prompts),
-        "num_prompts": len(rows),
-        "plain_tokens_per_s": round(plain.rate, 3),
-        "spec_tokens_per_s": round(spec.rate, 3),
-        "speedup_vs_plain": round(spec.rate / plain.rate, 4) if plain.rate else 0.0,
-        "acceptance_rate": round(spec.accepted / spec.proposed, 4) if spec.proposed else 0.0,
-        "mean_accepted_length": round(spec.tokens / spec.steps, 4) if spec.steps else 0.0,
-        "overlap": cfg.overlap,
-        "predraft_use_rate": round(seq["predraft_use_rate"], 4),
-        "by_concurrency": seq["by_concurrency"],
-        "by_draft_length": seq["by_draft_length"],
-        "per_prompt": seq["per_prompt"],
+        "per_category": cfg.per_category,
+        "seed": cfg.seed,
+        "num_prompts": len(entries),
+        "threads": peer.threads if peer else None,
     }
-    identical = seq["identical"] and all(level["outputs_identical"] for level in seq["by_concurrency"])
+    result |= _summary(entries, cfg, best)
+    predrafts = [sum(e["drafters"][cfg.primary][key] for e in entries) for key in ("predrafts", "predrafts_used")]
+    result |= {"overlap": cfg.overlap, "predraft_use_rate": _ratio(predrafts[1], predrafts[0])}
+    result |= {"by_category": _by_category(entries, cfg, best)}
+    result |= {"by_concurrency": run["by_concurrency"], "by_draft_length": run["by_draft_length"]}
+    result["per_prompt"] = entries
+    identical = all(e["identical"] for e in entries) and all(r["outputs_identical"] for r in run["by_concurrency"])
     if cfg.distributed:
-        dist = _distributed(rows, cfg, seq["outputs"])
+        dist = _distributed(run["rows"], cfg, run["outputs"])
         identical &= dist["identical"]
         result["distributed_tokens_per_s"] = round(dist["tally"].rate, 3)
-        result["distributed_vs_embedded"] = round(dist["tally"].rate / spec.rate, 4) if spec.rate else 0.0
-    if cfg.compare_hf:
-        hf = compute.run_sync(_hf, engine, rows, cfg, seq["outputs"])  # on the engine's thread: see core.compute
-        identical &= hf["identical"]
-        result["hf_plain_tokens_per_s"] = round(hf["plain"], 3)
-        result["hf_spec_tokens_per_s"] = round(hf["spec"], 3)
-        result["speedup_vs_hf_spec"] = round(spec.rate / hf["spec"], 4) if hf["spec"] else 0.0
+        result["distributed_vs_embedded"] = _ratio(dist["tally"].rate, result["spec_tokens_per_s"])
+    if peer is not None:
+        # transformers' kernels differ from ours, so a near-tie can go the other way: reported, not folded in
+        result["hf_outputs_identical"] = all(_hf_identical(e["hf"]) for e in entries)
     result["outputs_identical"] = identical
     if cfg.plot is not None:
         plot(result, cfg.plot)
     return result
+
+
+def _hf_identical(hf: dict[str, Any]) -> bool:
+    runs = [hf["plain"], *hf["lookup"].values(), *([hf["assisted"]] if "assisted" in hf else [])]
+    return all(r["identical"] for r in runs)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -324,43 +457,88 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [1, 1, 2]})
     levels = [r["concurrency"] for r in result["by_concurrency"]]
     left.plot(levels, [r["spec_vs_plain"] for r in result["by_concurrency"]], marker="o")
     left.axhline(1.0, color="grey", linestyle="--")
-    left.set(xlabel="concurrency", ylabel="speculative / plain tokens/s", title=f"{result['drafter']}")
+    left.set(xlabel="concurrency", ylabel="speculative / plain tokens/s", title=f"{result['drafter'].split(',')[0]}")
     ks = [r["k"] for r in result["by_draft_length"]]
-    right.plot(ks, [r["speedup_vs_plain"] for r in result["by_draft_length"]], marker="o")
-    right.axhline(1.0, color="grey", linestyle="--")
-    right.set(xlabel="draft length k (fixed)", ylabel="speedup vs plain", title="draft length")
+    middle.plot(ks, [r["speedup_vs_plain"] for r in result["by_draft_length"]], marker="o")
+    middle.axhline(1.0, color="grey", linestyle="--")
+    middle.set(xlabel="draft length k (fixed)", ylabel="speedup vs plain", title="draft length")
+    _category_bars(right, result)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def _category_bars(ax: Any, result: dict[str, Any]) -> None:
+    """Per category: each drafter's speed-up over our plain decoding and, with the peer,
+    transformers' prompt lookup over its own plain generate; the last group is overall."""
+    groups = [*result["by_category"], {"category": "overall", **result}]
+    series = {d: [g["by_drafter"][d]["speedup_vs_plain"] for g in groups] for d in result["by_drafter"]}
+    if "hf_lookup_vs_hf_plain" in result:
+        series[f"transformers lookup {result['hf_lookup_best']}"] = [g["hf_lookup_vs_hf_plain"] for g in groups]
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(groups))], values, width, label=label)
+    ax.axhline(1.0, color="grey", linestyle="--")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
+    ax.set_xticklabels([g["category"] or "-" for g in groups], rotation=45, ha="right")
+    ax.set(ylabel="speed-up vs plain (same engine)", title="per category")
+    ax.legend(fontsize="small")
 
 
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']}  drafter {result['drafter']}  k {result['k']}  "
         f"prompts {result['num_prompts']}  max_new_tokens {result['max_new_tokens']}",
-        f"{'configuration':<28}{'tokens/s':>10}{'ratio':>10}",
+        f"{'configuration':<34}{'tokens/s':>10}{'ratio':>10}",
     ]
     plain = result["plain_tokens_per_s"]
-    rows = [("plain (this engine)", plain), ("speculative, embedded", result["spec_tokens_per_s"])]
-    for key, label in (
-        ("distributed_tokens_per_s", "speculative, distributed"),
-        ("hf_plain_tokens_per_s", "transformers plain"),
-        ("hf_spec_tokens_per_s", "transformers speculative"),
-    ):
-        if key in result:
-            rows.append((label, result[key]))
-    lines += [f"{label:<28}{rate:>10.2f}{rate / plain if plain else 0:>10.3f}" for label, rate in rows]
+    rows = [("plain (this engine)", plain)]
+    for drafter, r in result["by_drafter"].items():
+        rows.append((f"speculative, embedded ({drafter})", r["tokens_per_s"]))
+    if "distributed_tokens_per_s" in result:
+        rows.append(("speculative, distributed", result["distributed_tokens_per_s"]))
+    if "hf_plain_tokens_per_s" in result:
+        rows.append(("transformers plain", result["hf_plain_tokens_per_s"]))
+        for n, rate in result["hf_lookup_tokens_per_s"].items():
+            best = " (best)" if int(n) == result["hf_lookup_best"] else ""
+            rows.append((f"transformers prompt lookup {n}{best}", rate))
+        if "hf_assisted_tokens_per_s" in result:
+            rows.append(("transformers assisted", result["hf_assisted_tokens_per_s"]))
+    lines += [f"{label:<34}{rate:>10.2f}{rate / plain if plain else 0:>10.3f}" for label, rate in rows]
     lines.append(
         f"acceptance {result['acceptance_rate']:.3f}  mean accepted length "
         f"{result['mean_accepted_length']:.2f}  outputs identical {result['outputs_identical']}"
+        + (f"  transformers identical {result['hf_outputs_identical']}" if "hf_outputs_identical" in result else "")
     )
-    lines.append(f"{'concurrency':<14}{'plain tok/s':>12}{'spec tok/s':>12}{'spec/plain':>12}")
-    lines += [
-        f"{r['concurrency']:<14}{r['plain_tokens_per_s']:>12.2f}{r['spec_tokens_per_s']:>12.2f}"
-        f"{r['spec_vs_plain']:>12.3f}"
-        for r in result["by_concurrency"]
-    ]
+    lines += _category_table(result)
+    if result["by_concurrency"]:
+        lines.append(f"{'concurrency':<14}{'plain tok/s':>12}{'spec tok/s':>12}{'spec/plain':>12}")
+        lines += [
+            f"{r['concurrency']:<14}{r['plain_tokens_per_s']:>12.2f}{r['spec_tokens_per_s']:>12.2f}"
+            f"{r['spec_vs_plain']:>12.3f}"
+            for r in result["by_concurrency"]
+        ]
     return "\n".join(lines)
+
+
+def _category_table(result: dict[str, Any]) -> list[str]:
+    """Per category: our plain tok/s, each drafter's speed-up over it (and acceptance), and
+    with the peer its plain tok/s, its best lookup over its plain, our first drafter over that."""
+    drafters = list(result["by_drafter"])
+    hf = "hf_plain_tokens_per_s" in result
+    head = f"{'category':<16}{'n':>4}{'plain':>9}" + "".join(f"{d[:12]:>13}{'acc':>6}" for d in drafters)
+    head += f"{'hf plain':>10}{'hf lookup':>11}{'vs lookup':>11}" if hf else ""
+    lines = [head]
+    for g in [*result["by_category"], {"category": "overall", **result, "prompts": result["num_prompts"]}]:
+        line = f"{g['category'] or '-':<16}{g['prompts']:>4}{g['plain_tokens_per_s']:>9.2f}"
+        for d in drafters:
+            r = g["by_drafter"][d]
+            line += f"{r['speedup_vs_plain']:>12.3f}x{r['acceptance_rate']:>6.2f}"
+        if hf:
+            line += f"{g['hf_plain_tokens_per_s']:>10.2f}{g['hf_lookup_vs_hf_plain']:>10.3f}x"
+            line += f"{g['speedup_vs_hf_spec']:>10.3f}x"
+        lines.append(line)
+    return lines

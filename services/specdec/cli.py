@@ -103,10 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="plain vs speculative decoding, side by side in one run")
     bench.add_argument("--model", default="smollm2-135m")
-    bench.add_argument("--drafter", default="ngram", help="ngram | model:NAME")
+    bench.add_argument(
+        "--drafter", default="ngram", help="ngram | model:NAME | any registered drafter; comma-separated to compare"
+    )
     bench.add_argument("--k", type=int, default=5, help="max draft tokens per step")
-    bench.add_argument("--prompts", help="JSONL with 'prompt' or 'messages' per line (default: bundled set)")
-    bench.add_argument("--kind", action="append", default=[], help="only prompts of this kind (copy, chat)")
+    bench.add_argument(
+        "--prompts",
+        help="comma-separated: JSONL files ('prompt' or 'messages' per line, or Spec-Bench's question_id/category/"
+        "turns) and/or 'multiturn' (built-in traces quoting the model's own answers); default: bundled set",
+    )
+    bench.add_argument(
+        "--kind", action="append", default=[], help="only prompts of this kind or category (copy, chat, coding, ...)"
+    )
+    bench.add_argument("--per-category", type=int, default=0, help="at most N prompts (traces) per category; 0: all")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the --per-category sample")
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--concurrency", default="1", help="comma-separated levels, e.g. 1,2,4,8,16")
     bench.add_argument(
@@ -116,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests per concurrency level, as a multiple of the level (at least one per prompt)",
     )
     bench.add_argument("--distributed", action="store_true", help="also through the three services")
-    bench.add_argument("--compare-hf", action="store_true", help="also transformers' own generate")
+    bench.add_argument(
+        "--compare-hf",
+        action="store_true",
+        help="also transformers' own generate, in a subprocess: plain and prompt lookup 3/5/10",
+    )
     bench.add_argument("--overlap", action="store_true", help="pre-draft the next step during verification")
     bench.add_argument("--plot", help="write a PNG of speedup vs concurrency and draft length")
     bench.add_argument("--json", dest="json_out", help="write the results to this file")
@@ -307,7 +321,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     async def fetch() -> list[dict[str, Any]]:
         registry = Registry(settings.redis_url, settings.redis_prefix)
         try:
-            return [vars(r) for r in await registry.replicas()]
+            return [r.to_dict() for r in await registry.replicas()]
         finally:
             await registry.close()
 
@@ -376,8 +390,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         drafter=args.drafter,
         k=args.k,
         max_new_tokens=args.max_new_tokens,
-        prompts=Path(args.prompts) if args.prompts else DEFAULT_PROMPTS,
+        prompts=args.prompts or DEFAULT_PROMPTS,
         kinds=args.kind,
+        per_category=args.per_category,
+        seed=args.seed,
         concurrency=[int(c) for c in args.concurrency.split(",") if c],
         waves=args.waves,
         distributed=args.distributed,
