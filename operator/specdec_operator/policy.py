@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 TIERS = ("coordinator", "draft", "target")
 Direction = Literal["up", "down", "none"]
@@ -48,21 +48,6 @@ class ReplicaLoad:
     tokens_per_s: float = 0.0  # tokens produced (draft) or verified (target) per second
     acceptance_rate: float | None = None  # fraction of draft tokens accepted; None = unknown
     heartbeat_at: float = 0.0  # unix seconds of the heartbeat
-
-    @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> ReplicaLoad:
-        load = value.get("load") or {}
-        acc = load.get("acceptance_rate")
-        return cls(
-            tier=str(value["tier"]),
-            replica_id=str(value["replica_id"]),
-            queue_depth=int(load.get("queue_depth") or 0),
-            active_sessions=int(load.get("active_sessions") or 0),
-            batch_utilization=float(load.get("batch_utilization") or 0.0),
-            tokens_per_s=float(load.get("tokens_per_s") or 0.0),
-            acceptance_rate=None if acc is None else float(acc),
-            heartbeat_at=float(value.get("heartbeat_at") or 0.0),
-        )
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from specdec.rpc.auth import hash_api_key
 from specdec.rpc.local_pki import LocalPki, make_local_pki, tls_env
 from specdec.rpc.tls import TIER_SERVER_NAME, TlsFiles, channel_credentials
+from specdec_records.keys import DEFAULT_PREFIX
 
 START_TIMEOUT_S = 180.0
 PORT_RETRIES = 2
@@ -124,7 +125,7 @@ def start_valkey(stack: Stack) -> str:
         ],
         dict(os.environ),
     )
-    url = f"redis://:{password}@127.0.0.1:{port}/0"
+    url = f"redis://:{password}@127.0.0.1:{port}/0"  # AUTH by the URL (specdec_records.connect)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -253,7 +254,9 @@ def start_stack(
             wait_healthy(coordinator)
         stack.coordinators = [c.address for c in coordinators]
         stack.coordinator = stack.coordinators[0]
-        _wait_registered(stack.redis_url, env.get("SPECDEC_REDIS_PREFIX", "specdec:"), target_replicas, draft_replicas)
+        _wait_registered(
+            stack.redis_url, env.get("SPECDEC_REDIS_PREFIX", DEFAULT_PREFIX), target_replicas, draft_replicas
+        )
         return stack
     except BaseException:
         stack.stop()
@@ -285,14 +288,14 @@ def tier_env(env: dict[str, str], tier: str, index: int) -> dict[str, str]:
 
 def _wait_registered(redis_url: str, prefix: str, targets: int, drafts: int, timeout_s: float = 30) -> None:
     """Health is up before the first heartbeat lands; wait until routing can see every tier."""
-    import redis
+    from specdec_records import Keys, connect
 
-    client = redis.Redis.from_url(redis_url)
+    client, keys = connect(redis_url), Keys(prefix)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            have_t = len(list(client.scan_iter(f"{prefix}replica:target:*")))
-            have_d = len(list(client.scan_iter(f"{prefix}replica:draft:*")))
+            have_t = len(list(client.scan_iter(keys.replicas("target"))))
+            have_d = len(list(client.scan_iter(keys.replicas("draft"))))
             if have_t >= targets and have_d >= drafts:
                 return
             time.sleep(0.1)

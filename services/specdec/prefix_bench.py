@@ -16,13 +16,13 @@ from typing import Any
 
 
 def _wait_stored(redis_url: str, prefix: str, tier: str, at_least: int, timeout_s: float = 10.0) -> None:
-    import redis
+    from specdec_records import Keys, connect
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if sum(1 for _ in client.scan_iter(f"{prefix}kv:{tier}:*", count=1000)) >= at_least:
+            if sum(1 for _ in client.scan_iter(Keys(prefix).kv_chunks(tier), count=1000)) >= at_least:
                 return
             time.sleep(0.02)
     finally:

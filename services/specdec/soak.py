@@ -10,7 +10,6 @@ and the errors, GOAWAYs and failovers seen. Passes when every process grew less 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from pathlib import Path
@@ -30,16 +29,18 @@ def rss_mb(pid: int) -> float:
 def _held(redis_url: str, prefix: str) -> tuple[dict[str, int], int]:
     """(sessions each tier reports holding, keys that would never expire). Session records
     and KV chunks carry a TTL; a key without one is a leak."""
-    import redis
+    from specdec_records import Keys, ReplicaRecord, connect
 
-    client = redis.Redis.from_url(redis_url)
+    client, keys = connect(redis_url), Keys(prefix)
     try:
         held: dict[str, int] = {}
-        for key in client.scan_iter(f"{prefix}replica:*"):
-            record = json.loads(client.get(key) or "{}")
-            tier = record.get("tier", "?")
-            held[tier] = held.get(tier, 0) + int((record.get("load") or {}).get("active_sessions") or 0)
-        forever = sum(1 for key in client.scan_iter(f"{prefix}*") if client.ttl(key) == -1)
+        for key in client.scan_iter(keys.replicas()):
+            raw = client.get(key)
+            if raw is None:
+                continue  # expired meanwhile
+            record = ReplicaRecord.from_json(raw)  # a malformed one here is a finding: let it raise
+            held[record.tier] = held.get(record.tier, 0) + record.load.active_sessions
+        forever = sum(1 for key in client.scan_iter(keys.everything()) if client.ttl(key) == -1)
         return held, forever
     finally:
         client.close()

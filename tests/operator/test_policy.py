@@ -63,18 +63,6 @@ def test_bad_policy_is_a_value_error(bad: dict) -> None:
         TierPolicy(**bad)
 
 
-def test_parses_the_services_heartbeat() -> None:
-    raw = json.loads(
-        '{"tier": "draft", "replica_id": "d-1", "address": "10.0.0.1:50052", '
-        '"pid": 7, "model": "m", "started_at": 1.0, "heartbeat_at": 2.0, '
-        '"load": {"queue_depth": 3, "active_sessions": 2, "batch_utilization": 0.5, '
-        '"tokens_per_s": 120.5, "acceptance_rate": null}}'
-    )
-    x = ReplicaLoad.from_json(raw)
-    assert (x.tier, x.queue_depth, x.active_sessions, x.acceptance_rate) == ("draft", 3, 2, None)
-    assert x.batch_utilization == 0.5 and x.tokens_per_s == 120.5 and x.heartbeat_at == 2.0
-
-
 @pytest.mark.parametrize("util,expected", [(0.79, 2), (0.8, 2), (0.9, 3), (1.0, 3), (0.7, 2), (0.5, 2), (0.35, 1)])
 def test_tolerance_band(util: float, expected: int) -> None:
     # 2 replicas at util each: up when over 0.8; down only if 1 replica stays under 0.72.

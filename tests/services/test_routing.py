@@ -10,7 +10,6 @@ import time
 import uuid
 
 import pytest
-import redis
 
 from specdec.client import AsyncClient
 from specdec.coordinator.remote import RemoteVerifier
@@ -20,6 +19,7 @@ from specdec.core.types import VerifyItem
 from specdec.rpc.streams import CONNECT_TIMEOUT_S, Dial
 from specdec.state.registry import Registry, ReplicaInfo
 from specdec.v1 import target_pb2, target_pb2_grpc
+from specdec_records import Keys, connect
 
 
 def _records(now: float) -> dict[str, str]:
@@ -36,12 +36,12 @@ def _records(now: float) -> dict[str, str]:
 
 async def test_malformed_and_stale_records_are_skipped(redis_url):
     prefix = f"routing-{uuid.uuid4().hex[:6]}:"
-    store = redis.Redis.from_url(redis_url)
+    store = connect(redis_url)
     now = time.time()
     for name, raw in _records(now).items():
-        store.set(f"{prefix}replica:{name}", raw)
+        store.set(Keys(prefix).replica(*name.split(":")), raw)
     good = ReplicaInfo(tier="target", address="127.0.0.1:1234", heartbeat_at=now, heartbeat_s=0.5)
-    store.set(good.key(prefix), json.dumps(vars(good)))
+    store.set(good.key(prefix), good.to_json())
     registry = Registry(redis_url, prefix)
     try:
         assert [r.address for r in await registry.replicas()] == ["127.0.0.1:1234"]
@@ -51,8 +51,8 @@ async def test_malformed_and_stale_records_are_skipped(redis_url):
 
 
 async def test_requests_succeed_while_bad_records_sit_in_the_registry(tiny_stack, valkey, prompt_ids, reference):
-    store = redis.Redis.from_url(valkey.url)
-    keys = [f"{tiny_stack.prefix}replica:{name}" for name in _records(0)]
+    store = connect(valkey.url)
+    keys = [Keys(tiny_stack.prefix).replica(*name.split(":")) for name in _records(0)]
     for key, raw in zip(keys, _records(time.time()).values()):
         store.set(key, raw, ex=60)
     try:

@@ -99,7 +99,7 @@ class ReplicaPool:
 
         def score(r: ReplicaInfo) -> tuple[int, int, float]:
             client = self._clients.get(r.address)
-            return (placed[r.address], client.in_flight if client else 0, float(r.load.get("queue_depth") or 0))
+            return (placed[r.address], client.in_flight if client else 0, float(r.load.queue_depth))
 
         return min(replicas, key=score).address
 

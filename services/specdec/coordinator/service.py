@@ -50,7 +50,7 @@ from specdec.rpc.convert import logprobs_to_proto, stats_to_proto
 from specdec.rpc.errors import grpc_errors
 from specdec.rpc.server import TierServer, tls_files
 from specdec.rpc.streams import Dial
-from specdec.state.registry import IntervalRates, Registry
+from specdec.state.registry import IntervalRates, Load, Registry
 from specdec.state.sessions import SETTLE_WAIT_S, Leases, SessionRecord, SessionStore, request_digest
 from specdec.telemetry import observe, traced_chunks
 from specdec.v1 import (
@@ -512,14 +512,15 @@ class Coordinator:
             except Exception as exc:  # best effort: an unreleased session is evicted later anyway
                 log.debug("releasing orphaned session failed: %s", exc)
 
-    def load(self) -> dict[str, float | int | None]:
-        return {
-            "queue_depth": self.admission.waiting,
-            "active_sessions": self.active,
-            "batch_utilization": 0.0,
-            "generated_tokens": self.generated_tokens,
-            **self.rates.read(self.generated_tokens, self.proposed_tokens, self.accepted_tokens),
-        }
+    def load(self) -> Load:
+        rates = self.rates.read(self.generated_tokens, self.proposed_tokens, self.accepted_tokens)
+        return Load(
+            queue_depth=self.admission.waiting,
+            active_sessions=self.active,
+            tokens_per_s=rates.tokens_per_s,
+            acceptance_rate=rates.acceptance_rate,
+            extra={"generated_tokens": self.generated_tokens},
+        )
 
 
 def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteRequest) -> RequestSpec:

@@ -22,7 +22,7 @@ from specdec.rpc.errors import item_error
 from specdec.rpc.server import Drain, TierServer
 from specdec.rpc.streams import serve_tagged
 from specdec.state.kv_store import store_for
-from specdec.state.registry import IntervalRates
+from specdec.state.registry import IntervalRates, Load
 from specdec.telemetry import TierTelemetry
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
@@ -105,13 +105,13 @@ def build(settings: Settings) -> TierServer:
         lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated gRPC code is untyped
             DraftServicer(drafter, drain), server
         ),
-        lambda: {
-            "queue_depth": stats.queue_depth,
-            "active_sessions": len(drafter.worker.sessions),
-            "batch_utilization": drafter.batcher.utilization,
-            **rates.read(drafter.worker.drafted_tokens, 0, 0),
-            **(store.stats.as_load() if store is not None else {}),
-        },
+        lambda: Load(
+            queue_depth=stats.queue_depth,
+            active_sessions=len(drafter.worker.sessions),
+            batch_utilization=drafter.batcher.utilization,
+            tokens_per_s=rates.read(drafter.worker.drafted_tokens, 0, 0).tokens_per_s,
+            extra=dict(store.stats.as_load()) if store is not None else {},
+        ),
         model=model_name or "ngram",
         drafters=drafter.worker.drafters,
         drain=drain,

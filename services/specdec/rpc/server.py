@@ -18,7 +18,7 @@ from specdec.config import Settings
 from specdec.rpc.auth import AccessInterceptor, AccessPolicy, load_key_hashes
 from specdec.rpc.options import INTERNAL_MAX_MESSAGE, server_options
 from specdec.rpc.tls import TlsFiles, server_credentials
-from specdec.state.registry import Heartbeat, Registry, ReplicaInfo
+from specdec.state.registry import Heartbeat, Load, Registry, ReplicaInfo
 from specdec.telemetry import server_interceptors
 from specdec.telemetry import shutdown as telemetry_shutdown
 
@@ -65,7 +65,7 @@ class TierServer:
         settings: Settings,
         service_names: list[str],
         add_servicers: Callable[[grpc.aio.Server], None],
-        load: Callable[[], dict[str, float | int | None]],
+        load: Callable[[], Load],
         model: str = "",
         drafters: list[str] | None = None,
         drain: Drain | None = None,

@@ -40,6 +40,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from specdec.core.kv_cache import SessionKV
+from specdec_records import Keys, connect
+from specdec_records.connect import KV
 
 if TYPE_CHECKING:
     from specdec.config import Settings
@@ -110,7 +112,7 @@ class ChunkKey:
         return cls(model, dtype, layout, tier, int(n), int(index), chain)
 
     def redis_key(self, prefix: str) -> str:
-        return f"{prefix}kv:{self.tier}:{self.chain}"
+        return Keys(prefix).kv_chunk(self.tier, self.chain)
 
 
 def chunk_mac(secret: bytes, key: ChunkKey, shape: list[int], dtype: str, body: bytes | memoryview) -> str:
@@ -244,9 +246,7 @@ class RedisKVStore:
         self.max_pending_bytes, self.batch_chunks = max_pending_bytes, batch_chunks
         # One quick retry (a connection broken by a server restart), no back-off sleeps on
         # the worker thread; our own back-off below keeps a dead server off the hot path.
-        self.redis = redis.Redis.from_url(
-            redis_url, socket_timeout=1.0, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 1)
-        )
+        self.redis = connect(redis_url, KV, retry=Retry(NoBackoff(), 1))
         self.stats = KVStoreStats()
         self._offered: weakref.WeakKeyDictionary[SessionKV, int] = weakref.WeakKeyDictionary()
         self._queue: queue.Queue[tuple[ChunkKey, torch.Tensor, int] | None] = queue.Queue()

@@ -1,99 +1,43 @@
 """The replica registry in Redis.
 
-Each replica heartbeats `{prefix}replica:{tier}:{replica_id}` = JSON (SET EX ttl): its
-address, model and live load. The coordinator routes on it, the operator scales on it,
-`specdec status` prints it. A replica that stops reporting expires and disappears.
+Each replica heartbeats its :class:`~specdec_records.ReplicaRecord` under
+``Keys.replica(tier, replica_id)`` (SET EX ttl): its address, model and live :class:`Load`.
+The coordinator routes on it, the operator scales on it, `specdec status` prints it. A
+replica that stops reporting expires and disappears. The record type and key names live in
+`specdec_records`, shared with the operator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
-import redis.asyncio as aioredis
+from specdec_records import Keys, Load, RecordError, ReplicaRecord, connect_async
 
+__all__ = ["TTL_HEARTBEATS", "Heartbeat", "IntervalRates", "Load", "Rates", "Registry", "ReplicaInfo", "ReplicaRecord"]
 log = logging.getLogger(__name__)
 TTL_HEARTBEATS = 5
-
-
-@dataclass
-class ReplicaInfo:
-    tier: str
-    address: str
-    model: str = ""
-    replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    pid: int = field(default_factory=os.getpid)
-    started_at: float = field(default_factory=time.time)
-    heartbeat_at: float = 0.0
-    drafters: list[str] = field(default_factory=list)
-    load: dict[str, float | int | None] = field(default_factory=dict)
-    heartbeat_s: float = 2.0  # the replica's beat: a record older than a few beats is stale
-
-    def key(self, prefix: str) -> str:
-        return f"{prefix}replica:{self.tier}:{self.replica_id}"
-
-    def stale(self, now: float) -> bool:
-        """Not refreshed for STALE_HEARTBEATS beats (plus slack for clocks a little apart)."""
-        return now - self.heartbeat_at > STALE_HEARTBEATS * self.heartbeat_s + CLOCK_SLACK_S
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> ReplicaInfo:
-        """The record, checked field by field; ValueError for anything that is not one."""
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("a replica record is a JSON object")
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for name, kinds in _FIELD_TYPES.items():
-            if name in known and (not isinstance(known[name], kinds) or isinstance(known[name], bool)):
-                raise ValueError(f"{name}: {type(known[name]).__name__} is not {kinds}")
-        if not known.get("tier") or not known.get("address"):
-            raise ValueError("tier and address are required")
-        if not all(isinstance(d, str) for d in known.get("drafters", [])):
-            raise ValueError("drafters: not a list of strings")
-        load = known.get("load", {})
-        if not all(isinstance(k, str) and (v is None or isinstance(v, (int, float))) for k, v in load.items()):
-            raise ValueError("load: not a map of names to numbers")
-        return cls(**known)
-
-
-STALE_HEARTBEATS = 3
-CLOCK_SLACK_S = 2.0
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "tier": str,
-    "address": str,
-    "model": str,
-    "replica_id": str,
-    "pid": int,
-    "started_at": (int, float),
-    "heartbeat_at": (int, float),
-    "drafters": list,
-    "load": dict,
-    "heartbeat_s": (int, float),
-}
+ReplicaInfo = ReplicaRecord  # the name the services have used
 
 
 class Registry:
     def __init__(self, redis_url: str, prefix: str = "specdec:") -> None:
-        self.prefix = prefix
-        self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.prefix, self.keys = prefix, Keys(prefix)
+        self.redis = connect_async(redis_url)
 
-    async def publish(self, info: ReplicaInfo, ttl_s: float) -> None:
+    async def publish(self, info: ReplicaRecord, ttl_s: float) -> None:
         info.heartbeat_at = time.time()
-        await self.redis.set(info.key(self.prefix), json.dumps(asdict(info)), ex=max(1, int(ttl_s)))
+        await self.redis.set(self.keys.replica(info.tier, info.replica_id), info.to_json(), ex=max(1, int(ttl_s)))
 
-    async def remove(self, info: ReplicaInfo) -> None:
-        await self.redis.delete(info.key(self.prefix))
+    async def remove(self, info: ReplicaRecord) -> None:
+        await self.redis.delete(self.keys.replica(info.tier, info.replica_id))
 
-    async def replicas(self, tier: str | None = None) -> list[ReplicaInfo]:
-        pattern = f"{self.prefix}replica:{tier or '*'}:*"
-        keys = [key async for key in self.redis.scan_iter(match=pattern, count=500)]
+    async def replicas(self, tier: str | None = None) -> list[ReplicaRecord]:
+        keys = [key async for key in self.redis.scan_iter(match=self.keys.replicas(tier), count=500)]
         if not keys:
             return []
         values = await self.redis.mget(keys)
@@ -102,8 +46,8 @@ class Registry:
             if not value:
                 continue  # expired between SCAN and MGET
             try:
-                info = ReplicaInfo.from_json(value)
-            except (ValueError, TypeError) as exc:  # not ours, or not well formed: skip it, never fail on it
+                info = ReplicaRecord.from_json(value)
+            except RecordError as exc:  # not ours, or not well formed: skip it, never fail on it
                 log.warning("skipping replica record %r: %s", key[:200], str(exc)[:200])
                 continue
             if not info.stale(now):
@@ -120,8 +64,8 @@ class Heartbeat:
     def __init__(
         self,
         registry: Registry,
-        info: ReplicaInfo,
-        load: Callable[[], dict[str, float | int | None]],
+        info: ReplicaRecord,
+        load: Callable[[], Load],
         interval_s: float,
     ) -> None:
         self.registry, self.info, self.load, self.interval_s = registry, info, load, interval_s
@@ -150,6 +94,14 @@ class Heartbeat:
             await self.registry.remove(self.info)
 
 
+@dataclass(frozen=True)
+class Rates:
+    """Throughput and acceptance over one heartbeat interval (the `Load` fields of that name)."""
+
+    tokens_per_s: float
+    acceptance_rate: float | None  # None: no draft token judged in the interval
+
+
 class IntervalRates:
     """Throughput and acceptance since the previous read, for heartbeat load figures.
 
@@ -158,13 +110,13 @@ class IntervalRates:
     def __init__(self) -> None:
         self._last = (time.monotonic(), 0, 0, 0)
 
-    def read(self, tokens: int, drafted: int, accepted: int) -> dict[str, float | None]:
+    def read(self, tokens: int, drafted: int, accepted: int) -> Rates:
         """Counters are running totals: committed tokens, draft tokens judged, drafts kept."""
         now = time.monotonic()
         then, tokens0, drafted0, accepted0 = self._last
         self._last = (now, tokens, drafted, accepted)
         judged = drafted - drafted0
-        return {
-            "tokens_per_s": round((tokens - tokens0) / max(now - then, 1e-6), 2),
-            "acceptance_rate": round((accepted - accepted0) / judged, 4) if judged else None,
-        }
+        return Rates(
+            round((tokens - tokens0) / max(now - then, 1e-6), 2),
+            round((accepted - accepted0) / judged, 4) if judged else None,
+        )

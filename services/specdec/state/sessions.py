@@ -1,15 +1,16 @@
 """Session records in Redis: what a coordinator needs to resume or inspect a request.
 
-Keys (one namespace per deployment, `prefix`):
+The record (:class:`~specdec_records.SessionRecord`), its index entry and the lease key are
+named in `specdec_records` (``Keys.session``, ``Keys.request``, ``Keys.lease``):
 
-* `{prefix}session:{record_id}`: the record (JSON, `SessionRecord`): the request's prompt
-  and committed tokens, sampling parameters with the seed actually used, drafter, stop
-  conditions, state (`queued` / `running` / `done`), finish reason and statistics.
-* `{prefix}request:{digest}` -> record_id: the index that finds a request's record by its
-  `request_id` (the digest covers the request_id and the request's own fingerprint, so
-  the same id on a different request is a different request).
-* `{prefix}lease:{digest}` -> owner: the one coordinator running the request now
-  (`SET NX PX`, refreshed while it runs, compare-and-set to take over from a dead owner).
+* the record: the request's prompt and committed tokens, sampling parameters with the seed
+  actually used, drafter, stop conditions, state (`queued` / `running` / `done`), finish
+  reason and statistics;
+* the index ``request_digest(request_id, fingerprint)`` -> record id: finds a request's
+  record by its `request_id` (the digest covers the request's own fingerprint too, so the
+  same id on a different request is a different request);
+* the lease -> owner: the one coordinator running the request now (`SET NX PX`, refreshed
+  while it runs, compare-and-set to take over from a dead owner).
 
 Records are written by a task of their own: at most one write in flight per session, the
 latest state wins. The coordinator lets a chunk go to its client once the record holding
@@ -22,23 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
 from typing import Any
 
-import redis.asyncio as aioredis
+from specdec_records import SESSION_TTL_S, Keys, RecordError, SessionRecord, connect_async, request_digest
+from specdec_records.session import MAX_ID_CHARS
 
 log = logging.getLogger(__name__)
-SESSION_TTL_S = 3600
-RECORD_VERSION = 1
-STATES = ("queued", "running", "done")
-FINISH_REASONS = ("length", "stop", "context")
-MAX_RECORD_BYTES = 16 << 20  # far above any real record (a full context of token ids); bounds a forged one
-MAX_ID_CHARS = 256
+__all__ = ["LEASE_TTL_S", "SESSION_TTL_S", "SETTLE_WAIT_S", "Leases", "SessionRecord", "SessionStore", "request_digest"]
 SETTLE_WAIT_S = 0.25  # longest a chunk waits for its record; none wait while writes are failing
 LEASE_TTL_S = 10.0  # a lease nobody refreshes (its owner frozen or cut off) expires after this
 LEASE_REFRESH_S = LEASE_TTL_S / 4
@@ -58,153 +52,23 @@ _TAKE = (
 )
 
 
-def request_digest(request_id: str, fingerprint: str) -> str:
-    """The index key's name for a request: its id and what it asks for."""
-    key = json.dumps([request_id, fingerprint]).encode()
-    return hashlib.blake2b(key, digest_size=16, person=b"specdec-req-v1").hexdigest()
-
-
-@dataclass
-class SessionRecord:
-    """One request as a coordinator left it. `generated_ids` are committed tokens (the
-    loop's own, cut at stop tokens and the length limit), all of them since the start."""
-
-    request_id: str
-    fingerprint: str  # of the request as the caller sent it (input and parameters)
-    state: str  # queued | running | done
-    prompt_ids: list[int]
-    generated_ids: list[int]
-    max_new_tokens: int  # of the whole request
-    sampling: dict[str, float]  # temperature, top_k, top_p, seed (the one used, drawn or given)
-    drafter: str
-    max_draft_tokens: int
-    adaptive: bool
-    overlap: bool
-    stop: list[str]  # stop strings
-    stop_token_ids: list[int]  # EOS included unless ignore_eos
-    tier_session_id: str = ""  # the session id the tiers hold this request's state under
-    finish_reason: str | None = None  # when done
-    stats: dict[str, float] = field(default_factory=dict)  # SpecStats counters so far
-    placement: dict[str, str] = field(default_factory=dict)  # tier -> replica address
-    owner: str = ""  # the coordinator that wrote it
-    updated_at: float = 0.0
-    v: int = RECORD_VERSION
-
-    def to_json(self) -> str:
-        # Not dataclasses.asdict: its deep copy costs ten times the encoding, once a chunk.
-        return json.dumps({name: getattr(self, name) for name in _FIELDS}, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes, vocab_size: int, max_context: int) -> SessionRecord:
-        """The record, checked field by field against the model's limits; ValueError for
-        anything that is not one (never a crash on what Redis hands back)."""
-        if len(raw) > MAX_RECORD_BYTES:
-            raise ValueError(f"{len(raw)} bytes")
-        data = json.loads(raw)
-        if not isinstance(data, dict) or data.get("v") != RECORD_VERSION:
-            raise ValueError("not a version-1 session record")
-        missing = [f for f in _REQUIRED if f not in data]
-        if missing:
-            raise ValueError(f"missing {missing}")
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for name, kind in _TYPES.items():
-            if name in known and known[name] is not None and not _is(known[name], kind):
-                raise ValueError(f"{name}: {type(known[name]).__name__} is not {kind}")
-        record = cls(**known)
-        record._check(vocab_size, max_context)
-        return record
-
-    def _check(self, vocab_size: int, max_context: int) -> None:
-        if self.state not in STATES:
-            raise ValueError(f"state {self.state[:20]!r}")
-        if not 0 < len(self.request_id) <= MAX_ID_CHARS or len(self.tier_session_id) > MAX_ID_CHARS:
-            raise ValueError("request_id or tier_session_id length")
-        for name in ("prompt_ids", "generated_ids", "stop_token_ids"):
-            ids = getattr(self, name)
-            if not all(_is(t, int) and 0 <= t < vocab_size for t in ids):
-                raise ValueError(f"{name}: not token ids of this model")
-        if not self.prompt_ids:
-            raise ValueError("empty prompt")
-        if self.max_new_tokens < 1 or len(self.generated_ids) > self.max_new_tokens:
-            raise ValueError(f"{len(self.generated_ids)} tokens generated of max_new_tokens {self.max_new_tokens}")
-        if len(self.prompt_ids) + len(self.generated_ids) > max_context:
-            raise ValueError("longer than the model's context")
-        if set(self.sampling) != {"temperature", "top_k", "top_p", "seed"}:
-            raise ValueError("sampling fields")
-        if not all(_is(v, (int, float)) and math.isfinite(v) for v in self.sampling.values()):
-            raise ValueError("sampling values")
-        if not all(_is(s, str) for s in self.stop):
-            raise ValueError("stop: not strings")
-        if self.state == "done" and self.finish_reason not in FINISH_REASONS:
-            raise ValueError(f"finish_reason {str(self.finish_reason)[:20]!r}")
-        if not all(_is(k, str) and _is(v, (int, float)) for k, v in self.stats.items()):
-            raise ValueError("stats")
-
-
-_FIELDS = tuple(f.name for f in fields(SessionRecord))
-_REQUIRED = (
-    "request_id",
-    "fingerprint",
-    "state",
-    "prompt_ids",
-    "generated_ids",
-    "max_new_tokens",
-    "sampling",
-    "drafter",
-    "max_draft_tokens",
-    "adaptive",
-    "overlap",
-    "stop",
-    "stop_token_ids",
-)
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "request_id": str,
-    "fingerprint": str,
-    "state": str,
-    "prompt_ids": list,
-    "generated_ids": list,
-    "max_new_tokens": int,
-    "sampling": dict,
-    "drafter": str,
-    "max_draft_tokens": int,
-    "adaptive": bool,
-    "overlap": bool,
-    "stop": list,
-    "stop_token_ids": list,
-    "tier_session_id": str,
-    "finish_reason": str,
-    "stats": dict,
-    "placement": dict,
-    "owner": str,
-    "updated_at": (int, float),
-    "v": int,
-}
-
-
-def _is(value: object, kind: type | tuple[type, ...]) -> bool:
-    """isinstance, except that a bool is not a number (JSON true is not 1 here)."""
-    if kind is bool:
-        return isinstance(value, bool)
-    return isinstance(value, kind) and not isinstance(value, bool)
-
-
 class SessionStore:
     def __init__(self, redis_url: str, prefix: str = "specdec:") -> None:
-        self.prefix = prefix
-        self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.prefix, self.keys = prefix, Keys(prefix)
+        self.redis = connect_async(redis_url)
         self._latest: dict[str, tuple[SessionRecord | dict[str, Any], str | None]] = {}  # id -> (record, index)
         self._writing: dict[str, asyncio.Event] = {}  # record id -> set when its writes have settled
         self.failing = False  # the last write failed or was slow: nobody waits for writes until one succeeds
         self._indexed: set[str] = set()  # records whose index entry this process has written
 
     def key(self, session_id: str) -> str:
-        return f"{self.prefix}session:{session_id}"
+        return self.keys.session(session_id)
 
     def index_key(self, digest: str) -> str:
-        return f"{self.prefix}request:{digest}"
+        return self.keys.request(digest)
 
     def lease_key(self, digest: str) -> str:
-        return f"{self.prefix}lease:{digest}"
+        return self.keys.lease(digest)
 
     def update(self, session_id: str, record: SessionRecord | dict[str, Any], index: str | None = None) -> None:
         """Schedule a write of the record (coalesced with any write in flight), and of the
@@ -281,7 +145,7 @@ class SessionStore:
             return None
         try:
             record = SessionRecord.from_json(raw, vocab_size, max_context)
-        except (ValueError, TypeError) as exc:
+        except RecordError as exc:
             log.warning("session record %s is not well formed (%s); treated as missing", record_id[:64], str(exc)[:200])
             return None
         if record.request_id != request_id or record.fingerprint != fingerprint:

@@ -21,7 +21,7 @@ from specdec.rpc.errors import item_error
 from specdec.rpc.server import Drain, TierServer
 from specdec.rpc.streams import serve_tagged
 from specdec.state.kv_store import RedisKVStore, store_for
-from specdec.state.registry import IntervalRates
+from specdec.state.registry import IntervalRates, Load
 from specdec.telemetry import TierTelemetry
 from specdec.v1 import target_pb2, target_pb2_grpc
 
@@ -92,17 +92,18 @@ class LoadMeter:
         self.verifier, self.store = verifier, store  # store: the worker's prefix store, if any
         self.rates = IntervalRates()
 
-    def __call__(self) -> dict[str, float | int | None]:
+    def __call__(self) -> Load:
         stats, worker = self.verifier.batcher.stats, self.verifier.worker
         w = worker.stats
-        return {
-            "queue_depth": stats.queue_depth,
-            "active_sessions": len(worker.sessions),
-            "batch_utilization": self.verifier.batcher.utilization,
-            "max_batch_size": stats.max_batch_size,
-            **self.rates.read(w.committed_tokens, w.draft_tokens, w.accepted_tokens),
-            **(self.store.stats.as_load() if self.store is not None else {}),
-        }
+        rates = self.rates.read(w.committed_tokens, w.draft_tokens, w.accepted_tokens)
+        return Load(
+            queue_depth=stats.queue_depth,
+            active_sessions=len(worker.sessions),
+            batch_utilization=self.verifier.batcher.utilization,
+            tokens_per_s=rates.tokens_per_s,
+            acceptance_rate=rates.acceptance_rate,
+            extra={"max_batch_size": stats.max_batch_size, **(self.store.stats.as_load() if self.store else {})},
+        )
 
 
 def build(settings: Settings) -> TierServer:
