@@ -254,9 +254,7 @@ def start_stack(
             wait_healthy(coordinator)
         stack.coordinators = [c.address for c in coordinators]
         stack.coordinator = stack.coordinators[0]
-        _wait_registered(
-            stack.redis_url, env.get("SPECDEC_REDIS_PREFIX", DEFAULT_PREFIX), target_replicas, draft_replicas
-        )
+        _wait_registered(stack.redis_url, env, target_replicas, draft_replicas)
         return stack
     except BaseException:
         stack.stop()
@@ -286,11 +284,13 @@ def tier_env(env: dict[str, str], tier: str, index: int) -> dict[str, str]:
     return out
 
 
-def _wait_registered(redis_url: str, prefix: str, targets: int, drafts: int, timeout_s: float = 30) -> None:
-    """Health is up before the first heartbeat lands; wait until routing can see every tier."""
-    from specdec_records import Keys, connect
+def _wait_registered(redis_url: str, env: dict[str, str], targets: int, drafts: int, timeout_s: float = 30) -> None:
+    """Health is up before the first heartbeat lands; wait until routing can see every tier.
+    `env` is the tiers' environment: their key prefix and Redis TLS files, not this process's."""
+    from specdec_records import Keys, RedisTls, connect
 
-    client, keys = connect(redis_url), Keys(prefix)
+    client = connect(redis_url, tls=RedisTls.from_env(env))
+    keys = Keys(env.get("SPECDEC_REDIS_PREFIX", DEFAULT_PREFIX))
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
