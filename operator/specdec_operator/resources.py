@@ -11,15 +11,26 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .spec import GROUP, KIND, VERSION, DecoderSpec, TierSpec
+from .spec import GROUP, KIND, VERSION, DecoderSpec, SecretKey, TierSpec
 
 MANAGED_BY = "specdec-operator"
 HOME = "/home/specdec"
+TIER_SERVER_NAME = "specdec-tier"  # a DNS name of every tier certificate (specdec.rpc.tls; no services import here)
 HF_HOME = f"{HOME}/.cache/huggingface"
 STARTUP_BASE_S = 120  # startup probe budget of a tier: imports, tokenizer, warm-up ...
 STARTUP_S_PER_GB = 20  # ... plus reading its model from the cache volume (~50 MB/s)
 PROBE_PERIOD_S = 5
 TMP_SIZE_LIMIT = "1Gi"
+# Secrets are mounted as whole volumes, never by subPath: the kubelet swaps a mounted
+# Secret's files in place when it changes, and the services re-read them (certificate
+# rotation without a restart); a subPath mount would keep the old file for good.
+TLS_DIR = "/etc/specdec/tls"  # tls.crt, tls.key (and ca.crt) of this tier's certificate
+TLS_CA_FILE = "/etc/specdec/tls-ca/ca.crt"  # the CA, when it has a Secret of its own
+API_KEYS_FILE = "/etc/specdec/api-keys/api-keys"  # the coordinator's hashed API keys
+REDIS_CA_FILE = "/etc/specdec/redis-ca/ca.crt"  # a rediss:// URL names it: ?ssl_ca_certs=...
+SECRET_MODE = 0o440  # owner and group (fsGroup) read; nobody else
+TLS_PROBE_PERIOD_S = 10  # exec probes start a Python process: half as often as the gRPC ones
+TLS_PROBE_TIMEOUT_S = 5
 # Downloads every hub model a tier loads into the cache volume before the tier starts
 # (huggingface_hub locks the cache, so replicas that share it download each file once);
 # "tokenizer" entries fetch only configs and tokenizer files (what a coordinator loads).
@@ -150,7 +161,93 @@ def _env(
     ]
     if fetches(spec, t.tier):  # the init step fetched every model: no hub calls at start
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
-    return env + copy.deepcopy(t.env)
+    return env + _security_env(spec, t.tier) + copy.deepcopy(t.env)
+
+
+def _secret_env(name: str, ref: SecretKey) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def _security_env(spec: DecoderSpec, tier: str) -> list[dict[str, Any]]:
+    """TLS files, API keys, the internal token and the KV MAC key: paths and secretKeyRefs,
+    never a secret's value (the Deployment is readable by more people than its Secrets)."""
+    sec, env = spec.security, []
+    if sec.tls is not None:
+        ca = TLS_CA_FILE if sec.tls.ca is not None else f"{TLS_DIR}/ca.crt"
+        env += [
+            {"name": "SPECDEC_TLS_CERT_FILE", "value": f"{TLS_DIR}/tls.crt"},
+            {"name": "SPECDEC_TLS_KEY_FILE", "value": f"{TLS_DIR}/tls.key"},
+            {"name": "SPECDEC_TLS_CA_FILE", "value": ca},
+            # The tiers check the caller's certificate names the coordinator: they always ask for one.
+            {"name": "SPECDEC_TLS_CLIENT_AUTH", "value": str(sec.tls.client_auth or tier != "coordinator").lower()},
+        ]
+    if sec.internal_token is not None:
+        env.append(_secret_env("SPECDEC_INTERNAL_TOKEN", sec.internal_token))
+    if tier == "coordinator":
+        if sec.api_keys is not None:
+            env.append({"name": "SPECDEC_API_KEYS_FILE", "value": API_KEYS_FILE})
+            env.append({"name": "SPECDEC_API_KEY_MAX_CALLS", "value": str(sec.api_key_max_calls)})
+        if spec.http_port:
+            env.append({"name": "SPECDEC_HTTP_PORT", "value": str(spec.http_port)})
+    elif sec.kv_secret is not None:
+        env.append(_secret_env("SPECDEC_KV_SECRET", sec.kv_secret))
+    return env
+
+
+def _secret_volume(volume: str, secret: str, items: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """A Secret as a volume of owner/group-readable files; ``items`` maps keys to file names."""
+    source: dict[str, Any] = {"secretName": secret, "defaultMode": SECRET_MODE}
+    if items:
+        source["items"] = [{"key": key, "path": path} for key, path in items]
+    return {"name": volume, "secret": source}
+
+
+def _security_volumes(spec: DecoderSpec, tier: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, their mounts) of the tier's certificates, API keys and Redis CA."""
+    sec = spec.security
+    found: list[tuple[dict[str, Any], str]] = []  # (volume, the folder it is mounted at)
+    if sec.tls is not None:
+        secret = sec.tls.coordinator_secret if tier == "coordinator" else sec.tls.tier_secret
+        found.append((_secret_volume("tls", secret), TLS_DIR))
+        if sec.tls.ca is not None:
+            found.append((_secret_volume("tls-ca", sec.tls.ca.name, [(sec.tls.ca.key, "ca.crt")]), _dir(TLS_CA_FILE)))
+    if tier == "coordinator" and sec.api_keys is not None:
+        keys = _secret_volume("api-keys", sec.api_keys.name, [(sec.api_keys.key, "api-keys")])
+        found.append((keys, _dir(API_KEYS_FILE)))
+    if sec.redis_ca is not None:
+        redis_ca = _secret_volume("redis-ca", sec.redis_ca.name, [(sec.redis_ca.key, "ca.crt")])
+        found.append((redis_ca, _dir(REDIS_CA_FILE)))
+    mounts = [{"name": v["name"], "mountPath": folder, "readOnly": True} for v, folder in found]
+    return [v for v, _ in found], mounts
+
+
+def _dir(path: str) -> str:
+    return path.rsplit("/", 1)[0]
+
+
+def probes(spec: DecoderSpec, name: str, tier: str) -> dict[str, dict[str, Any]]:
+    """Startup, readiness and liveness probes: the gRPC health service.
+
+    The kubelet's own gRPC probe speaks plaintext only; under TLS the image's
+    ``specdec-health`` checks the same service over mTLS with the pod's certificate,
+    verifying the server's name (tiers: specdec-tier; the coordinator: its Service's).
+    """
+    t = spec.tiers[tier]
+    startup = {"periodSeconds": PROBE_PERIOD_S, "failureThreshold": startup_failure_threshold(spec, tier)}
+    if spec.security.tls is None:
+        check: dict[str, Any] = {"grpc": {"port": t.port}}
+        ready, live = {"periodSeconds": 5, "failureThreshold": 3}, {"periodSeconds": 10, "failureThreshold": 6}
+    else:
+        server_name = child_name(name, tier) if tier == "coordinator" else TIER_SERVER_NAME
+        command = ["specdec-health", f"127.0.0.1:{t.port}", "", server_name]
+        check = {"exec": {"command": command}, "timeoutSeconds": TLS_PROBE_TIMEOUT_S}
+        ready = {"periodSeconds": TLS_PROBE_PERIOD_S, "failureThreshold": 2}
+        live = {"periodSeconds": TLS_PROBE_PERIOD_S, "failureThreshold": 6}
+    return {
+        "startupProbe": {**copy.deepcopy(check), **startup},
+        "readinessProbe": {**copy.deepcopy(check), **ready},
+        "livenessProbe": {**copy.deepcopy(check), **live},
+    }
 
 
 def security_context(run_as_user: int | None) -> dict[str, Any]:
@@ -210,11 +307,13 @@ def deployment(
             resources.setdefault(kind, {})[t.gpu.resource_name] = t.gpu.count
         if t.gpu.type:
             node_selector[t.gpu.node_label] = t.gpu.type
-    probe = {"grpc": {"port": t.port}}
     ports = [{"name": "grpc", "containerPort": t.port, "protocol": "TCP"}]
     if spec.metrics_port:
         ports.append({"name": "metrics", "containerPort": spec.metrics_port, "protocol": "TCP"})
+    if tier == "coordinator" and spec.http_port:
+        ports.append({"name": "http", "containerPort": spec.http_port, "protocol": "TCP"})
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": f"{HOME}/.cache"}]
+    secret_volumes, secret_mounts = _security_volumes(spec, tier)
     container: dict[str, Any] = {
         "name": tier,
         "image": t.image,
@@ -222,16 +321,10 @@ def deployment(
         "ports": ports,
         "env": _env(spec, t, namespace, name, default_redis_url),
         "resources": resources,
-        # Reading the model from the cache volume: a budget that grows with its size.
-        "startupProbe": {
-            **probe,
-            "periodSeconds": PROBE_PERIOD_S,
-            "failureThreshold": startup_failure_threshold(spec, tier),
-        },
-        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
-        "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 6},
+        # Reading the model from the cache volume: a startup budget that grows with its size.
+        **probes(spec, name, tier),
         "securityContext": security_context(run_as_user),
-        "volumeMounts": mounts,
+        "volumeMounts": mounts + secret_mounts,
     }
     pod_security: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     if run_as_user is not None:
@@ -240,7 +333,7 @@ def deployment(
         "containers": [container],
         "securityContext": pod_security,
         "automountServiceAccountToken": False,
-        "volumes": _volumes(spec, name, tier),
+        "volumes": _volumes(spec, name, tier) + secret_volumes,
         "topologySpreadConstraints": topology_spread(name, t),
         "terminationGracePeriodSeconds": 30,
     }
@@ -335,6 +428,11 @@ def service(owner: Mapping[str, Any], spec: DecoderSpec, tier: str) -> dict[str,
                 "protocol": "TCP",
                 "appProtocol": "http",
             }
+        )
+    if tier == "coordinator" and spec.http_port:  # the OpenAI-compatible API (HTTPS under TLS)
+        scheme = "https" if spec.security.tls is not None else "http"
+        svc["spec"]["ports"].append(
+            {"name": "http", "port": spec.http_port, "targetPort": "http", "protocol": "TCP", "appProtocol": scheme}
         )
     if tier != "coordinator":
         svc["spec"]["clusterIP"] = "None"

@@ -21,6 +21,7 @@ KIND = "SpeculativeDecoder"
 DEFAULT_PORTS = {"coordinator": 50051, "draft": 50052, "target": 50053}
 DEFAULT_IMAGE = "ghcr.io/specdec/specdec:0.1.0"
 DEFAULT_METRICS_PORT = 9464
+DEFAULT_HTTP_PORT = 8000
 AUTOSCALING_MODES = ("operator", "external")
 
 
@@ -81,6 +82,37 @@ class Models:
 
 
 @dataclass(frozen=True)
+class SecretKey:
+    """One key of one Secret (a secretKeyRef, or a file mounted from it)."""
+
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Tls:
+    """mTLS between the tiers, TLS on the public port: certificates from Secrets
+    (``kubernetes.io/tls`` layout: tls.crt, tls.key, ca.crt; cert-manager writes them)."""
+
+    coordinator_secret: str  # certificate with CN specdec-coordinator: serves clients, presented to the tiers
+    tier_secret: str  # certificate naming DNS specdec-tier: the draft and target servers
+    ca: SecretKey | None = None  # CA bundle in a Secret of its own; None = ca.crt of each certificate's Secret
+    client_auth: bool = False  # the coordinator's public port asks clients for a certificate the CA signed
+
+
+@dataclass(frozen=True)
+class Security:
+    """Who may call what, and the shared secrets the tiers read from Secrets."""
+
+    tls: Tls | None = None  # None = plaintext gRPC (the tiers then ask for the internal token)
+    api_keys: SecretKey | None = None  # file of SHA-256 hex digests, one a line, mounted in the coordinator
+    api_key_max_calls: int = 0  # concurrent calls per API key (0 = no limit)
+    internal_token: SecretKey | None = None  # SPECDEC_INTERNAL_TOKEN: what a coordinator shows a tier without TLS
+    kv_secret: SecretKey | None = None  # SPECDEC_KV_SECRET: the KV chunks' MAC key (draft and target)
+    redis_ca: SecretKey | None = None  # CA of a rediss:// server, mounted at REDIS_CA_FILE (the URL names it)
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
     model: str  # target model: HF id or path
     drafter: str  # SPECDEC_DRAFTER: ngram | none | model:NAME
@@ -93,6 +125,8 @@ class DecoderSpec:
     tiers: dict[str, TierSpec] = field(default_factory=dict)
     models: Models = field(default_factory=Models)
     metrics_port: int | None = DEFAULT_METRICS_PORT  # every tier's Prometheus port; None = off
+    security: Security = field(default_factory=Security)
+    http_port: int | None = None  # the coordinator's OpenAI-compatible HTTP port; None = off
 
     @property
     def active_tiers(self) -> list[str]:
@@ -209,6 +243,50 @@ def _models(spec: Mapping[str, Any], problems: list[str]) -> Models:
     )
 
 
+def _secret_key(raw: Any, default_key: str, where: str, problems: list[str]) -> SecretKey | None:
+    """A ``{name, key}`` reference (key defaulted), None when absent."""
+    if not raw:
+        return None
+    if not isinstance(raw, Mapping) or not raw.get("name"):
+        problems.append(f"{where}.name is required")
+        return None
+    return SecretKey(str(raw["name"]), str(raw.get("key") or default_key))
+
+
+def _tls(raw: Any, problems: list[str]) -> Tls | None:
+    if not raw:
+        return None
+    coordinator, tier = raw.get("coordinatorSecretName"), raw.get("tierSecretName")
+    if not coordinator or not tier:
+        problems.append("spec.tls: coordinatorSecretName and tierSecretName are both required")
+    return Tls(
+        coordinator_secret=str(coordinator or ""),
+        tier_secret=str(tier or ""),
+        ca=_secret_key(raw.get("caSecretRef"), "ca.crt", "spec.tls.caSecretRef", problems),
+        client_auth=bool(raw.get("clientAuth", False)),
+    )
+
+
+def _security(spec: Mapping[str, Any], problems: list[str]) -> Security:
+    keys = spec.get("apiKeys") or {}
+    max_calls = int(keys.get("maxCallsPerKey", 0))
+    if max_calls < 0:
+        problems.append("spec.apiKeys.maxCallsPerKey must be >= 0")
+    if keys and not keys.get("secretRef"):
+        problems.append("spec.apiKeys.secretRef is required")
+    redis_tls = (spec.get("redis") or {}).get("tls") or {}
+    return Security(
+        tls=_tls(spec.get("tls"), problems),
+        api_keys=_secret_key(keys.get("secretRef"), "api-keys", "spec.apiKeys.secretRef", problems),
+        api_key_max_calls=max_calls,
+        internal_token=_secret_key(
+            spec.get("internalTokenSecretRef"), "internal-token", "spec.internalTokenSecretRef", problems
+        ),
+        kv_secret=_secret_key(spec.get("kvSecretRef"), "kv-secret", "spec.kvSecretRef", problems),
+        redis_ca=_secret_key(redis_tls.get("caSecretRef"), "ca.crt", "spec.redis.tls.caSecretRef", problems),
+    )
+
+
 def parse(spec: Mapping[str, Any]) -> DecoderSpec:
     """Defaulted, validated spec; a ``ValueError`` lists every problem at once."""
     problems: list[str] = []
@@ -240,6 +318,11 @@ def parse(spec: Mapping[str, Any]) -> DecoderSpec:
     ports = [t.port for t in tiers.values()]
     if metrics_port is not None and metrics_port in ports:
         problems.append(f"spec.metrics.port {metrics_port} is also a tier's gRPC port")
+    http = spec.get("http") or {}
+    http_port = int(http.get("port", DEFAULT_HTTP_PORT)) if http.get("enabled", False) else None
+    if http_port is not None and http_port in [*ports, metrics_port]:
+        problems.append(f"spec.http.port {http_port} is also a tier's gRPC or the metrics port")
+    security = _security(spec, problems)
     if problems:
         raise ValueError("; ".join(problems))
     return DecoderSpec(
@@ -254,4 +337,6 @@ def parse(spec: Mapping[str, Any]) -> DecoderSpec:
         tiers=tiers,
         models=models,
         metrics_port=metrics_port,
+        security=security,
+        http_port=http_port,
     )

@@ -19,8 +19,52 @@ CHART = ROOT / "helm" / "specdec"
 K8S_VERSION = "1.33.0"
 SCENARIOS = [None] + sorted(str(p) for p in (CHART / "ci").glob("*-values.yaml"))
 CRD_KINDS = {"SpeculativeDecoder", "KopfPeering", "ClusterKopfPeering"}
-# Custom resources of other projects' CRDs (the Prometheus Operator): kubernetes-validate has no schema.
-FOREIGN_KINDS = {"ServiceMonitor", "PodMonitor"}
+# Custom resources of other projects' CRDs (the Prometheus Operator, cert-manager): kubernetes-validate
+# has no schema; Certificates are checked against CERTIFICATE below.
+FOREIGN_KINDS = {"ServiceMonitor", "PodMonitor", "Certificate"}
+# The cert-manager.io/v1 Certificate fields the chart sets, as cert-manager accepts them.
+CERT_USAGES = [
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+    "server auth", "client auth", "code signing", "email protection", "s/mime", "ipsec end system",
+    "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+]  # fmt: skip
+CERTIFICATE = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secretName", "issuerRef"],
+            "properties": {
+                "secretName": {"type": "string", "minLength": 1},
+                "commonName": {"type": "string", "maxLength": 64},
+                "dnsNames": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                "usages": {"type": "array", "items": {"enum": CERT_USAGES}},
+                "duration": {"type": "string", "pattern": "^([0-9.]+(h|m|s))+$"},
+                "renewBefore": {"type": "string", "pattern": "^([0-9.]+(h|m|s))+$"},
+                "privateKey": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                        "size": {"type": "integer"},
+                        "rotationPolicy": {"enum": ["Never", "Always"]},
+                        "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                    },
+                },
+                "issuerRef": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string", "minLength": 1}, "kind": {}, "group": {}},
+                },
+            },
+        },
+    },
+}
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -76,6 +120,8 @@ def test_rendered_manifests_validate_strictly(values: str | None) -> None:
     schema = openapi_to_jsonschema(crd_schema())
     for doc in docs:
         if doc["kind"] in CRD_KINDS | FOREIGN_KINDS:
+            if doc["kind"] == "Certificate":
+                jsonschema.validate(doc, CERTIFICATE)
             if doc["kind"] == "SpeculativeDecoder":
                 jsonschema.validate(doc, schema)
                 from specdec_operator.spec import parse
@@ -103,7 +149,12 @@ def test_default_render_has_every_component() -> None:
     assert yaml.safe_load(cm["data"]["specdec.json"])["panels"]
     role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "rel-specdec-operator")
     verbs = {v for r in role["rules"] for v in r["verbs"]}
-    assert "*" not in verbs and not any("secrets" in r["resources"] for r in role["rules"])
+    assert "*" not in verbs
+    # The one Secret the operator reads: the bundled Valkey's client URL (it carries the password).
+    secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert secrets == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["rel-specdec-redis-auth"], "verbs": ["get"]}
+    ]
 
 
 def test_scenarios_change_what_they_should() -> None:
@@ -259,7 +310,7 @@ def test_network_policies_follow_ports_namespaces_and_redis_tls(tmp_path: Path) 
     )
     docs = objects(str(f))
     coord = docs[("NetworkPolicy", "rel-specdec-coordinator")]["spec"]["ingress"][0]
-    assert coord["ports"] == [{"port": 7001, "protocol": "TCP"}]
+    assert coord["ports"] == [{"port": 7001, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]  # gRPC, HTTP
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}} in coord["from"]
     inner = docs[("NetworkPolicy", "rel-specdec-inner-tiers")]["spec"]["ingress"][0]["ports"]
     assert [p["port"] for p in inner] == [50052, 7003]

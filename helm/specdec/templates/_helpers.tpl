@@ -57,13 +57,120 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-redis" (include "specdec.fullname" .) -}}
 {{- end -}}
 
+{{/* specdec.redisPort: the bundled Valkey's port: 6380 (TLS only) or 6379. */}}
+{{- define "specdec.redisPort" -}}
+{{- ternary 6380 6379 .Values.redis.tls.enabled -}}
+{{- end -}}
+
+{{/* specdec.redisCaFile: where every pod finds the CA of a rediss:// server (a rediss URL names it). */}}
+{{- define "specdec.redisCaFile" -}}
+/etc/specdec/redis-ca/ca.crt
+{{- end -}}
+
+{{/* specdec.bundledRedisUrl: the bundled Valkey's client URL, with the password (dict ctx, password). */}}
+{{- define "specdec.bundledRedisUrl" -}}
+{{- $ctx := .ctx -}}
+{{- $auth := ternary (printf ":%s@" .password) "" (ne .password "") -}}
+{{- $host := printf "%s.%s.svc:%s" (include "specdec.redisHost" $ctx) $ctx.Release.Namespace (include "specdec.redisPort" $ctx) -}}
+{{- if $ctx.Values.redis.tls.enabled -}}
+{{- printf "rediss://%s%s/0?ssl_ca_certs=%s" $auth $host (include "specdec.redisCaFile" $ctx) -}}
+{{- else -}}
+{{- printf "redis://%s%s/0" $auth $host -}}
+{{- end -}}
+{{- end -}}
+
 {{/* specdec.redisUrl: plain Redis URL, empty when it comes from a Secret. */}}
 {{- define "specdec.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
-{{- printf "redis://%s.%s.svc:6379/0" (include "specdec.redisHost" .) .Release.Namespace -}}
+{{- if not .Values.redis.auth.enabled -}}
+{{- include "specdec.bundledRedisUrl" (dict "ctx" . "password" "") -}}
+{{- end -}}
 {{- else if not .Values.redis.external.existingSecret -}}
 {{- .Values.redis.external.url -}}
 {{- end -}}
+{{- end -}}
+
+{{/* specdec.redisAuthSecret: the Secret with the bundled Valkey's password and client URL. */}}
+{{- define "specdec.redisAuthSecret" -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis-auth" (include "specdec.fullname" .)) -}}
+{{- end -}}
+
+{{/* specdec.redisUrlRef: JSON {name, key} of the Secret key holding the clients' Redis URL; {} when the URL is plain. */}}
+{{- define "specdec.redisUrlRef" -}}
+{{- if and .Values.redis.enabled .Values.redis.auth.enabled -}}
+{{- dict "name" (include "specdec.redisAuthSecret" .) "key" "url" | toJson -}}
+{{- else if and (not .Values.redis.enabled) .Values.redis.external.existingSecret -}}
+{{- dict "name" .Values.redis.external.existingSecret "key" .Values.redis.external.existingSecretKey | toJson -}}
+{{- else -}}
+{{- dict | toJson -}}
+{{- end -}}
+{{- end -}}
+
+{{/* specdec.redisTlsSecret: the bundled Valkey's certificate Secret (existing or cert-manager's). */}}
+{{- define "specdec.redisTlsSecret" -}}
+{{- .Values.redis.tls.existingSecret | default (printf "%s-redis-tls" (include "specdec.fullname" .)) -}}
+{{- end -}}
+
+{{/* specdec.redisCaRef: JSON {name, key} of the CA a rediss:// client trusts; {} without Redis TLS. */}}
+{{- define "specdec.redisCaRef" -}}
+{{- if and .Values.redis.enabled .Values.redis.tls.enabled -}}
+{{- dict "name" (include "specdec.redisTlsSecret" .) "key" "ca.crt" | toJson -}}
+{{- else if and (not .Values.redis.enabled) .Values.redis.external.caSecret.name -}}
+{{- toJson .Values.redis.external.caSecret -}}
+{{- else -}}
+{{- dict | toJson -}}
+{{- end -}}
+{{- end -}}
+
+{{/* specdec.secretValue: a value of a Secret the chart generates: the live one (so upgrades keep it), else random (dict ctx, name, key). */}}
+{{- define "specdec.secretValue" -}}
+{{- $live := lookup "v1" "Secret" .ctx.Release.Namespace .name -}}
+{{- if and $live $live.data (hasKey $live.data .key) -}}
+{{- index $live.data .key | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 40 -}}
+{{- end -}}
+{{- end -}}
+
+{{/* specdec.coordinatorTlsSecret: the coordinator's certificate Secret. */}}
+{{- define "specdec.coordinatorTlsSecret" -}}
+{{- if .Values.tls.certManager.enabled -}}
+{{- printf "%s-coordinator-tls" (include "specdec.fullname" .) -}}
+{{- else -}}
+{{- .Values.tls.coordinatorSecret | default .Values.tls.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{/* specdec.tierTlsSecret: the draft and target tiers' certificate Secret. */}}
+{{- define "specdec.tierTlsSecret" -}}
+{{- if .Values.tls.certManager.enabled -}}
+{{- printf "%s-tier-tls" (include "specdec.fullname" .) -}}
+{{- else -}}
+{{- .Values.tls.tierSecret | default .Values.tls.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{/* specdec.apiKeysSecret: the Secret with the API keys' digests (existing or generated). */}}
+{{- define "specdec.apiKeysSecret" -}}
+{{- .Values.apiKeys.existingSecret | default (printf "%s-api-keys" (include "specdec.fullname" .)) -}}
+{{- end -}}
+
+{{/* specdec.internalSecret: the Secret with the internal token and the KV MAC key (existing or generated). */}}
+{{- define "specdec.internalSecret" -}}
+{{- .Values.internalSecrets.existingSecret | default (printf "%s-internal" (include "specdec.fullname" .)) -}}
+{{- end -}}
+
+{{/* specdec.redisCaVolume: the redis-ca volume of a pod, when clients need a CA for rediss://. */}}
+{{- define "specdec.redisCaVolume" -}}
+{{- with (include "specdec.redisCaRef" . | fromJson) }}
+- name: redis-ca
+  secret:
+    secretName: {{ .name }}
+    defaultMode: 0440
+    items:
+      - key: {{ .key }}
+        path: ca.crt
+{{- end }}
 {{- end -}}
 
 {{/* specdec.podSecurityContext: non-root pod security context; UIDs left to the platform with openshift. */}}
@@ -93,11 +200,11 @@ seccompProfile:
 {{- end }}
 {{- end -}}
 
-{{/* specdec.secretNames: Secrets the operator may read: operator.secretNames plus redis.external.existingSecret. */}}
+{{/* specdec.secretNames: Secrets the operator may read: operator.secretNames plus the one holding the Redis URL. */}}
 {{- define "specdec.secretNames" -}}
 {{- $names := .Values.operator.secretNames | default list -}}
-{{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret -}}
-{{- $names = append $names .Values.redis.external.existingSecret -}}
+{{- with (include "specdec.redisUrlRef" . | fromJson) -}}
+{{- $names = append $names .name -}}
 {{- end -}}
 {{- toJson ($names | uniq) -}}
 {{- end -}}
@@ -145,6 +252,25 @@ capabilities:
 {{- if eq (empty .claimName) (empty .size) -}}
 {{- $errors = append $errors "decoder.modelCache: set claimName (an existing PVC) or size (a new one), one of them" -}}
 {{- end -}}
+{{- end -}}
+{{- $tls := .Values.tls -}}
+{{- if and $tls.enabled (not $tls.certManager.enabled) (not (and (include "specdec.coordinatorTlsSecret" .) (include "specdec.tierTlsSecret" .))) -}}
+{{- $errors = append $errors "tls.enabled: set tls.certManager.enabled (with an issuerRef), tls.existingSecret, or both tls.coordinatorSecret and tls.tierSecret" -}}
+{{- end -}}
+{{- if and $tls.certManager.enabled (or $tls.existingSecret $tls.coordinatorSecret $tls.tierSecret) -}}
+{{- $errors = append $errors "tls: certificates come from cert-manager (tls.certManager.enabled) or from existing Secrets, not both" -}}
+{{- end -}}
+{{- if and (or ($tls.enabled) (and .Values.redis.enabled .Values.redis.tls.enabled (not .Values.redis.tls.existingSecret))) $tls.certManager.enabled (not $tls.certManager.issuerRef.name) -}}
+{{- $errors = append $errors "tls.certManager.issuerRef.name is required: the Issuer or ClusterIssuer that signs the certificates" -}}
+{{- end -}}
+{{- if and .Values.redis.enabled .Values.redis.tls.enabled (not .Values.redis.tls.existingSecret) (not $tls.certManager.enabled) -}}
+{{- $errors = append $errors "redis.tls.enabled: set redis.tls.existingSecret or tls.certManager.enabled (a Certificate for Valkey)" -}}
+{{- end -}}
+{{- if and (not .Values.redis.enabled) (or .Values.redis.tls.enabled .Values.redis.auth.existingSecret) -}}
+{{- $errors = append $errors "redis.tls and redis.auth are the bundled Valkey's: with an external Redis put the password in the URL (redis.external.existingSecret) and its CA in redis.external.caSecret" -}}
+{{- end -}}
+{{- if and .Values.decoder.enabled .Values.decoder.http.enabled (has (int .Values.decoder.http.port) (list (int (include "specdec.tierPort" (dict "ctx" . "tier" "coordinator"))) (int .Values.metrics.port))) -}}
+{{- $errors = append $errors "decoder.http.port is also the coordinator's gRPC or the metrics port" -}}
 {{- end -}}
 {{- if and (or .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled) (not .Values.metrics.enabled) -}}
 {{- $errors = append $errors "metrics.serviceMonitor/podMonitor need metrics.enabled=true" -}}
