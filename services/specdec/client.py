@@ -16,6 +16,7 @@ exactly as an unbroken stream would have sent it. Complete is sent again the sam
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -37,7 +38,12 @@ DECODING = (
     "stop_token_ids",
     "ignore_eos",
     "logprobs",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
 )
+CONSTRAINTS = ("json_schema", "json_object", "regex")  # structured output: one of them (a schema may be a dict)
 SPECULATION = {
     "drafter": "drafter",
     "max_draft_tokens": "max_draft_tokens",
@@ -75,6 +81,8 @@ def make_request(
                 setattr(request.decoding, name, value)
         elif name in SPECULATION:
             setattr(request.speculation, SPECULATION[name], value)
+        elif name in CONSTRAINTS:
+            setattr(request.decoding.constraint, name, json.dumps(value) if isinstance(value, dict) else value)
         else:
             raise TypeError(f"unknown parameter {name!r}")
     return request

@@ -104,9 +104,8 @@ def front(fronts) -> Front:
 def _grpc(address: str, prompt: str | None = None, **kwargs):
     """The gRPC path (the tiny stack's own coordinator: same replicas, no API keys)."""
     with Client(address, timeout_s=60) as client:
-        return client.complete(
-            prompt, max_new_tokens=24, temperature=0.0, ignore_eos=True, drafter="ngram", k=3, adaptive=False, **kwargs
-        )
+        params = {"max_new_tokens": 24, "temperature": 0.0, "ignore_eos": True, "drafter": "ngram", "k": 3}
+        return client.complete(prompt, adaptive=False, **{**params, **kwargs})
 
 
 def _check_usage(usage, prompt_tokens: int, completion_tokens: int, steps_at_least: int = 1) -> None:
@@ -169,6 +168,25 @@ def test_chat_streamed_and_not_is_the_grpc_output(tiny_stack, front):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].object == "chat.completion.chunk" and chunks[-1].choices == []
     _check_usage(chunks[-1].usage, grpc_reply.stats.prompt_tokens, 24)
+
+
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.7, "repetition_penalty": 1.5, "min_p": 0.1}
+
+
+def test_penalties_and_min_p_over_http_are_the_grpc_output(tiny_stack, front):
+    """Greedy with penalties: HTTP (speculating) gives the gRPC path's text with no drafter,
+    and the penalties change it; sampled with min_p, both fronts draw the same tokens."""
+    plain = _grpc(tiny_stack.address, PROMPT, drafter="none", **PENALTIES)
+    assert plain.text != _grpc(tiny_stack.address, PROMPT, drafter="none").text
+    extra = {**SPEC, "repetition_penalty": PENALTIES["repetition_penalty"], "min_p": PENALTIES["min_p"]}
+    fields = {"presence_penalty": PENALTIES["presence_penalty"], "frequency_penalty": PENALTIES["frequency_penalty"]}
+    reply = front.client().completions.create(model=front.model, prompt=PROMPT, **GREEDY, **fields, extra_body=extra)
+    assert reply.choices[0].text == plain.text
+    sampled = _grpc(tiny_stack.address, PROMPT, **{**PENALTIES, "temperature": 0.8, "seed": 11})
+    reply = front.client().completions.create(
+        model=front.model, prompt=PROMPT, max_tokens=24, temperature=0.8, seed=11, **fields, extra_body=extra
+    )
+    assert reply.choices[0].text == sampled.text
 
 
 async def test_async_client_n_choices_and_seeds(front):
@@ -270,18 +288,23 @@ BAD = [  # (endpoint, fields, the param named)
     ("chat", {"max_completion_tokens": 0}, "max_completion_tokens"),
     ("completions", {"max_tokens": 10**9}, "max_tokens"),
     ("chat", {"top_p": 0.0}, "top_p"),
-    ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("chat", {"frequency_penalty": 0.5}, "frequency_penalty"),
-    ("chat", {"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
-    ("chat", {"extra_body": {"min_p": 0.1}}, "min_p"),
+    ("chat", {"presence_penalty": 2.5}, "presence_penalty"),
+    ("chat", {"frequency_penalty": -3.0}, "frequency_penalty"),
+    ("chat", {"extra_body": {"repetition_penalty": 0.0}}, "repetition_penalty"),
+    ("completions", {"extra_body": {"repetition_penalty": -1.0}}, "repetition_penalty"),
+    ("chat", {"extra_body": {"min_p": 1.5}}, "min_p"),
+    ("completions", {"extra_body": {"min_p": -0.1}}, "min_p"),
+    ("chat", {"extra_body": {"min_tokens": 3}}, "min_tokens"),
     ("chat", {"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ("chat", {"top_logprobs": 2}, "top_logprobs"),
     ("completions", {"logprobs": 21}, "logprobs"),
     (
         "chat",
-        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
         "response_format",
     ),
+    ("chat", {"response_format": {"type": "json_schema"}}, "response_format"),
+    ("completions", {"extra_body": {"response_format": {"type": "grammar"}}}, "response_format"),
     ("chat", {"extra_body": {"speculation": {"drafter": "telepathy"}}}, "speculation.drafter"),
     ("chat", {"extra_body": {"speculation": {"max_draft_tokens": 99}}}, "speculation.max_draft_tokens"),
     ("chat", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),

@@ -46,7 +46,7 @@ from specdec.core.models import load_tokenizer, resolve_model_path
 from specdec.core.request import ModelLimits, RequestSpec, build_request, check_sizes, longest_token_chars
 from specdec.core.stats import SpecStats
 from specdec.core.tokenizer import Tokenizer
-from specdec.rpc.convert import logprobs_to_proto, stats_to_proto
+from specdec.rpc.convert import constraint_from_proto, logprobs_to_proto, stats_to_proto
 from specdec.rpc.errors import grpc_errors
 from specdec.rpc.server import TierServer, tls_files
 from specdec.rpc.streams import Dial
@@ -532,6 +532,8 @@ def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteR
     def opt(msg: generation_pb2.DecodingParams | generation_pb2.SpeculationParams, name: str) -> Any:
         return getattr(msg, name) if msg.HasField(name) else None  # None: left unset (proto3 optional)
 
+    grammar_kind, grammar = constraint_from_proto(d.constraint)
+
     return RequestSpec(
         prompt=m.prompt if which == "prompt" else None,
         messages=[{"role": x.role, "content": x.content} for x in m.chat.messages] if which == "chat" else None,
@@ -550,6 +552,12 @@ def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteR
         overlap=opt(s, "overlap"),
         request_id=m.request_id,
         logprobs=opt(d, "logprobs"),
+        min_p=opt(d, "min_p"),
+        presence_penalty=opt(d, "presence_penalty"),
+        frequency_penalty=opt(d, "frequency_penalty"),
+        repetition_penalty=opt(d, "repetition_penalty"),
+        grammar_kind=grammar_kind,
+        grammar=grammar,
     )
 
 

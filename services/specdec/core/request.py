@@ -48,6 +48,12 @@ class RequestSpec:
     overlap: bool | None = None
     request_id: str = ""
     logprobs: int | None = None  # None: none; n: each token's log-probability and the top n (0..20)
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    grammar_kind: str = ""  # structured output: "" | "json_object" | "json_schema" | "regex"
+    grammar: str = ""  # the JSON schema (JSON text) or the regex
 
 
 @dataclass
@@ -82,12 +88,7 @@ def build_request(
     max_new = DEFAULT_MAX_NEW_TOKENS if spec.max_new_tokens is None else spec.max_new_tokens
     if not 1 <= max_new <= limits.max_new_tokens:
         raise InvalidArgument("decoding.max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new}")
-    sampling = SamplingParams(
-        temperature=1.0 * (0.0 if spec.temperature is None else spec.temperature),
-        top_k=0 if spec.top_k is None else spec.top_k,
-        top_p=1.0 if spec.top_p is None else spec.top_p,
-        seed=secrets.randbits(63) if spec.seed is None else spec.seed,
-    ).validate("decoding.")
+    sampling = _sampling(spec, len(prompt_ids))
     drafter = _drafter(parse_drafter(spec.drafter or default_drafter), available_drafters)
     k = DEFAULT_DRAFT_TOKENS if spec.max_draft_tokens is None else spec.max_draft_tokens
     if not 1 <= k <= MAX_DRAFT_TOKENS:
@@ -108,6 +109,25 @@ def build_request(
         logprobs=_logprobs(spec.logprobs),
     )
     return request, list(spec.stop)
+
+
+def _sampling(spec: RequestSpec, prompt_len: int) -> SamplingParams:
+    def given(value: float | None, default: float) -> float:
+        return default if value is None else 1.0 * value
+
+    return SamplingParams(
+        temperature=given(spec.temperature, 0.0),
+        top_k=0 if spec.top_k is None else spec.top_k,
+        top_p=given(spec.top_p, 1.0),
+        seed=secrets.randbits(63) if spec.seed is None else spec.seed,
+        min_p=given(spec.min_p, 0.0),
+        presence_penalty=given(spec.presence_penalty, 0.0),
+        frequency_penalty=given(spec.frequency_penalty, 0.0),
+        repetition_penalty=given(spec.repetition_penalty, 1.0),
+        prompt_len=prompt_len,
+        grammar_kind=spec.grammar_kind,
+        grammar=spec.grammar,
+    ).validate("decoding.")
 
 
 def check_sizes(spec: RequestSpec, limits: ModelLimits) -> None:

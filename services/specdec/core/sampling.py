@@ -1,7 +1,9 @@
 """Sampling parameters and logits processing.
 
-Temperature, top-k and top-p are applied to the target's and the drafter's logits alike,
-*before* the rejection test, so both sides speak about the same distribution.
+Temperature, top-k, top-p and min-p are applied to the target's and the drafter's logits
+alike, *before* the rejection test, so both sides speak about the same distribution. The
+penalties (core/penalties.py) and a structured-output constraint (core/grammar.py) act on
+the logits before these, each row seeing the tokens before it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import torch
 from specdec.core.errors import InvalidArgument
 
 MAX_TOP_K = 1 << 20
+MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
+MAX_REPETITION_PENALTY = 10.0
+MAX_GRAMMAR_CHARS = 1 << 16  # a JSON schema or a regex
+GRAMMAR_KINDS = ("", "json_object", "json_schema", "regex")
 
 
 @dataclass(frozen=True)
@@ -23,10 +29,28 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # (0, 1]; 1 = off
     seed: int = 0  # keys the counter-based generator with the token position
+    min_p: float = 0.0  # [0, 1]: drop tokens less likely than min_p x the most likely one; 0 = off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence among the generated tokens
+    repetition_penalty: float = 1.0  # HF's: divides (>0) or multiplies (<0) the logit of prompt and output tokens
+    # The session's first prompt_len tokens are the prompt: presence and frequency count
+    # only the tokens after them (the output), repetition all of them.
+    prompt_len: int = 0
+    grammar_kind: str = ""  # "" (none) | "json_object" | "json_schema" | "regex"
+    grammar: str = ""  # the JSON schema (as JSON text) or the regex; "" for json_object
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Some penalty changes the logits (the plain path skips all of that work)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def constrained(self) -> bool:
+        return self.grammar_kind != ""
 
     def validate(self, prefix: str = "") -> SamplingParams:
         """Raise InvalidArgument naming the bad field; return self when valid."""
@@ -40,11 +64,41 @@ class SamplingParams:
             raise InvalidArgument(prefix + "top_p", f"must be in (0, 1], got {self.top_p}")
         if not 0 <= self.seed < 1 << 64:
             raise InvalidArgument(prefix + "seed", "must fit in 64 bits")
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            raise InvalidArgument(prefix + "min_p", f"must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise InvalidArgument(prefix + name, f"must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}")
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise InvalidArgument(
+                prefix + "repetition_penalty",
+                f"must be in (0, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}",
+            )
+        if self.prompt_len < 0:
+            raise InvalidArgument(prefix + "prompt_len", f"must be >= 0, got {self.prompt_len}")
+        self._validate_grammar(prefix)
         return self
+
+    def _validate_grammar(self, prefix: str) -> None:
+        if self.grammar_kind not in GRAMMAR_KINDS:
+            raise InvalidArgument(prefix + "constraint", f"unknown kind {self.grammar_kind[:40]!r}")
+        if not self.grammar_kind:
+            if self.grammar:
+                raise InvalidArgument(prefix + "constraint", "a grammar without a kind")
+            return
+        if len(self.grammar) > MAX_GRAMMAR_CHARS:
+            raise InvalidArgument(prefix + "constraint." + self.grammar_kind, f"at most {MAX_GRAMMAR_CHARS} characters")
+        from specdec.core.grammar import check_grammar  # the grammar engine loads only when a request uses it
+
+        error = check_grammar(self.grammar_kind, self.grammar)
+        if error:
+            raise InvalidArgument(prefix + "constraint." + self.grammar_kind, error[:300])
 
 
 def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Logits [n, vocab] -> float64 probabilities [n, vocab] after temperature/top-k/top-p.
+    """Logits [n, vocab] -> float64 probabilities [n, vocab] after temperature, top-k,
+    top-p, then min-p (vLLM's order).
 
     Greedy parameters give the one-hot of the argmax, so the rejection test degenerates to
     an exact argmax match.
@@ -64,6 +118,11 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
         drop_sorted = mass_before >= params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    if params.min_p > 0.0:
+        # The most likely token always stays (p >= min_p * p with min_p <= 1).
+        floor = params.min_p * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 

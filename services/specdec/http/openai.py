@@ -3,7 +3,8 @@
 Requests are pydantic models (FastAPI validates them); `to_specs` turns one into the
 `RequestSpec`s the coordinator runs (one per choice: `n` × prompts). Every field that
 would change the output and is not implemented is refused with a 400 naming it, never
-ignored; its neutral value (`presence_penalty: 0`, `logprobs: false`, ...) is accepted.
+ignored; its neutral value (`min_tokens: 0`, `logprobs: false`, ...) is accepted.
+`response_format` json_object / json_schema constrains the output (core/grammar.py).
 Responses are plain dicts in OpenAI's shapes; `usage` carries the speculation statistics
 under `usage.speculation`.
 """
@@ -11,6 +12,7 @@ under `usage.speculation`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 import uuid
@@ -56,9 +58,29 @@ class Speculation(_Strict):
     overlap: bool | None = Field(default=None, description="draft step n+1 while step n is verified")
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")  # description, ...: do not change the output
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> tuple[str, str]:
+        """-> (grammar_kind, grammar) as RequestSpec spells them."""
+        if self.type == "text":
+            return "", ""
+        if self.type == "json_object":
+            return "json_object", ""
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise InvalidArgument("response_format", "type json_schema needs json_schema.schema")
+            return "json_schema", json.dumps(self.json_schema.schema_)
+        raise NotSupported("response_format", f"type {self.type[:40]!r}")
 
 
 class _Sampling(_Strict):
@@ -75,14 +97,14 @@ class _Sampling(_Strict):
     speculation: Speculation | None = None
     stop_token_ids: list[int] | None = Field(default=None, description="extension (vLLM's)")
     ignore_eos: bool = Field(default=False, description="extension (vLLM's): keep generating past end of sequence")
-    # Accepted at their neutral values only (400 otherwise): not implemented yet.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    min_p: float | None = None
+    repetition_penalty: float | None = Field(default=None, description="extension (vLLM's)")
+    min_p: float | None = Field(default=None, description="extension (vLLM's)")
+    response_format: ResponseFormat | None = None
+    # Accepted at their neutral values only (400 otherwise): not implemented yet.
     min_tokens: int | None = None
     logit_bias: dict[str, float] | None = None
-    response_format: ResponseFormat | None = None
     # Metadata that does not change the output.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -90,26 +112,17 @@ class _Sampling(_Strict):
     service_tier: str | None = None
 
     def _refuse_unsupported(self) -> None:
-        neutral: list[tuple[str, Any, Any]] = [
-            ("presence_penalty", self.presence_penalty, 0.0),
-            ("frequency_penalty", self.frequency_penalty, 0.0),
-            ("repetition_penalty", self.repetition_penalty, 1.0),
-            ("min_p", self.min_p, 0.0),
-            ("min_tokens", self.min_tokens, 0),
-        ]
-        for name, value, default in neutral:
-            if value is not None and value != default:
-                raise NotSupported(name)
+        if self.min_tokens not in (None, 0):
+            raise NotSupported("min_tokens")
         if self.logit_bias:
             raise NotSupported("logit_bias")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise NotSupported("response_format", f"type {self.response_format.type[:40]!r}")
         if self.n < 1:
             raise InvalidArgument("n", f"must be >= 1, got {self.n}")
 
     def _base_spec(self, max_tokens: int | None, default_max_tokens: int) -> RequestSpec:
         spec = self.speculation or Speculation()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        grammar_kind, grammar = self.response_format.constraint() if self.response_format else ("", "")
         return RequestSpec(
             max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
             temperature=DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
@@ -123,6 +136,12 @@ class _Sampling(_Strict):
             max_draft_tokens=spec.max_draft_tokens,
             adaptive=spec.adaptive,
             overlap=spec.overlap,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            grammar_kind=grammar_kind,
+            grammar=grammar,
         )
 
     @property
@@ -256,6 +275,8 @@ def param_for(field: str, request: BaseModel | None) -> str:
         return "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
     if field == "token_ids.ids":
         return "prompt"
+    if field.startswith("decoding.constraint"):
+        return "response_format"
     if _INDEXED.match(field):
         return _INDEXED.sub("messages", field)
     return field.removeprefix("decoding.")

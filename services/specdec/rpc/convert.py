@@ -31,11 +31,54 @@ def probs_from_bytes(data: bytes, rows: int) -> torch.Tensor | None:
 
 
 def sampling_to_proto(p: SamplingParams) -> sampling_pb2.SamplingParams:
-    return sampling_pb2.SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
+    return sampling_pb2.SamplingParams(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        seed=p.seed,
+        min_p=p.min_p,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,
+        prompt_len=p.prompt_len,
+        constraint=constraint_to_proto(p.grammar_kind, p.grammar),
+    )
 
 
 def sampling_from_proto(m: sampling_pb2.SamplingParams) -> SamplingParams:
-    return SamplingParams(temperature=m.temperature, top_k=m.top_k, top_p=m.top_p, seed=m.seed)
+    kind, source = constraint_from_proto(m.constraint)
+    return SamplingParams(
+        temperature=m.temperature,
+        top_k=m.top_k,
+        top_p=m.top_p,
+        seed=m.seed,
+        min_p=m.min_p,
+        presence_penalty=m.presence_penalty,
+        frequency_penalty=m.frequency_penalty,
+        repetition_penalty=m.repetition_penalty if m.HasField("repetition_penalty") else 1.0,
+        prompt_len=m.prompt_len,
+        grammar_kind=kind,
+        grammar=source,
+    )
+
+
+def constraint_to_proto(kind: str, source: str) -> sampling_pb2.Constraint:
+    if kind == "json_object":
+        return sampling_pb2.Constraint(json_object=True)
+    if kind == "json_schema":
+        return sampling_pb2.Constraint(json_schema=source)
+    if kind == "regex":
+        return sampling_pb2.Constraint(regex=source)
+    return sampling_pb2.Constraint()
+
+
+def constraint_from_proto(m: sampling_pb2.Constraint) -> tuple[str, str]:
+    """-> (kind, source) as SamplingParams spells them; ("", "") when none is set.
+    `json_object: false` is no constraint."""
+    kind = m.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not m.json_object):
+        return "", ""
+    return kind, "" if kind == "json_object" else getattr(m, kind)
 
 
 def propose_item_to_proto(tag: int, item: ProposeItem, traceparent: str = "") -> draft_pb2.ProposeItem:

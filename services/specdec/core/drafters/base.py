@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 from specdec.core.types import Proposal, ProposeItem
 
 if TYPE_CHECKING:
+    from specdec.core.grammar import GrammarState
     from specdec.core.kv_cache import SessionKV
     from specdec.core.prefix_store import PrefixStore
     from specdec.core.runner import Runner
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 class DraftSession:
     tokens: list[int] = field(default_factory=list)  # the session's committed tokens
     kv: SessionKV | None = None  # the draft model's cache (model drafters)
+    grammar: GrammarState | None = None  # a constrained request's grammar state (model drafters)
 
 
 DraftRow = tuple[DraftSession, ProposeItem]

@@ -13,8 +13,11 @@ import torch
 
 from specdec.core.cost import PassCost
 from specdec.core.drafters.base import DraftRow, DraftSession
+from specdec.core.errors import InvalidArgument
+from specdec.core.grammar import grammar_state, vocab_for_model
 from specdec.core.kv_cache import SessionKV
 from specdec.core.prefix_store import PrefixStore, prepare_cache
+from specdec.core.processors import draft_row
 from specdec.core.rng import Purpose, sample_index, uniform
 from specdec.core.runner import ForwardItem, Runner
 from specdec.core.sampling import probs_from_logits, quantize_f16
@@ -47,22 +50,31 @@ class ModelDrafter:
             caches.append(kv)
             feeds.append(feed)
         live = [j for j, (_, item) in enumerate(rows) if item.num_tokens > 0]
+        for session, item in rows:
+            self._sync_grammar(session, item)
         while live:
             logits = self.cost.timed(self.runner.forward, [ForwardItem(caches[j], feeds[j], 1) for j in live])
+            ended = set()
             for j, row_logits in zip(live, logits):
                 session, item = rows[j]
-                token, q = _sample(row_logits, item, len(session.tokens) + len(drafts[j]))
+                row = _processed(row_logits[-1:], session, item, drafts[j])
+                if row is None:  # the grammar allows nothing more: the draft ends here
+                    ended.add(j)
+                    continue
+                token, q = _sample(row, item, len(session.tokens) + len(drafts[j]))
                 drafts[j].append(token)
                 probs[j].append(q)
                 feeds[j] = [token]
-            live = [j for j in live if len(drafts[j]) < rows[j][1].num_tokens]
+                if session.grammar is not None:
+                    session.grammar.advance(token)
+            live = [j for j in live if j not in ended and len(drafts[j]) < rows[j][1].num_tokens]
         if self.prefix_store is not None:
             for (session, _), kv in zip(rows, caches):  # the store keeps only the committed part of the cache
                 self.prefix_store.offer(session.tokens, kv)
         return [
             Proposal(
                 drafts[j],
-                None if item.sampling.greedy else torch.stack(probs[j]),
+                None if item.sampling.greedy or not probs[j] else torch.stack(probs[j]),
                 draft_pass_base_s=self.cost.base_s,
                 draft_row_s=self.cost.row_s,
             )
@@ -76,11 +88,35 @@ class ModelDrafter:
             session.kv = self.runner.new_kv()
         return session.kv, session.tokens[prepare_cache(session.kv, session.tokens, self.prefix_store) :]
 
+    def _sync_grammar(self, session: DraftSession, item: ProposeItem) -> None:
+        """Bring a constrained session's grammar to its committed output (the drafts of the
+        last proposal are rolled back here, the accepted ones consumed again)."""
+        params = item.sampling
+        if not params.constrained:
+            session.grammar = None
+            return
+        vocab = vocab_for_model(self.runner.model, self.runner.vocab_size)
+        output = session.tokens[params.prompt_len :]
+        try:
+            session.grammar = grammar_state(session.grammar, vocab, params.grammar_kind, params.grammar, output)
+        except InvalidArgument:  # drafts unconstrained then: the target masks every position anyway
+            session.grammar = None
+
     def learn(self, session: DraftSession, committed: list[int]) -> None:
         pass  # the rollback happens lazily in _feed, against the committed tokens
 
     def release(self, session: DraftSession) -> None:
         session.kv = None  # its slot returns to the pool
+
+
+def _processed(
+    logits: torch.Tensor, session: DraftSession, item: ProposeItem, drafts: list[int]
+) -> torch.Tensor | None:
+    """The row with the penalties and the constraint the target will apply at this
+    position (better acceptance; exactness holds with any q the draft was drawn from)."""
+    if not (item.sampling.penalized or item.sampling.constrained):
+        return logits
+    return draft_row(logits, session.tokens + drafts, item.sampling, session.grammar)
 
 
 def _sample(logits: torch.Tensor, item: ProposeItem, position: int) -> tuple[int, torch.Tensor]:

@@ -1,0 +1,85 @@
+"""Sampling controls and structured output through the three tiers (coordinator, draft,
+target as real processes): the fields cross both protos intact, and the tiers produce what
+the in-process engine produces, greedy and seeded, with every drafter."""
+
+from __future__ import annotations
+
+import pytest
+
+from specdec.client import Client
+
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.7, "repetition_penalty": 1.5, "min_p": 0.1}
+
+
+def test_penalty_and_constraint_fields_cross_the_protos():
+    from specdec.coordinator.service import spec_from_proto
+    from specdec.core.sampling import SamplingParams
+    from specdec.rpc import convert
+    from specdec.v1 import generation_pb2
+
+    request = generation_pb2.GenerateRequest(
+        prompt="x",
+        decoding=generation_pb2.DecodingParams(min_p=0.05, presence_penalty=-0.3, repetition_penalty=1.1),
+    )
+    request.decoding.constraint.regex = "[ab]+"
+    spec = spec_from_proto(generation_pb2.GenerateRequest.FromString(request.SerializeToString()))
+    assert (spec.min_p, spec.presence_penalty, spec.frequency_penalty, spec.repetition_penalty) == (
+        0.05,
+        -0.3,
+        None,
+        1.1,
+    )
+    assert (spec.grammar_kind, spec.grammar) == ("regex", "[ab]+")
+    for params in (
+        SamplingParams(temperature=0.7, min_p=0.2, frequency_penalty=0.3, prompt_len=9, grammar_kind="json_object"),
+        SamplingParams(
+            repetition_penalty=1.3, presence_penalty=2.0, grammar_kind="json_schema", grammar='{"type":"x"}'
+        ),
+        SamplingParams(),
+    ):
+        assert convert.sampling_from_proto(convert.sampling_to_proto(params)) == params
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    from specdec.core.engine import Engine
+
+    return Engine.load(tiny_models[0], f"model:{tiny_models[1]}")
+
+
+def _local(engine, prompt_ids: list[int], **params):
+    from specdec.core.request import RequestSpec
+
+    k = params.pop("k", 4)
+    return engine.complete(RequestSpec(token_ids=prompt_ids, max_draft_tokens=k, adaptive=False, **params))
+
+
+def _remote(address: str, prompt_ids: list[int], **params):
+    with Client(address, timeout_s=120) as client:
+        return client.complete(token_ids=prompt_ids, adaptive=False, **params)
+
+
+def test_penalties_through_the_tiers_equal_plain_decoding(tiny_stack, tiny_models, prompt_ids, engine):
+    """Greedy: every drafter through the tiers gives in-process plain decoding's tokens
+    (and the penalties matter); seeded sampling equals the in-process run token for token."""
+    common = {"max_new_tokens": 24, "ignore_eos": True, **PENALTIES}
+    plain = _local(engine, prompt_ids, drafter="none", **common).token_ids
+    assert plain != _local(engine, prompt_ids, drafter="none", max_new_tokens=24, ignore_eos=True).token_ids
+    for drafter in ("none", "ngram", f"model:{tiny_models[1]}"):
+        remote = _remote(tiny_stack.address, prompt_ids, drafter=drafter, k=4, **common)
+        assert list(remote.token_ids) == plain, drafter
+    sampled = {**common, "temperature": 0.8, "top_k": 50, "seed": 99, "drafter": f"model:{tiny_models[1]}"}
+    local = _local(engine, prompt_ids, **sampled)
+    remote = _remote(tiny_stack.address, prompt_ids, k=4, **sampled)
+    assert list(remote.token_ids) == local.token_ids
+    assert remote.stats.accepted_tokens == local.stats.accepted_tokens > 0
+
+
+def test_bad_penalties_are_invalid_argument_naming_the_field(tiny_stack, prompt_ids):
+    import grpc
+
+    for field, value in [("min_p", 2.0), ("presence_penalty", 9.0), ("repetition_penalty", -1.0)]:
+        with pytest.raises(grpc.RpcError) as err:
+            _remote(tiny_stack.address, prompt_ids, max_new_tokens=4, **{field: value})
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"decoding.{field}" in err.value.details()
