@@ -12,6 +12,7 @@ category, a bundled prompt's kind, or `multiturn` for the traces of bench_prompt
 from __future__ import annotations
 
 import asyncio
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -217,6 +218,7 @@ def _summary(entries: list[dict[str, Any]], cfg: BenchConfig, best_lookup: str |
             "speedup_vs_plain": _ratio(t.rate, plain.rate),
             "acceptance_rate": _ratio(t.accepted, t.proposed),
             "mean_accepted_length": _ratio(t.tokens, t.steps),
+            "median_prompt_speedup": _median_ratio([(e["drafters"][drafter], _plain_run(e)) for e in entries]),
         }
     first = by_drafter[cfg.primary]
     out: dict[str, Any] = {"prompts": len(entries), "plain_tokens_per_s": round(plain.rate, 3)}
@@ -226,6 +228,17 @@ def _summary(entries: list[dict[str, Any]], cfg: BenchConfig, best_lookup: str |
     if entries and "hf" in entries[0]:
         out |= _hf_summary(entries, cfg, plain.rate, first["tokens_per_s"], best_lookup)
     return out
+
+
+def _plain_run(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"tokens": entry["tokens"], "seconds": entry["plain_seconds"]}
+
+
+def _median_ratio(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> float:
+    """The median over prompts of run a's tokens/s over run b's: a burst of load from other
+    processes on one prompt moves it less than it moves the summed rates."""
+    ratios = [a["tokens"] / a["seconds"] * b["seconds"] / b["tokens"] for a, b in pairs if a["seconds"] and b["tokens"]]
+    return round(statistics.median(ratios), 4) if ratios else 0.0
 
 
 def _hf_rates(entries: list[dict[str, Any]]) -> dict[str, float]:
@@ -268,6 +281,11 @@ def _hf_summary(
     }
     if "assisted" in rates:
         out["hf_assisted_tokens_per_s"] = round(rates["assisted"], 3)
+    if best:
+        lookups = [(e["hf"]["lookup"][best], e["hf"]["plain"]) for e in entries]
+        ours = [(e["drafters"][cfg.primary], e["hf"]["lookup"][best]) for e in entries]
+        out["hf_lookup_vs_hf_plain_median"] = _median_ratio(lookups)
+        out["speedup_vs_hf_lookup_median"] = _median_ratio(ours)
     return out
 
 
@@ -513,6 +531,11 @@ def table(result: dict[str, Any]) -> str:
         f"{result['mean_accepted_length']:.2f}  outputs identical {result['outputs_identical']}"
         + (f"  transformers identical {result['hf_outputs_identical']}" if "hf_outputs_identical" in result else "")
     )
+    medians = [f"{d} {r['median_prompt_speedup']:.3f}x plain" for d, r in result["by_drafter"].items()]
+    if "hf_lookup_vs_hf_plain_median" in result:
+        medians.append(f"transformers lookup {result['hf_lookup_vs_hf_plain_median']:.3f}x its plain")
+        medians.append(f"{result['drafter'].split(',')[0]} {result['speedup_vs_hf_lookup_median']:.3f}x its lookup")
+    lines.append("median over prompts: " + ", ".join(medians))
     lines += _category_table(result)
     if result["by_concurrency"]:
         lines.append(f"{'concurrency':<14}{'plain tok/s':>12}{'spec tok/s':>12}{'spec/plain':>12}")

@@ -117,7 +117,7 @@ def test_bench_spec_bench_and_multiturn(tiny_models: tuple[str, str], tmp_path: 
         max_new_tokens=10,
         concurrency=[],
         compare_hf=True,
-        per_category=2,
+        per_category=1,
         seed=3,
         plot=tmp_path / "bench.png",
     )
@@ -125,13 +125,14 @@ def test_bench_spec_bench_and_multiturn(tiny_models: tuple[str, str], tmp_path: 
     assert result["outputs_identical"] is True and result["hf_outputs_identical"] is True
     categories = {c["category"]: c for c in result["by_category"]}
     assert list(categories) == [*CATEGORIES, MULTITURN]
-    assert [c["prompts"] for c in categories.values()] == [2, 2, 2, 2 * TRACES[0].turns]
+    assert [c["prompts"] for c in categories.values()] == [1, 1, 1, TRACES[0].turns]
     assert all(set(c["by_drafter"]) == set(cfg.drafters) for c in categories.values())
     assert set(result["hf_lookup_tokens_per_s"]) == {"3", "5", "10"}
     assert result["hf_prompt_lookup_tokens_per_s"] == max(result["hf_lookup_tokens_per_s"].values())
     assert result["hf_assisted_tokens_per_s"] > 0
+    assert result["speedup_vs_hf_lookup_median"] > 0 and result["by_drafter"]["ngram"]["median_prompt_speedup"] > 0
     turns = [e for e in result["per_prompt"] if e["kind"] == MULTITURN]
-    assert [e["turn"] for e in turns] == [0, 1, 2, 0, 1, 2]
+    assert [e["turn"] for e in turns] == [0, 1, 2]
     for before, after in zip(turns, turns[1:], strict=False):
         if after["turn"]:  # the next turn's prompt holds the answer before it (in the chat, and quoted)
             assert after["prompt_tokens"] >= before["prompt_tokens"] + before["tokens"]
