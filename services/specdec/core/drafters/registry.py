@@ -1,6 +1,6 @@
 """The drafters there are, and the one parser of a drafter spec.
 
-A spec is `none`, a model-free drafter's kind (`ngram`) or `kind:MODEL` for a drafter
+A spec is `none`, a model-free drafter's kind (`ngram`, `suffix`) or `kind:MODEL` for a drafter
 that runs a model (`model:NAME`). It is parsed here once, into a `DrafterSpec`; everything
 else passes that around. A new drafter is a new class added to `DRAFTERS`.
 """
@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, NamedTuple
 from specdec.core.drafters.base import DraftMethod
 from specdec.core.drafters.model import ModelDrafter
 from specdec.core.drafters.ngram import NgramDrafter
+from specdec.core.drafters.suffix import SuffixDrafter
 from specdec.core.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from specdec.core.prefix_store import PrefixStore
     from specdec.core.runner import Runner
 
-DRAFTERS: dict[str, type[DraftMethod]] = {cls.kind: cls for cls in (NgramDrafter, ModelDrafter)}
+DRAFTERS: dict[str, type[DraftMethod]] = {cls.kind: cls for cls in (NgramDrafter, SuffixDrafter, ModelDrafter)}
 NONE = "none"  # no drafter: plain decoding
 
 
@@ -39,7 +40,7 @@ class DrafterSpec(NamedTuple):
 
 
 def parse_drafter(text: str | DrafterSpec, field: str = "speculation.drafter") -> DrafterSpec:
-    """'none' | 'ngram' | 'model:NAME' -> DrafterSpec; InvalidArgument naming `field` otherwise."""
+    """'none' | 'ngram' | 'suffix' | 'model:NAME' -> DrafterSpec; InvalidArgument naming `field` otherwise."""
     if isinstance(text, DrafterSpec):
         return text
     kind, colon, model = text.partition(":")
