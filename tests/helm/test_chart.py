@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import kubernetes_validate
@@ -352,3 +354,204 @@ def test_multi_gpu_replicas_are_refused_until_sharding_exists(tmp_path: Path) ->
     assert out.returncode != 0 and "gpu.count > 1 is refused" in out.stderr, out.stderr
     rule = crd_schema()["properties"]["spec"]["properties"]["target"]["properties"]["gpu"]["properties"]["count"]
     assert rule["x-kubernetes-validations"][0]["rule"] == "self <= 1"
+
+
+def secret_data(doc: dict[str, Any]) -> dict[str, str]:
+    import base64
+
+    return {k: base64.b64decode(v).decode() for k, v in doc["data"].items()}
+
+
+def test_everything_secure_renders_what_the_services_read() -> None:
+    """cert-manager scenario: Certificates named as the services check them, generated Secrets
+    in the formats the services read, secrets reaching pods only by reference."""
+    import hashlib
+
+    from redis.connection import parse_url
+
+    from specdec.rpc.auth import AccessPolicy, load_key_hashes
+    from specdec.rpc.tls import COORDINATOR_PEER_NAME, TIER_SERVER_NAME
+    from specdec_operator import resources
+
+    docs = objects(str(CHART / "ci" / "security-cert-manager-values.yaml"))
+    coord, tier, redis_cert = (
+        docs[("Certificate", f"rel-specdec-{n}-tls")]["spec"] for n in ("coordinator", "tier", "redis")
+    )
+    assert coord["commonName"] == COORDINATOR_PEER_NAME and {"server auth", "client auth"} <= set(coord["usages"])
+    assert {"default-coordinator", "default-coordinator.specdec.svc", "specdec.example.com"} <= set(coord["dnsNames"])
+    assert TIER_SERVER_NAME in tier["dnsNames"] and {"server auth", "client auth"} <= set(tier["usages"])
+    assert "rel-specdec-redis.specdec.svc" in redis_cert["dnsNames"]
+    for cert in (coord, tier, redis_cert):
+        assert cert["issuerRef"] == {"name": "specdec-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+        assert cert["privateKey"]["rotationPolicy"] == "Always"
+
+    # The API key: the digest file in the format the coordinator loads, matching the key handed out.
+    keys = secret_data(docs[("Secret", "rel-specdec-api-keys")])
+    assert (
+        len(keys["api-key"]) >= 32 and keys["api-keys"] == hashlib.sha256(keys["api-key"].encode()).hexdigest() + "\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "keys").write_text(keys["api-keys"])
+        policy = AccessPolicy(key_hashes=load_key_hashes(str(Path(tmp) / "keys")))
+    assert policy.key_ok(keys["api-key"]) and not policy.key_ok(keys["api-key"] + "x")
+
+    # Valkey: a password from its Secret, TLS only, and a client URL carrying both.
+    auth = secret_data(docs[("Secret", "rel-specdec-redis-auth")])
+    url = parse_url(auth["url"])
+    assert url["password"] == auth["password"] and len(auth["password"]) >= 32
+    assert (url["host"], url["port"]) == ("rel-specdec-redis.specdec.svc", 6380)
+    assert url["ssl_ca_certs"] == resources.REDIS_CA_FILE and auth["url"].startswith("rediss://")
+    redis = docs[("StatefulSet", "rel-specdec-redis")]["spec"]["template"]["spec"]
+    valkey = redis["containers"][0]
+    args = valkey["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert args[args.index("--port") + 1] == "0" and args[args.index("--tls-port") + 1] == "6380"
+    assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in valkey["env"]}
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == {"name": "rel-specdec-redis-auth", "key": "password"}
+    assert {"name": "tls", "secret": {"secretName": "rel-specdec-redis-tls", "defaultMode": 0o440}} in redis["volumes"]
+    assert "CONFIG SET tls-cert-file" in valkey["livenessProbe"]["exec"]["command"][-1]
+    ports = docs[("Service", "rel-specdec-redis")]["spec"]["ports"]
+    assert [p["port"] for p in ports] == [6380]
+
+    # The operator: its Redis URL from the Secret, the CA where the URL says.
+    op = docs[("Deployment", "rel-specdec-operator")]["spec"]["template"]["spec"]
+    assert operator_env(docs)["SPECDEC_OPERATOR_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "rel-specdec-redis-auth",
+        "key": "url",
+    }
+    mount = next(m for m in op["containers"][0]["volumeMounts"] if m["name"] == "redis-ca")
+    volume = next(v for v in op["volumes"] if v["name"] == "redis-ca")
+    assert mount["mountPath"] + "/" + volume["secret"]["items"][0]["path"] == resources.REDIS_CA_FILE
+
+    # No secret value in plaintext outside its Secret.
+    text = yaml.safe_dump_all([d for d in docs.values() if d["kind"] != "Secret"])
+    for value in (auth["password"], keys["api-key"], keys["api-keys"].strip()):
+        assert value not in text
+    for value in secret_data(docs[("Secret", "rel-specdec-internal")]).values():
+        assert len(value) >= 32 and value not in text
+
+
+def test_the_chart_decoder_reaches_the_tier_pods_secure() -> None:
+    """The chart's SpeculativeDecoder, rendered by the operator: every tier mounts its certificate
+    (whole Secret volumes: renewals reach the files), the coordinator its API keys; every SPECDEC_*
+    variable is a setting of the services."""
+    import dataclasses
+
+    from specdec.config import Settings
+    from specdec_operator import resources
+    from specdec_operator.spec import parse
+
+    settings = {f"SPECDEC_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+    docs = objects(str(CHART / "ci" / "security-cert-manager-values.yaml"))
+    sd = docs[("SpeculativeDecoder", "default")]
+    spec = parse(sd["spec"])
+    owner = {"metadata": {"name": "default", "namespace": "specdec", "uid": "u"}}
+    for tier, secret in (("coordinator", "coordinator"), ("draft", "tier"), ("target", "tier")):
+        pod = resources.deployment(owner, spec, tier, 1)["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        env = {e["name"]: e for e in c["env"]}
+        assert {n for n in env if n.startswith("SPECDEC_")} <= settings
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == f"rel-specdec-{secret}-tls"
+        assert all("subPath" not in m for m in c["volumeMounts"])
+        assert env["SPECDEC_TLS_CERT_FILE"]["value"] == "/etc/specdec/tls/tls.crt"
+        assert env["SPECDEC_TLS_CA_FILE"]["value"] == "/etc/specdec/tls/ca.crt"
+        assert env["SPECDEC_TLS_CLIENT_AUTH"]["value"] == "true"  # clientAuth in these values; tiers always
+        assert env["SPECDEC_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "rel-specdec-redis-auth", "key": "url"}
+        assert env["SPECDEC_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "rel-specdec-internal"
+        assert "redis-ca" in volumes and c["readinessProbe"]["exec"]["command"][0] == "specdec-health"
+        if tier == "coordinator":
+            assert env["SPECDEC_API_KEYS_FILE"]["value"] == resources.API_KEYS_FILE
+            assert env["SPECDEC_API_KEY_MAX_CALLS"]["value"] == "16" and env["SPECDEC_HTTP_PORT"]["value"] == "8443"
+            assert volumes["api-keys"]["secret"]["items"] == [{"key": "api-keys", "path": "api-keys"}]
+            assert {"name": "http", "containerPort": 8443, "protocol": "TCP"} in c["ports"]
+            assert c["readinessProbe"]["exec"]["command"][-1] == "default-coordinator"  # a DNS name of its certificate
+            http = next(p for p in resources.service(owner, spec, tier)["spec"]["ports"] if p["name"] == "http")
+            assert (http["port"], http["appProtocol"]) == (8443, "https")
+        else:
+            assert "SPECDEC_API_KEYS_FILE" not in env and "api-keys" not in volumes
+            assert env["SPECDEC_KV_SECRET"]["valueFrom"]["secretKeyRef"] == {
+                "name": "rel-specdec-internal",
+                "key": "kv-secret",
+            }
+            assert c["readinessProbe"]["exec"]["command"][-1] == "specdec-tier"
+
+
+def test_existing_secrets_are_used_and_nothing_is_generated() -> None:
+    docs = objects(str(CHART / "ci" / "security-existing-secrets-values.yaml"))
+    assert not [k for k in docs if k[0] in ("Secret", "Certificate")]
+    sd = docs[("SpeculativeDecoder", "default")]["spec"]
+    assert sd["tls"] == {
+        "coordinatorSecretName": "specdec-coordinator-tls",
+        "tierSecretName": "specdec-tier-tls",
+        "caSecretRef": {"name": "specdec-ca", "key": "ca.pem"},
+        "clientAuth": False,
+    }
+    assert sd["apiKeys"]["secretRef"] == {"name": "specdec-api-keys", "key": "digests"}
+    assert sd["redis"] == {
+        "urlSecretRef": {"name": "specdec-redis-auth", "key": "url"},
+        "tls": {"caSecretRef": {"name": "specdec-redis-tls", "key": "ca.crt"}},
+    }
+    assert sd["internalTokenSecretRef"] == {"name": "specdec-internal", "key": "internal-token"}
+    redis = docs[("StatefulSet", "rel-specdec-redis")]["spec"]["template"]["spec"]
+    assert {"name": "tls", "secret": {"secretName": "specdec-redis-tls", "defaultMode": 0o440}} in redis["volumes"]
+    from specdec_operator import resources
+    from specdec_operator.spec import parse
+
+    owner = {"metadata": {"name": "default", "namespace": "specdec", "uid": "u"}}
+    pod = resources.deployment(owner, parse(sd), "target", 1)["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["SPECDEC_TLS_CA_FILE"] == resources.TLS_CA_FILE and env["SPECDEC_TLS_CLIENT_AUTH"] == "true"
+    ca = next(v for v in pod["volumes"] if v["name"] == "tls-ca")
+    assert ca["secret"] == {
+        "secretName": "specdec-ca",
+        "defaultMode": 0o440,
+        "items": [{"key": "ca.pem", "path": "ca.crt"}],
+    }
+
+
+def test_defaults_protect_redis_and_the_tiers_without_certificates(tmp_path: Path) -> None:
+    """Without cert-manager or Secrets to hand: Valkey gets a generated password, the tiers an
+    internal token and KV MAC key; TLS and API keys wait for values; the HTTP port is on."""
+    docs = objects(None)
+    assert not [k for k in docs if k[0] == "Certificate"]
+    sd = docs[("SpeculativeDecoder", "default")]["spec"]
+    assert sd["redis"] == {"urlSecretRef": {"name": "rel-specdec-redis-auth", "key": "url"}}
+    assert "tls" not in sd and "apiKeys" not in sd and sd["http"] == {"enabled": True, "port": 8000}
+    assert sd["kvSecretRef"] == {"name": "rel-specdec-internal", "key": "kv-secret"}
+    auth = secret_data(docs[("Secret", "rel-specdec-redis-auth")])
+    assert auth["url"] == f"redis://:{auth['password']}@rel-specdec-redis.specdec.svc:6379/0"
+    valkey = docs[("StatefulSet", "rel-specdec-redis")]["spec"]["template"]["spec"]["containers"][0]
+    assert valkey["readinessProbe"]["exec"]["command"] == ["valkey-cli", "-p", "6379", "ping"]  # REDISCLI_AUTH
+    assert "$(REDIS_PASSWORD)" in valkey["args"]
+    off_values = tmp_path / "off.yaml"
+    off_values.write_text("redis:\n  auth:\n    enabled: false\ndecoder:\n  http:\n    enabled: false\n")
+    off = objects(str(off_values))
+    assert off[("SpeculativeDecoder", "default")]["spec"]["redis"] == {
+        "url": "redis://rel-specdec-redis.specdec.svc:6379/0"
+    }
+    assert ("Secret", "rel-specdec-redis-auth") not in off
+    coord = off[("NetworkPolicy", "rel-specdec-coordinator")]["spec"]["ingress"][0]
+    assert coord["ports"] == [{"port": 50051, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize(
+    "bad,problem",
+    [
+        ("tls:\n  enabled: true\n", "tls.enabled: set tls.certManager.enabled"),
+        ("tls:\n  enabled: true\n  certManager:\n    enabled: true\n", "tls.certManager.issuerRef.name is required"),
+        (
+            "tls:\n  enabled: true\n  existingSecret: x\n  certManager:\n    enabled: true\n"
+            "    issuerRef:\n      name: ca\n",
+            "not both",
+        ),
+        ("redis:\n  tls:\n    enabled: true\n", "redis.tls.enabled: set redis.tls.existingSecret"),
+        ("decoder:\n  http:\n    port: 9464\n", "decoder.http.port is also"),
+    ],
+)
+def test_security_values_are_checked(tmp_path: Path, bad: str, problem: str) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(bad)
+    out = helm("template", "rel", str(CHART), "-f", str(f))
+    assert out.returncode != 0 and problem in out.stderr, out.stderr

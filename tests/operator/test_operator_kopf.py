@@ -11,7 +11,6 @@ their key, as a gracefully stopping service does.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -23,6 +22,8 @@ from typing import Any
 
 import pytest
 from emulator import EmulatorThread
+
+from specdec_records import Keys, Load, ReplicaRecord, connect
 
 INTERVAL_S = 0.25
 NAME = "demo"
@@ -88,11 +89,11 @@ class Fleet(threading.Thread):
 
     def __init__(self, decoder: Decoder, redis_url: str) -> None:
         super().__init__(name=f"fleet-{decoder.ns}", daemon=True)
-        import redis
+        from specdec_operator.resources import redis_prefix
 
         self.decoder = decoder
-        self.r = redis.Redis.from_url(redis_url)
-        self.prefix = f"specdec:{decoder.ns}.{decoder.name}:"
+        self.r = connect(redis_url)
+        self.keys = Keys(redis_prefix(decoder.ns, decoder.name))  # the prefix the operator reads
         self.demand = {"coordinator": 0.0, "draft": 0.0, "target": 0.0}  # total utilization
         self.tps = 0.0
         self.stop = threading.Event()
@@ -102,33 +103,32 @@ class Fleet(threading.Thread):
             now = time.time()
             for tier in TIERS:
                 n = self.decoder.replicas(tier) or 0
-                for key in self.r.scan_iter(f"{self.prefix}replica:{tier}:*"):
+                for key in self.r.scan_iter(self.keys.replicas(tier)):
                     if int(key.rsplit(b"-", 1)[1]) >= n:
                         self.r.delete(key)
                 for i in range(n):
                     busy = self.demand[tier] > 0
-                    value = {
-                        "tier": tier,
-                        "replica_id": f"{tier}-{i}",
-                        "address": f"10.0.0.{i}:5005{TIERS.index(tier) + 1}",
-                        "pid": 100 + i,
-                        "model": "tiny",
-                        "started_at": now - 60,
-                        "heartbeat_at": now,
-                        "load": {
-                            "queue_depth": 0,
-                            "active_sessions": 2 if busy else 0,
-                            "batch_utilization": min(1.0, self.demand[tier] / n),
-                            "tokens_per_s": self.tps / n if tier == "target" else 0.0,
-                            "acceptance_rate": 0.7 if tier == "target" else None,
-                        },
-                    }
-                    self.r.set(f"{self.prefix}replica:{tier}:{tier}-{i}", json.dumps(value), ex=10)
+                    record = ReplicaRecord(
+                        tier,
+                        f"10.0.0.{i}:5005{TIERS.index(tier) + 1}",
+                        "tiny",
+                        replica_id=f"{tier}-{i}",
+                        pid=100 + i,
+                        started_at=now - 60,
+                        heartbeat_at=now,
+                        load=Load(
+                            active_sessions=2 if busy else 0,
+                            batch_utilization=min(1.0, self.demand[tier] / n),
+                            tokens_per_s=self.tps / n if tier == "target" else 0.0,
+                            acceptance_rate=0.7 if tier == "target" else None,
+                        ),
+                    )
+                    self.r.set(self.keys.replica(tier, record.replica_id), record.to_json(), ex=10)
 
     def close(self) -> None:
         self.stop.set()
         self.join(5)
-        for key in self.r.scan_iter(f"{self.prefix}*"):
+        for key in self.r.scan_iter(self.keys.everything()):
             self.r.delete(key)
         self.r.close()
 
@@ -490,3 +490,60 @@ def test_model_cache_is_one_volume_filled_once(decoder: Decoder) -> None:
     coord = d.api.request("GET", f"/apis/apps/v1/namespaces/{d.ns}/deployments/cached-coordinator")
     budget = lambda dep: dep["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"]
     assert budget(target) * 5 >= 140 * 20 > budget(coord) * 5  # 140 GB: ~50 min, not 10
+
+
+def test_security_settings_reach_every_tier_pod(decoder: Decoder) -> None:
+    """TLS, API keys, the internal token, the KV MAC key, a rediss CA and the HTTP port in the
+    resource become Secret volumes (never subPath: renewals reach the files), paths and
+    secretKeyRefs in the pods the operator runs."""
+    d = decoder
+    make(
+        d,
+        "secure",
+        redis={"urlSecretRef": {"name": "redis-auth", "key": "url"}, "tls": {"caSecretRef": {"name": "redis-tls"}}},
+        tls={"coordinatorSecretName": "coord-tls", "tierSecretName": "tier-tls", "clientAuth": True},
+        apiKeys={"secretRef": {"name": "keys"}, "maxCallsPerKey": 8},
+        internalTokenSecretRef={"name": "internal", "key": "internal-token"},
+        kvSecretRef={"name": "internal", "key": "kv-secret"},
+        http={"enabled": True, "port": 8080},
+    )
+    path = lambda tier: f"/apis/apps/v1/namespaces/{d.ns}/deployments/secure-{tier}"
+    for tier in TIERS:
+        pod = wait_for(tier, lambda: d.api.request("GET", path(tier)))["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        env = {e["name"]: e for e in c["env"]}
+        volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        assert volumes["tls"]["secretName"] == ("coord-tls" if tier == "coordinator" else "tier-tls")
+        assert mounts["tls"]["mountPath"] == "/etc/specdec/tls" and mounts["tls"]["readOnly"] is True
+        assert not any("subPath" in m for m in c["volumeMounts"])
+        assert env["SPECDEC_TLS_CERT_FILE"]["value"] == "/etc/specdec/tls/tls.crt"
+        assert env["SPECDEC_TLS_KEY_FILE"]["value"] == "/etc/specdec/tls/tls.key"
+        assert env["SPECDEC_TLS_CA_FILE"]["value"] == "/etc/specdec/tls/ca.crt"
+        assert env["SPECDEC_TLS_CLIENT_AUTH"]["value"] == "true"
+        assert env["SPECDEC_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "url"}
+        assert volumes["redis-ca"] == {
+            "secretName": "redis-tls",
+            "defaultMode": 0o440,
+            "items": [{"key": "ca.crt", "path": "ca.crt"}],
+        }
+        assert mounts["redis-ca"]["mountPath"] == "/etc/specdec/redis-ca"
+        assert env["SPECDEC_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "internal",
+            "key": "internal-token",
+        }
+        # The kubelet's gRPC probe has no TLS: the image's specdec-health checks over mTLS instead.
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["exec"]["command"][:2] == ["specdec-health", f"127.0.0.1:{c['ports'][0]['containerPort']}"]
+        if tier == "coordinator":
+            assert volumes["api-keys"]["items"] == [{"key": "api-keys", "path": "api-keys"}]
+            assert env["SPECDEC_API_KEYS_FILE"]["value"] == "/etc/specdec/api-keys/api-keys"
+            assert env["SPECDEC_API_KEY_MAX_CALLS"]["value"] == "8" and env["SPECDEC_HTTP_PORT"]["value"] == "8080"
+            assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
+            assert "SPECDEC_KV_SECRET" not in env
+        else:
+            assert "api-keys" not in volumes and "SPECDEC_HTTP_PORT" not in env
+            assert env["SPECDEC_KV_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "internal", "key": "kv-secret"}
+    svc = wait_for("service", lambda: d.api.request("GET", f"/api/v1/namespaces/{d.ns}/services/secure-coordinator"))
+    http = next(p for p in svc["spec"]["ports"] if p["name"] == "http")
+    assert (http["port"], http["targetPort"], http["appProtocol"]) == (8080, "http", "https")
