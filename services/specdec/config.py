@@ -53,6 +53,8 @@ class Settings:
     kv_max_pending_mb: int = 256  # KV chunks waiting to be written per replica; beyond that they are dropped
     watchdog_s: float = 120.0  # a compute thread on one batch this long: NOT_SERVING, out of the registry; 0 = off
     drain_timeout_s: float = 10.0  # SIGTERM: time for in-flight items and KV writes before exiting
+    prefill_chunk_s: float = 0.25  # target: a pass's time budget for prompt chunks (chunked prefill); 0 = one pass
+    prefill_chunk_tokens: int = 0  # target: a fixed prompt chunk size instead of the budget's (0 = from the budget)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -2,6 +2,10 @@
 batch. A lone session runs at once; sessions that were in the previous batch get a short
 gather window (`gather_s`, 4 ms, 1 ms for a paired drafter/verifier) to rejoin, and
 requests that arrive while a batch is running share the next one.
+
+A batch function may answer an item with `NOT_YET`: the item stays queued, first in line,
+and runs again in the next batch (a long prefill runs chunk by chunk this way, sharing
+each pass with the other sessions' steps); its caller hears nothing until a real result.
 """
 
 from __future__ import annotations
@@ -25,6 +29,17 @@ Result = TypeVar("Result")
 T = TypeVar("T")
 
 
+class NotYet:
+    """The type of NOT_YET."""
+
+    def __repr__(self) -> str:
+        return "NOT_YET"
+
+
+NOT_YET = NotYet()  # a batch result: run this item again in the next batch
+BatchResults = Sequence[Result | Exception | NotYet]
+
+
 @dataclass
 class BatcherStats:
     batches: int = 0
@@ -40,7 +55,7 @@ class MicroBatcher(Generic[Item, Result]):
 
     def __init__(
         self,
-        run_batch: Callable[[list[Item]], Sequence[Result | Exception]],
+        run_batch: Callable[[list[Item]], BatchResults[Result]],
         max_batch_size: int = 32,
         gather_s: float = 0.004,
     ) -> None:
@@ -88,9 +103,7 @@ class MicroBatcher(Generic[Item, Result]):
 
     def wrap_batches(
         self,
-        wrap: Callable[
-            [Callable[[list[Item]], Sequence[Result | Exception]]], Callable[[list[Item]], Sequence[Result | Exception]]
-        ],
+        wrap: Callable[[Callable[[list[Item]], BatchResults[Result]]], Callable[[list[Item]], BatchResults[Result]]],
     ) -> None:
         """Decorate the batch function (the services add tracing and metrics this way)."""
         self._run_batch = wrap(self._run_batch)
@@ -142,8 +155,13 @@ class MicroBatcher(Generic[Item, Result]):
                 finally:
                     self.running, self.busy_since = False, None
                 self._record(len(batch))
+                # A caller that went away (cancelled) is not run again.
+                again = [(it, fut) for (it, fut), result in zip(batch, results) if result is NOT_YET and not fut.done()]
+                if again:  # older than anything queued since: first in line
+                    self._pending[:0] = again
+                    self.stats.queue_depth = len(self._pending)
                 for (_, future), result in zip(batch, results):
-                    if future.done():
+                    if future.done() or isinstance(result, NotYet):
                         continue
                     if isinstance(result, Exception):  # that item failed alone (see run_batch)
                         future.set_exception(result)

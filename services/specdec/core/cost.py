@@ -57,3 +57,75 @@ class PassCost:
     @property
     def base_s(self) -> float:
         return max(0.0, self._y - self.row_s * self._x)
+
+    def predict(self, rows: int) -> float:
+        """The fitted time of a decode-like pass over `rows` rows (0 before any pass)."""
+        return self.base_s + self.row_s * rows if self.passes else 0.0
+
+
+DEFAULT_PREFILL_CHUNK_S = 0.25  # a pass's prefill time budget (SPECDEC_PREFILL_CHUNK_S)
+MIN_PREFILL_CHUNK = 16  # tokens: a prefill always advances by at least this much a pass
+INITIAL_PREFILL_CHUNK = 64  # tokens of the first chunk, before any chunk was measured
+
+
+class PrefillCost:
+    """What a prefill chunk adds to a pass, fitted from the chunks themselves.
+
+    A chunk of n tokens after `start` cached ones costs about `token_s * n` (projections and
+    MLP, like any row) plus `pair_s * n * (start + n/2)` (attention: each of its tokens reads
+    every key before it). On SmolLM2-135M on 2 cores a token at 6k of context cost 4x one at
+    the start, so a fixed token count would either crawl early or blow the pass budget late.
+    Both coefficients are fitted by exponentially weighted least squares over recent chunks
+    (what the pass took beyond the decode rows' fitted cost); until two chunks at different
+    contexts pin them down, a token is taken to cost what the last chunk's tokens cost."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.chunks = 0
+        self._nn = self._np = self._pp = self._ny = self._py = 0.0
+        self.token_s = 0.0
+        self.pair_s = 0.0
+
+    @staticmethod
+    def pairs(start: int, tokens: int) -> float:
+        """Query-key pairs a chunk's attention computes (causal within the chunk)."""
+        return tokens * (start + (tokens + 1) / 2)
+
+    def observe(self, chunks: list[tuple[int, int]], seconds: float) -> None:
+        """A pass ran `chunks` ([(start, tokens)]) and took `seconds` beyond its decode rows."""
+        n = float(sum(tokens for _, tokens in chunks))
+        p = sum(self.pairs(start, tokens) for start, tokens in chunks)
+        if n <= 0:
+            return
+        seconds = max(seconds, 0.0)
+        w = 1.0 if self.chunks == 0 else self.weight
+        self.chunks += 1
+        self._nn += w * (n * n - self._nn)
+        self._np += w * (n * p - self._np)
+        self._pp += w * (p * p - self._pp)
+        self._ny += w * (n * seconds - self._ny)
+        self._py += w * (p * seconds - self._py)
+        det = self._nn * self._pp - self._np * self._np
+        token_s = pair_s = -1.0
+        if det > 1e-6 * self._nn * self._pp:  # the chunks' contexts differ enough to separate the terms
+            token_s = (self._pp * self._ny - self._np * self._py) / det
+            pair_s = (self._nn * self._py - self._np * self._ny) / det
+        if token_s < 0 or pair_s < 0:  # not separable (yet), or noise: all of it per token
+            token_s, pair_s = seconds / n, 0.0
+        self.token_s, self.pair_s = token_s, pair_s
+
+    def predict(self, start: int, tokens: int) -> float:
+        return self.token_s * tokens + self.pair_s * self.pairs(start, tokens)
+
+    def chunk_tokens(self, start: int, budget_s: float, initial: int) -> int:
+        """The most tokens after `start` whose chunk fits in `budget_s` (at least
+        MIN_PREFILL_CHUNK; `initial` before any chunk was measured)."""
+        if self.chunks == 0 or self.token_s <= 0:
+            return max(MIN_PREFILL_CHUNK, initial)
+        if budget_s <= 0:  # the steps alone fill the pass
+            return MIN_PREFILL_CHUNK
+        # pair_s/2 n^2 + (token_s + pair_s (start + 1/2)) n = budget_s, for n
+        a = self.pair_s / 2
+        b = self.token_s + self.pair_s * (start + 0.5)
+        n = budget_s / b if a <= 0 else (-b + (b * b + 4 * a * budget_s) ** 0.5) / (2 * a)
+        return max(MIN_PREFILL_CHUNK, int(n))

@@ -6,10 +6,10 @@ embedded engine uses them directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from specdec.core.batcher import MicroBatcher
+from specdec.core.batcher import BatchResults, MicroBatcher
 from specdec.core.drafters.worker import DraftWorker
 from specdec.core.target import TargetWorker
 from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
@@ -20,7 +20,7 @@ R = TypeVar("R")
 
 
 class _Batched(Generic[W, I, R]):
-    def __init__(self, worker: W, run_batch: Callable[[list[I]], Sequence[R | Exception]], max_batch_size: int) -> None:
+    def __init__(self, worker: W, run_batch: Callable[[list[I]], BatchResults[R]], max_batch_size: int) -> None:
         self.worker: W = worker
         self.batcher: MicroBatcher[I, R] = MicroBatcher(run_batch, max_batch_size)
 

@@ -222,6 +222,8 @@ class ModelRunner:
         for size, count in zip(sizes, wanted):
             rows.append(torch.arange(offset + size - count, offset + size, device=hidden.device))
             offset += size
+        if not sum(wanted):  # prefill chunks only
+            return [hidden.new_empty(0, self.vocab_size, dtype=torch.float32) for _ in wanted]
         picked = self.inner.norm(hidden[torch.cat(rows)])
         logits = self.lm_head(picked).float()
         return list(torch.split(logits, wanted))
@@ -270,5 +272,5 @@ class HFRunner:
             ids = torch.tensor([item.tokens], device=self.device)
             result = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: cache})
             item.kv.commit(item.tokens)
-            out.append(result.logits[0, -item.num_logits :].float())
+            out.append(result.logits[0, len(item.tokens) - item.num_logits :].float())  # none for a prefill chunk
         return out

@@ -1,19 +1,28 @@
-"""The target worker: one batched forward pass verifies many sessions' drafts."""
+"""The target worker: one batched forward pass verifies many sessions' drafts.
+
+A long prompt is prefilled in chunks (as vLLM's chunked prefill): each pass runs the other
+sessions' steps whole and then as much of the prompt as fits the pass's time budget
+(`prefill_chunk_s`, the chunk size from `PrefillCost`), so a long prompt delays everyone
+else by at most about one budget a pass instead of its whole prefill. Its item is answered
+`NOT_YET` and requeued by the batcher until the pass that runs its last chunk, with its
+drafts, judges it; the cache holds the progress, so a requeued item is simply run again.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from specdec.core.attention import GROUP_MAX_ROWS
+from specdec.core.batcher import NOT_YET, NotYet
 from specdec.core.checks import MAX_ITEM_DRAFT_TOKENS, check_delta, check_ids
-from specdec.core.cost import PassCost
+from specdec.core.cost import DEFAULT_PREFILL_CHUNK_S, INITIAL_PREFILL_CHUNK, MIN_PREFILL_CHUNK, PassCost, PrefillCost
 from specdec.core.errors import InvalidArgument
 from specdec.core.failpoints import failpoint
-from specdec.core.grammar import GrammarState, grammar_state, vocab_for_model
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session, trim_to_tokens
 from specdec.core.prefix_store import PrefixStore, prepare_cache
-from specdec.core.processors import verify_rows
 from specdec.core.rejection import RejectionInput, rejection_sample
 from specdec.core.runner import ForwardItem, Runner
 from specdec.core.types import TokenLogprob, Verdict, VerifyItem
@@ -23,7 +32,6 @@ from specdec.core.types import TokenLogprob, Verdict, VerifyItem
 class TargetSession:
     tokens: list[int] = field(default_factory=list)  # committed tokens
     kv: SessionKV | None = None  # holds KV of tokens[:-1] between steps, never an uncommitted one
-    grammar: GrammarState | None = None  # the structured-output constraint's state (replayable from tokens)
 
 
 @dataclass
@@ -47,7 +55,13 @@ class TargetWorker:
         prefix_store: PrefixStore | None = None,
         max_cached_tokens: int | None = None,
         max_idle_s: float = 600.0,
+        prefill_chunk_s: float = DEFAULT_PREFILL_CHUNK_S,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
+        # A pass's time budget for prefill chunks (0 with no fixed chunk: a prompt in one
+        # pass); a fixed chunk size instead of the budget's (tests force small ones).
+        self.prefill_chunk_s, self.prefill_chunk_tokens = prefill_chunk_s, prefill_chunk_tokens
+        self.prefill_cost = PrefillCost()
         self.max_idle_s = max_idle_s  # a session unused this long is dropped (its caller is gone)
         self.runner = runner
         self.max_cached_tokens = max_cached_tokens  # memory budget of the session caches (None: count only)
@@ -59,11 +73,12 @@ class TargetWorker:
     def release(self, session_id: str) -> None:
         self.sessions.pop(session_id)
 
-    def verify_batch(self, items: list[VerifyItem]) -> list[Verdict | InvalidArgument]:
+    def verify_batch(self, items: list[VerifyItem]) -> list[Verdict | InvalidArgument | NotYet]:
         """One verdict per item, in order; a bad item gets its own InvalidArgument and the
-        rest of the batch is verified as if it had not been there."""
+        rest of the batch is verified as if it had not been there. A prefill that did not
+        finish in this pass gets NOT_YET (the batcher runs it again in the next)."""
         failpoint("verify_batch")
-        verdicts: list[Verdict | InvalidArgument | None] = [None] * len(items)
+        verdicts: list[Verdict | InvalidArgument | NotYet | None] = [None] * len(items)
         work: list[tuple[int, TargetSession, VerifyItem]] = []
         for i, item in enumerate(items):
             try:
@@ -80,12 +95,62 @@ class TargetWorker:
         if self.max_cached_tokens is not None:
             trim_to_tokens(self.sessions, self.max_cached_tokens, {item.session_id for item in items})
         if work:
-            forward_items = [self._forward_item(session, item) for _, session, item in work]
-            logits = self.cost.timed(self.runner.forward, forward_items)
-            self._count(len(forward_items))
-            for (i, session, item), row_logits in zip(work, logits):
-                verdicts[i] = self._judge(session, item, row_logits, len(work))
+            planned = self._chunked([self._forward_item(session, item) for _, session, item in work])
+            run = [(w, f) for w, f in zip(work, planned) if f is not None]
+            logits = self._timed_forward([f for _, f in run])
+            self._count(len(run))
+            for ((i, session, item), f), row_logits in zip(run, logits):
+                if f.num_logits:
+                    verdicts[i] = self._judge(session, item, row_logits, len(run))
+                elif self.prefix_store is not None:  # a chunk: share the prefix computed so far
+                    self.prefix_store.offer(session.tokens, f.kv)
+            for i, _, _ in work:
+                verdicts[i] = NOT_YET if verdicts[i] is None else verdicts[i]
         return [v for v in verdicts if v is not None]
+
+    def _chunked(self, full: list[ForwardItem]) -> list[ForwardItem | None]:
+        """What each item runs in this pass: short items (steps) whole; a long feed (a
+        prefill) as its next chunk, with no logits, or whole when the rest fits; None
+        when earlier prefills took this pass's budget (each pass advances at least one).
+        A chunk never takes the newest committed token, which is fed with the drafts."""
+        if self.prefill_chunk_s <= 0 and self.prefill_chunk_tokens <= 0:
+            return list(full)
+        steps = sum(len(f.tokens) for f in full if not _prefills(f))
+        budget = self.prefill_chunk_s - self.cost.predict(steps)
+        planned: list[ForwardItem | None] = []
+        advanced = False
+        for f in full:
+            start, size = f.kv.length, len(f.tokens)
+            if not _prefills(f):
+                planned.append(f)
+                continue
+            if self.prefill_chunk_tokens > 0:
+                n = self.prefill_chunk_tokens
+            elif advanced and budget < self.prefill_cost.predict(start, MIN_PREFILL_CHUNK):
+                planned.append(None)
+                continue
+            else:
+                n = self.prefill_cost.chunk_tokens(start, budget, INITIAL_PREFILL_CHUNK)
+            n = min(n, size - f.num_logits)  # > 0: the item prefills
+            planned.append(f if n + f.num_logits >= size else ForwardItem(f.kv, f.tokens[:n], 0))
+            budget -= self.prefill_cost.predict(start, n)
+            advanced = True
+        return planned
+
+    def _timed_forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
+        """The forward pass, teaching the cost models: a pass of steps only fits the
+        per-row cost; one with prefill rows fits the prefill cost on what it took beyond
+        its steps' predicted share."""
+        chunks = [(f.kv.length, len(f.tokens)) for f in items if _prefills(f)]
+        steps = sum(len(f.tokens) for f in items if not _prefills(f))
+        started = time.perf_counter()
+        logits = self.runner.forward(items)
+        elapsed = time.perf_counter() - started
+        if chunks:
+            self.prefill_cost.observe(chunks, elapsed - self.cost.predict(steps))
+        else:
+            self.cost.observe(steps, elapsed)
+        return logits
 
     def _sync(self, item: VerifyItem) -> TargetSession | None:
         return sync_session(
@@ -101,12 +166,11 @@ class TargetWorker:
 
     def _judge(self, session: TargetSession, item: VerifyItem, logits: torch.Tensor, batch_size: int) -> Verdict:
         committed = len(session.tokens)
-        target_logits, drafts, draft_probs = self._processed(session, item, logits)
         out = rejection_sample(
             RejectionInput(
-                target_logits=target_logits,
-                draft_tokens=drafts,
-                draft_probs=draft_probs,
+                target_logits=logits,
+                draft_tokens=item.draft_tokens,
+                draft_probs=item.draft_probs,
                 sampling=item.sampling,
                 first_position=committed,
             )
@@ -129,29 +193,19 @@ class TargetWorker:
             logprobs=token_logprobs(logits, out.tokens, item.logprobs) if item.logprobs >= 0 else [],
         )
 
-    def _processed(
-        self, session: TargetSession, item: VerifyItem, logits: torch.Tensor
-    ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
-        """The rows as the request's penalties and constraint see them, each after its own
-        history (accepted drafts included); untouched (no copy) for a plain request."""
-        params = item.sampling
-        if not (params.penalized or params.constrained):
-            return logits, item.draft_tokens, item.draft_probs
-        if params.constrained:
-            vocab = vocab_for_model(self.runner.model, self.runner.vocab_size)
-            output = session.tokens[params.prompt_len :]
-            session.grammar = grammar_state(session.grammar, vocab, params.grammar_kind, params.grammar, output)
-        else:
-            session.grammar = None
-        grammar = session.grammar
-        return verify_rows(logits, session.tokens, item.draft_tokens, item.draft_probs, params, grammar)
-
     def _count(self, batch_size: int) -> None:
         self.stats.forward_passes += 1
         self.stats.max_batch_size = max(self.stats.max_batch_size, batch_size)
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's cap)
+
+
+def _prefills(f: ForwardItem) -> bool:
+    """Whether the item feeds a prompt (more context rows than a step's, or a chunk of one)
+    rather than a step: a step runs whole, a prefill may be chunked, and the two are costed
+    apart."""
+    return f.num_logits == 0 or len(f.tokens) - f.num_logits > GROUP_MAX_ROWS
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
@@ -176,8 +230,6 @@ def check_item(item: VerifyItem, vocab_size: int, max_context: int) -> None:
         raise InvalidArgument("tokens", "a new session needs at least one committed token")
     if not -1 <= item.logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {item.logprobs}")
-    if item.sampling.prompt_len > item.prefix_len + len(item.tokens):
-        raise InvalidArgument("sampling.prompt_len", "longer than the session's committed tokens")
     if len(item.draft_tokens) > MAX_ITEM_DRAFT_TOKENS:
         raise InvalidArgument("draft_tokens", f"at most {MAX_ITEM_DRAFT_TOKENS}, got {len(item.draft_tokens)}")
     if item.prefix_len + len(item.tokens) + len(item.draft_tokens) >= max_context:

@@ -112,7 +112,16 @@ def build(settings: Settings) -> TierServer:
     store = store_for(settings, "target", model, runner)
     budget = kv_token_budget(settings.kv_budget_mb, getattr(runner, "pool", None), settings.device)
     verifier = LocalVerifier(
-        TargetWorker(runner, settings.max_sessions, store, budget, settings.session_idle_s), settings.max_batch_size
+        TargetWorker(
+            runner,
+            settings.max_sessions,
+            store,
+            budget,
+            settings.session_idle_s,
+            settings.prefill_chunk_s,
+            settings.prefill_chunk_tokens,
+        ),
+        settings.max_batch_size,
     )
     drain = Drain(
         flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None,
