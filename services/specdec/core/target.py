@@ -21,8 +21,10 @@ from specdec.core.checks import MAX_ITEM_DRAFT_TOKENS, check_delta, check_ids
 from specdec.core.cost import DEFAULT_PREFILL_CHUNK_S, INITIAL_PREFILL_CHUNK, MIN_PREFILL_CHUNK, PassCost, PrefillCost
 from specdec.core.errors import InvalidArgument
 from specdec.core.failpoints import failpoint
+from specdec.core.grammar import GrammarState, grammar_state, vocab_for_model
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session, trim_to_tokens
 from specdec.core.prefix_store import PrefixStore, prepare_cache
+from specdec.core.processors import verify_rows
 from specdec.core.rejection import RejectionInput, rejection_sample
 from specdec.core.runner import ForwardItem, Runner
 from specdec.core.types import TokenLogprob, Verdict, VerifyItem
@@ -32,6 +34,7 @@ from specdec.core.types import TokenLogprob, Verdict, VerifyItem
 class TargetSession:
     tokens: list[int] = field(default_factory=list)  # committed tokens
     kv: SessionKV | None = None  # holds KV of tokens[:-1] between steps, never an uncommitted one
+    grammar: GrammarState | None = None  # the structured-output constraint's state (replayable from tokens)
 
 
 @dataclass
@@ -166,11 +169,12 @@ class TargetWorker:
 
     def _judge(self, session: TargetSession, item: VerifyItem, logits: torch.Tensor, batch_size: int) -> Verdict:
         committed = len(session.tokens)
+        target_logits, drafts, draft_probs = self._processed(session, item, logits)
         out = rejection_sample(
             RejectionInput(
-                target_logits=logits,
-                draft_tokens=item.draft_tokens,
-                draft_probs=item.draft_probs,
+                target_logits=target_logits,
+                draft_tokens=drafts,
+                draft_probs=draft_probs,
                 sampling=item.sampling,
                 first_position=committed,
             )
@@ -192,6 +196,23 @@ class TargetWorker:
             row_s=self.cost.row_s,
             logprobs=token_logprobs(logits, out.tokens, item.logprobs) if item.logprobs >= 0 else [],
         )
+
+    def _processed(
+        self, session: TargetSession, item: VerifyItem, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+        """The rows as the request's penalties and constraint see them, each after its own
+        history (accepted drafts included); untouched (no copy) for a plain request."""
+        params = item.sampling
+        if not (params.penalized or params.constrained):
+            return logits, item.draft_tokens, item.draft_probs
+        if params.constrained:
+            vocab = vocab_for_model(self.runner.model, self.runner.vocab_size)
+            output = session.tokens[params.prompt_len :]
+            session.grammar = grammar_state(session.grammar, vocab, params.grammar_kind, params.grammar, output)
+        else:
+            session.grammar = None
+        grammar = session.grammar
+        return verify_rows(logits, session.tokens, item.draft_tokens, item.draft_probs, params, grammar)
 
     def _count(self, batch_size: int) -> None:
         self.stats.forward_passes += 1
@@ -230,6 +251,8 @@ def check_item(item: VerifyItem, vocab_size: int, max_context: int) -> None:
         raise InvalidArgument("tokens", "a new session needs at least one committed token")
     if not -1 <= item.logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {item.logprobs}")
+    if item.sampling.prompt_len > item.prefix_len + len(item.tokens):
+        raise InvalidArgument("sampling.prompt_len", "longer than the session's committed tokens")
     if len(item.draft_tokens) > MAX_ITEM_DRAFT_TOKENS:
         raise InvalidArgument("draft_tokens", f"at most {MAX_ITEM_DRAFT_TOKENS}, got {len(item.draft_tokens)}")
     if item.prefix_len + len(item.tokens) + len(item.draft_tokens) >= max_context:
