@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run up test proto lint soak clean images test-images test-dashboard test-operator-ha
+.PHONY: install run up test proto lint soak clean images test-images test-dashboard test-operator-ha loadgen bench-tls
 
 $(STAMP): pyproject.toml operator/pyproject.toml services/specdec-records/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,18 @@ test: $(STAMP)
 # 64 streams for 10 minutes through the local stack: RSS growth < 10%, nothing leaked (slow; not in `test`).
 soak: $(STAMP)
 	$(VENV)/bin/specdec soak --streams 64 --minutes 10
+
+# A third-party load generator (NVIDIA aiperf, in its own venv: it pins its own deps) against the
+# HTTP front of a local stack, plain and speculative side by side (slow; not in `test`).
+LOADGEN_VENV ?= .venv-loadgen
+LOADGEN_ARGS ?= --concurrency 1,8
+loadgen: $(STAMP)
+	test -x $(LOADGEN_VENV)/bin/aiperf || (python3 -m venv $(LOADGEN_VENV) && $(LOADGEN_VENV)/bin/pip install -q aiperf==0.13.0)
+	$(PY) -m specdec.loadgen --aiperf $(LOADGEN_VENV)/bin/aiperf $(LOADGEN_ARGS)
+
+# What mTLS + an API key cost: a plaintext and a secured stack, tokens/s side by side (slow).
+bench-tls: $(STAMP)
+	$(PY) -m specdec.tls_bench --concurrency 1,8 --rounds 5
 
 # Regenerate the protobuf/gRPC modules under services/specdec/v1 from proto/.
 proto: $(STAMP)
