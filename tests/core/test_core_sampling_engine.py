@@ -52,7 +52,7 @@ def complete_all(engine: Engine, specs: list[RequestSpec]):
 def samples(engine) -> dict[str, list[list[int]]]:
     """The first 3 generated tokens for each seed, without and with speculation."""
     out = {}
-    for drafter in ("none", "model:small", "ngram"):
+    for drafter in ("none", "model:small", "ngram", "suffix"):
         results = complete_all(engine, [sample_spec(drafter, seed) for seed in SEEDS])
         out[drafter] = [r.token_ids for r in results]
         assert all(len(t) == 3 for t in out[drafter])
@@ -76,7 +76,7 @@ def gof_pvalue(tokens: list[int], probs: torch.Tensor) -> float:
 
 
 def test_sampling_is_reproducible(engine) -> None:
-    for drafter, k in [("none", 1), ("ngram", 3), ("model:small", 4), ("model:small", 2)]:
+    for drafter, k in [("none", 1), ("ngram", 3), ("suffix", 4), ("model:small", 4), ("model:small", 2)]:
         specs = [
             sample_spec(drafter, seed, k, max_new_tokens=30, temperature=0.9, top_k=40, top_p=0.95)
             for seed in (1, 2, 3)
@@ -100,7 +100,7 @@ def test_first_token_follows_target_distribution(samples, target_model, draft_mo
     assert float((p - q).abs().sum()) / 2 > 0.15
 
 
-@pytest.mark.parametrize("drafter", ["model:small", "ngram"])
+@pytest.mark.parametrize("drafter", ["model:small", "ngram", "suffix"])
 @pytest.mark.parametrize("position", [0, 1, 2])
 def test_speculative_and_plain_samples_have_the_same_distribution(samples, position, drafter) -> None:
     plain = Counter(t[position] for t in samples["none"])
