@@ -169,7 +169,7 @@ def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="target model: smollm2-135m, an HF directory or hub id")
-    p.add_argument("--drafter", help="none | ngram | model:NAME")
+    p.add_argument("--drafter", help="none | ngram | suffix | model:NAME")
     p.add_argument("--device", help="cpu | cuda")
     p.add_argument("--dtype", help="float32 | float16 | bfloat16")
 
