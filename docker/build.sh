@@ -87,16 +87,23 @@ build() {   # build IMAGE NAME
   || { echo "PYTHON must be Python 3.11 (the wheels must match the base's python3)" >&2; exit 1; }
 if [ "$BASE" = "$LOCAL_BASE" ] && ! image_exists "$BASE"; then make_base; fi
 
+# specdec-records (the Redis keys and records services and operator share) is a local
+# distribution both packages require by name: its wheel goes into each wheelhouse from here.
+records=()
+[ -f services/specdec-records/pyproject.toml ] && records=(./services/specdec-records)
+
 for image in $IMAGES; do
   case "$image" in
     services)
       torch="torch==$TORCH_VERSION"
       [ "$VARIANT" = cpu ] && torch="$torch+cpu"
-      wheels services "$torch" .
+      # The HTTP front's fastapi, uvicorn and sse-starlette are dependencies of `.`: pip wheel
+      # puts them (and everything they need) into the wheelhouse with the rest.
+      wheels services "$torch" . "${records[@]}"
       suffix=""; [ "$VARIANT" = cpu ] || suffix="-$VARIANT"
       build services "$REGISTRY/specdec:$TAG$suffix" ;;
     operator)
-      wheels operator ./operator
+      wheels operator ./operator "${records[@]}"
       build operator "$REGISTRY/specdec-operator:$TAG" ;;
     *) echo "unknown image $image (services, operator)" >&2; exit 2 ;;
   esac

@@ -27,7 +27,7 @@ TMP_SIZE_LIMIT = "1Gi"
 TLS_DIR = "/etc/specdec/tls"  # tls.crt, tls.key (and ca.crt) of this tier's certificate
 TLS_CA_FILE = "/etc/specdec/tls-ca/ca.crt"  # the CA, when it has a Secret of its own
 API_KEYS_FILE = "/etc/specdec/api-keys/api-keys"  # the coordinator's hashed API keys
-REDIS_CA_FILE = "/etc/specdec/redis-ca/ca.crt"  # a rediss:// URL names it: ?ssl_ca_certs=...
+REDIS_CA_FILE = "/etc/specdec/redis-ca/ca.crt"  # a rediss:// server's CA (SPECDEC_REDIS_CA, read by specdec_records)
 SECRET_MODE = 0o440  # owner and group (fsGroup) read; nobody else
 TLS_PROBE_PERIOD_S = 10  # exec probes start a Python process: half as often as the gRPC ones
 TLS_PROBE_TIMEOUT_S = 5
@@ -181,6 +181,8 @@ def _security_env(spec: DecoderSpec, tier: str) -> list[dict[str, Any]]:
             # The tiers check the caller's certificate names the coordinator: they always ask for one.
             {"name": "SPECDEC_TLS_CLIENT_AUTH", "value": str(sec.tls.client_auth or tier != "coordinator").lower()},
         ]
+    if sec.redis_ca is not None:
+        env.append({"name": "SPECDEC_REDIS_CA", "value": REDIS_CA_FILE})
     if sec.internal_token is not None:
         env.append(_secret_env("SPECDEC_INTERNAL_TOKEN", sec.internal_token))
     if tier == "coordinator":

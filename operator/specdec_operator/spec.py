@@ -109,7 +109,7 @@ class Security:
     api_key_max_calls: int = 0  # concurrent calls per API key (0 = no limit)
     internal_token: SecretKey | None = None  # SPECDEC_INTERNAL_TOKEN: what a coordinator shows a tier without TLS
     kv_secret: SecretKey | None = None  # SPECDEC_KV_SECRET: the KV chunks' MAC key (draft and target)
-    redis_ca: SecretKey | None = None  # CA of a rediss:// server, mounted at REDIS_CA_FILE (the URL names it)
+    redis_ca: SecretKey | None = None  # CA of a rediss:// server, mounted at REDIS_CA_FILE (SPECDEC_REDIS_CA)
 
 
 @dataclass(frozen=True)

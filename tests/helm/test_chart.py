@@ -400,7 +400,7 @@ def test_everything_secure_renders_what_the_services_read() -> None:
     url = parse_url(auth["url"])
     assert url["password"] == auth["password"] and len(auth["password"]) >= 32
     assert (url["host"], url["port"]) == ("rel-specdec-redis.specdec.svc", 6380)
-    assert url["ssl_ca_certs"] == resources.REDIS_CA_FILE and auth["url"].startswith("rediss://")
+    assert auth["url"].startswith("rediss://")  # the CA: SPECDEC_REDIS_CA, below
     redis = docs[("StatefulSet", "rel-specdec-redis")]["spec"]["template"]["spec"]
     valkey = redis["containers"][0]
     args = valkey["args"]
@@ -423,6 +423,7 @@ def test_everything_secure_renders_what_the_services_read() -> None:
     mount = next(m for m in op["containers"][0]["volumeMounts"] if m["name"] == "redis-ca")
     volume = next(v for v in op["volumes"] if v["name"] == "redis-ca")
     assert mount["mountPath"] + "/" + volume["secret"]["items"][0]["path"] == resources.REDIS_CA_FILE
+    assert operator_env(docs)["SPECDEC_REDIS_CA"]["value"] == resources.REDIS_CA_FILE
 
     # No secret value in plaintext outside its Secret.
     text = yaml.safe_dump_all([d for d in docs.values() if d["kind"] != "Secret"])
@@ -430,6 +431,9 @@ def test_everything_secure_renders_what_the_services_read() -> None:
         assert value not in text
     for value in secret_data(docs[("Secret", "rel-specdec-internal")]).values():
         assert len(value) >= 32 and value not in text
+
+
+REDIS_TLS_ENV = {"SPECDEC_REDIS_CA"}  # read by specdec_records (RedisTls.from_env), not a Settings field
 
 
 def test_the_chart_decoder_reaches_the_tier_pods_secure() -> None:
@@ -441,8 +445,10 @@ def test_the_chart_decoder_reaches_the_tier_pods_secure() -> None:
     from specdec.config import Settings
     from specdec_operator import resources
     from specdec_operator.spec import parse
+    from specdec_records.connect import RedisTls
 
     settings = {f"SPECDEC_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+    assert RedisTls.from_env({"SPECDEC_REDIS_CA": resources.REDIS_CA_FILE}).ca_file == resources.REDIS_CA_FILE
     docs = objects(str(CHART / "ci" / "security-cert-manager-values.yaml"))
     sd = docs[("SpeculativeDecoder", "default")]
     spec = parse(sd["spec"])
@@ -451,7 +457,7 @@ def test_the_chart_decoder_reaches_the_tier_pods_secure() -> None:
         pod = resources.deployment(owner, spec, tier, 1)["spec"]["template"]["spec"]
         c = pod["containers"][0]
         env = {e["name"]: e for e in c["env"]}
-        assert {n for n in env if n.startswith("SPECDEC_")} <= settings
+        assert {n for n in env if n.startswith("SPECDEC_")} <= settings | REDIS_TLS_ENV
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["tls"]["secret"]["secretName"] == f"rel-specdec-{secret}-tls"
         assert all("subPath" not in m for m in c["volumeMounts"])
@@ -460,7 +466,8 @@ def test_the_chart_decoder_reaches_the_tier_pods_secure() -> None:
         assert env["SPECDEC_TLS_CLIENT_AUTH"]["value"] == "true"  # clientAuth in these values; tiers always
         assert env["SPECDEC_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "rel-specdec-redis-auth", "key": "url"}
         assert env["SPECDEC_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "rel-specdec-internal"
-        assert "redis-ca" in volumes and c["readinessProbe"]["exec"]["command"][0] == "specdec-health"
+        assert "redis-ca" in volumes and env["SPECDEC_REDIS_CA"]["value"] == resources.REDIS_CA_FILE
+        assert c["readinessProbe"]["exec"]["command"][0] == "specdec-health"
         if tier == "coordinator":
             assert env["SPECDEC_API_KEYS_FILE"]["value"] == resources.API_KEYS_FILE
             assert env["SPECDEC_API_KEY_MAX_CALLS"]["value"] == "16" and env["SPECDEC_HTTP_PORT"]["value"] == "8443"

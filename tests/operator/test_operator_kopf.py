@@ -528,6 +528,7 @@ def test_security_settings_reach_every_tier_pod(decoder: Decoder) -> None:
             "items": [{"key": "ca.crt", "path": "ca.crt"}],
         }
         assert mounts["redis-ca"]["mountPath"] == "/etc/specdec/redis-ca"
+        assert env["SPECDEC_REDIS_CA"]["value"] == "/etc/specdec/redis-ca/ca.crt"
         assert env["SPECDEC_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"] == {
             "name": "internal",
             "key": "internal-token",

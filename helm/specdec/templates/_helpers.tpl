@@ -62,7 +62,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- ternary 6380 6379 .Values.redis.tls.enabled -}}
 {{- end -}}
 
-{{/* specdec.redisCaFile: where every pod finds the CA of a rediss:// server (a rediss URL names it). */}}
+{{/* specdec.redisCaFile: where every pod finds the CA of a rediss:// server (SPECDEC_REDIS_CA). */}}
 {{- define "specdec.redisCaFile" -}}
 /etc/specdec/redis-ca/ca.crt
 {{- end -}}
@@ -73,7 +73,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- $auth := ternary (printf ":%s@" .password) "" (ne .password "") -}}
 {{- $host := printf "%s.%s.svc:%s" (include "specdec.redisHost" $ctx) $ctx.Release.Namespace (include "specdec.redisPort" $ctx) -}}
 {{- if $ctx.Values.redis.tls.enabled -}}
-{{- printf "rediss://%s%s/0?ssl_ca_certs=%s" $auth $host (include "specdec.redisCaFile" $ctx) -}}
+{{- printf "rediss://%s%s/0" $auth $host -}}
 {{- else -}}
 {{- printf "redis://%s%s/0" $auth $host -}}
 {{- end -}}
