@@ -263,3 +263,19 @@ def test_rendered_pods_serve_mtls_pass_their_probe_and_admit_only_the_coordinato
         await serving("coordinator", envs["coordinator"], check_coordinator)
 
     asyncio.run(both())
+
+
+@pytest.mark.parametrize(
+    "spec,problem",
+    [
+        ({"tls": {"coordinatorSecretName": "c"}}, "spec.tls: coordinatorSecretName and tierSecretName"),
+        ({"apiKeys": {"maxCallsPerKey": -1, "secretRef": {"name": "k"}}}, "spec.apiKeys.maxCallsPerKey"),
+        ({"kvSecretRef": {"key": "k"}}, "spec.kvSecretRef.name is required"),
+        ({"http": {"enabled": True, "port": 50051}}, "spec.http.port 50051"),
+    ],
+)
+def test_spec_refuses_incomplete_security(spec: dict[str, Any], problem: str) -> None:
+    from specdec_operator.spec import parse
+
+    with pytest.raises(ValueError, match=problem):
+        parse({"model": {"name": "m"}, **spec})
