@@ -10,6 +10,7 @@ import copy
 import math
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .spec import GROUP, KIND, VERSION, DecoderSpec, SecretKey, TierSpec
 
@@ -136,8 +137,10 @@ def _env(
     if spec.redis_secret is not None:
         secret, key = spec.redis_secret
         env.append({"name": "SPECDEC_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
-    elif spec.redis_url or default_redis_url:
-        env.append({"name": "SPECDEC_REDIS_URL", "value": spec.redis_url or default_redis_url})
+    elif spec.redis_url:
+        env.append({"name": "SPECDEC_REDIS_URL", "value": spec.redis_url})
+    elif default_redis_url:
+        env.append({"name": "SPECDEC_REDIS_URL", "value": without_password(default_redis_url)})
     env += [
         {"name": "SPECDEC_REDIS_PREFIX", "value": redis_prefix(namespace, name)},
         {"name": "SPECDEC_MODEL", "value": spec.model},
@@ -162,6 +165,19 @@ def _env(
     if fetches(spec, t.tier):  # the init step fetched every model: no hub calls at start
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     return env + _security_env(spec, t.tier) + copy.deepcopy(t.env)
+
+
+def without_password(url: str) -> str:
+    """``url`` without its password. The operator's default Redis URL (for resources naming none)
+    may carry the bundled Valkey's password, read from a Secret the resource's owner may not
+    read: copied into their Deployment it would hand whoever can create a SpeculativeDecoder the
+    keys to the registry. Their tiers get the URL without it (AUTH fails, visibly) until the
+    resource names a Secret of its own (spec.redis.urlSecretRef)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rsplit("@", 1)[1]))
 
 
 def _secret_env(name: str, ref: SecretKey) -> dict[str, Any]:

@@ -279,3 +279,22 @@ def test_spec_refuses_incomplete_security(spec: dict[str, Any], problem: str) ->
 
     with pytest.raises(ValueError, match=problem):
         parse({"model": {"name": "m"}, **spec})
+
+
+def test_the_operators_default_redis_password_is_not_handed_out() -> None:
+    """A resource naming no Redis gets the operator's default URL without its password: whoever
+    may create a SpeculativeDecoder must not read the bundled Valkey's password off their pods."""
+    from specdec_operator import resources
+    from specdec_operator.spec import parse
+
+    owner = {"metadata": {"name": "d", "namespace": "team-a", "uid": "u"}}
+    default = "rediss://:s3cret@rel-specdec-redis.specdec.svc:6380/0"
+    for raw, want in (
+        ({}, "rediss://rel-specdec-redis.specdec.svc:6380/0"),
+        ({"redis": {"url": "redis://:mine@r:6379/0"}}, "redis://:mine@r:6379/0"),  # the resource's own choice
+    ):
+        spec = parse({"model": {"name": "m"}, **raw})
+        pod = resources.deployment(owner, spec, "target", 1, default_redis_url=default)["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["SPECDEC_REDIS_URL"] == want
+        assert "s3cret" not in yaml.safe_dump(pod)
