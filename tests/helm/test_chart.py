@@ -454,7 +454,10 @@ def test_the_chart_decoder_reaches_the_tier_pods_secure() -> None:
     spec = parse(sd["spec"])
     owner = {"metadata": {"name": "default", "namespace": "specdec", "uid": "u"}}
     for tier, secret in (("coordinator", "coordinator"), ("draft", "tier"), ("target", "tier")):
-        pod = resources.deployment(owner, spec, tier, 1)["spec"]["template"]["spec"]
+        deployment = resources.deployment(owner, spec, tier, 1)
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)  # what the operator applies, too
+        kubernetes_validate.validate(resources.service(owner, spec, tier), K8S_VERSION, strict=True)
+        pod = deployment["spec"]["template"]["spec"]
         c = pod["containers"][0]
         env = {e["name"]: e for e in c["env"]}
         assert {n for n in env if n.startswith("SPECDEC_")} <= settings | REDIS_TLS_ENV
