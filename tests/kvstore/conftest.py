@@ -5,14 +5,13 @@ helpers to run a stack of real processes and add replicas to it."""
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
-import redis
 
+from specdec_records import Keys, ReplicaRecord, connect
 from tests import llama_dirs
 from tests.conftest import ValkeyProcess, free_port, launch
 from tests.waiting import wait_until
@@ -79,12 +78,12 @@ def add_replica(stack, tier: str, name: str, **env: str):
 
 def registered(stack, address: str) -> dict | None:
     """The registry record of the replica serving `address` (what the coordinator routes on)."""
-    client = redis.Redis.from_url(stack.redis_url)
+    client = connect(stack.redis_url)
     try:
-        for key in client.scan_iter(f"{stack.prefix}replica:*"):
+        for key in client.scan_iter(Keys(stack.prefix).replicas()):
             raw = client.get(key)
-            if raw and json.loads(raw)["address"] == address:
-                return json.loads(raw)
+            if raw and (record := ReplicaRecord.from_json(raw)).address == address:
+                return record.to_dict()
     finally:
         client.close()
     return None

@@ -10,10 +10,10 @@ import signal
 import time
 
 import pytest
-import redis
 import torch
 
 from specdec.client import AsyncClient
+from specdec_records import Keys, connect
 from tests.kvstore.conftest import add_replica, log_count, restored_tokens, start, wait_restored
 from tests.reference import hf_greedy
 from tests.waiting import wait_until
@@ -166,10 +166,10 @@ async def test_valkey_restart_during_generation(stack, workload, valkey):
     report("Valkey restart", stall)
     assert outputs == [ref for _, ref in workload]
     # The KV tier comes back by itself: new prefixes are written to the restarted server again.
-    client = redis.Redis.from_url(stack.redis_url)
+    client = connect(stack.redis_url)
 
     def chunks_written() -> bool:
-        return any(True for _ in client.scan_iter(f"{stack.prefix}kv:target:*"))
+        return any(True for _ in client.scan_iter(Keys(stack.prefix).kv_chunks("target")))
 
     deadline, seed = time.monotonic() + 30, 0
     async with AsyncClient(stack.coordinator, timeout_s=60) as generation:

@@ -8,9 +8,8 @@ import random
 import socket
 import urllib.request
 
-import redis
-
 from specdec.client import Client
+from specdec_records import Keys, connect
 from tests.conftest import free_port
 from tests.kvstore.conftest import add_replica, child, load_of, start, wait_restored
 from tests.waiting import wait_until
@@ -25,10 +24,10 @@ def ttft(client: Client, prompt: list[int]) -> float:
 
 
 def wait_chunks(stack, at_least: int) -> None:
-    client = redis.Redis.from_url(stack.redis_url)
+    client = connect(stack.redis_url)
     try:
         wait_until(
-            lambda: sum(1 for _ in client.scan_iter(f"{stack.prefix}kv:target:*")) >= at_least,
+            lambda: sum(1 for _ in client.scan_iter(Keys(stack.prefix).kv_chunks("target"))) >= at_least,
             timeout_s=10,
             what="the prefix's chunks to be written",
         )

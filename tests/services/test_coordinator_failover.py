@@ -17,11 +17,11 @@ import uuid
 
 import grpc
 import pytest
-import redis
 
 from specdec.client import AsyncClient, Client, make_request
 from specdec.launcher import start_stack, wait_healthy
 from specdec.v1 import generation_pb2, generation_pb2_grpc
+from specdec_records import Keys, connect
 from tests.conftest import free_port
 
 NUM_STREAMS = 20
@@ -139,9 +139,9 @@ async def test_kill_coordinator_mid_stream_every_stream_completes_identically(st
 
 
 def records(stack) -> list[dict]:
-    db = redis.Redis.from_url(stack.redis_url)
+    db = connect(stack.redis_url)
     try:
-        raw = [db.get(key) for key in db.scan_iter(f"{stack.prefix}session:*")]
+        raw = [db.get(key) for key in db.scan_iter(Keys(stack.prefix).sessions())]
     finally:
         db.close()
     found = []
@@ -258,7 +258,7 @@ def test_a_malformed_record_is_a_miss_never_a_crash(stack, prompt_ids):
     a, _ = coordinators(stack)
     params = dict(token_ids=prompt_ids, max_new_tokens=8, ignore_eos=True, drafter="none")
     expected = complete_ids(a.address, **params)
-    db = redis.Redis.from_url(stack.redis_url)
+    db, keys = connect(stack.redis_url), Keys(stack.prefix)
     try:
         for n, (index, record) in enumerate(
             [
@@ -271,9 +271,9 @@ def test_a_malformed_record_is_a_miss_never_a_crash(stack, prompt_ids):
             request_id = f"bad-{n}-{uuid.uuid4().hex}"
             spec = spec_from_proto(make_request(generation_pb2.CompleteRequest, **params, request_id=request_id))
             digest = request_digest(request_id, fingerprint(spec))
-            db.set(f"{stack.prefix}request:{digest}", index)
+            db.set(keys.request(digest), index)
             if record is not None:
-                db.set(f"{stack.prefix}session:{index}", record)
+                db.set(keys.session(index), record)
             assert complete_ids(a.address, **params, request_id=request_id) == expected
     finally:
         db.close()

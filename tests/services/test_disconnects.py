@@ -4,20 +4,22 @@ and after their first chunk) leave no session on any tier within 5 s."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import redis
 
 from specdec.client import AsyncClient
+from specdec_records import Keys, ReplicaRecord, connect
 
 
 def _sessions(store: redis.Redis, prefix: str) -> dict[str, int]:
     """Sessions held per tier, from the load every replica heartbeats (every 0.5 s here)."""
     held: dict[str, int] = {}
-    for key in store.scan_iter(f"{prefix}replica:*"):
-        record = json.loads(store.get(key) or "{}")
-        held[record["tier"]] = held.get(record["tier"], 0) + int(record["load"].get("active_sessions") or 0)
+    for key in store.scan_iter(Keys(prefix).replicas()):
+        raw = store.get(key)
+        if raw is not None:  # else expired meanwhile
+            record = ReplicaRecord.from_json(raw)
+            held[record.tier] = held.get(record.tier, 0) + record.load.active_sessions
     return held
 
 
@@ -34,7 +36,7 @@ async def _drop(client: AsyncClient, prompt_ids: list[int], chunks: int) -> None
 
 
 async def test_fifty_clients_that_disconnect_at_once_leave_no_session(tiny_stack, valkey, prompt_ids):
-    store = redis.Redis.from_url(valkey.url)
+    store = connect(valkey.url)
     before = _sessions(store, tiny_stack.prefix)
     clients = [AsyncClient(tiny_stack.address, timeout_s=60) for _ in range(50)]
     try:

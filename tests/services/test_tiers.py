@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from specdec.client import AsyncClient, Client
+from specdec_records import Keys, ReplicaRecord, connect
 from tests.services.conftest import PROMPT, ngram_stream
 from tests.waiting import eventually
 
@@ -119,8 +120,6 @@ def test_registry_load_reports_throughput_and_acceptance(tiny_stack, tiny_models
     """The load the operator scales on: tokens/s and acceptance of the last interval."""
     import threading
 
-    import redis
-
     def load_the_tiers() -> None:  # keep generating while the heartbeats are read
         with Client(tiny_stack.address, timeout_s=120) as client:
             for _ in range(6):
@@ -131,17 +130,17 @@ def test_registry_load_reports_throughput_and_acceptance(tiny_stack, tiny_models
     tiers = ("target", "coordinator")
     rates: dict[str, list[float]] = {t: [] for t in (*tiers, "draft")}  # the draft tier: tokens drafted
     acceptance: dict[str, list[float]] = {t: [] for t in tiers}
-    store = redis.Redis.from_url(valkey.url)
+    store = connect(valkey.url)
 
     def every_tier_reported() -> None:  # the records live in Redis: read them until all have reported
-        for key in store.scan_iter(f"{tiny_stack.prefix}replica:*"):
-            record = json.loads(store.get(key) or "{}")
-            load = record.get("load", {})
-            if record.get("tier") in rates:
-                if load.get("tokens_per_s", 0) > 0:
-                    rates[record["tier"]].append(load["tokens_per_s"])
-                if load.get("acceptance_rate") is not None and record["tier"] in tiers:
-                    acceptance[record["tier"]].append(load["acceptance_rate"])
+        for key in store.scan_iter(Keys(tiny_stack.prefix).replicas()):
+            raw = store.get(key)
+            record = ReplicaRecord.from_json(raw) if raw is not None else None
+            if record is not None and record.tier in rates:
+                if record.load.tokens_per_s > 0:
+                    rates[record.tier].append(record.load.tokens_per_s)
+                if record.load.acceptance_rate is not None and record.tier in tiers:
+                    acceptance[record.tier].append(record.load.acceptance_rate)
         assert all(rates.values()) and all(acceptance.values()), (rates, acceptance)
 
     try:
