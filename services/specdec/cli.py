@@ -311,30 +311,29 @@ def _demo(address: str, drafter: str, **options: Any) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from specdec.state.registry import Registry
+    from specdec.state.registry import Registry, ReplicaRecord
 
     settings = Settings.from_env(redis_url=args.redis_url)
     if not settings.redis_url:
         print("no Redis URL: pass --redis-url or set SPECDEC_REDIS_URL", file=sys.stderr)
         return 2
 
-    async def fetch() -> list[dict[str, Any]]:
+    async def fetch() -> list[ReplicaRecord]:
         registry = Registry(settings.redis_url, settings.redis_prefix)
         try:
-            return [r.to_dict() for r in await registry.replicas()]
+            return await registry.replicas()
         finally:
             await registry.close()
 
     replicas = asyncio.run(fetch())
     if args.json:
-        print(json.dumps({"replicas": replicas}, indent=2))
+        print(json.dumps({"replicas": [r.to_dict() for r in replicas]}, indent=2))
         return 0
     print(f"{'TIER':<12} {'ADDRESS':<22} {'PID':>7} {'MODEL':<24} {'SESSIONS':>8} {'QUEUE':>6}")
     for r in replicas:
-        load = r.get("load") or {}
         print(
-            f"{r['tier']:<12} {r['address']:<22} {r['pid']:>7} {r['model'][:24]:<24} "
-            f"{load.get('active_sessions', 0):>8} {load.get('queue_depth', 0):>6}"
+            f"{r.tier:<12} {r.address:<22} {r.pid:>7} {r.model[:24]:<24} "
+            f"{r.load.active_sessions:>8} {r.load.queue_depth:>6}"
         )
     return 0
 
