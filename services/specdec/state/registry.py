@@ -30,8 +30,11 @@ class Registry:
         self.redis = connect_async(redis_url)
 
     async def publish(self, info: ReplicaRecord, ttl_s: float) -> None:
+        """Write the record; RecordError (nothing written) for one its readers would skip."""
         info.heartbeat_at = time.time()
-        await self.redis.set(self.keys.replica(info.tier, info.replica_id), info.to_json(), ex=max(1, int(ttl_s)))
+        raw = info.to_json()
+        ReplicaRecord.from_json(raw)  # checked as every reader checks it: a bad figure is said here, once a beat
+        await self.redis.set(self.keys.replica(info.tier, info.replica_id), raw, ex=max(1, int(ttl_s)))
 
     async def remove(self, info: ReplicaRecord) -> None:
         await self.redis.delete(self.keys.replica(info.tier, info.replica_id))
@@ -116,7 +119,8 @@ class IntervalRates:
         then, tokens0, drafted0, accepted0 = self._last
         self._last = (now, tokens, drafted, accepted)
         judged = drafted - drafted0
+        # Clamped: a counter that went back (a reset) must not publish a figure readers refuse.
         return Rates(
-            round((tokens - tokens0) / max(now - then, 1e-6), 2),
-            round((accepted - accepted0) / judged, 4) if judged else None,
+            round(max(0, tokens - tokens0) / max(now - then, 1e-6), 2),
+            round(min(1.0, max(0.0, (accepted - accepted0) / judged)), 4) if judged > 0 else None,
         )
