@@ -15,7 +15,7 @@ from specdec.core.checks import check_ids
 from specdec.core.drafters.registry import DrafterSpec, parse_drafter
 from specdec.core.errors import InvalidArgument
 from specdec.core.loop import GenerationRequest
-from specdec.core.sampling import SamplingParams
+from specdec.core.sampling import MAX_GRAMMAR_CHARS, SamplingParams
 from specdec.core.tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -135,6 +135,8 @@ def check_sizes(spec: RequestSpec, limits: ModelLimits) -> None:
     never to the text; messages never echo the input."""
     if len(spec.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(spec.request_id)}")
+    if len(spec.grammar) > MAX_GRAMMAR_CHARS:
+        raise InvalidArgument("decoding.constraint", f"at most {MAX_GRAMMAR_CHARS} characters")
     if len(spec.stop) > MAX_STOP_STRINGS:
         raise InvalidArgument("decoding.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(spec.stop)}")
     if any(len(s) > MAX_STOP_CHARS for s in spec.stop):
