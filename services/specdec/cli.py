@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--chunk-tokens", type=int, default=256)
     pb.add_argument("--redis-url", default="", help="default: start an embedded Valkey")
     pb.set_defaults(func=cmd_prefix_bench)
+
+    hk = sub.add_parser("hash-key", help="print an API key's line for SPECDEC_API_KEYS_FILE (key read from stdin)")
+    hk.set_defaults(func=cmd_hash_key)
     return parser
 
 
@@ -365,6 +368,18 @@ def cmd_soak(args: argparse.Namespace) -> int:
     result = soak(args.model, args.streams, args.minutes, args.warmup_s)
     print(json.dumps(result, indent=2))
     return 0 if result["passed"] else 1
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    """From stdin, so the key never shows in a process list or shell history."""
+    from specdec.rpc.auth import hash_api_key
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("hash-key: no key on stdin", file=sys.stderr)
+        return 2
+    print(hash_api_key(key))
+    return 0
 
 
 def cmd_prefix_bench(args: argparse.Namespace) -> int:

@@ -160,6 +160,28 @@ async def test_api_keys_and_the_per_key_call_limit():
         holding.cancel()
 
 
+async def test_a_rotated_api_keys_file_is_used_without_a_restart(tmp_path: Path, monkeypatch):
+    import os
+
+    from specdec.rpc import auth
+
+    monkeypatch.setattr(auth, "KEYS_POLL_S", 0.0)
+    keys = tmp_path / "api-keys"
+    keys.write_text(hash_api_key("old-key") + "\n")
+    policy = AccessPolicy(key_hashes=auth.load_key_hashes(str(keys)), keys_file=str(keys))
+    async with draft_server(policy) as address, grpc.aio.insecure_channel(address) as channel:
+        assert (await propose(channel, (("authorization", "Bearer old-key"),))).tokens
+        keys.write_text("# rotated\n" + hash_api_key("new-key") + "\n")
+        os.utime(keys, ns=(1, 1))  # a changed mtime even within the filesystem's clock resolution
+        assert (await propose(channel, (("authorization", "Bearer new-key"),))).tokens
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await propose(channel, (("authorization", "Bearer old-key"),))
+        assert code_of(err.value) == grpc.StatusCode.UNAUTHENTICATED
+        keys.write_text("not a digest\n")  # a broken rotation keeps the keys in force
+        os.utime(keys, ns=(2, 2))
+        assert (await propose(channel, (("authorization", "Bearer new-key"),))).tokens
+
+
 @pytest.fixture(scope="module")
 def tls_stack(tiny_models, valkey):
     from specdec.launcher import start_stack
@@ -274,3 +296,18 @@ def test_the_http_front_serves_rotated_certificate_files_without_a_restart(tls_s
     finally:
         child.proc.terminate()
         child.proc.wait(timeout=30)
+
+
+def test_hash_key_prints_the_line_the_keys_file_wants(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from specdec.rpc.auth import load_key_hashes
+
+    done = subprocess.run(
+        [sys.executable, "-m", "specdec.cli", "hash-key"], input="s3cret\n", capture_output=True, text=True, check=True
+    )
+    keys = tmp_path / "keys"
+    keys.write_text(done.stdout)
+    assert AccessPolicy(key_hashes=load_key_hashes(str(keys))).key_ok("s3cret") is not None
+    assert "s3cret" not in done.stdout

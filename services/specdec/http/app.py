@@ -212,7 +212,7 @@ def _authorize(request: Request) -> bytes | None:
     """The caller's API key digest (None when no keys are configured); 401 without a known
     key. /health and /metrics stay open, like the gRPC port's health check."""
     policy: AccessPolicy = request.app.state.policy
-    if not policy.key_hashes:
+    if not policy.digests():
         return None
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     digest = policy.key_ok(key.strip()) if scheme.lower() == "bearer" else None

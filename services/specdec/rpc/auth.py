@@ -3,9 +3,9 @@
 * Health and reflection stay open (probes, grpcurl).
 * The public API (coordinator): with API keys configured, every call carries
   `authorization: Bearer KEY`; the key's SHA-256 is compared in constant time against the
-  hashes in SPECDEC_API_KEYS_FILE (one hex digest a line, `specdec hash-key` prints one).
-  Missing or wrong: UNAUTHENTICATED. Optionally at most N concurrent calls per key:
-  RESOURCE_EXHAUSTED past that.
+  hashes in SPECDEC_API_KEYS_FILE (one hex digest a line, `specdec hash-key` prints one),
+  re-read when the file changes (a rotated Secret: no restart). Missing or wrong:
+  UNAUTHENTICATED. Optionally at most N concurrent calls per key: RESOURCE_EXHAUSTED past that.
 * The internal tiers (draft, target) serve coordinators only: under TLS the peer's client
   certificate must name `COORDINATOR_PEER_NAME` (and the CA must have signed it: the
   handshake checked that); without TLS the call must carry the shared internal token.
@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +30,8 @@ import grpc
 
 from specdec.rpc.tls import COORDINATOR_PEER_NAME, peer_common_name
 
+log = logging.getLogger(__name__)
+KEYS_POLL_S = 1.0  # the keys file is stat()ed at most this often
 OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 INTERNAL_TOKEN_HEADER = "x-specdec-internal-token"
 
@@ -59,12 +64,30 @@ class AccessPolicy:
     max_calls_per_key: int = 0  # 0 = no limit
     internal_token: str = ""  # without TLS: what an internal caller must send
     tls: bool = False  # peers come over mTLS: check their certificate's name
+    keys_file: str = ""  # where key_hashes came from: re-read when it changes
+    _keys_mtime: int = field(default=0, repr=False)
+    _keys_checked: float = field(default=0.0, repr=False)
+
+    def digests(self) -> list[bytes]:
+        """The API key digests in force, the keys file re-read if it changed since (a
+        Kubernetes Secret is rotated in place). A file broken half way keeps the old keys."""
+        now = time.monotonic()
+        if self.keys_file and now - self._keys_checked >= KEYS_POLL_S:
+            self._keys_checked = now
+            try:
+                mtime = os.stat(self.keys_file).st_mtime_ns
+                if mtime != self._keys_mtime:
+                    self.key_hashes, self._keys_mtime = load_key_hashes(self.keys_file), mtime
+                    log.info("API keys file changed: %d keys loaded", len(self.key_hashes))
+            except (OSError, ValueError) as exc:
+                log.warning("API keys file unreadable, keeping the current keys: %s", exc)
+        return self.key_hashes
 
     def key_ok(self, key: str) -> bytes | None:
         """The key's digest if it is one of ours (every stored digest compared, in constant time)."""
         digest = hashlib.sha256(key.encode()).digest()
         found = False
-        for stored in self.key_hashes:
+        for stored in self.digests():
             found |= hmac.compare_digest(digest, stored)
         return digest if found else None
 
@@ -90,7 +113,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
             ):
                 return _deny(handler, grpc.StatusCode.PERMISSION_DENIED, "this tier serves coordinators only")
             return handler
-        if not policy.key_hashes:
+        if not policy.digests():
             return handler
         scheme, _, key = metadata.get("authorization", "").partition(" ")
         digest = policy.key_ok(key.strip()) if scheme.lower() == "bearer" else None

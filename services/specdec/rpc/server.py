@@ -44,8 +44,8 @@ def tls_files(settings: Settings) -> TlsFiles:
 def access_policy(tier: str, settings: Settings) -> AccessPolicy:
     if tier != "coordinator":
         return AccessPolicy(internal=True, internal_token=settings.internal_token, tls=tls_files(settings).enabled)
-    keys = load_key_hashes(settings.api_keys_file) if settings.api_keys_file else []
-    return AccessPolicy(key_hashes=keys, max_calls_per_key=settings.api_key_max_calls)
+    keys = load_key_hashes(settings.api_keys_file) if settings.api_keys_file else []  # a bad file fails the start
+    return AccessPolicy(key_hashes=keys, keys_file=settings.api_keys_file, max_calls_per_key=settings.api_key_max_calls)
 
 
 class Companion(Protocol):
