@@ -209,3 +209,20 @@ def test_a_caller_that_leaves_is_not_run_again() -> None:
         await batcher.stop()
 
     run(main())
+
+
+def test_a_session_that_left_is_not_waited_for() -> None:
+    """c=1 after c=2: once the other session released, the lone one's steps run at once
+    instead of waiting out the gather window for it (60 s here)."""
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(lambda items: items, gather_s=60.0)
+        assert await asyncio.gather(batcher.submit(1), batcher.submit(2)) == [1, 2]  # last batch: 2
+        batcher.leave()  # session 2 released
+        started = asyncio.get_running_loop().time()
+        for step in range(3):
+            assert await batcher.submit(step) == step
+        assert asyncio.get_running_loop().time() - started < 5.0
+        await batcher.stop()
+
+    run(main())

@@ -117,6 +117,12 @@ class MicroBatcher(Generic[Item, Result]):
         self._wakeup.set()
         return await future
 
+    def leave(self) -> None:
+        """A session has ended (released): the next batch stops waiting for it to rejoin.
+        Without this the batch after a session ends would wait out `gather_s` for it, and a
+        session left alone would wait at its next step for a partner that is gone."""
+        self._last_size = max(0, self._last_size - 1)
+
     async def call(self, fn: Callable[[], T]) -> T:
         """Run fn on the worker thread, serialised with the batches (e.g. session release)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)

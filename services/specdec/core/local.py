@@ -25,6 +25,7 @@ class _Batched(Generic[W, I, R]):
         self.batcher: MicroBatcher[I, R] = MicroBatcher(run_batch, max_batch_size)
 
     async def release(self, session_id: str) -> None:
+        self.batcher.leave()
         await self.batcher.call(lambda: self.worker.release(session_id))
 
 

@@ -1,0 +1,178 @@
+"""Chunked prefill under load: the longest gap between tokens of short streams while one
+long prompt is admitted, with chunking off (the prompt in one pass) and on, side by side in
+one run on one engine.
+
+    python -m specdec.prefill_bench                      # SmolLM2-135M, 8 streams, 8,000 tokens
+    python -m specdec.prefill_bench --long-tokens 2000 --json out.json
+
+Each mode: `streams` plain-decoding sessions with short prompts run for `warmup_s`; then the
+long prompt is submitted (one new token); the gaps between consecutive tokens of every
+stream are recorded from its admission until `tail_s` after its first token. The embedded
+engine runs the same target worker and batcher as the target tier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from itertools import pairwise
+from typing import Any
+
+from specdec.core.cost import DEFAULT_PREFILL_CHUNK_S, PrefillCost
+from specdec.core.engine import Engine
+from specdec.core.generation import GenerationResult, generate_stream
+from specdec.core.request import RequestSpec, build_request
+
+SHORT_PROMPT_TOKENS = 32
+
+
+@dataclass
+class ModeResult:
+    mode: str  # "one pass" | "chunked"
+    chunk_s: float  # the pass budget (0: chunking off)
+    longest_gap_s: float  # the longest wait between two tokens of any short stream
+    p50_gap_s: float
+    p99_gap_s: float
+    long_ttft_s: float  # the long prompt's time to its first token
+    stream_tokens_per_s: float  # the short streams' tokens per second together, over the window
+    passes: int  # target forward passes in the window
+    chunks: int  # prefill chunks measured in the window
+
+
+async def _stream(engine: Engine, prompt: list[int], arrivals: list[float]) -> None:
+    spec = RequestSpec(token_ids=prompt, max_new_tokens=4000, ignore_eos=True, drafter="none")
+    request, stops = build_request(spec, engine.tokenizer, engine.limits, "none", engine.available_drafters)
+    async for _ in generate_stream(request, engine.tiers, engine.tokenizer, stops, GenerationResult()):
+        arrivals.append(time.perf_counter())
+
+
+async def run_mode(
+    engine: Engine, chunk_s: float, long_prompt: list[int], shorts: list[list[int]], warmup_s: float, tail_s: float
+) -> ModeResult:
+    worker = engine.verifier.worker
+    worker.prefill_chunk_s, worker.prefill_cost = chunk_s, PrefillCost()
+    arrivals: list[list[float]] = [[] for _ in shorts]
+    tasks = [asyncio.ensure_future(_stream(engine, prompt, times)) for prompt, times in zip(shorts, arrivals)]
+    try:
+        await asyncio.sleep(warmup_s)
+        passes = worker.stats.forward_passes
+        admitted = time.perf_counter()
+        spec = RequestSpec(token_ids=long_prompt, max_new_tokens=1, ignore_eos=True, drafter="none")
+        await engine.complete_async(spec)
+        first = time.perf_counter()
+        await asyncio.sleep(tail_s)
+        end = time.perf_counter()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    gaps: list[float] = []
+    tokens = 0
+    for times in arrivals:
+        # every gap that ends inside the window (the one spanning admission included)
+        gaps += [b - a for a, b in pairwise(times) if admitted < b <= end]
+        tokens += sum(1 for t in times if admitted < t <= end)
+    if not gaps:
+        raise RuntimeError("no short stream produced a token during the window")
+    gaps.sort()
+    return ModeResult(
+        "chunked" if chunk_s > 0 else "one pass",
+        chunk_s,
+        round(gaps[-1], 4),
+        round(statistics.median(gaps), 4),
+        round(gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], 4),
+        round(first - admitted, 3),
+        round(tokens / (end - admitted), 2),
+        worker.stats.forward_passes - passes,
+        worker.prefill_cost.chunks,
+    )
+
+
+def prefill_bench(
+    model: str = "smollm2-135m",
+    long_tokens: int = 8000,
+    streams: int = 8,
+    chunk_s: float = DEFAULT_PREFILL_CHUNK_S,
+    warmup_s: float = 3.0,
+    tail_s: float = 2.0,
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """Both modes on one engine (one pass first, then chunked); returns both and the ratio."""
+    engine = Engine.load(model, drafter="none")
+    rng = random.Random(seed)
+    vocab = engine.limits.vocab_size
+    if not 0 < long_tokens < engine.limits.max_context:
+        raise ValueError(f"--long-tokens must be in [1, {engine.limits.max_context - 1}]")
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(100, vocab) for _ in range(n)]
+
+    shorts = [ids(SHORT_PROMPT_TOKENS) for _ in range(streams)]
+
+    async def main() -> list[ModeResult]:
+        try:
+            # Warm-up: every kernel and slot class the measured runs use, once.
+            await engine.complete_async(RequestSpec(token_ids=ids(600), max_new_tokens=2, drafter="none"))
+            return [
+                await run_mode(engine, budget, ids(long_tokens), shorts, warmup_s, tail_s) for budget in (0.0, chunk_s)
+            ]
+        finally:
+            await engine.aclose()
+
+    before, after = asyncio.run(main())
+    return {
+        "model": model,
+        "long_tokens": long_tokens,
+        "streams": streams,
+        "one_pass": asdict(before),
+        "chunked": asdict(after),
+        "longest_gap_ratio": round(after.longest_gap_s / before.longest_gap_s, 4),
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [
+        ("longest gap between tokens (s)", "longest_gap_s"),
+        ("median gap (s)", "p50_gap_s"),
+        ("p99 gap (s)", "p99_gap_s"),
+        ("long prompt: time to first token (s)", "long_ttft_s"),
+        ("short streams: tokens/s together", "stream_tokens_per_s"),
+        ("target passes in the window", "passes"),
+    ]
+    one, chunked = result["one_pass"], result["chunked"]
+    lines = [
+        f"{result['streams']} streams, one {result['long_tokens']}-token prompt admitted, {result['model']}",
+        f"{'':40} {'one pass':>10} {'chunked':>10} {'ratio':>7}",
+    ]
+    for label, key in rows:
+        a, b = one[key], chunked[key]
+        lines.append(f"{label:40} {a:>10} {b:>10} {b / a if a else float('nan'):>7.3f}")
+    lines.append(f"chunked: pass budget {chunked['chunk_s']} s, {chunked['chunks']} chunks")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m specdec.prefill_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--long-tokens", type=int, default=8000, help="tokens of the long prompt")
+    parser.add_argument("--streams", type=int, default=8, help="short plain-decoding streams")
+    parser.add_argument("--chunk-s", type=float, default=DEFAULT_PREFILL_CHUNK_S, help="pass budget when chunked")
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--tail-s", type=float, default=2.0)
+    parser.add_argument("--json", default="", help="write the result here")
+    args = parser.parse_args(argv)
+    result = prefill_bench(args.model, args.long_tokens, args.streams, args.chunk_s, args.warmup_s, args.tail_s)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
