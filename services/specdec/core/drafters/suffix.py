@@ -165,10 +165,14 @@ class SuffixIndex:
         best, chosen = 0, []
         n = len(context)
         limit = min(max_match, n)
+        tail = list(context[n - limit :])
         for end in found:
-            length = 0
-            while length < limit and self.token_at(end - length) == context[n - 1 - length]:
-                length += 1
+            if self.capacity is None and end + 1 >= limit and self._tokens[end + 1 - limit : end + 1] == tail:
+                length = limit  # the whole window at once: the common case in repetitive text
+            else:
+                length = 0
+                while length < limit and self.token_at(end - length) == context[n - 1 - length]:
+                    length += 1
             if length > best:
                 best, chosen = length, [end]
             elif length == best and length > 0:
@@ -183,9 +187,9 @@ class SuffixIndex:
         prob, score = 1.0, 0.0
         live = ends
         for step in range(1, max_tokens + 1):
+            nexts = [(end, self.token_at(end + step)) for end in live]
             counts: dict[int, int] = {}
-            for end in live:
-                token = self.token_at(end + step)
+            for _, token in nexts:
                 if token != SEPARATOR:
                     counts[token] = counts.get(token, 0) + 1
             if not counts:
@@ -196,7 +200,7 @@ class SuffixIndex:
                 break
             draft.append(best)
             score += prob
-            live = [end for end in live if self.token_at(end + step) == best]
+            live = [end for end, token in nexts if token == best]
         return draft, score
 
 
