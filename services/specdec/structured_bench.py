@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from specdec.core.engine import Engine
+from specdec.core.grammar import GrammarState, vocab_for_model
 from specdec.core.request import RequestSpec
 
 SCHEMAS: list[tuple[str, dict[str, Any]]] = [
@@ -108,13 +109,17 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--schemas", type=int, default=len(SCHEMAS), help="the first N schemas only")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (oversubscribed CPUs crawl)")
     args = parser.parse_args()
     import jsonschema
+    import torch
 
+    torch.set_num_threads(args.threads)
     engine = Engine.load(args.model, args.drafter)
     print(f"{'schema':36} {'mode':13} {'tokens':>6} {'plain tok/s':>11} {'spec tok/s':>10} {'ratio':>6} valid same")
     sums = {"json_schema": [0.0, 0.0], "none": [0.0, 0.0]}
     valid = total = 0
+    masks_us: list[float] = []
     for what, schema in SCHEMAS[: args.schemas]:
         messages = [
             {"role": "user", "content": f"Describe {what} as JSON with the fields {list(schema['properties'])}."}
@@ -134,6 +139,8 @@ def main() -> None:
                     except (ValueError, jsonschema.ValidationError):
                         pass
                 ok = "yes" if valid == total else "NO"
+            if kind != "none":
+                masks_us.extend(_mask_times(engine, kind, json.dumps(schema), spec[0]))
             sums[kind][0] += plain[2]
             sums[kind][1] += spec[2]
             mode = "constrained" if kind != "none" else "unconstrained"
@@ -146,6 +153,24 @@ def main() -> None:
         label = "constrained" if kind != "none" else "unconstrained"
         print(f"mean {label}: speculative / plain tokens/s = {s / p:.2f}")
     print(f"valid JSON outputs: {valid}/{total}")
+    masks_us.sort()
+    print(
+        f"mask per token (llguidance, vocab {engine.limits.vocab_size}): mean {sum(masks_us) / len(masks_us):.0f} us,"
+        f" p50 {masks_us[len(masks_us) // 2]:.0f} us, p99 {masks_us[int(len(masks_us) * 0.99)]:.0f} us"
+    )
+
+
+def _mask_times(engine: Engine, kind: str, source: str, output: list[int]) -> list[float]:
+    """Microseconds to compute the grammar's mask at each position of `output`."""
+    runner = engine.verifier.worker.runner
+    state = GrammarState(vocab_for_model(runner.model, runner.vocab_size), kind, source)
+    times = []
+    for i in range(len(output)):
+        started = time.perf_counter()
+        state.allowed()
+        times.append(1e6 * (time.perf_counter() - started))
+        state.sync(output[: i + 1])
+    return times
 
 
 if __name__ == "__main__":
