@@ -4,6 +4,8 @@ the in-process engine produces, greedy and seeded, with every drafter."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from specdec.client import Client
@@ -126,3 +128,70 @@ def test_bad_constraint_is_invalid_argument(tiny_stack, prompt_ids):
             _remote(tiny_stack.address, prompt_ids, max_new_tokens=4, **constraint)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert f"decoding.constraint.{next(iter(constraint))}" in err.value.details()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_resumed_request_continues_with_its_penalties_and_constraint(engine, tiny_models, prompt_ids, temperature):
+    """A coordinator that takes a broken request over continues from the record (prompt +
+    committed tokens as the new context) with the resent request's penalties and
+    constraint, and the original prompt's length: the continuation is the unbroken run's
+    tail, the constraint replayed over the output before the break."""
+    import json
+
+    from specdec.coordinator.resume import request_from_record
+    from specdec.core.generation import generate
+    from specdec.core.request import RequestSpec, continued_sampling
+    from specdec.state.sessions import SessionRecord
+    from tests.structured_schemas import SCHEMAS
+
+    spec = RequestSpec(
+        token_ids=prompt_ids,
+        max_new_tokens=60,
+        temperature=temperature,
+        seed=17,
+        # Sampled: plain decoding, whose steps end at every token. With speculation the
+        # draws depend on where steps begin, so a resume mid-step is exact in distribution.
+        drafter=f"model:{tiny_models[1]}" if temperature == 0 else "none",
+        max_draft_tokens=3,
+        adaptive=False,
+        grammar_kind="json_schema",
+        grammar=json.dumps(SCHEMAS["ref"]),
+        **PENALTIES,
+    )
+    unbroken = engine.complete(spec)
+    assert len(unbroken.token_ids) > 10
+    request, stops = engine_request(engine, spec)
+    held = 7
+    record = SessionRecord(
+        request_id="r",
+        fingerprint="f",
+        state="running",
+        prompt_ids=prompt_ids,
+        generated_ids=unbroken.token_ids[:held],
+        max_new_tokens=60,
+        sampling={"temperature": temperature, "top_k": 0, "top_p": 1.0, "seed": 17},
+        drafter=str(request.drafter),
+        max_draft_tokens=3,
+        adaptive=False,
+        overlap=False,
+        stop=stops,
+        stop_token_ids=sorted(request.stop_token_ids),
+    )
+    continued = request_from_record(record, "resumed", engine.limits.max_context)
+    continued.sampling = continued_sampling(continued.sampling, spec, len(prompt_ids))
+    assert continued.sampling.prompt_len == len(prompt_ids) and continued.sampling.constrained
+
+    async def resume():
+        try:
+            return await generate(continued, engine.tiers, engine.tokenizer, stops)
+        finally:
+            await engine.aclose()
+
+    tail = asyncio.run(resume())
+    assert unbroken.token_ids[:held] + tail.token_ids == unbroken.token_ids
+
+
+def engine_request(engine, spec):
+    from specdec.core.request import build_request
+
+    return build_request(spec, engine.tokenizer, engine.limits, engine.default_drafter, engine.available_drafters)

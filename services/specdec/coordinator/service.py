@@ -43,7 +43,14 @@ from specdec.core.generation import Chunk, GenerationResult, chunk_logprobs, gen
 from specdec.core.interfaces import Tiers
 from specdec.core.loop import GenerationRequest, Step
 from specdec.core.models import load_tokenizer, resolve_model_path
-from specdec.core.request import ModelLimits, RequestSpec, build_request, check_sizes, longest_token_chars
+from specdec.core.request import (
+    ModelLimits,
+    RequestSpec,
+    build_request,
+    check_sizes,
+    continued_sampling,
+    longest_token_chars,
+)
 from specdec.core.stats import SpecStats
 from specdec.core.tokenizer import Tokenizer
 from specdec.rpc.convert import constraint_from_proto, logprobs_to_proto, stats_to_proto
@@ -257,6 +264,7 @@ class Coordinator:
             return run
         try:
             run.request = request_from_record(record, uuid.uuid4().hex, self.limits.max_context)
+            run.request.sampling = continued_sampling(run.request.sampling, spec, len(record.prompt_ids))
         except (ValueError, InvalidArgument) as exc:
             log.warning(
                 "session record %s cannot be continued (%s); starting the request anew", record_id[:64], str(exc)[:200]

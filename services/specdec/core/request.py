@@ -7,6 +7,7 @@ as the public proto spells it.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -127,6 +128,17 @@ def _sampling(spec: RequestSpec, prompt_len: int) -> SamplingParams:
         prompt_len=prompt_len,
         grammar_kind=spec.grammar_kind,
         grammar=spec.grammar,
+    ).validate("decoding.")
+
+
+def continued_sampling(recorded: SamplingParams, spec: RequestSpec, prompt_len: int) -> SamplingParams:
+    """A resumed request's sampling: the recorded temperature, top-k, top-p and seed, and the
+    penalties, min-p and constraint of the resent request (the same request: its
+    fingerprint matched), with the original prompt's length, so the tiers count and replay
+    the output generated before the break as output (the new prompt holds it)."""
+    spec_sampling = _sampling(dataclasses.replace(spec, seed=recorded.seed), prompt_len)
+    return dataclasses.replace(
+        spec_sampling, temperature=recorded.temperature, top_k=recorded.top_k, top_p=recorded.top_p
     ).validate("decoding.")
 
 
