@@ -133,6 +133,9 @@ async def test_random_verify_items_never_get_internal(tiny_stack, prompt_ids):
             item.ClearField("tokens")
             item.tokens.extend(prompt_ids[: rng.randrange(1, len(prompt_ids))])
             item.prefix_len = 0
+            for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "prompt_len"):
+                if rng.random() < 0.8:  # random values of these are nearly always out of range
+                    item.sampling.ClearField(name)
         items.append(item)
     answers: dict[int, target_pb2.VerifyResult] = {}
     done = asyncio.Event()
