@@ -77,7 +77,11 @@ async def test_tiers_serve_only_a_coordinator_over_mtls(tmp_path: Path):
             async with Dial(stranger).channel(address) as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await propose(channel)
-            assert code_of(err.value) in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE)
+            assert code_of(err.value) in (
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.INTERNAL,  # a refused handshake, now and then (see below)
+            )
         with pytest.raises(grpc.aio.AioRpcError) as err:  # no certificate at all: the handshake fails
             async with grpc.aio.secure_channel(
                 address,
@@ -85,7 +89,7 @@ async def test_tiers_serve_only_a_coordinator_over_mtls(tmp_path: Path):
                 options=[("grpc.ssl_target_name_override", "specdec-tier")],
             ) as channel:
                 await propose(channel)
-        assert code_of(err.value) == grpc.StatusCode.UNAVAILABLE
+        assert code_of(err.value) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
 
 
 async def test_the_user_certificate_of_the_right_ca_is_refused_by_name(tmp_path: Path):
@@ -209,16 +213,19 @@ async def test_the_stack_under_mtls_generates_as_in_plaintext(tls_stack, prompt_
             for t in event.chunk.token_ids
         ]
     assert list(reply.token_ids) == reference and streamed == reference
+    # A refused handshake reaches the caller as UNAVAILABLE, or now and then as INTERNAL
+    # ("Internal error from Core": gRPC core's race between the alert and the first read).
+    handshake = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
     refused = [
-        (TlsFiles("", "", pki.ca), "the-key", grpc.StatusCode.UNAVAILABLE),  # no client certificate
-        (make_local_pki(Path(tls_stack.log_dir) / "stranger").client, "the-key", grpc.StatusCode.UNAVAILABLE),
-        (pki.client, "a-wrong-key", grpc.StatusCode.UNAUTHENTICATED),
+        (TlsFiles("", "", pki.ca), "the-key", handshake),  # no client certificate
+        (make_local_pki(Path(tls_stack.log_dir) / "stranger").client, "the-key", handshake),
+        (pki.client, "a-wrong-key", (grpc.StatusCode.UNAUTHENTICATED,)),
     ]
-    for tls, key, code in refused:
+    for tls, key, codes in refused:
         async with AsyncClient(tls_stack.coordinator, timeout_s=20, max_retries=0, tls=tls, api_key=key) as client:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await client.complete(token_ids=prompt_ids, max_new_tokens=2)
-        assert err.value.code() == code, (tls, key)
+        assert err.value.code() in codes, (tls, key, err.value)
 
 
 async def test_a_forged_verify_from_a_user_certificate_is_refused(tls_stack, prompt_ids):
