@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 from specdec_records.errors import RecordError, is_a
 
-SESSION_TTL_S = 3600
+SESSION_TTL_S = 900  # a finished request answers its request_id again this long; a running one refreshes its record
 RECORD_VERSION = 1
 STATES = ("queued", "running", "done")
 FINISH_REASONS = ("length", "stop", "context")
