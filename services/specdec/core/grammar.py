@@ -29,7 +29,7 @@ from specdec.core.errors import InvalidArgument
 _JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=128)  # a source is at most 64 KiB: the caches stay within a few MB
 def compile_grammar(kind: str, source: str) -> str:
     """(kind, source) -> the llguidance grammar text. Raises ValueError on a bad source."""
     from llguidance import LLMatcher
@@ -49,7 +49,7 @@ def compile_grammar(kind: str, source: str) -> str:
     raise ValueError(f"unknown constraint kind {kind[:40]!r}")
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=128)
 def check_grammar(kind: str, source: str) -> str:
     """'' when the constraint compiles, else the engine's message. Cached: every tier checks
     every item it receives."""
