@@ -62,7 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="coordinators on one Redis (the first on --port): a client given several fails over",
     )
     up.add_argument("--port", type=int, default=DEFAULT_PORTS["coordinator"])
-    up.add_argument("--redis-url", default="")
+    up.add_argument("--redis-url", default="", help="registry/session records' server (default: start one)")
+    up.add_argument(
+        "--kv-redis-url", default="", help="KV chunks' server (default: start one, or --redis-url's when given)"
+    )
+    up.add_argument(
+        "--one-valkey",
+        action="store_true",
+        help="one embedded Valkey for records and KV chunks (volatile-lru: a full one may evict records too)",
+    )
     up.add_argument(
         "--http-port",
         type=int,
@@ -254,6 +262,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         extra_env=_http_env(args),
         tls=args.tls,
         api_key=args.api_key,
+        kv_redis_url=args.kv_redis_url,
+        one_valkey=args.one_valkey,
     )
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
@@ -262,7 +272,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"coordinator: {address}", flush=True)
         for url in stack.http:
             print(f"http: {url}", flush=True)
-        print(f"redis: {stack.redis_url}\nlogs: {stack.log_dir}", flush=True)
+        print(f"redis: {stack.redis_url}\nkv-redis: {stack.kv_redis_url}\nlogs: {stack.log_dir}", flush=True)
         client_tls = stack.pki.client if stack.pki is not None else None
         if client_tls is not None:
             print(

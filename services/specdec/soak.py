@@ -85,7 +85,7 @@ def soak(
     prefix = f"specdec-soak-{uuid.uuid4().hex[:6]}:"
     stack = start_stack(model, "ngram", 1, 1, free_port(), extra_env={"SPECDEC_REDIS_PREFIX": prefix})
     try:
-        processes = {c.name: c for c in stack.children if c.name != "valkey"}
+        processes = {c.name: c for c in stack.children if not c.name.startswith("valkey")}
         warm = asyncio.run(_load(stack.coordinator, streams, warmup_s, prompts))
         before = {name: rss_mb(c.proc.pid) for name, c in processes.items()}
         main = asyncio.run(_load(stack.coordinator, streams, minutes * 60, prompts))

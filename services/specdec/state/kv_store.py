@@ -16,7 +16,9 @@ first missing, evicted, corrupt or foreign chunk: a hit is always a prefix. Writ
 a bounded queue to a background thread that pipelines them. Redis being down is a miss and a
 dropped write, with a short back-off so a dead server costs the hot path nothing; the store
 recovers by itself when the server returns. Entries carry a TTL; a byte budget beyond that is
-Redis's own `maxmemory` + eviction policy (an evicted chunk is a miss, never an error).
+Redis's own `maxmemory` + eviction policy (an evicted chunk is a miss, never an error). Chunks
+may live on a server of their own (SPECDEC_KV_REDIS_URL, `allkeys-lru`): no one policy can
+evict chunks and spare registry/session records when all of them carry a TTL.
 """
 
 from __future__ import annotations
@@ -422,8 +424,11 @@ class RedisKVStore:
 
 def store_for(settings: Settings, tier: str, model: CausalLM, runner: Runner) -> RedisKVStore | None:
     """The tier's KV store when Redis is configured and the runner keeps per-layer buffers
-    (the flattened runner; HF-cache runners are not stored)."""
-    if not settings.redis_url or settings.kv_chunk_tokens <= 0:
+    (the flattened runner; HF-cache runners are not stored). Chunks go to SPECDEC_KV_REDIS_URL
+    when set: a server of their own can evict them (allkeys-lru) while the state server keeps
+    registry and session records on noeviction."""
+    url = settings.kv_redis_url or settings.redis_url
+    if not url or settings.kv_chunk_tokens <= 0:
         return None
     kv = runner.new_kv()
     if not kv.has_buffers or kv.pool is None:  # (buffers live in a pool)
@@ -432,7 +437,7 @@ def store_for(settings: Settings, tier: str, model: CausalLM, runner: Runner) ->
         model_fingerprint(model), str(kv.pool.dtype).removeprefix("torch."), LAYOUT, tier, settings.kv_chunk_tokens
     )
     return RedisKVStore(
-        settings.redis_url,
+        url,
         settings.redis_prefix,
         identity,
         settings.kv_ttl_s,
