@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -27,6 +28,12 @@ class OperatorConfig:
     run_as_user: int | None = (
         10001  # SPECDEC_OPERATOR_RUN_AS_USER: tiers' UID/GID/fsGroup; empty = the platform's (OpenShift)
     )
+    # SPECDEC_OPERATOR_REDIS_URL_SECRET[_KEY] (key default "url"): a Secret holding the default URL
+    # with its password, which the tiers of a resource naming no Redis read by secretKeyRef (so it
+    # must exist in that resource's namespace); without it they get the URL minus its password.
+    default_redis_secret: tuple[str, str] | None = None
+    # SPECDEC_OPERATOR_KV_REDIS_URL_SECRET[_KEY]: likewise the default KV chunks' server
+    default_kv_redis_secret: tuple[str, str] | None = None
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -54,12 +61,20 @@ class OperatorConfig:
             peering_lifetime_s=int(env.get("SPECDEC_OPERATOR_PEERING_LIFETIME_S") or 30),
             metrics_port=int(env.get("SPECDEC_OPERATOR_METRICS_PORT") or 0),
             run_as_user=int(uid) if (uid := env.get("SPECDEC_OPERATOR_RUN_AS_USER", "10001")) else None,
+            default_redis_secret=_secret_ref(env, "SPECDEC_OPERATOR_REDIS_URL_SECRET"),
+            default_kv_redis_secret=_secret_ref(env, "SPECDEC_OPERATOR_KV_REDIS_URL_SECRET"),
         )
 
     @property
     def logging_level(self) -> int:
         """``log_level`` as a :mod:`logging` level number."""
         return LOG_LEVELS[self.log_level]
+
+
+def _secret_ref(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    """(Secret name, key) from ``name`` and ``name``_KEY (default "url"); None when unset."""
+    secret = env.get(name, "").strip()
+    return (secret, env.get(f"{name}_KEY", "").strip() or "url") if secret else None
 
 
 def name_priority(name: str) -> int:

@@ -50,6 +50,10 @@ from .spec import GROUP, PLURAL, VERSION, DecoderSpec, parse
 
 Logger: TypeAlias = logging.Logger | logging.LoggerAdapter[Any]  # what kopf passes handlers
 CONFIG = OperatorConfig.from_env()
+# The default Redis of resources naming none: its password reaches their tiers only by secretKeyRef.
+DEFAULT_REDIS = resources.DefaultRedis(
+    CONFIG.default_redis_url, CONFIG.default_redis_secret, CONFIG.default_kv_redis_secret
+)
 KUBE = Kube()
 KINDS = ("Deployment", "Service", "PodDisruptionBudget")
 
@@ -336,7 +340,7 @@ async def reconcile_tier(
     # autoscaling.mode external: replicas is not ours to set (an HPA or KEDA object owns it).
     replicas = plan.replicas if t.operator_scales else None
     wanted = [
-        resources.deployment(owner, spec, tier, replicas, CONFIG.default_redis_url, CONFIG.run_as_user),
+        resources.deployment(owner, spec, tier, replicas, run_as_user=CONFIG.run_as_user, default_redis=DEFAULT_REDIS),
         resources.service(owner, spec, tier),
         resources.pdb(owner, spec, tier),
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -130,17 +131,42 @@ def _hub_env(spec: DecoderSpec) -> list[dict[str, Any]]:
     return env
 
 
-def _env(
-    spec: DecoderSpec, t: TierSpec, namespace: str, name: str, default_redis_url: str | None
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class DefaultRedis:
+    """What a resource naming no Redis gets: the operator's default server, its URL (with the
+    password) read by the tiers from a Secret; without one, the bare URL minus its password."""
+
+    url: str | None = None  # SPECDEC_OPERATOR_REDIS_URL
+    url_secret: tuple[str, str] | None = None  # (name, key) in the resource's namespace; wins over url
+    kv_url_secret: tuple[str, str] | None = None  # the default KV chunks' server, likewise
+
+
+def _redis_env(spec: DecoderSpec, default: DefaultRedis) -> list[dict[str, Any]]:
+    """SPECDEC_REDIS_URL and SPECDEC_KV_REDIS_URL: a password only ever by secretKeyRef (or in a
+    URL the resource's owner wrote into it themselves)."""
     env: list[dict[str, Any]] = []
+    names_redis = spec.redis_secret is not None or bool(spec.redis_url)
     if spec.redis_secret is not None:
-        secret, key = spec.redis_secret
-        env.append({"name": "SPECDEC_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+        env.append(_secret_env("SPECDEC_REDIS_URL", SecretKey(*spec.redis_secret)))
     elif spec.redis_url:
         env.append({"name": "SPECDEC_REDIS_URL", "value": spec.redis_url})
-    elif default_redis_url:
-        env.append({"name": "SPECDEC_REDIS_URL", "value": without_password(default_redis_url)})
+    elif default.url_secret is not None:
+        env.append(_secret_env("SPECDEC_REDIS_URL", SecretKey(*default.url_secret)))
+    elif default.url:
+        env.append({"name": "SPECDEC_REDIS_URL", "value": without_password(default.url)})
+    if spec.kv_redis_secret is not None:
+        env.append(_secret_env("SPECDEC_KV_REDIS_URL", SecretKey(*spec.kv_redis_secret)))
+    elif spec.kv_redis_url:
+        env.append({"name": "SPECDEC_KV_REDIS_URL", "value": spec.kv_redis_url})
+    elif not names_redis and default.kv_url_secret is not None:
+        # The default KV server goes with the default state server only: a resource that named
+        # its own Redis keeps its chunks there unless it names a KV server too.
+        env.append(_secret_env("SPECDEC_KV_REDIS_URL", SecretKey(*default.kv_url_secret)))
+    return env
+
+
+def _env(spec: DecoderSpec, t: TierSpec, namespace: str, name: str, default: DefaultRedis) -> list[dict[str, Any]]:
+    env = _redis_env(spec, default)
     env += [
         {"name": "SPECDEC_REDIS_PREFIX", "value": redis_prefix(namespace, name)},
         {"name": "SPECDEC_MODEL", "value": spec.model},
@@ -313,8 +339,10 @@ def deployment(
     replicas: int | None,
     default_redis_url: str | None = None,
     run_as_user: int | None = 10001,
+    default_redis: DefaultRedis | None = None,
 ) -> dict[str, Any]:
-    """The tier's Deployment with ``replicas`` replicas (None: leave the count to an HPA/KEDA)."""
+    """The tier's Deployment with ``replicas`` replicas (None: leave the count to an HPA/KEDA).
+    A resource naming no Redis gets ``default_redis`` (else the bare ``default_redis_url``)."""
     meta = owner["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     t = spec.tiers[tier]
@@ -337,7 +365,7 @@ def deployment(
         "image": t.image,
         "command": ["specdec", "serve", tier],
         "ports": ports,
-        "env": _env(spec, t, namespace, name, default_redis_url),
+        "env": _env(spec, t, namespace, name, default_redis or DefaultRedis(default_redis_url)),
         "resources": resources,
         # Reading the model from the cache volume: a startup budget that grows with its size.
         **probes(spec, name, tier),

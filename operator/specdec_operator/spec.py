@@ -127,6 +127,9 @@ class DecoderSpec:
     metrics_port: int | None = DEFAULT_METRICS_PORT  # every tier's Prometheus port; None = off
     security: Security = field(default_factory=Security)
     http_port: int | None = None  # the coordinator's OpenAI-compatible HTTP port; None = off
+    # KV chunks' own server (SPECDEC_KV_REDIS_URL, allkeys-lru); both None = they share spec.redis's
+    kv_redis_url: str | None = None
+    kv_redis_secret: tuple[str, str] | None = None  # (secret name, key) holding the full URL
 
     @property
     def active_tiers(self) -> list[str]:
@@ -308,6 +311,10 @@ def parse(spec: Mapping[str, Any]) -> DecoderSpec:
     ref = redis.get("urlSecretRef")
     if redis.get("url") and ref:
         problems.append("spec.redis: set url or urlSecretRef, not both")
+    kv_redis = spec.get("kvRedis") or {}
+    kv_ref = _secret_key(kv_redis.get("urlSecretRef"), "url", "spec.kvRedis.urlSecretRef", problems)
+    if kv_redis.get("url") and kv_ref:
+        problems.append("spec.kvRedis: set url or urlSecretRef, not both")
     tiers = {name: _tier(name, spec.get(name) or {}, spec, problems) for name in TIERS}
     draft_length = int(spec.get("draftLength", 4))
     if not 1 <= draft_length <= 64:
@@ -339,4 +346,6 @@ def parse(spec: Mapping[str, Any]) -> DecoderSpec:
         metrics_port=metrics_port,
         security=security,
         http_port=http_port,
+        kv_redis_url=kv_redis.get("url") or None,
+        kv_redis_secret=(kv_ref.name, kv_ref.key) if kv_ref else None,
     )
