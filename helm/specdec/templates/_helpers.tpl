@@ -67,11 +67,13 @@ app.kubernetes.io/component: {{ .component }}
 /etc/specdec/redis-ca/ca.crt
 {{- end -}}
 
-{{/* specdec.bundledRedisUrl: the bundled Valkey's client URL, with the password (dict ctx, password). */}}
+{{/* specdec.bundledRedisUrl: a bundled Valkey's client URL, with the password (dict ctx, password; host:
+     the Service, default the state Valkey's). */}}
 {{- define "specdec.bundledRedisUrl" -}}
 {{- $ctx := .ctx -}}
 {{- $auth := ternary (printf ":%s@" .password) "" (ne .password "") -}}
-{{- $host := printf "%s.%s.svc:%s" (include "specdec.redisHost" $ctx) $ctx.Release.Namespace (include "specdec.redisPort" $ctx) -}}
+{{- $service := .host | default (include "specdec.redisHost" $ctx) -}}
+{{- $host := printf "%s.%s.svc:%s" $service $ctx.Release.Namespace (include "specdec.redisPort" $ctx) -}}
 {{- if $ctx.Values.redis.tls.enabled -}}
 {{- printf "rediss://%s%s/0" $auth $host -}}
 {{- else -}}
@@ -104,6 +106,50 @@ app.kubernetes.io/component: {{ .component }}
 {{- else -}}
 {{- dict | toJson -}}
 {{- end -}}
+{{- end -}}
+
+{{/* specdec.kvRedisEnabled: "true" when the release runs the KV chunks' own Valkey (beside the bundled state one). */}}
+{{- define "specdec.kvRedisEnabled" -}}
+{{- if and .Values.redis.enabled .Values.kvRedis.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* specdec.kvRedisHost: the KV chunks' Valkey Service name. */}}
+{{- define "specdec.kvRedisHost" -}}
+{{- printf "%s-kv-redis" (include "specdec.fullname" .) -}}
+{{- end -}}
+
+{{/* specdec.kvRedisAuthSecret: the Secret with the KV Valkey's password and client URL. */}}
+{{- define "specdec.kvRedisAuthSecret" -}}
+{{- .Values.kvRedis.auth.existingSecret | default (printf "%s-kv-redis-auth" (include "specdec.fullname" .)) -}}
+{{- end -}}
+
+{{/* specdec.kvRedisUrlRef: JSON {name, key} of the Secret key holding the KV chunks' URL; {} when there is
+     none (the chunks share the state server) or it is plain (specdec.kvRedisUrl). */}}
+{{- define "specdec.kvRedisUrlRef" -}}
+{{- if and (include "specdec.kvRedisEnabled" .) .Values.redis.auth.enabled -}}
+{{- dict "name" (include "specdec.kvRedisAuthSecret" .) "key" "url" | toJson -}}
+{{- else if and (not .Values.redis.enabled) .Values.kvRedis.external.existingSecret -}}
+{{- dict "name" .Values.kvRedis.external.existingSecret "key" .Values.kvRedis.external.existingSecretKey | toJson -}}
+{{- else -}}
+{{- dict | toJson -}}
+{{- end -}}
+{{- end -}}
+
+{{/* specdec.kvRedisUrl: the KV chunks' plain URL (bundled without auth); empty otherwise. */}}
+{{- define "specdec.kvRedisUrl" -}}
+{{- if and (include "specdec.kvRedisEnabled" .) (not .Values.redis.auth.enabled) -}}
+{{- include "specdec.bundledRedisUrl" (dict "ctx" . "password" "" "host" (include "specdec.kvRedisHost" .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* specdec.redisMaxmemory / specdec.redisPolicy: the state Valkey's cap and policy. With the KV chunks on
+     their own Valkey it holds records only: a small cap and noeviction (a full server refuses writes, it
+     never drops a record); sharing one with the chunks, the KV-sized cap and allkeys-lru. */}}
+{{- define "specdec.redisMaxmemory" -}}
+{{- .Values.redis.maxmemory | default (ternary "1gb" "6gb" (eq (include "specdec.kvRedisEnabled" .) "true")) -}}
+{{- end -}}
+{{- define "specdec.redisPolicy" -}}
+{{- .Values.redis.maxmemoryPolicy | default (ternary "noeviction" "allkeys-lru" (eq (include "specdec.kvRedisEnabled" .) "true")) -}}
 {{- end -}}
 
 {{/* specdec.redisTlsSecret: the bundled Valkey's certificate Secret (existing or cert-manager's). */}}
@@ -226,6 +272,9 @@ capabilities:
 {{- end -}}
 {{- if and .Values.redis.enabled (or .Values.redis.external.url .Values.redis.external.existingSecret) -}}
 {{- $errors = append $errors "redis: redis.external.* is ignored while redis.enabled=true; disable one" -}}
+{{- end -}}
+{{- if and .Values.redis.enabled .Values.kvRedis.external.existingSecret -}}
+{{- $errors = append $errors "kvRedis.external.existingSecret names the KV server beside an external Redis: with redis.enabled use kvRedis.enabled" -}}
 {{- end -}}
 {{- if and .Values.decoder.enabled (eq .Values.decoder.drafter.type "model") (not .Values.decoder.drafter.model) -}}
 {{- $errors = append $errors "decoder.drafter.model is required when decoder.drafter.type=model" -}}
