@@ -23,10 +23,15 @@ from dataclasses import asdict, dataclass
 from itertools import pairwise
 from typing import Any
 
+import torch
+
+from specdec.core import compute
+from specdec.core.attention import GROUP_MAX_ROWS
 from specdec.core.cost import DEFAULT_PREFILL_CHUNK_S, PrefillCost
 from specdec.core.engine import Engine
 from specdec.core.generation import GenerationResult, generate_stream
 from specdec.core.request import RequestSpec, build_request
+from specdec.core.runner import ForwardItem
 
 SHORT_PROMPT_TOKENS = 32
 
@@ -42,6 +47,8 @@ class ModeResult:
     stream_tokens_per_s: float  # the short streams' tokens per second together, over the window
     passes: int  # target forward passes in the window
     chunks: int  # prefill chunks measured in the window
+    longest_pass_s: float  # the longest target forward pass in the window
+    largest_chunk: int  # prompt tokens in the largest chunk
 
 
 async def _stream(engine: Engine, prompt: list[int], arrivals: list[float]) -> None:
@@ -56,11 +63,23 @@ async def run_mode(
 ) -> ModeResult:
     worker = engine.verifier.worker
     worker.prefill_chunk_s, worker.prefill_cost = chunk_s, PrefillCost()
+    log: list[tuple[float, int]] = []  # per pass: seconds, prompt tokens in it (items without logits or long)
+    forward = worker.runner.forward
+
+    def logged(items: list[ForwardItem]) -> list[torch.Tensor]:
+        started = time.perf_counter()
+        try:
+            return forward(items)
+        finally:
+            prompt = sum(len(f.tokens) for f in items if f.num_logits == 0 or len(f.tokens) > GROUP_MAX_ROWS)
+            log.append((time.perf_counter() - started, prompt))
+
+    worker.runner.forward = logged  # type: ignore[method-assign]  # this process's runner: a timer around it
     arrivals: list[list[float]] = [[] for _ in shorts]
     tasks = [asyncio.ensure_future(_stream(engine, prompt, times)) for prompt, times in zip(shorts, arrivals)]
     try:
         await asyncio.sleep(warmup_s)
-        passes = worker.stats.forward_passes
+        passes, logged_before = worker.stats.forward_passes, len(log)
         admitted = time.perf_counter()
         spec = RequestSpec(token_ids=long_prompt, max_new_tokens=1, ignore_eos=True, drafter="none")
         await engine.complete_async(spec)
@@ -71,6 +90,7 @@ async def run_mode(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        worker.runner.forward = forward  # type: ignore[method-assign]
     gaps: list[float] = []
     tokens = 0
     for times in arrivals:
@@ -90,6 +110,8 @@ async def run_mode(
         round(tokens / (end - admitted), 2),
         worker.stats.forward_passes - passes,
         worker.prefill_cost.chunks,
+        round(max(seconds for seconds, _ in log[logged_before:]), 4),
+        max(tokens for _, tokens in log[logged_before:]),
     )
 
 
@@ -101,8 +123,12 @@ def prefill_bench(
     warmup_s: float = 3.0,
     tail_s: float = 2.0,
     seed: int = 1234,
+    modes: tuple[str, ...] = ("one pass", "chunked"),
+    threads: int = 0,
 ) -> dict[str, Any]:
     """Both modes on one engine (one pass first, then chunked); returns both and the ratio."""
+    if threads:
+        compute.run_sync(torch.set_num_threads, threads)
     engine = Engine.load(model, drafter="none")
     rng = random.Random(seed)
     vocab = engine.limits.vocab_size
@@ -118,21 +144,18 @@ def prefill_bench(
         try:
             # Warm-up: every kernel and slot class the measured runs use, once.
             await engine.complete_async(RequestSpec(token_ids=ids(600), max_new_tokens=2, drafter="none"))
-            return [
-                await run_mode(engine, budget, ids(long_tokens), shorts, warmup_s, tail_s) for budget in (0.0, chunk_s)
-            ]
+            budgets = {"one pass": 0.0, "chunked": chunk_s}
+            return [await run_mode(engine, budgets[m], ids(long_tokens), shorts, warmup_s, tail_s) for m in modes]
         finally:
             await engine.aclose()
 
-    before, after = asyncio.run(main())
-    return {
-        "model": model,
-        "long_tokens": long_tokens,
-        "streams": streams,
-        "one_pass": asdict(before),
-        "chunked": asdict(after),
-        "longest_gap_ratio": round(after.longest_gap_s / before.longest_gap_s, 4),
-    }
+    results = {r.mode: r for r in asyncio.run(main())}
+    out: dict[str, Any] = {"model": model, "long_tokens": long_tokens, "streams": streams}
+    out["threads"] = compute.run_sync(torch.get_num_threads)
+    out.update({mode.replace(" ", "_"): asdict(r) for mode, r in results.items()})
+    if len(results) == 2:
+        out["longest_gap_ratio"] = round(results["chunked"].longest_gap_s / results["one pass"].longest_gap_s, 4)
+    return out
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -143,10 +166,14 @@ def format_table(result: dict[str, Any]) -> str:
         ("long prompt: time to first token (s)", "long_ttft_s"),
         ("short streams: tokens/s together", "stream_tokens_per_s"),
         ("target passes in the window", "passes"),
+        ("longest target pass (s)", "longest_pass_s"),
+        ("largest prompt tokens in one pass", "largest_chunk"),
     ]
-    one, chunked = result["one_pass"], result["chunked"]
+    empty = dict.fromkeys(("chunk_s", "chunks", *(key for _, key in rows)), 0)
+    one, chunked = result.get("one_pass", empty), result.get("chunked", empty)
     lines = [
-        f"{result['streams']} streams, one {result['long_tokens']}-token prompt admitted, {result['model']}",
+        f"{result['streams']} streams, one {result['long_tokens']}-token prompt admitted, {result['model']}, "
+        f"{result['threads']} torch threads",
         f"{'':40} {'one pass':>10} {'chunked':>10} {'ratio':>7}",
     ]
     for label, key in rows:
@@ -164,9 +191,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-s", type=float, default=DEFAULT_PREFILL_CHUNK_S, help="pass budget when chunked")
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--tail-s", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--modes", default="one pass,chunked", help="which of: one pass,chunked")
     parser.add_argument("--json", default="", help="write the result here")
     args = parser.parse_args(argv)
-    result = prefill_bench(args.model, args.long_tokens, args.streams, args.chunk_s, args.warmup_s, args.tail_s)
+    modes = tuple(m.strip() for m in args.modes.split(","))
+    result = prefill_bench(
+        args.model,
+        args.long_tokens,
+        args.streams,
+        args.chunk_s,
+        args.warmup_s,
+        args.tail_s,
+        modes=modes,
+        threads=args.threads,
+    )
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -165,15 +165,18 @@ class _HF:
 
 
 def step_profile(
-    model: str = "smollm2-135m", new_tokens: int = 96, prompt_tokens: int = 200, rounds: int = 5
+    model: str = "smollm2-135m", new_tokens: int = 96, prompt_tokens: int = 200, rounds: int = 5, threads: int = 0
 ) -> dict[str, Any]:
     """Engine and transformers, alternating per round on a fresh random prompt; medians."""
     import torch
 
     from specdec.core.engine import Engine
 
+    if threads:
+        compute.run_sync(torch.set_num_threads, threads)
+
     engine = Engine.load(model, drafter="none")
-    threads = compute.run_sync(torch.get_num_threads)
+    threads = compute.run_sync(torch.get_num_threads)  # the transformers child gets as many
     timers = Timers()
     _instrument(engine, timers)
     hf = _HF(model, threads, new_tokens)
@@ -243,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of both sides (0: torch's default)")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
-    result = step_profile(args.model, args.new_tokens, args.prompt_tokens, args.rounds)
+    result = step_profile(args.model, args.new_tokens, args.prompt_tokens, args.rounds, args.threads)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

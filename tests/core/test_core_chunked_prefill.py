@@ -137,7 +137,9 @@ def test_prefill_cost_fits_tokens_and_attention() -> None:
     for start, n in [(100, 200), (300, 150), (450, 300), (750, 120)]:
         cost.observe([(start, n)], truth(start, n))
     assert cost.token_s == pytest.approx(token_s, rel=1e-6) and cost.pair_s == pytest.approx(pair_s, rel=1e-6)
-    for start in (0, 1000, 7000):
+    assert cost.chunk_tokens(0, 0.25, initial=64) == 2 * 120  # the fit says more, growth is capped
+    for start in (1000, 7000):
+        cost.last_tokens = 10_000
         n = cost.chunk_tokens(start, 0.25, initial=64)
         assert truth(start, n) <= 0.25 < truth(start, n + 1)
     assert cost.chunk_tokens(7000, 1e-6, initial=64) == MIN_PREFILL_CHUNK

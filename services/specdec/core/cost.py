@@ -77,7 +77,9 @@ class PrefillCost:
     the start, so a fixed token count would either crawl early or blow the pass budget late.
     Both coefficients are fitted by exponentially weighted least squares over recent chunks
     (what the pass took beyond the decode rows' fitted cost); until two chunks at different
-    contexts pin them down, a token is taken to cost what the last chunk's tokens cost."""
+    contexts pin them down, a token is taken to cost what the last chunk's tokens cost. A
+    chunk grows to at most twice the last one: a fit thrown off by a noisy pass (a busy
+    machine) costs one short pass, not one long one."""
 
     def __init__(self, weight: float = 0.2) -> None:
         self.weight = weight
@@ -85,6 +87,7 @@ class PrefillCost:
         self._nn = self._np = self._pp = self._ny = self._py = 0.0
         self.token_s = 0.0
         self.pair_s = 0.0
+        self.last_tokens = 0  # prompt tokens of the last pass measured
 
     @staticmethod
     def pairs(start: int, tokens: int) -> float:
@@ -98,6 +101,7 @@ class PrefillCost:
         if n <= 0:
             return
         seconds = max(seconds, 0.0)
+        self.last_tokens = int(n)
         w = 1.0 if self.chunks == 0 else self.weight
         self.chunks += 1
         self._nn += w * (n * n - self._nn)
@@ -128,4 +132,4 @@ class PrefillCost:
         a = self.pair_s / 2
         b = self.token_s + self.pair_s * (start + 0.5)
         n = budget_s / b if a <= 0 else (-b + (b * b + 4 * a * budget_s) ** 0.5) / (2 * a)
-        return max(MIN_PREFILL_CHUNK, int(n))
+        return max(MIN_PREFILL_CHUNK, min(int(n), 2 * self.last_tokens))
