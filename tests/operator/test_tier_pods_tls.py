@@ -135,6 +135,7 @@ class Cluster:
         local = {"SPECDEC_PORT": str(port), "SPECDEC_HOST": "127.0.0.1", "SPECDEC_METRICS_PORT": "0"}
         env.update(local, SPECDEC_HTTP_PORT="0", SPECDEC_ADVERTISE_HOST="127.0.0.1")
         env.pop("SPECDEC_REDIS_URL", None)
+        env.pop("SPECDEC_KV_REDIS_URL", None)
         return env
 
 
@@ -211,6 +212,7 @@ def test_rendered_pods_serve_mtls_pass_their_probe_and_admit_only_the_coordinato
         cluster.secrets["specdec-internal"] = cluster.secrets["rel-specdec-internal"]
         cluster.secrets["specdec-api-keys"] = {"digests": cluster.secrets["rel-specdec-api-keys"]["api-keys"]}
         cluster.secrets["specdec-redis-auth"] = cluster.secrets["rel-specdec-redis-auth"]
+        cluster.secrets["specdec-kv-redis-auth"] = cluster.secrets["rel-specdec-kv-redis-auth"]
         cluster.secrets["specdec-redis-tls"] = cluster.secrets["rel-specdec-redis-tls"]
         docs = existing
     pods = {tier: pod_of(docs, tier) for tier in ("coordinator", "target")}
