@@ -11,7 +11,10 @@ import torch
 
 from specdec.core import transfer
 from specdec.core.rejection import RejectionInput, rejection_sample, rejection_sample_batch
+from specdec.core.runner import CausalLM, build_runner
 from specdec.core.sampling import RowSampling, SamplingParams, probs_from_logits, probs_from_logits_rows, quantize_f16
+from specdec.core.target import TargetWorker, batch_token_logprobs, token_logprobs
+from specdec.core.types import Verdict, VerifyItem
 
 PARAM_CHOICES = [
     SamplingParams(temperature=0.0),
@@ -100,3 +103,70 @@ def test_row_processing_is_bit_identical(seed: int) -> None:
     got = probs_from_logits_rows(stacked, RowSampling.build(rows, vocab, stacked.device))
     want = torch.cat([probs_from_logits(item.target_logits, item.sampling) for item in sampled])
     assert torch.equal(got, want)
+
+
+def verify_items(rng: random.Random, batch: int, k: int, vocab: int, logprobs: int = -1) -> list[VerifyItem]:
+    """New sessions with random prompts and k drafts: greedy, sampled with q, sampled
+    one-hot and penalised items in turn."""
+    items = []
+    for b in range(batch):
+        kind = b % 4
+        params = (
+            SamplingParams() if kind == 0 else SamplingParams(temperature=0.8, top_k=50, seed=rng.randrange(1 << 32))
+        )
+        if kind == 3:
+            params = SamplingParams(temperature=0.9, repetition_penalty=1.3, seed=rng.randrange(1 << 32))
+        q = quantize_f16(torch.softmax(torch.randn(k, vocab), -1)) if kind == 1 else None
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(3, 12))]
+        drafts = [rng.randrange(vocab) for _ in range(k)]
+        items.append(VerifyItem(f"s{rng.random()}", 0, prompt, drafts, q, params, logprobs=logprobs))
+    return items
+
+
+@pytest.fixture(scope="module")
+def worker(target_model: CausalLM) -> TargetWorker:
+    return TargetWorker(build_runner(target_model), prefill_chunk_s=0)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_verify_batch_reads_back_a_constant_number_of_times(worker: TargetWorker, batch: int, k: int) -> None:
+    rng = random.Random(batch * 100 + k)
+    vocab = worker.runner.vocab_size
+    for logprobs, reads in [(-1, 1), (3, 2)]:  # the verdicts; then the log-probabilities
+        items = verify_items(rng, batch, k, vocab, logprobs)
+        before = transfer.STATS.to_host
+        verdicts = worker.verify_batch(items)
+        assert transfer.STATS.to_host - before == reads
+        assert all(isinstance(v, Verdict) and len(v.tokens) == v.num_accepted + 1 for v in verdicts)
+        # Steps after the prefill: the same count.
+        steps = [
+            VerifyItem(
+                item.session_id,
+                len(item.tokens),
+                v.tokens,
+                item.draft_tokens,
+                item.draft_probs,
+                item.sampling,
+                logprobs,
+            )
+            for item, v in zip(items, verdicts)
+            if isinstance(v, Verdict)
+        ]
+        before = transfer.STATS.to_host
+        assert all(isinstance(v, Verdict) and not v.needs_resync for v in worker.verify_batch(steps))
+        assert transfer.STATS.to_host - before == reads
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batched_logprobs_equal_per_item(seed: int) -> None:
+    rng = random.Random(seed)
+    wanted = []
+    for _ in range(8):
+        n = rng.randint(1, 6)
+        logits = torch.randn(n + 2, 64) * 3
+        if rng.random() < 0.5:
+            logits = logits.round()  # ties among the alternatives
+        wanted.append((logits, [rng.randrange(64) for _ in range(n)], rng.choice([0, 1, 3, 5, 100])))
+    for (logits, tokens, top), got in zip(wanted, batch_token_logprobs(wanted), strict=True):
+        assert got == token_logprobs(logits, tokens, top)

@@ -25,8 +25,9 @@ from specdec.core.grammar import GrammarState, grammar_state, vocab_for_model
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session, trim_to_tokens
 from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.processors import verify_rows
-from specdec.core.rejection import RejectionInput, rejection_sample
+from specdec.core.rejection import RejectionInput, RejectionOutput, rejection_sample_batch
 from specdec.core.runner import ForwardItem, Runner
+from specdec.core.transfer import to_device_split, to_host
 from specdec.core.types import TokenLogprob, Verdict, VerifyItem
 
 
@@ -102,11 +103,14 @@ class TargetWorker:
             run = [(w, f) for w, f in zip(work, planned) if f is not None]
             logits = self._timed_forward([f for _, f in run])
             self._count(len(run))
+            judged: list[tuple[int, TargetSession, VerifyItem, torch.Tensor]] = []
             for ((i, session, item), f), row_logits in zip(run, logits):
                 if f.num_logits:
-                    verdicts[i] = self._judge(session, item, row_logits, len(run))
+                    judged.append((i, session, item, row_logits))
                 elif self.prefix_store is not None:  # a chunk: share the prefix computed so far
                     self.prefix_store.offer(session.tokens, f.kv)
+            for (i, *_), verdict in zip(judged, self._judge_batch([j[1:] for j in judged], len(run))):
+                verdicts[i] = verdict
             for i, _, _ in work:
                 verdicts[i] = NOT_YET if verdicts[i] is None else verdicts[i]
         return [v for v in verdicts if v is not None]
@@ -167,18 +171,35 @@ class TargetWorker:
         feed = session.tokens[keep:] + item.draft_tokens
         return ForwardItem(kv, feed, len(item.draft_tokens) + 1)
 
-    def _judge(self, session: TargetSession, item: VerifyItem, logits: torch.Tensor, batch_size: int) -> Verdict:
-        committed = len(session.tokens)
-        target_logits, drafts, draft_probs = self._processed(session, item, logits)
-        out = rejection_sample(
-            RejectionInput(
-                target_logits=target_logits,
-                draft_tokens=drafts,
-                draft_probs=draft_probs,
-                sampling=item.sampling,
-                first_position=committed,
-            )
-        )
+    def _judge_batch(
+        self, judged: list[tuple[TargetSession, VerifyItem, torch.Tensor]], batch_size: int
+    ) -> list[Verdict]:
+        """The verdicts of the items whose drafts this pass scored, read back from the
+        device a constant number of times for the whole batch (core/transfer.py): once for
+        the verdicts, once more for the log-probabilities when some item asks for them.
+        Penalties and a constraint process their item's rows first, item by item."""
+        inputs = [
+            RejectionInput(*self._processed(session, item, logits), item.sampling, len(session.tokens))
+            for session, item, logits in judged
+        ]
+        outs = rejection_sample_batch(inputs)
+        asked = [
+            (logits, out.tokens, item.logprobs) for (_, item, logits), out in zip(judged, outs) if item.logprobs >= 0
+        ]
+        logprobs = iter(batch_token_logprobs(asked))
+        return [
+            self._commit(session, item, out, next(logprobs) if item.logprobs >= 0 else [], batch_size)
+            for (session, item, _), out in zip(judged, outs)
+        ]
+
+    def _commit(
+        self,
+        session: TargetSession,
+        item: VerifyItem,
+        out: RejectionOutput,
+        logprobs: list[TokenLogprob],
+        batch_size: int,
+    ) -> Verdict:
         session.tokens.extend(out.tokens)
         self.stats.draft_tokens += len(item.draft_tokens)
         self.stats.accepted_tokens += out.num_accepted
@@ -194,7 +215,7 @@ class TargetWorker:
             batch_size,
             pass_base_s=self.cost.base_s,
             row_s=self.cost.row_s,
-            logprobs=token_logprobs(logits, out.tokens, item.logprobs) if item.logprobs >= 0 else [],
+            logprobs=logprobs,
         )
 
     def _processed(
@@ -240,6 +261,36 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
         return [TokenLogprob(lp) for lp in chosen]
     values, ids = rows.topk(min(top, rows.shape[-1]), dim=-1)
     return [TokenLogprob(lp, list(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
+
+def batch_token_logprobs(wanted: list[tuple[torch.Tensor, list[int], int]]) -> list[list[TokenLogprob]]:
+    """`token_logprobs` for many (logits, tokens, top) at once, read back in one copy: the
+    same float64 log-softmax per row, and topk called per distinct `top` (as the per-item
+    function does, so ties come out in the same order)."""
+    if not wanted:
+        return []
+    device = wanted[0][0].device
+    (tokens,) = to_device_split([[t for _, toks, _ in wanted for t in toks]], torch.int64, device)
+    rows = torch.log_softmax(torch.cat([lg[: len(toks)].to(torch.float64) for lg, toks, _ in wanted]), dim=-1)
+    row_of = [r for r, (_, toks, _) in enumerate(wanted) for _ in toks]  # item of each row
+    parts = [rows[torch.arange(len(row_of), device=device), tokens]]
+    tops = sorted({min(top, rows.shape[-1]) for _, _, top in wanted if top > 0})
+    for top in tops:
+        values, ids = rows.topk(top, dim=-1)
+        parts += [values.flatten(), ids.flatten().to(torch.float64)]  # ids < 2**53: exact
+    flat = to_host(torch.cat(parts)).tolist()
+    n = len(row_of)
+    chosen, base = flat[:n], n
+    tables: dict[int, list[list[tuple[int, float]]]] = {}
+    for top in tops:  # per top: n x top values, then n x top ids
+        vals, idx = flat[base : base + n * top], flat[base + n * top : base + 2 * n * top]
+        tables[top] = [[(int(idx[i]), vals[i]) for i in range(r * top, (r + 1) * top)] for r in range(n)]
+        base += 2 * n * top
+    out: list[list[TokenLogprob]] = [[] for _ in wanted]
+    for r, item in enumerate(row_of):
+        top = min(wanted[item][2], rows.shape[-1])
+        out[item].append(TokenLogprob(chosen[r], tables[top][r]) if top > 0 else TokenLogprob(chosen[r]))
+    return out
 
 
 def check_item(item: VerifyItem, vocab_size: int, max_context: int) -> None:
