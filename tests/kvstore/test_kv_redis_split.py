@@ -6,6 +6,7 @@ decoding and every session record survives."""
 from __future__ import annotations
 
 import shutil
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -136,3 +137,65 @@ def test_a_stack_survives_its_kv_server_flushed_and_killed(kv_models, valkey, kv
         assert "Traceback" not in target.log.read_text(errors="replace")
     finally:
         stack.stop()
+
+
+def test_specdec_up_starts_a_noeviction_state_valkey_and_an_allkeys_lru_kv_one(tmp_path) -> None:
+    """The launcher's embedded servers, real: records on noeviction with a small cap, chunks on
+    allkeys-lru with the cache's cap, each with its own generated password; --one-valkey: one
+    server for both (the old volatile-lru); URLs given: nothing started."""
+    import redis
+
+    from specdec import launcher
+
+    stack = launcher.Stack(tmp_path)
+    try:
+        launcher.start_valkeys(stack, "", "", one_valkey=False)
+        assert [c.name for c in stack.children] == ["valkey", "valkey-kv"]
+        state, kv = connect(stack.redis_url), connect(stack.kv_redis_url)
+        assert state.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert state.config_get("maxmemory") == {"maxmemory": str(128 << 20)}
+        assert kv.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
+        assert kv.config_get("maxmemory") == {"maxmemory": str(1 << 30)}
+        for url in (stack.redis_url, stack.kv_redis_url):  # a password each, and not the same one
+            parts = urlsplit(url)
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis(host=parts.hostname or "", port=parts.port or 0).ping()
+        assert urlsplit(stack.redis_url).password != urlsplit(stack.kv_redis_url).password
+        state.close()
+        kv.close()
+    finally:
+        stack.stop()
+    one = launcher.Stack(tmp_path)
+    try:
+        launcher.start_valkeys(one, "", "", one_valkey=True)
+        assert [c.name for c in one.children] == ["valkey"] and one.kv_redis_url == one.redis_url
+        assert connect(one.redis_url).config_get("maxmemory-policy") == {"maxmemory-policy": "volatile-lru"}
+    finally:
+        one.stop()
+    given = launcher.Stack(tmp_path)
+    launcher.start_valkeys(given, "redis://state:1/0", "", one_valkey=False)
+    assert (given.redis_url, given.kv_redis_url, given.children) == ("redis://state:1/0", "redis://state:1/0", [])
+    launcher.start_valkeys(given, "redis://state:1/0", "redis://kv:1/0", one_valkey=False)
+    assert given.kv_redis_url == "redis://kv:1/0" and given.children == []
+
+
+def test_up_prints_the_kv_redis_url(monkeypatch, capsys) -> None:
+    from specdec import cli, launcher
+
+    asked = {}
+
+    def fake_start_stack(*args, **kwargs):
+        asked.update(kwargs)
+        stack = launcher.Stack(log_dir=launcher.Path("/tmp"), redis_url="redis://s:1/0", kv_redis_url="redis://k:1/0")
+        stack.coordinators, stack.coordinator = ["127.0.0.1:5000"], "127.0.0.1:5000"
+        return stack
+
+    def interrupt(_: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launcher, "start_stack", fake_start_stack)
+    monkeypatch.setattr(cli.time, "sleep", interrupt)
+    assert cli.main(["up", "--model", "m", "--drafter", "ngram", "--one-valkey"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "redis: redis://s:1/0" in out and "kv-redis: redis://k:1/0" in out
+    assert asked["one_valkey"] is True and asked["kv_redis_url"] == ""
