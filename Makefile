@@ -49,6 +49,17 @@ loadgen: $(STAMP)
 bench-tls: $(STAMP)
 	$(PY) -m specdec.tls_bench --concurrency 1,8 --rounds 5
 
+# The engine on a GPU with random-weight models of real shapes (a 1B target, a 135M draft), in
+# under 8 minutes: greedy identical to transformers, forward-pass cost for 1..512 rows, tokens/s at
+# 1..64 requests in flight, host transfers per verify batch. No install (a GPU machine has no PyPI):
+# the machine's python with torch and transformers. JSON and PNG into $OUT, else build/gpu-check/.
+# Here: make gpu-check GPU_PYTHON=$(PY) GPU_CHECK_ARGS="--device cpu --tiny"
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=services $(GPU_PYTHON) -m specdec.gpu_check $(GPU_CHECK_ARGS)
+
 # Regenerate the protobuf/gRPC modules under services/specdec/v1 from proto/.
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=services --pyi_out=services \
