@@ -102,7 +102,7 @@ class CheckConfig:
     concurrency: list[int] = field(default_factory=lambda: [2**i for i in range(7)])  # 1..64
     waves: int = 2  # requests per concurrency level, in multiples of the level
     sync_levels: list[int] = field(default_factory=lambda: [1, 8, 32])
-    drafters: list[str] = field(default_factory=lambda: ["ngram", "model:draft", "model:self"])
+    drafters: list[str] = field(default_factory=lambda: ["ngram", "suffix", "model:draft", "model:self"])
 
     @property
     def shapes(self) -> tuple[Shape, Shape]:
@@ -432,7 +432,7 @@ def check_concurrency(s: Setup, deadline: float, budget: Budget) -> list[dict[st
     last: dict[str, float] = {}
 
     async def go() -> None:
-        for drafter in ["none", *s.cfg.drafters]:  # warm-up at this engine's batch shapes
+        for drafter in ["none", *s.cfg.drafters] if not s.cfg.tiny else []:  # warm-up: batched shapes on the device
             await _level(s, drafter, 2, total=2)
         for level in s.cfg.concurrency:
             for drafter in ["none", *s.cfg.drafters]:
@@ -521,7 +521,7 @@ def check_syncs(s: Setup, deadline: float, budget: Budget) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
 
     async def go() -> None:
-        for drafter in ("none", "ngram", "model:draft"):
+        for drafter in ["none", *(d for d in s.cfg.drafters if d in ("ngram", "model:draft"))]:
             for n, level in enumerate(s.cfg.sync_levels):
                 if n and time.monotonic() > deadline:  # the lowest level is always measured
                     budget.cut.append(f"syncs {drafter} {level}")
