@@ -131,61 +131,66 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 @dataclass
 class RowSampling:
     """Each row's temperature, top-k, top-p and min-p, on the logits' device, for
-    `probs_from_logits_rows`. A filter lists only the rows it applies to, as the per-request
-    `probs_from_logits` skips a filter that is off (renormalising would change the bits)."""
+    `probs_from_logits_rows`."""
 
+    params: list[SamplingParams]  # per row, on the host (a selection keeps the batch's: a superset)
+    vocab: int
     temperature: torch.Tensor  # [rows, 1] float64, > 0 (sampled rows only)
-    top_k_rows: torch.Tensor  # [num_top_k] int64: rows with 0 < top_k < vocab
-    top_k: torch.Tensor  # [num_top_k, 1] int64: their k
-    max_top_k: int  # the largest of those k; 0 = no row filters by top-k
-    top_p_rows: torch.Tensor  # [num_top_p] int64: rows with top_p < 1
-    top_p: torch.Tensor  # [num_top_p, 1] float64
-    min_p_rows: torch.Tensor  # [num_min_p] int64: rows with min_p > 0
-    min_p: torch.Tensor  # [num_min_p, 1] float64
+    top_k: torch.Tensor  # [rows, 1] int64; 0 = off (as is a top_k >= vocab)
+    top_p: torch.Tensor  # [rows, 1] float64; 1 = off
+    min_p: torch.Tensor  # [rows, 1] float64; 0 = off
 
     @classmethod
     def build(cls, params: list[SamplingParams], vocab: int, device: torch.device) -> RowSampling:
         """Row r sampled with params[r] (none greedy); two host->device copies."""
         assert not any(p.greedy for p in params), "greedy rows have no distribution to process"
-        k_rows = [r for r, p in enumerate(params) if 0 < p.top_k < vocab]
-        p_rows = [r for r, p in enumerate(params) if p.top_p < 1.0]
-        m_rows = [r for r, p in enumerate(params) if p.min_p > 0.0]
-        top_k = [params[r].top_k for r in k_rows]
         temperature, top_p, min_p = to_device_split(
-            [[p.temperature for p in params], [params[r].top_p for r in p_rows], [params[r].min_p for r in m_rows]],
+            [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params]],
             torch.float64,
             device,
         )
-        k_rows_t, top_k_t, p_rows_t, m_rows_t = to_device_split([k_rows, top_k, p_rows, m_rows], torch.int64, device)
-        return cls(
-            temperature[:, None], k_rows_t, top_k_t[:, None], max(top_k, default=0),
-            p_rows_t, top_p[:, None], m_rows_t, min_p[:, None],
+        (top_k,) = to_device_split([[_top_k(p, vocab) for p in params]], torch.int64, device)
+        return cls(params, vocab, temperature[:, None], top_k[:, None], top_p[:, None], min_p[:, None])
+
+    def rows(self, start: int, stop: int) -> RowSampling:
+        """Rows [start, stop) (views: no copy)."""
+        return RowSampling(
+            self.params[start:stop], self.vocab, self.temperature[start:stop], self.top_k[start:stop],
+            self.top_p[start:stop], self.min_p[start:stop],
         )  # fmt: skip
+
+    def select(self, index: torch.Tensor) -> RowSampling:
+        """Rows picked by a device index (the filters' switches stay the whole batch's)."""
+        return RowSampling(
+            self.params, self.vocab, self.temperature[index], self.top_k[index], self.top_p[index], self.min_p[index]
+        )
+
+
+def _top_k(params: SamplingParams, vocab: int) -> int:
+    return params.top_k if 0 < params.top_k < vocab else 0
 
 
 def probs_from_logits_rows(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
     """`probs_from_logits` for rows with their own parameters, in tensor ops on the logits'
-    device (no host read): bit-identical row by row to the per-request function, which
-    stays the reference (the same ops in the same order on each row)."""
+    device (no host read). Bit-identical row by row to the per-request function, which
+    stays the reference: the same ops in the same order on each row; a filter that is off
+    for a row is computed and discarded (`where`), as renormalising would change its bits."""
     logits = logits.to(torch.float64) / rows.temperature
-    if rows.max_top_k:
-        sub = logits[rows.top_k_rows]
+    max_top_k = max((_top_k(p, rows.vocab) for p in rows.params), default=0)
+    if max_top_k:
         # The k-th largest value, as topk(k).values[-1] finds it.
-        kth = torch.topk(sub, rows.max_top_k, dim=-1).values.gather(-1, rows.top_k - 1)
-        logits = logits.index_copy(0, rows.top_k_rows, sub.masked_fill(sub < kth, -math.inf))
+        kth = torch.topk(logits, max_top_k, dim=-1).values.gather(-1, (rows.top_k - 1).clamp(min=0))
+        logits = logits.masked_fill((rows.top_k > 0) & (logits < kth), -math.inf)
     probs = torch.softmax(logits, dim=-1)
-    if rows.top_p_rows.numel():
-        sub = probs[rows.top_p_rows]
-        sorted_probs, order = torch.sort(sub, dim=-1, descending=True)
+    if any(p.top_p < 1.0 for p in rows.params):
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
         drop = torch.zeros_like(sorted_probs, dtype=torch.bool).scatter(-1, order, mass_before >= rows.top_p)
-        sub = sub.masked_fill(drop, 0.0)
-        probs = probs.index_copy(0, rows.top_p_rows, sub / sub.sum(dim=-1, keepdim=True))
-    if rows.min_p_rows.numel():
-        sub = probs[rows.min_p_rows]
-        floor = rows.min_p * sub.max(dim=-1, keepdim=True).values
-        sub = sub.masked_fill(sub < floor, 0.0)
-        probs = probs.index_copy(0, rows.min_p_rows, sub / sub.sum(dim=-1, keepdim=True))
+        cut = probs.masked_fill(drop, 0.0)
+        probs = torch.where(rows.top_p < 1.0, cut / cut.sum(dim=-1, keepdim=True), probs)
+    if any(p.min_p > 0.0 for p in rows.params):
+        cut = probs.masked_fill(probs < rows.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        probs = torch.where(rows.min_p > 0.0, cut / cut.sum(dim=-1, keepdim=True), probs)
     return probs
 
 
