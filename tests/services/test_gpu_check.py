@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from specdec import gpu_check
@@ -44,6 +45,22 @@ def test_tiny_check_on_cpu(tmp_path: Path) -> None:
     assert all(r["identical"] == r["requests"] and r["tokens_per_s"] > 0 for r in levels)
     syncs = result["syncs"]["rows"]
     assert syncs and all(r["verify_batches"] > 0 and r["verify_transfers"] > 0 for r in syncs)
+
+
+def test_divergence_names_the_first_differing_token_and_its_gap() -> None:
+    """A wrong token where transformers' logits clearly prefer another is no near-tie."""
+    model = gpu_check.build_model(gpu_check.TINY_TARGET, 0, "cpu", "float32", 128)
+    prompt = [5, 17, 99, 3, 250, 42]
+    ref = gpu_check.hf_generate(model, prompt, 6)
+    assert gpu_check.divergence(model, prompt, ref, list(ref)) is None
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt + ref[:3]])).logits[0, -1]
+    worst = int(logits.argmin())
+    diff = gpu_check.divergence(model, prompt, ref, ref[:3] + [worst] + ref[4:])
+    assert diff is not None and diff["position"] == 3 and diff["our_token"] == worst
+    assert diff["logit_gap"] == pytest.approx(float(logits[ref[3]] - logits[worst]), rel=1e-4)
+    assert diff["logit_gap"] > 0 and not diff["near_tie"]
+    assert gpu_check.divergence(model, prompt, ref, ref[:4])["length_differs"]
 
 
 def test_transfer_counter_counts_only_inside_batches() -> None:
