@@ -51,13 +51,16 @@ def random_item(rng: random.Random, vocab: int, max_k: int) -> RejectionInput:
     return RejectionInput(logits, drafts, q, params, rng.randrange(1 << 20))
 
 
+@pytest.mark.parametrize("by_item", [True, False], ids=["by-item", "stacked"])
 @pytest.mark.parametrize("seed", range(12))
-def test_batched_equals_per_item_reference(seed: int) -> None:
+def test_batched_equals_per_item_reference(seed: int, by_item: bool) -> None:
+    """Both layouts of the row-wise work: item by item (a CPU's default) and all rows
+    stacked (an accelerator's), here both on the CPU."""
     rng = random.Random(seed)
     vocab = rng.choice([7, 50, 301, 2048])
     for _ in range(4):
         items = [random_item(rng, vocab, max_k=rng.choice([1, 4, 8])) for _ in range(rng.randint(1, 24))]
-        batched = rejection_sample_batch(items)
+        batched = rejection_sample_batch(items, by_item)
         for item, out in zip(items, batched, strict=True):
             want = rejection_sample(item)
             assert (out.num_accepted, out.tokens) == (want.num_accepted, want.tokens)

@@ -93,16 +93,19 @@ def _greedy(logits: torch.Tensor, draft: list[int]) -> RejectionOutput:
     return RejectionOutput(accepted, [*draft[:accepted], argmax[accepted]])
 
 
-def rejection_sample_batch(items: list[RejectionInput]) -> list[RejectionOutput]:
+def rejection_sample_batch(items: list[RejectionInput], by_item: bool | None = None) -> list[RejectionOutput]:
     """Verify many sequences' drafts at once: `rejection_sample` on each, but with one
     device->host read for the whole batch (and a few host->device copies, all made before
-    the first kernel so none waits on our own work)."""
+    the first kernel so none waits on our own work). `by_item`: run the row-wise work item
+    by item (default: on a CPU) or on all rows stacked (default elsewhere); tests take both."""
     if not items:
         return []
     greedy = [b for b, item in enumerate(items) if item.sampling.greedy]
     sampled = [b for b, item in enumerate(items) if not item.sampling.greedy]
-    greedy_plan = _Layout.build([items[b] for b in greedy]) if greedy else None
-    sampled_plan = _SampledLayout.build([items[b] for b in sampled]) if sampled else None
+    if by_item is None:
+        by_item = items[0].target_logits.device.type == "cpu"
+    greedy_plan = _Layout.build([items[b] for b in greedy], by_item) if greedy else None
+    sampled_plan = _SampledLayout.build([items[b] for b in sampled], by_item) if sampled else None
     parts = []
     if greedy_plan is not None:
         parts.append(_greedy_batch(greedy_plan))
@@ -125,9 +128,14 @@ class _Layout:
     num_drafts: torch.Tensor  # [items] int64: k_b
     ks: list[int]  # [items] k_b, on the host
     max_k: int
+    # Row-wise work item by item rather than on all rows stacked. On a CPU, yes: an item's
+    # rows stay in cache through every step, where all rows at once stream through memory
+    # step after step, and there is no launch to save. On an accelerator, stacked:
+    # launches, not bytes, cost there.
+    by_item: bool
 
     @classmethod
-    def build(cls, items: list[RejectionInput]) -> _Layout:
+    def build(cls, items: list[RejectionInput], by_item: bool) -> _Layout:
         ks = [len(item.draft_tokens) for item in items]
         max_k = max(ks)
         rows: list[int] = []
@@ -142,29 +150,26 @@ class _Layout:
         flat_rows, flat_drafts, num = to_device_split([rows, drafts, ks], torch.int64, device)
         n = len(items)
         logits = [item.target_logits for item in items]
-        return cls(logits, flat_rows.view(n, -1), flat_drafts.view(n, -1), num, ks, max_k)
-
-    @property
-    def by_item(self) -> bool:
-        """Whether to run row-wise work item by item rather than on all rows stacked. On a
-        CPU, yes: an item's rows stay in cache through every step, where all rows at once
-        stream through memory step after step (5x slower at a 49k vocabulary), and there
-        is no launch to save. On an accelerator, stacked: launches, not bytes, cost there."""
-        return self.logits[0].device.type == "cpu"
+        return cls(logits, flat_rows.view(n, -1), flat_drafts.view(n, -1), num, ks, max_k, by_item)
 
     def blocks(self) -> list[tuple[int, int, torch.Tensor]]:
         """(first row, end row, logits) of each block the row-wise work runs on."""
         if not self.by_item:
-            stacked = torch.cat([logits.to(torch.float64) for logits in self.logits])  # float64: exact for any input
+            stacked = self.stacked()
             return [(0, stacked.shape[0], stacked)]
         ends = list(itertools.accumulate(k + 1 for k in self.ks))
         return [(end - k - 1, end, logits) for end, k, logits in zip(ends, self.ks, self.logits)]
 
+    def stacked(self) -> torch.Tensor:
+        """[rows, vocab]: every item's rows in one tensor (float64 if the dtypes differ: exact)."""
+        dtypes = {logits.dtype for logits in self.logits}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
+        return torch.cat([logits.to(dtype) for logits in self.logits])
+
     def picked(self, offset: torch.Tensor, part: slice) -> torch.Tensor:
         """[items in part, vocab]: each item's logits row at its own offset (a device index)."""
         if not self.by_item:
-            stacked = torch.cat([logits.to(torch.float64) for logits in self.logits])
-            return stacked[self.rows[part].gather(1, offset[:, None])[:, 0]]
+            return self.stacked()[self.rows[part].gather(1, offset[:, None])[:, 0]].to(torch.float64)
         logits = self.logits[part]
         return torch.cat([lg.index_select(0, offset[b : b + 1]).to(torch.float64) for b, lg in enumerate(logits)])
 
@@ -195,9 +200,9 @@ class _SampledLayout:
     has_q: torch.Tensor  # [items] bool
 
     @classmethod
-    def build(cls, items: list[RejectionInput]) -> _SampledLayout:
+    def build(cls, items: list[RejectionInput], by_item: bool) -> _SampledLayout:
         device = items[0].target_logits.device
-        layout = _Layout.build(items)
+        layout = _Layout.build(items, by_item)
         max_k, vocab = layout.max_k, items[0].target_logits.shape[-1]
         u_accept, u_resample = [], []
         for item in items:
