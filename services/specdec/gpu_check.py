@@ -8,15 +8,16 @@ draft agrees with a random target about never, so the draft model is also measur
 equal to the target (`model:self`): acceptance near 1, up to the numerics of a one-row
 draft pass against a k+1-row verify pass.
 
-Phases, each time-boxed (whatever a budget cut is listed under `cut` in the JSON):
+Phases, time-boxed from one budget (what a budget cut is listed under `cut` in the JSON):
 
-1. `greedy`: our plain and speculative output (n-gram, the draft model, the target as its
-   own draft) against transformers' `generate` on the same device and dtype. A mismatch is
-   reported with the logit gap at the first differing token under transformers' own
-   logits: in bf16 two kernels may round a near-tie apart; a gap above the tolerance is a
-   real failure (exit status 1). `sampled` runs a few sampled requests as a smoke test.
-2. `verify_pass`: one target forward over r rows, r = 1..512 (r sequences of 1 row, and
-   r/8 sequences of 8 rows as a k=7 verify), ms per pass, synchronised; `draft_pass` the
+1. `greedy` (never cut): our plain and speculative output (n-gram, suffix, the draft
+   model, the target as its own draft) against transformers' `generate` on the same device
+   and dtype. A mismatch is reported with the logit gap at the first differing token under
+   transformers' own logits: in bf16 two kernels may round a near-tie apart; a gap above
+   the tolerance is a real failure (exit status 1). `sampled` (never cut) runs a few
+   sampled requests per drafter as a smoke test.
+2. `verify_pass`: one target forward over r rows, r = 1..512 (r/8 sequences of 8 rows as
+   a k=7 verify, and r sequences of 1 row), ms per pass, synchronised; `draft_decode` the
    same for the draft model, one row per sequence.
 3. `concurrency`: aggregate tokens/s at 1..64 requests in flight, plain and each drafter.
 4. `syncs`: device-to-host transfer points (`.tolist()`, `.item()`, `.cpu()`, `int()`,
@@ -191,7 +192,7 @@ class Setup:
     cfg: CheckConfig
     target: PreTrainedModel
     draft: PreTrainedModel
-    main: Engine  # serves none, ngram and model:draft
+    main: Engine  # serves none, every model-free drafter (ngram, suffix) and model:draft
     self_draft: Engine  # model:self: the target drafts for itself
     prompts: list[list[int]]
     reference: list[list[int]] = field(default_factory=list)  # transformers' greedy output per prompt
