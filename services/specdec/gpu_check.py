@@ -560,8 +560,14 @@ def device_info(cfg: CheckConfig) -> dict[str, Any]:
     return info
 
 
-def run_phase(result: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
-    """One phase into result[name]; a failure is recorded there and the run goes on."""
+def run_phase(result: dict[str, Any], name: str, fn: Callable[[], Any], budget: Budget | None = None) -> None:
+    """One phase into result[name]; a failure is recorded there and the run goes on. With a
+    budget, a phase that finds it spent is skipped whole (slow earlier phases must not
+    push the run past the device machine's limit)."""
+    if budget is not None and time.monotonic() > budget.end:
+        result[name] = {"skipped": "the time budget was spent before this phase"}
+        budget.cut.append(f"{name}: the whole phase")
+        return
     started = time.perf_counter()
     try:
         result[name] = fn()
@@ -580,9 +586,9 @@ def run_check(cfg: CheckConfig) -> dict[str, Any]:
     run_phase(result, "greedy", lambda: check_greedy(s))
     budget.phase("sampled")  # a few short requests: never cut either
     run_phase(result, "sampled", lambda: check_sampled(s))
-    run_phase(result, "verify_pass", lambda: check_passes(s, budget.phase("verify_pass"), budget))
-    run_phase(result, "concurrency", lambda: check_concurrency(s, budget.phase("concurrency"), budget))
-    run_phase(result, "syncs", lambda: check_syncs(s, budget.phase("syncs"), budget))
+    run_phase(result, "verify_pass", lambda: check_passes(s, budget.phase("verify_pass"), budget), budget)
+    run_phase(result, "concurrency", lambda: check_concurrency(s, budget.phase("concurrency"), budget), budget)
+    run_phase(result, "syncs", lambda: check_syncs(s, budget.phase("syncs"), budget), budget)
     result["cut"] = budget.cut
     result["errors"] = [name for name in SHARES if isinstance(result.get(name), dict) and "error" in result[name]]
     greedy = result["greedy"]
@@ -609,9 +615,18 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _problem(section: Any) -> str | None:
+    """Why a phase has no figures (it failed, or time ran out before it), if so."""
+    if isinstance(section, dict) and "error" in section:
+        return f"ERROR {section['error']}"
+    if isinstance(section, dict) and "skipped" in section:
+        return f"skipped: {section['skipped']}"
+    return None
+
+
 def _greedy_lines(g: dict[str, Any]) -> list[str]:
-    if "error" in g:
-        return [f"greedy: ERROR {g['error']}"]
+    if problem := _problem(g):
+        return [f"greedy: {problem}"]
     n = g["prompts"]
     cells = [
         f"{d} {g['identical'][d]}/{n} (near-ties {g['near_ties'][d]}, acc {g['acceptance'][d]:.2f})"
@@ -621,8 +636,8 @@ def _greedy_lines(g: dict[str, Any]) -> list[str]:
 
 
 def _pass_lines(p: dict[str, Any]) -> list[str]:
-    if "error" in p:
-        return [f"verify pass: ERROR {p['error']}"]
+    if problem := _problem(p):
+        return [f"forward pass: {problem}"]
     lines = [f"forward pass ms (context {p['context']}): rows -> verify (8/seq) | decode (1/seq) | draft decode"]
     by_rows: dict[int, list[str]] = {}
     for i, name in enumerate(("verify", "decode", "draft_decode")):
@@ -634,8 +649,8 @@ def _pass_lines(p: dict[str, Any]) -> list[str]:
 
 def _concurrency_lines(result: dict[str, Any]) -> list[str]:
     rows = result["concurrency"]
-    if isinstance(rows, dict):
-        return [f"concurrency: ERROR {rows['error']}"]
+    if problem := _problem(rows):
+        return [f"concurrency: {problem}"]
     drafters = list(dict.fromkeys(r["drafter"] for r in rows))
     lines = ["tokens/s by concurrency: " + " | ".join(f"{d} (x plain, acc)" for d in drafters)]
     for level in dict.fromkeys(r["concurrency"] for r in rows):
@@ -652,8 +667,8 @@ def _concurrency_lines(result: dict[str, Any]) -> list[str]:
 
 
 def _sync_lines(syncs: dict[str, Any]) -> list[str]:
-    if "error" in syncs:
-        return [f"syncs: ERROR {syncs['error']}"]
+    if problem := _problem(syncs):
+        return [f"syncs: {problem}"]
     lines = [f"host transfers ({syncs['counted']}): drafter c -> verify batches, items, per batch | propose per batch"]
     lines += [
         f"  {r['drafter']:<12}{r['concurrency']:>3}: {r['verify_batches']:>5} {r['verify_items']:>6} "
@@ -674,7 +689,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.5))
-    passes = result["verify_pass"] if "error" not in result["verify_pass"] else {}
+    passes = result["verify_pass"] if not _problem(result["verify_pass"]) else {}
     for name in ("verify", "decode", "draft_decode"):
         rows = passes.get(name, [])
         left.plot([r["rows"] for r in rows], [r["ms"] for r in rows], marker="o", label=name)
