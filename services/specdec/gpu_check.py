@@ -302,6 +302,7 @@ def _greedy_summary(s: Setup, runs: dict[str, list[dict[str, Any]]]) -> dict[str
 
     missing = [d for d in ["none", *s.cfg.drafters] if d not in runs]
     out: dict[str, Any] = {"prompts": len(s.prompts), "new_tokens": s.cfg.new_tokens, "k": s.cfg.k, "runs": runs}
+    out["near_tie_below"] = f"{tie_tolerance(parse_dtype(s.cfg.dtype)):.3g} x the largest logit"
     out["identical"] = {d: sum(r["identical"] for r in rs) for d, rs in runs.items()}
     out["near_ties"] = {d: sum(not r["identical"] and not real(r) for r in rs) for d, rs in runs.items()}
     out["acceptance"] = {
