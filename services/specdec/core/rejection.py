@@ -166,13 +166,6 @@ class _Layout:
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
         return torch.cat([logits.to(dtype) for logits in self.logits])
 
-    def picked(self, offset: torch.Tensor, part: slice) -> torch.Tensor:
-        """[items in part, vocab]: each item's logits row at its own offset (a device index)."""
-        if not self.by_item:
-            return self.stacked()[self.rows[part].gather(1, offset[:, None])[:, 0]].to(torch.float64)
-        logits = self.logits[part]
-        return torch.cat([lg.index_select(0, offset[b : b + 1]).to(torch.float64) for b, lg in enumerate(logits)])
-
     def valid(self) -> torch.Tensor:
         """[items, max_k] bool: the draft positions that exist."""
         return torch.arange(self.max_k, device=self.num_drafts.device)[None, :] < self.num_drafts[:, None]
@@ -226,71 +219,66 @@ class _SampledLayout:
 
 
 def _sampled_batch(plan: _SampledLayout) -> torch.Tensor:
-    """[items, 2] int64: (accepted, recovered or bonus token), as `rejection_sample` draws them."""
+    """[items, 2] int64: (accepted, recovered or bonus token), as `rejection_sample` draws them.
+    Items are independent, so each block (one item, or all stacked) is judged through."""
     lay = plan.layout
-    px = _p_at_drafts(plan)
-    qx = _q_at_drafts(plan)
-    ratio = torch.where(qx > 0, torch.minimum(px / qx, torch.ones_like(px)), torch.zeros_like(px))
-    accept = (plan.u_accept < ratio) & lay.valid()
-    num = accept.long().cumprod(dim=1).sum(dim=1)  # the first rejection, or k_b
     parts = [slice(b, b + 1) for b in range(len(lay.ks))] if lay.by_item else [slice(None)]
-    token = torch.cat([_draw(plan, num[part], part) for part in parts])
+    return torch.cat([_judge_block(plan, part, start, end, lg) for part, (start, end, lg) in zip(parts, lay.blocks())])
+
+
+def _judge_block(plan: _SampledLayout, part: slice, start: int, end: int, logits: torch.Tensor) -> torch.Tensor:
+    """[items in part, 2]: the items whose rows are [start, end) of the stack."""
+    lay = plan.layout
+    p = probs_from_logits_rows(logits, plan.sampling.rows(start, end))  # [end - start, vocab]
+    rows = lay.rows[part] - start  # [items in part, max_k + 1], within the block
+    px = p.gather(1, plan.row_drafts[start:end, None])[:, 0][rows[:, : lay.max_k]]  # p_i(x_i)
+    qx = _q_at_drafts(plan, part)
+    ratio = torch.where(qx > 0, torch.minimum(px / qx, torch.ones_like(px)), torch.zeros_like(px))
+    accept = (plan.u_accept[part] < ratio) & lay.valid()[part]
+    num = accept.long().cumprod(dim=1).sum(dim=1)  # the first rejection, or k_b
+    token = _draw(plan, p[rows.gather(1, num[:, None])[:, 0]], num, part)
     return torch.stack([num, token[:, 0]], dim=1)
 
 
-def _draw(plan: _SampledLayout, num: torch.Tensor, part: slice) -> torch.Tensor:
-    """[items in part, 1]: the recovered token at the first rejection, or the bonus token."""
-    lay = plan.layout
-    bonus = num == lay.num_drafts[part]
-    # p of the row the target's token comes from, computed again for that row alone.
-    chosen = lay.rows[part].gather(1, num[:, None])[:, 0]
-    p_sel = probs_from_logits_rows(lay.picked(num, part), plan.sampling.select(chosen))
-    q_sel = _q_at_rejection(plan, num, bonus, p_sel, part)
-    residual = torch.clamp(p_sel - q_sel, min=0.0)
+def _draw(plan: _SampledLayout, p_sel: torch.Tensor, num: torch.Tensor, part: slice) -> torch.Tensor:
+    """[items in part, 1]: the recovered token from norm(max(0, p - q)) at the first
+    rejection, or the bonus token from p; p_sel [items in part, vocab] is p at that row."""
+    bonus = num == plan.layout.num_drafts[part]
+    residual = _residual(plan, p_sel, num, part)
     total = residual.sum(dim=-1, keepdim=True)
     dist = torch.where(bonus[:, None] | (total <= 0), p_sel, residual / total)
     return sample_rows(dist, plan.u_resample[part].gather(1, num[:, None]))
 
 
-def _p_at_drafts(plan: _SampledLayout) -> torch.Tensor:
-    """[items, max_k] float64: p_i(x_i), each block's p dropped once read."""
-    picked = [
-        probs_from_logits_rows(logits, plan.sampling.rows(start, end)).gather(1, plan.row_drafts[start:end, None])
-        for start, end, logits in plan.layout.blocks()
-    ]
-    return torch.cat(picked)[:, 0][plan.layout.rows[:, : plan.layout.max_k]]
-
-
-def _q_at_drafts(plan: _SampledLayout) -> torch.Tensor:
-    """[items, max_k] float64: q_i(x_i); 1 for a one-hot draft (and past k_b)."""
+def _residual(plan: _SampledLayout, p_sel: torch.Tensor, num: torch.Tensor, part: slice) -> torch.Tensor:
+    """max(0, p - q) at each item's rejected position (unused on a bonus row). A one-hot q
+    changes one entry: p - 0 is p bit for bit, so only p(x) - 1 is computed."""
     lay = plan.layout
-    ones = torch.ones(lay.max_k, dtype=torch.float64, device=lay.drafts.device)
-    if all(q is None for q in plan.q):
-        return ones.expand(len(plan.q), lay.max_k)
+    if not lay.max_k:
+        return p_sel
+    x = lay.drafts[part].gather(1, num.clamp(max=lay.max_k - 1)[:, None])
+    one_hot = p_sel.scatter(1, x, torch.clamp(p_sel.gather(1, x) - 1.0, min=0.0))
+    qs = plan.q[part]
+    if all(q is None for q in qs):
+        return one_hot
+    own = torch.minimum(num, lay.num_drafts[part] - 1).clamp(min=0)  # the item's row (k_b - 1 at most)
+    q_sel = torch.cat([p_sel[b : b + 1] if q is None else q.index_select(0, own[b : b + 1]) for b, q in enumerate(qs)])
+    given = torch.clamp(p_sel - q_sel, min=0.0)
+    return given if all(q is not None for q in qs) else torch.where(plan.has_q[part][:, None], given, one_hot)
+
+
+def _q_at_drafts(plan: _SampledLayout, part: slice) -> torch.Tensor:
+    """[items in part, max_k] float64: q_i(x_i); 1 for a one-hot draft (and past k_b)."""
+    lay = plan.layout
+    qs, ks, drafts = plan.q[part], lay.ks[part], lay.drafts[part]
+    ones = torch.ones(lay.max_k, dtype=torch.float64, device=drafts.device)
+    if all(q is None for q in qs):
+        return ones.expand(len(qs), lay.max_k)
     rows = [
-        ones if q is None else torch.cat([q.gather(1, lay.drafts[b, :k, None])[:, 0], ones[k:]])
-        for b, (q, k) in enumerate(zip(plan.q, lay.ks))
+        ones if q is None else torch.cat([q.gather(1, drafts[b, :k, None])[:, 0], ones[k:]])
+        for b, (q, k) in enumerate(zip(qs, ks))
     ]
     return torch.stack(rows)
-
-
-def _q_at_rejection(
-    plan: _SampledLayout, num: torch.Tensor, bonus: torch.Tensor, p_sel: torch.Tensor, part: slice
-) -> torch.Tensor:
-    """[items in part, vocab]: q at each item's rejected position: its draft_probs row, or
-    the one-hot of its draft token; zeros on a bonus row (drawn from p itself)."""
-    lay = plan.layout
-    q_sel = torch.zeros_like(p_sel)
-    if not lay.max_k:
-        return q_sel
-    has_q, qs = plan.has_q[part], plan.q[part]
-    at = num.clamp(max=lay.max_k - 1)[:, None]
-    q_sel.scatter_(1, lay.drafts[part].gather(1, at), (~has_q & ~bonus)[:, None].to(q_sel.dtype))
-    if all(q is None for q in qs):
-        return q_sel
-    own = torch.minimum(num, lay.num_drafts[part] - 1).clamp(min=0)  # the item's row (k_b - 1 at most)
-    given = [q_sel[b : b + 1] if q is None else q.index_select(0, own[b : b + 1]) for b, q in enumerate(qs)]
-    return torch.where((has_q & ~bonus)[:, None], torch.cat(given), q_sel)
 
 
 def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
