@@ -29,7 +29,7 @@ from typing import Any
 
 from specdec.core import compute
 
-PARTS = ("forward", "sampling", "target_other", "handoff", "loop_detok")
+PARTS = ("forward", "sampling", "target_other", "handoff_in", "handoff_out", "loop_detok")
 
 
 class Timers:
@@ -37,24 +37,32 @@ class Timers:
 
     def __init__(self) -> None:
         self.ns = dict.fromkeys((*PARTS, "verify_batch", "verify", "detok"), 0)
+        self.marks: dict[str, int] = {}  # the last start and end of each wrapped part
 
     def wrap(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter_ns()
+            started = self.marks[part + "_start"] = time.perf_counter_ns()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.ns[part] += time.perf_counter_ns() - started
+                self.marks[part + "_end"] = time.perf_counter_ns()
+                self.ns[part] += self.marks[part + "_end"] - started
 
         return timed
 
-    def wrap_async(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap_verify(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`verify`, timed whole and split around the batch that ran it."""
+
         async def timed(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter_ns()
             try:
                 return await fn(*args, **kwargs)
             finally:
-                self.ns[part] += time.perf_counter_ns() - started
+                ended = time.perf_counter_ns()
+                self.ns["verify"] += ended - started
+                # in: from the call until its batch started; out: from the batch's end to here
+                self.ns["handoff_in"] += self.marks["verify_batch_start"] - started
+                self.ns["handoff_out"] += ended - self.marks["verify_batch_end"]
 
         return timed
 
@@ -66,10 +74,12 @@ def _instrument(engine: Any, timers: Timers) -> None:
 
     worker = engine.verifier.worker
     worker.runner.forward = timers.wrap("forward", worker.runner.forward)
-    setattr(target, "rejection_sample", timers.wrap("sampling", getattr(target, "rejection_sample")))  # noqa: B009, B010  # the name the worker calls
+    # the name the worker calls: batched, or per item in older versions
+    name = "rejection_sample_batch" if hasattr(target, "rejection_sample_batch") else "rejection_sample"
+    setattr(target, name, timers.wrap("sampling", getattr(target, name)))
     batcher = engine.verifier.batcher
     batcher._run_batch = timers.wrap("verify_batch", batcher._run_batch)
-    engine.verifier.verify = timers.wrap_async("verify", engine.verifier.verify)
+    engine.verifier.verify = timers.wrap_verify(engine.verifier.verify)
     add = detokenize.IncrementalDetokenizer.add
     detokenize.IncrementalDetokenizer.add = timers.wrap("detok", add)  # type: ignore[method-assign]
 
@@ -80,7 +90,8 @@ def _breakdown(ns: dict[str, int], wall_ns: int, tokens: int) -> dict[str, float
         "forward": ns["forward"],
         "sampling": ns["sampling"],
         "target_other": ns["verify_batch"] - ns["forward"] - ns["sampling"],
-        "handoff": ns["verify"] - ns["verify_batch"],
+        "handoff_in": ns["handoff_in"],
+        "handoff_out": ns["handoff_out"],
         "loop_detok": wall_ns - ns["verify"],
     }
     out = {part: round(value / tokens / 1e6, 3) for part, value in parts.items()}
@@ -222,7 +233,8 @@ def format_table(result: dict[str, Any]) -> str:
         "forward": "forward pass",
         "sampling": "sampling (rejection_sample)",
         "target_other": "target batch, less the two above",
-        "handoff": "batcher + compute-thread hand-off",
+        "handoff_in": "hand-off in: verify() to its batch",
+        "handoff_out": "hand-off out: batch end to verdict",
         "loop_detok": "loop, generation, detokenizing",
         "detok": "  of which detokenizing",
         "total": "engine: one decoded token",

@@ -19,7 +19,7 @@ from specdec.core.interfaces import Tiers
 from specdec.core.kv_cache import SessionKV
 from specdec.core.local import LocalDrafter, LocalVerifier
 from specdec.core.loop import GenerationRequest
-from specdec.core.runner import ForwardItem, build_runner
+from specdec.core.runner import ForwardItem, HFRunner, build_runner
 from specdec.core.sampling import SamplingParams
 from specdec.core.target import TargetWorker
 
@@ -228,3 +228,13 @@ def test_a_session_that_left_is_not_waited_for() -> None:
         await batcher.stop()
 
     run(main())
+
+
+def test_hf_runner_prefills_in_chunks_too(target_model, draft_model, hf_greedy) -> None:
+    """The fallback runner (the model's own forward and cache) takes chunks without logits."""
+    runner = HFRunner(target_model)
+    passes = Passes(runner)
+    t = Tiers(LocalVerifier(TargetWorker(runner, prefill_chunk_tokens=7)), LocalDrafter(DraftWorker(None, "")))
+    (result,) = generate_all(t, [request("long", LONG)])
+    assert result.token_ids == hf_greedy[tuple(LONG)]
+    assert passes.chunks() == (len(LONG) - 1 - (MIN_PREFILL_CHUNK + 1)) // 7 + 1
