@@ -133,7 +133,7 @@ class RowSampling:
     """Each row's temperature, top-k, top-p and min-p, on the logits' device, for
     `probs_from_logits_rows`."""
 
-    params: list[SamplingParams]  # per row, on the host (a selection keeps the batch's: a superset)
+    params: list[SamplingParams]  # per row, on the host (which filters to run at all)
     vocab: int
     temperature: torch.Tensor  # [rows, 1] float64, > 0 (sampled rows only)
     top_k: torch.Tensor  # [rows, 1] int64; 0 = off (as is a top_k >= vocab)
@@ -158,12 +158,6 @@ class RowSampling:
             self.params[start:stop], self.vocab, self.temperature[start:stop], self.top_k[start:stop],
             self.top_p[start:stop], self.min_p[start:stop],
         )  # fmt: skip
-
-    def select(self, index: torch.Tensor) -> RowSampling:
-        """Rows picked by a device index (the filters' switches stay the whole batch's)."""
-        return RowSampling(
-            self.params, self.vocab, self.temperature[index], self.top_k[index], self.top_p[index], self.min_p[index]
-        )
 
 
 def _top_k(params: SamplingParams, vocab: int) -> int:
