@@ -126,9 +126,9 @@ def _progress(done: int, total: int, label: str) -> None:
         sys.stderr.write("\n")
 
 
-def _first_row(items: list[Item], chat: bool) -> Row:
-    first = items[0]
-    return as_prompt(first.row(0, []) if isinstance(first, Trace) else first, chat)
+# Warm-up runs use a prompt of their own: a drafter that remembers other requests' outputs
+# (suffix's shared stream) would otherwise have seen a measured prompt's answer already.
+WARMUP = {"kind": "warmup", "messages": [{"role": "user", "content": "Count from one to twenty in words."}]}
 
 
 async def _measure_row(
@@ -385,7 +385,7 @@ def _distributed(rows: list[Row], cfg: BenchConfig, reference: list[list[int]]) 
     return {"tally": tally, "identical": identical}
 
 
-def _start_peer(engine: Engine, cfg: BenchConfig, first: Row) -> Peer:
+def _start_peer(engine: Engine, cfg: BenchConfig, warmup: Row) -> Peer:
     """transformers in its own process, with the torch threads the engine computes with."""
     import torch
 
@@ -394,7 +394,7 @@ def _start_peer(engine: Engine, cfg: BenchConfig, first: Row) -> Peer:
     _progress(0, 1, "starting the transformers peer")
     peer = Peer(cfg.model, cfg.max_new_tokens, threads, assistant=spec.model if spec.needs_model else None)
     try:
-        peer.warm_up(_prompt_ids(engine, first))
+        peer.warm_up(_prompt_ids(engine, warmup))
     except BaseException:
         peer.close()
         raise
@@ -403,15 +403,13 @@ def _start_peer(engine: Engine, cfg: BenchConfig, first: Row) -> Peer:
 
 
 async def _embedded(
-    engine: Engine, items: list[Item], cfg: BenchConfig, peer: Peer | None, first: Row
+    engine: Engine, items: list[Item], cfg: BenchConfig, peer: Peer | None, warmup: Row
 ) -> dict[str, Any]:
     for drafter in ["none", *cfg.drafters]:  # warm-up: first-call costs stay out of the figures
-        await engine.complete_async(_spec(first, cfg, drafter))
-    try:
-        entries, rows, outputs = await _sequential(engine, items, cfg, peer)
-    finally:
-        if peer is not None:
-            peer.close()  # before the concurrency runs: its idle threads must not compete
+        await engine.complete_async(_spec(warmup, cfg, drafter))
+    entries, rows, outputs = await _sequential(engine, items, cfg, peer)
+    if peer is not None:
+        peer.close()  # before the concurrency runs: its idle threads must not compete
     by_concurrency = await _by_concurrency(engine, rows, cfg, outputs)
     by_draft_length = await _draft_length_sweep(engine, rows, cfg) if cfg.plot else []
     await engine.aclose()
@@ -427,9 +425,13 @@ async def _embedded(
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     items = load_items(cfg.prompts, cfg.kinds, cfg.per_category, cfg.seed)
     engine = Engine.load(cfg.model, _engine_drafter(cfg))
-    first = _first_row(items, getattr(engine.tokenizer, "chat_template", None) is not None)
-    peer = _start_peer(engine, cfg, first) if cfg.compare_hf else None
-    run = asyncio.run(_embedded(engine, items, cfg, peer, first))
+    warmup = as_prompt(WARMUP, getattr(engine.tokenizer, "chat_template", None) is not None)
+    peer = _start_peer(engine, cfg, warmup) if cfg.compare_hf else None
+    try:
+        run = asyncio.run(_embedded(engine, items, cfg, peer, warmup))
+    finally:
+        if peer is not None:
+            peer.close()  # a no-op when the run closed it
     entries = run["entries"]
     best = best_lookup(entries)
     result: dict[str, Any] = {
@@ -549,11 +551,12 @@ def table(result: dict[str, Any]) -> str:
 
 def _category_table(result: dict[str, Any]) -> list[str]:
     """Per category: our plain tok/s, each drafter's speed-up over it (and acceptance), and
-    with the peer its plain tok/s, its best lookup over its plain, our first drafter over that."""
+    with the peer its plain tok/s, its best lookup over its plain, and our first drafter over
+    its matching mode (that lookup; assisted generation for a model drafter)."""
     drafters = list(result["by_drafter"])
     hf = "hf_plain_tokens_per_s" in result
     head = f"{'category':<16}{'n':>4}{'plain':>9}" + "".join(f"{d[:12]:>13}{'acc':>6}" for d in drafters)
-    head += f"{'hf plain':>10}{'hf lookup':>11}{'vs lookup':>11}" if hf else ""
+    head += f"{'hf plain':>10}{'hf lookup':>11}{'vs hf spec':>11}" if hf else ""
     lines = [head]
     for g in [*result["by_category"], {"category": "overall", **result, "prompts": result["num_prompts"]}]:
         line = f"{g['category'] or '-':<16}{g['prompts']:>4}{g['plain_tokens_per_s']:>9.2f}"

@@ -63,7 +63,8 @@ class Peer:
         return reply
 
     def close(self) -> None:
-        if self._proc.stdin is not None:
+        """End the peer (it exits at the end of its input); safe to call twice."""
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
             self._proc.stdin.close()
         try:
             self._proc.wait(timeout=30)
