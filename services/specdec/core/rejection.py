@@ -256,15 +256,21 @@ def _residual(plan: _SampledLayout, p_sel: torch.Tensor, num: torch.Tensor, part
     lay = plan.layout
     if not lay.max_k:
         return p_sel
-    x = lay.drafts[part].gather(1, num.clamp(max=lay.max_k - 1)[:, None])
-    one_hot = p_sel.scatter(1, x, torch.clamp(p_sel.gather(1, x) - 1.0, min=0.0))
     qs = plan.q[part]
     if all(q is None for q in qs):
-        return one_hot
+        return _one_hot_residual(plan, p_sel, num, part)
     own = torch.minimum(num, lay.num_drafts[part] - 1).clamp(min=0)  # the item's row (k_b - 1 at most)
     q_sel = torch.cat([p_sel[b : b + 1] if q is None else q.index_select(0, own[b : b + 1]) for b, q in enumerate(qs)])
     given = torch.clamp(p_sel - q_sel, min=0.0)
-    return given if all(q is not None for q in qs) else torch.where(plan.has_q[part][:, None], given, one_hot)
+    if all(q is not None for q in qs):
+        return given
+    return torch.where(plan.has_q[part][:, None], given, _one_hot_residual(plan, p_sel, num, part))
+
+
+def _one_hot_residual(plan: _SampledLayout, p_sel: torch.Tensor, num: torch.Tensor, part: slice) -> torch.Tensor:
+    """max(0, p - onehot(x)) with x the draft token at the rejection."""
+    x = plan.layout.drafts[part].gather(1, num.clamp(max=plan.layout.max_k - 1)[:, None])
+    return p_sel.scatter(1, x, torch.clamp(p_sel.gather(1, x) - 1.0, min=0.0))
 
 
 def _q_at_drafts(plan: _SampledLayout, part: slice) -> torch.Tensor:
