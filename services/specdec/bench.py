@@ -486,6 +486,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     middle.plot(ks, [r["speedup_vs_plain"] for r in result["by_draft_length"]], marker="o")
     middle.axhline(1.0, color="grey", linestyle="--")
     middle.set(xlabel="draft length k (fixed)", ylabel="speedup vs plain", title="draft length")
+    for ax, rows in ((left, levels), (middle, ks)):
+        if not rows:  # that sweep was not run
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
     _category_bars(right, result)
     fig.tight_layout()
     fig.savefig(path)
@@ -497,7 +500,8 @@ def _category_bars(ax: Any, result: dict[str, Any]) -> None:
     groups = [*result["by_category"], {"category": "overall", **result}]
     series = {d: [g["by_drafter"][d]["speedup_vs_plain"] for g in groups] for d in result["by_drafter"]}
     if "hf_lookup_vs_hf_plain" in result:
-        series[f"transformers lookup {result['hf_lookup_best']}"] = [g["hf_lookup_vs_hf_plain"] for g in groups]
+        label = f"transformers lookup {result['hf_lookup_best']} (vs its plain)"
+        series[label] = [g["hf_lookup_vs_hf_plain"] for g in groups]
     width = 0.8 / len(series)
     for i, (label, values) in enumerate(series.items()):
         ax.bar([x + i * width for x in range(len(groups))], values, width, label=label)
