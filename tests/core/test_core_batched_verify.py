@@ -128,7 +128,7 @@ def verify_items(rng: random.Random, batch: int, k: int, vocab: int, logprobs: i
 
 @pytest.fixture(scope="module")
 def worker(target_model: CausalLM) -> TargetWorker:
-    return TargetWorker(build_runner(target_model), prefill_chunk_s=0)
+    return TargetWorker(build_runner(target_model), prefill_chunk_s=0, judge="batched")
 
 
 @pytest.mark.parametrize("batch", [1, 4, 16])
@@ -173,3 +173,25 @@ def test_batched_logprobs_equal_per_item(seed: int) -> None:
         wanted.append((logits, [rng.randrange(64) for _ in range(n)], rng.choice([0, 1, 3, 5, 100])))
     for (logits, tokens, top), got in zip(wanted, batch_token_logprobs(wanted), strict=True):
         assert got == token_logprobs(logits, tokens, top)
+
+
+def test_the_judge_is_chosen_by_measuring_and_both_judges_agree(monkeypatch):
+    from specdec.core import judge
+
+    batch = judge.sample_batch(300, torch.device("cpu"))
+    batched, per_item = (judge.JUDGES[name](batch) for name in ("batched", "per_item"))
+    assert [(o.num_accepted, o.tokens) for o in batched] == [(o.num_accepted, o.tokens) for o in per_item]
+    real = judge._measure(300, torch.device("cpu"), rounds=1)
+    assert set(real) == set(judge.JUDGES) and all(0 < t < 60 for t in real.values()), real
+
+    measured = []
+
+    def fake(times: dict[str, float]):
+        return lambda vocab, device: measured.append(vocab) or times
+
+    monkeypatch.setattr(judge, "_CHOSEN", {})
+    monkeypatch.setattr(judge, "_measure", fake({"batched": 2.0, "per_item": 1.0}))
+    assert judge.choose_judge(300, "cpu") == "per_item" and judge.choose_judge(300, "cpu") == "per_item"
+    assert measured == [300]  # once per device and vocabulary
+    monkeypatch.setattr(judge, "_measure", fake({"batched": 1.0, "per_item": 2.0}))
+    assert judge.choose_judge(301, "cpu") == "batched"

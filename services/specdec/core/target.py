@@ -22,10 +22,11 @@ from specdec.core.cost import DEFAULT_PREFILL_CHUNK_S, INITIAL_PREFILL_CHUNK, MI
 from specdec.core.errors import InvalidArgument
 from specdec.core.failpoints import failpoint
 from specdec.core.grammar import GrammarState, grammar_state, vocab_for_model
+from specdec.core.judge import JUDGES, choose_judge
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session, trim_to_tokens
 from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.processors import verify_rows
-from specdec.core.rejection import RejectionInput, RejectionOutput, rejection_sample_batch
+from specdec.core.rejection import RejectionInput, RejectionOutput
 from specdec.core.runner import ForwardItem, Runner
 from specdec.core.transfer import to_device_split, to_host
 from specdec.core.types import TokenLogprob, Verdict, VerifyItem
@@ -61,6 +62,7 @@ class TargetWorker:
         max_idle_s: float = 600.0,
         prefill_chunk_s: float = DEFAULT_PREFILL_CHUNK_S,
         prefill_chunk_tokens: int = 0,
+        judge: str | None = None,
     ) -> None:
         # A pass's time budget for prefill chunks (0 with no fixed chunk: a prompt in one
         # pass); a fixed chunk size instead of the budget's (tests force small ones).
@@ -73,6 +75,9 @@ class TargetWorker:
         self.sessions: SessionTable[TargetSession] = SessionTable(max_sessions)
         self.stats = TargetStats()
         self.cost = PassCost()
+        # "batched" or "per_item" (core/judge.py); None: the faster here, measured once.
+        device = getattr(runner, "device", "cpu")
+        self.judge = JUDGES[judge or choose_judge(runner.vocab_size, device)]
 
     def release(self, session_id: str) -> None:
         self.sessions.pop(session_id)
@@ -174,15 +179,16 @@ class TargetWorker:
     def _judge_batch(
         self, judged: list[tuple[TargetSession, VerifyItem, torch.Tensor]], batch_size: int
     ) -> list[Verdict]:
-        """The verdicts of the items whose drafts this pass scored, read back from the
-        device a constant number of times for the whole batch (core/transfer.py): once for
-        the verdicts, once more for the log-probabilities when some item asks for them.
-        Penalties and a constraint process their item's rows first, item by item."""
+        """The verdicts of the items whose drafts this pass scored. With the batched judge
+        (an accelerator's), the device is read back a constant number of times for the whole
+        batch (core/transfer.py): once for the verdicts, once more for the log-probabilities
+        when some item asks for them. Penalties and a constraint process their item's rows
+        first, item by item."""
         inputs = [
             RejectionInput(*self._processed(session, item, logits), item.sampling, len(session.tokens))
             for session, item, logits in judged
         ]
-        outs = rejection_sample_batch(inputs)
+        outs = self.judge(inputs)
         asked = [
             (logits, out.tokens, item.logprobs) for (_, item, logits), out in zip(judged, outs) if item.logprobs >= 0
         ]
