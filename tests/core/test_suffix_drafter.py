@@ -102,11 +102,12 @@ def test_draft_length_follows_confidence_match_length_and_k() -> None:
     drafter = SuffixDrafter(min_prob=0.0)
     assert drafter.draft(session_with(drafter, tokens), item(2)) == [1, 2]  # k caps it
     assert drafter.draft(session_with(drafter, tokens), item(0)) == []
-    # A one-token match proposes one token; a four-token match up to four.
+    # spec_factor 2: a one-token match proposes two tokens, a three-token match up to six.
     short = [5, 6, 7, 8, 9] + [0, 5]
-    assert drafter.draft(session_with(drafter, short), item(8)) == [6]
-    long = [1, 2, 3, 4, 5, 6, 7, 8, 9] + [0, 1, 2, 3, 4]
-    assert drafter.draft(session_with(drafter, long), item(8)) == [5, 6, 7, 8]
+    assert drafter.draft(session_with(drafter, short), item(8)) == [6, 7]
+    long = [1, 2, 3, 4, 5, 6, 7, 8, 9] + [0, 2, 3, 4]
+    assert drafter.draft(session_with(drafter, long), item(8)) == [5, 6, 7, 8, 9, 0]
+    assert SuffixDrafter(spec_factor=1.0).draft(session_with(drafter, long), item(8)) == [5, 6, 7]
     assert drafter.draft(session_with(drafter, [1, 2, 3, 4]), item(8)) == []  # nothing matches
 
 

@@ -6,8 +6,8 @@ served. For the session's context the drafter finds the longest suffix (up to `m
 tokens) that occurred earlier in a stream, then follows the continuation seen most often
 after those occurrences, token by token, while the product of the continuation
 frequencies (the chance the draft is still right) stays at or above `min_prob`. A draft is
-also capped at `spec_factor` times the match length, so a one-token match proposes one
-token and a long match up to the k asked for. Of the two streams' drafts, the one with
+also capped at `spec_factor` times the match length, so a one-token match proposes two
+tokens and a long match up to the k asked for. Of the two streams' drafts, the one with
 the higher score (the expected number of accepted tokens: the sum of those products)
 is proposed.
 
@@ -223,7 +223,7 @@ class SuffixDrafter:
         max_match: int = 32,
         max_candidates: int = 32,
         min_prob: float = 0.1,
-        spec_factor: float = 1.0,
+        spec_factor: float = 2.0,  # offline on SmolLM2 outputs: 1.0 drafts half as much, accepts 3% fewer tokens a step
     ) -> None:
         if max_match < 1 or max_candidates < 1:
             raise ValueError(f"max_match and max_candidates must be >= 1, got {max_match}, {max_candidates}")
