@@ -1,10 +1,11 @@
-"""What security costs: tokens/s through a plaintext stack ÷ the same through a stack with
-mTLS on every hop and an API key, measured side by side in one run.
+"""What the front costs: tokens/s through a plaintext stack's gRPC port, the same stack's
+OpenAI-compatible HTTP port, and a stack with mTLS on every hop and an API key, measured
+side by side in one run (ratios to plaintext gRPC).
 
 Both stacks (Valkey, target, draft, coordinator each) run at once on the same model; rounds
-alternate between them, so drift on a noisy machine hits both alike. Each round at
-concurrency c sends c streams of the same prompts and counts committed tokens over the
-round's wall time.
+alternate between the sides, so drift on a noisy machine hits all alike. Each round at
+concurrency c sends c requests of the same prompts (greedy, `ignore_eos`, the same number
+of tokens) and counts committed tokens over the round's wall time.
 
     python -m specdec.tls_bench --concurrency 1,8 --rounds 5
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import statistics
 import sys
 import time
+import urllib.request
 from typing import Any
 
 PROMPTS = [
@@ -32,8 +35,11 @@ PROMPTS = [
 
 
 async def _round(address: str, concurrency: int, new_tokens: int, drafter: str, client_kwargs: dict[str, Any]) -> float:
-    """Aggregate committed tokens/s of `concurrency` concurrent streams."""
+    """Aggregate committed tokens/s of `concurrency` concurrent requests."""
     from specdec.client import AsyncClient
+
+    if address.startswith("http"):
+        return await _http_round(address, concurrency, new_tokens, drafter)
 
     async with AsyncClient(address, timeout_s=600, **client_kwargs) as client:
 
@@ -48,6 +54,32 @@ async def _round(address: str, concurrency: int, new_tokens: int, drafter: str, 
         return sum(counts) / (time.perf_counter() - start)
 
 
+async def _http_round(base_url: str, concurrency: int, new_tokens: int, drafter: str) -> float:
+    """The same through POST /v1/completions (urllib in threads: one connection each)."""
+
+    def one(i: int) -> int:
+        body = {
+            "model": "smollm2-135m",
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": new_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "speculation": {"drafter": drafter},
+        }
+        request = urllib.request.Request(
+            f"{base_url}/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            return int(json.loads(reply.read())["usage"]["completion_tokens"])
+
+    loop = asyncio.get_running_loop()
+    # A pool as wide as the level: asyncio's default one has min(32, cores + 4) threads.
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(loop.run_in_executor(pool, one, i) for i in range(concurrency)))
+        return sum(counts) / (time.perf_counter() - start)
+
+
 def tls_bench(
     model: str = "smollm2-135m",
     drafter: str = "ngram",
@@ -59,13 +91,14 @@ def tls_bench(
     from specdec.launcher import free_port, start_stack
 
     api_key = "bench-" + str(time.time_ns())
-    plain = start_stack(model, drafter, 1, 1, free_port())
+    plain = start_stack(model, drafter, 1, 1, free_port(), extra_env={"SPECDEC_HTTP_PORT": str(free_port())})
     try:
         secure = start_stack(model, drafter, 1, 1, free_port(), tls=True, api_key=api_key)
         try:
             assert secure.pki is not None
             sides = {
                 "plaintext": (plain.coordinator, {}),
+                "http": (plain.http[0], {}),
                 "mtls": (secure.coordinator, {"tls": secure.pki.client, "api_key": api_key}),
             }
             return _measure(sides, levels, rounds, new_tokens, drafter)
@@ -84,7 +117,7 @@ def _measure(
         for address, kwargs in sides.values():  # warm both: first calls load kernels, open channels
             asyncio.run(_round(address, c, 8, drafter, kwargs))
         for r in range(rounds):
-            order = list(sides) if r % 2 == 0 else list(reversed(sides))
+            order = list(sides)[r % len(sides) :] + list(sides)[: r % len(sides)]  # each side first in turn
             for name in order:
                 address, kwargs = sides[name]
                 samples[name].append(asyncio.run(_round(address, c, new_tokens, drafter, kwargs)))
@@ -92,6 +125,7 @@ def _measure(
         results[str(c)] = {
             "tokens_per_s": medians,
             "mtls_over_plaintext": medians["mtls"] / medians["plaintext"],
+            "http_over_grpc": medians["http"] / medians["plaintext"],
             "samples": samples,
         }
     return results
@@ -108,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = tuple(int(c) for c in args.concurrency.split(","))
     results = tls_bench(args.model, args.drafter, levels, args.rounds, args.max_new_tokens)
-    print(f"{'concurrency':>11} {'plaintext tok/s':>16} {'mTLS+key tok/s':>15} {'ratio':>6}")
+    print(f"{'c':>3} {'gRPC tok/s':>11} {'HTTP tok/s':>11} {'mTLS+key tok/s':>15} {'HTTP/gRPC':>10} {'mTLS/plain':>11}")
     for c, row in results.items():
         tps = row["tokens_per_s"]
-        print(f"{c:>11} {tps['plaintext']:>16.1f} {tps['mtls']:>15.1f} {row['mtls_over_plaintext']:>6.3f}")
+        print(
+            f"{c:>3} {tps['plaintext']:>11.1f} {tps['http']:>11.1f} {tps['mtls']:>15.1f}"
+            f" {row['http_over_grpc']:>10.3f} {row['mtls_over_plaintext']:>11.3f}"
+        )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2)
