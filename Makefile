@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run up test proto lint soak clean images test-images test-dashboard test-operator-ha loadgen bench-tls
+.PHONY: install run up test proto lint soak clean images test-images test-dashboard test-operator-ha loadgen bench-front
 
 $(STAMP): pyproject.toml operator/pyproject.toml services/specdec-records/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,11 +43,11 @@ LOADGEN_VENV ?= .venv-loadgen
 LOADGEN_ARGS ?= --concurrency 1,8
 loadgen: $(STAMP)
 	test -x $(LOADGEN_VENV)/bin/aiperf || (python3 -m venv $(LOADGEN_VENV) && $(LOADGEN_VENV)/bin/pip install -q aiperf==0.13.0)
-	$(PY) -m specdec.loadgen --aiperf $(LOADGEN_VENV)/bin/aiperf $(LOADGEN_ARGS)
+	$(PY) -m specdec.benchmarks.loadgen --aiperf $(LOADGEN_VENV)/bin/aiperf $(LOADGEN_ARGS)
 
-# What mTLS + an API key cost: a plaintext and a secured stack, tokens/s side by side (slow).
-bench-tls: $(STAMP)
-	$(PY) -m specdec.tls_bench --concurrency 1,8 --rounds 5
+# What the front costs: gRPC vs HTTP vs mTLS + an API key, tokens/s side by side (slow).
+bench-front: $(STAMP)
+	$(PY) -m specdec.benchmarks.front_bench --concurrency 1,8 --rounds 5
 
 # The engine on a GPU with random-weight models of real shapes (a 1B target, a 135M draft), in
 # under 8 minutes: greedy identical to transformers, forward-pass cost for 1..512 rows, tokens/s at
@@ -58,7 +58,7 @@ GPU_PYTHON ?= python3
 GPU_CHECK_ARGS ?=
 .PHONY: gpu-check
 gpu-check:
-	PYTHONPATH=services $(GPU_PYTHON) -m specdec.gpu_check $(GPU_CHECK_ARGS)
+	PYTHONPATH=services $(GPU_PYTHON) -m specdec.benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 # Regenerate the protobuf/gRPC modules under services/specdec/v1 from proto/.
 proto: $(STAMP)

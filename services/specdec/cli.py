@@ -373,7 +373,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from specdec.soak import soak
+    from specdec.benchmarks.soak import soak
 
     result = soak(args.model, args.streams, args.minutes, args.warmup_s)
     print(json.dumps(result, indent=2))
@@ -393,7 +393,7 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_prefix_bench(args: argparse.Namespace) -> int:
-    from specdec.prefix_bench import prefix_bench
+    from specdec.benchmarks.prefix_bench import prefix_bench
 
     result = prefix_bench(
         args.model, args.prefix_tokens, rounds=args.rounds, chunk_tokens=args.chunk_tokens, redis_url=args.redis_url
@@ -405,7 +405,7 @@ def cmd_prefix_bench(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from specdec.bench import DEFAULT_PROMPTS, BenchConfig, run_bench, table
+    from specdec.benchmarks.bench import DEFAULT_PROMPTS, BenchConfig, run_bench, table
 
     _apply_threads(Settings.from_env())  # SPECDEC_TORCH_THREADS applies to the embedded runs
 

@@ -101,7 +101,7 @@ def test_second_replica_reuses_a_long_prefix_from_redis(wide_model, valkey):
 
 
 def test_prefix_bench_reports_the_ratio(wide_model, valkey):
-    from specdec.prefix_bench import prefix_bench
+    from specdec.benchmarks.prefix_bench import prefix_bench
 
     result = prefix_bench(
         wide_model,

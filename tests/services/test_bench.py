@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from specdec.bench import BenchConfig, run_bench, table
-from specdec.bench_prompts import MULTITURN, TRACES, Trace, as_prompt, load_prompts
+from specdec.benchmarks.bench import BenchConfig, run_bench, table
+from specdec.benchmarks.bench_prompts import MULTITURN, TRACES, Trace, as_prompt, load_prompts
 
 KEYS = {
     "plain_tokens_per_s",

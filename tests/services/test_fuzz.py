@@ -119,7 +119,7 @@ async def test_random_public_requests_never_get_internal(tiny_stack):
 
 
 async def test_random_verify_items_never_get_internal(tiny_stack, prompt_ids):
-    from specdec.soak import rss_mb
+    from specdec.benchmarks.soak import rss_mb
 
     rng = random.Random(7)
     child = next(c for c in tiny_stack.stack.children if c.name.startswith("target-"))

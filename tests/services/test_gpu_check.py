@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdec import gpu_check
-from specdec.gpu_check import TRANSFER_METHODS, TransferCounter
+from specdec.benchmarks import gpu_check
+from specdec.benchmarks.gpu_check import TRANSFER_METHODS, TransferCounter
 
 SECTIONS = ("config", "device", "models", "greedy", "sampled", "verify_pass", "concurrency", "syncs", "cut", "ok")
 
@@ -79,7 +79,10 @@ def test_transfer_counter_counts_only_inside_batches() -> None:
 
 def test_imports_no_grpc_or_redis() -> None:
     """The device machine has only torch and transformers."""
-    probe = "import json, sys, specdec.gpu_check; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    probe = (
+        "import json, sys, specdec.benchmarks.gpu_check;"
+        " print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root / "services")}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout

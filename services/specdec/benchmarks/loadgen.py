@@ -6,7 +6,7 @@ Prompts: a JSONL file of `{"prompt": ...}`, `{"messages": [...]}` (the bench's f
 Spec-Bench's `{"turns": [...]}`; each becomes one aiperf single-turn chat request (greedy,
 `ignore_eos`, `max_tokens` fixed) so both sides generate the same number of tokens.
 
-    python -m specdec.loadgen --aiperf .venv-loadgen/bin/aiperf --concurrency 1,8
+    python -m specdec.benchmarks.loadgen --aiperf .venv-loadgen/bin/aiperf --concurrency 1,8
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-BUNDLED = Path(__file__).parent / "data" / "prompts.jsonl"
+BUNDLED = Path(__file__).parent.parent / "data" / "prompts.jsonl"
 METRICS = {  # aiperf's metric tags -> our column names
     "request_throughput": "requests/s",
     "time_to_first_token": "TTFT ms",

@@ -78,7 +78,7 @@ def soak(
 ) -> dict[str, Any]:
     import uuid
 
-    from specdec.bench import DEFAULT_PROMPTS, load_prompts
+    from specdec.benchmarks.bench import DEFAULT_PROMPTS, load_prompts
     from specdec.launcher import free_port, start_stack
 
     prompts = [row["prompt"] for row in load_prompts(DEFAULT_PROMPTS) if "prompt" in row] or ["Hello"]

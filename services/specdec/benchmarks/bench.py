@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specdec.bench_peer import Peer
-from specdec.bench_prompts import Item, Row, Trace, as_prompt, turns
-from specdec.bench_prompts import load_prompts as load_items
+from specdec.benchmarks.bench_peer import Peer
+from specdec.benchmarks.bench_prompts import Item, Row, Trace, as_prompt, turns
+from specdec.benchmarks.bench_prompts import load_prompts as load_items
 from specdec.core import compute
 from specdec.core.drafters.registry import parse_drafter
 from specdec.core.engine import Engine
 from specdec.core.request import RequestSpec, chat_prompt_ids
 
-DEFAULT_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
+DEFAULT_PROMPTS = Path(__file__).parent.parent / "data" / "prompts.jsonl"
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Verify-batch judging: the per-item rejection sampler vs the batched one, side by side.
 
-    python -m specdec.verify_bench [--batch 16] [--k 5] [--vocab 49152] [--repeats 10] [--device cpu]
+    python -m specdec.benchmarks.verify_bench [--batch 16] [--k 5] [--vocab 49152] [--repeats 10] [--device cpu]
 
 For each mix of requests it builds one verify batch (random logits, drafts drawn from the
 drafter's q or proposed by a deterministic drafter), judges it with `rejection_sample` item

@@ -2,8 +2,8 @@
 long prompt is admitted, with chunking off (the prompt in one pass) and on, side by side in
 one run on one engine.
 
-    python -m specdec.prefill_bench                      # SmolLM2-135M, 8 streams, 8,000 tokens
-    python -m specdec.prefill_bench --long-tokens 2000 --json out.json
+    python -m specdec.benchmarks.prefill_bench                      # SmolLM2-135M, 8 streams, 8,000 tokens
+    python -m specdec.benchmarks.prefill_bench --long-tokens 2000 --json out.json
 
 Each mode: `streams` plain-decoding sessions with short prompts run for `warmup_s`; then the
 long prompt is submitted (one new token); the gaps between consecutive tokens of every
@@ -184,7 +184,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m specdec.prefill_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m specdec.benchmarks.prefill_bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--long-tokens", type=int, default=8000, help="tokens of the long prompt")
     parser.add_argument("--streams", type=int, default=8, help="short plain-decoding streams")

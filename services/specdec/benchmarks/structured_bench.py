@@ -1,6 +1,6 @@
 """Structured output on a real model: constrained speculative vs constrained plain decoding.
 
-    python -m specdec.structured_bench [--model smollm2-135m] [--drafter ngram] [--repeats 2]
+    python -m specdec.benchmarks.structured_bench [--model smollm2-135m] [--drafter ngram] [--repeats 2]
 
 For each schema of the set below (greedy, chat prompts asking for that JSON) it runs plain
 and speculative decoding in-process, checks that both outputs are identical and that every

@@ -3,7 +3,7 @@
 Run in the bench's process, transformers would share it with the engine's compute and
 event-loop threads, and libgomp throttles every OpenMP team once two threads have run
 parallel ops (see core.compute): the peer would be measured slower than it is. So the bench
-starts `python -m specdec.bench_peer` with the same torch thread count, and hands it one
+starts `python -m specdec.benchmarks.bench_peer` with the same torch thread count, and hands it one
 tokenized prompt at a time between its own runs of that prompt, so that machine noise hits
 both alike. The child loads the model with transformers alone (no engine, no batcher).
 
@@ -33,7 +33,7 @@ class Peer:
     def __init__(self, model: str, max_new_tokens: int, threads: int, assistant: str | None = None) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "specdec.bench_peer"],
+            [sys.executable, "-m", "specdec.benchmarks.bench_peer"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

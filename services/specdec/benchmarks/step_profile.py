@@ -1,8 +1,8 @@
 """Where a plain decoding step goes at concurrency 1: the embedded engine's step split into
 its parts, beside transformers' plain `generate` on the same model and thread count.
 
-    python -m specdec.step_profile                  # SmolLM2-135M, 96 tokens, 5 rounds
-    python -m specdec.step_profile --rounds 3 --json out.json
+    python -m specdec.benchmarks.step_profile                  # SmolLM2-135M, 96 tokens, 5 rounds
+    python -m specdec.benchmarks.step_profile --rounds 3 --json out.json
 
 The engine runs in this process with timers (time.perf_counter_ns) around the parts of a
 step: the forward pass, the rest of the target's batch (checks, session sync, sampling),
@@ -148,7 +148,7 @@ class _HF:
     def __init__(self, model: str, threads: int, new_tokens: int) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "specdec.step_profile", "--hf-child"],
+            [sys.executable, "-m", "specdec.benchmarks.step_profile", "--hf-child"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -253,7 +253,9 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:] == ["--hf-child"]:
         return _hf_child()
-    parser = argparse.ArgumentParser(prog="python -m specdec.step_profile", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m specdec.benchmarks.step_profile", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--prompt-tokens", type=int, default=200)

@@ -27,8 +27,8 @@ Phases, time-boxed from one budget (what a budget cut is listed under `cut` in t
 JSON (`gpu_check.json`) and a PNG (`gpu_check.png`, if matplotlib imports) go to `--out`,
 else `$OUT`, else `build/gpu-check/`; a table is printed.
 
-    PYTHONPATH=services python3 -m specdec.gpu_check                  # cuda, bfloat16
-    python -m specdec.gpu_check --device cpu --tiny --out /tmp/check  # the same checks, tiny
+    PYTHONPATH=services python3 -m specdec.benchmarks.gpu_check                  # cuda, bfloat16
+    python -m specdec.benchmarks.gpu_check --device cpu --tiny --out /tmp/check  # the same checks, tiny
 """
 
 from __future__ import annotations
@@ -725,7 +725,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> CheckConfig:
     cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(prog="python -m specdec.gpu_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m specdec.benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
     ap.add_argument("--tiny", action="store_true", help="toy shapes and sizes: the CPU test of this script")

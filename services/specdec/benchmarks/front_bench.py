@@ -7,7 +7,7 @@ alternate between the sides, so drift on a noisy machine hits all alike. Each ro
 concurrency c sends c requests of the same prompts (greedy, `ignore_eos`, the same number
 of tokens) and counts committed tokens over the round's wall time.
 
-    python -m specdec.tls_bench --concurrency 1,8 --rounds 5
+    python -m specdec.benchmarks.front_bench --concurrency 1,8 --rounds 5
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ async def _http_round(base_url: str, concurrency: int, new_tokens: int, drafter:
         return sum(counts) / (time.perf_counter() - start)
 
 
-def tls_bench(
+def front_bench(
     model: str = "smollm2-135m",
     drafter: str = "ngram",
     levels: tuple[int, ...] = (1, 8),
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_out", help="write the results to this file")
     args = parser.parse_args(argv)
     levels = tuple(int(c) for c in args.concurrency.split(","))
-    results = tls_bench(args.model, args.drafter, levels, args.rounds, args.max_new_tokens)
+    results = front_bench(args.model, args.drafter, levels, args.rounds, args.max_new_tokens)
     print(f"{'c':>3} {'gRPC tok/s':>11} {'HTTP tok/s':>11} {'mTLS+key tok/s':>15} {'HTTP/gRPC':>10} {'mTLS/plain':>11}")
     for c, row in results.items():
         tps = row["tokens_per_s"]
