@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from types import TracebackType
 from typing import IO, Any
+
+from specdec.benchmarks.child import JsonLinesChild
 
 LOOKUPS = (3, 5, 10)  # prompt_lookup_num_tokens settings; the bench reports the best per run
 WARMUP_TOKENS = 8
@@ -31,14 +32,7 @@ class Peer:
     """The parent's handle on the peer process."""
 
     def __init__(self, model: str, max_new_tokens: int, threads: int, assistant: str | None = None) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "specdec.benchmarks.bench_peer"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
+        self._child = JsonLinesChild("specdec.benchmarks.bench_peer", threads)
         self.threads = threads
         job = {"model": model, "max_new_tokens": max_new_tokens, "threads": threads, "assistant": assistant}
         self._call(job)
@@ -53,24 +47,11 @@ class Peer:
         return self._call({"ids": ids})
 
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._proc.stdin.write(json.dumps(message) + "\n")
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the transformers peer exited (status {self._proc.wait()}); see its stderr above")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
+        return self._child.call(message)
 
     def close(self) -> None:
         """End the peer (it exits at the end of its input); safe to call twice."""
-        if self._proc.stdin is not None and not self._proc.stdin.closed:
-            self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        self._child.close()
 
     def __enter__(self) -> Peer:
         return self

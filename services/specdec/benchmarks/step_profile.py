@@ -21,12 +21,12 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from specdec.benchmarks.child import JsonLinesChild
 from specdec.core import compute
 
 PARTS = ("forward", "sampling", "target_other", "handoff_in", "handoff_out", "loop_detok")
@@ -70,13 +70,10 @@ class Timers:
 def _instrument(engine: Any, timers: Timers) -> None:
     """Timers around the engine's parts (this process's objects; the code is unchanged)."""
     import specdec.core.detokenize as detokenize
-    import specdec.core.target as target
 
     worker = engine.verifier.worker
     worker.runner.forward = timers.wrap("forward", worker.runner.forward)
-    # the name the worker calls: batched, or per item in older versions
-    name = "rejection_sample_batch" if hasattr(target, "rejection_sample_batch") else "rejection_sample"
-    setattr(target, name, timers.wrap("sampling", getattr(target, name)))
+    worker.judge = timers.wrap("sampling", worker.judge)  # the judge chosen at load (core/judge.py)
     batcher = engine.verifier.batcher
     batcher._run_batch = timers.wrap("verify_batch", batcher._run_batch)
     engine.verifier.verify = timers.wrap_verify(engine.verifier.verify)
@@ -146,33 +143,14 @@ def _hf_child() -> int:
 
 class _HF:
     def __init__(self, model: str, threads: int, new_tokens: int) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "specdec.benchmarks.step_profile", "--hf-child"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
-        self.threads = self._call({"model": model, "threads": threads, "new_tokens": new_tokens})["threads"]
-
-    def _call(self, message: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(message) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the transformers child exited ({self.proc.wait()})")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
+        self.child = JsonLinesChild("specdec.benchmarks.step_profile", threads, "--hf-child")
+        self.threads = self.child.call({"model": model, "threads": threads, "new_tokens": new_tokens})["threads"]
 
     def ms_per_token(self, ids: list[int]) -> float:
-        return float(self._call(ids)["ms_per_token"])
+        return float(self.child.call(ids)["ms_per_token"])
 
     def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        self.child.close()
 
 
 def step_profile(
@@ -231,7 +209,7 @@ def format_table(result: dict[str, Any]) -> str:
     ms = result["engine_ms_per_token"]
     labels = {
         "forward": "forward pass",
-        "sampling": "sampling (rejection_sample)",
+        "sampling": "sampling (the verify judge)",
         "target_other": "target batch, less the two above",
         "handoff_in": "hand-off in: verify() to its batch",
         "handoff_out": "hand-off out: batch end to verdict",
