@@ -19,6 +19,7 @@ from specdec.core.errors import InvalidArgument
 from specdec.core.penalties import penalize
 from specdec.core.request import RequestSpec
 from specdec.core.sampling import SamplingParams, probs_from_logits
+from tests.reference import contingency
 
 PROMPT = [188, 17, 189, 37, 248, 42, 228, 188, 17, 189]  # repeats: the n-gram drafter proposes
 DRAFTERS = ("none", "ngram", "model:small")
@@ -172,14 +173,7 @@ def test_first_token_follows_the_penalised_target(samples, target_model) -> None
 def test_later_positions_match_plain_sampling(samples, drafter: str, position: int) -> None:
     """Later positions are penalised by the tokens before them (drafts the target accepted
     among them): their distribution with speculation equals plain decoding's."""
-    plain = Counter(t[position] for t in samples["none"])
-    spec_ = Counter(t[position] for t in samples[drafter])
-    keys = [t for t in plain.keys() | spec_.keys() if plain[t] + spec_[t] >= 10]
-    rows = [[plain[t] for t in keys], [spec_[t] for t in keys]]
-    rest = [len(SEEDS) - sum(rows[0]), len(SEEDS) - sum(rows[1])]
-    if sum(rest):
-        rows[0].append(rest[0])
-        rows[1].append(rest[1])
+    rows = contingency([t[position] for t in samples["none"]], [t[position] for t in samples[drafter]])
     assert len(rows[0]) >= 3
     assert chi2_contingency(rows).pvalue > 1e-3
 

@@ -14,6 +14,7 @@ from tiny_models import run
 from specdec.core.engine import Engine
 from specdec.core.request import RequestSpec
 from specdec.core.sampling import SamplingParams, probs_from_logits
+from tests.reference import contingency
 
 # Repeats, and the n-gram drafter's proposal (37) has target probability ~0.27.
 PROMPT = [188, 17, 189, 37, 248, 42, 228, 188, 17, 189]
@@ -103,14 +104,6 @@ def test_first_token_follows_target_distribution(samples, target_model, draft_mo
 @pytest.mark.parametrize("drafter", ["model:small", "ngram", "suffix"])
 @pytest.mark.parametrize("position", [0, 1, 2])
 def test_speculative_and_plain_samples_have_the_same_distribution(samples, position, drafter) -> None:
-    plain = Counter(t[position] for t in samples["none"])
-    spec = Counter(t[position] for t in samples[drafter])
-    # Pool tokens seen fewer than 10 times in total into one category.
-    keys = [t for t in plain.keys() | spec.keys() if plain[t] + spec[t] >= 10]
-    rows = [[plain[t] for t in keys], [spec[t] for t in keys]]
-    rest = [len(samples["none"]) - sum(rows[0]), len(samples[drafter]) - sum(rows[1])]
-    if sum(rest) > 0:
-        rows[0].append(rest[0])
-        rows[1].append(rest[1])
+    rows = contingency([t[position] for t in samples["none"]], [t[position] for t in samples[drafter]])
     assert len(rows[0]) >= 3
     assert chi2_contingency(rows).pvalue > 1e-3
