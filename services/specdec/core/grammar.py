@@ -181,4 +181,4 @@ def mask_logits(logits: torch.Tensor, allowed: np.ndarray) -> torch.Tensor:
     keep = np.zeros((allowed.shape[0], width), dtype=bool)
     keep[:, : min(width, allowed.shape[1])] = allowed[:, :width]
     keep[~keep.any(axis=1)] = True
-    return logits.masked_fill(torch.from_numpy(~keep), -torch.inf)
+    return logits.masked_fill(torch.from_numpy(~keep).to(logits.device), -torch.inf)

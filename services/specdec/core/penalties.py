@@ -28,9 +28,10 @@ def penalize(logits: torch.Tensor, tokens: list[int], base: int, params: Samplin
     assert len(tokens) >= base + n - 1, "each row needs its history"
     out = logits.to(torch.float64)
     prompt_len = min(params.prompt_len, base)
-    counts = output_counts(tokens, prompt_len, base, n, vocab)
+    counts = output_counts(tokens, prompt_len, base, n, vocab).to(out.device)  # counted on the host
     if params.repetition_penalty != 1.0:
         in_prompt = torch.bincount(torch.tensor(tokens[:prompt_len], dtype=torch.long), minlength=vocab) > 0
+        in_prompt = in_prompt.to(out.device)
         seen = (counts > 0) | in_prompt
         scaled = torch.where(out > 0, out / params.repetition_penalty, out * params.repetition_penalty)
         out = torch.where(seen, scaled, out)

@@ -60,8 +60,8 @@ def recovery_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return p if total <= 0 else residual / total
 
 
-def one_hot(token: int, vocab: int) -> torch.Tensor:
-    q = torch.zeros(vocab, dtype=torch.float64)
+def one_hot(token: int, vocab: int, device: torch.device | None = None) -> torch.Tensor:
+    q = torch.zeros(vocab, dtype=torch.float64, device=device)
     q[token] = 1.0
     return q
 
@@ -76,7 +76,7 @@ def rejection_sample(item: RejectionInput) -> RejectionOutput:
     seed, pos0 = item.sampling.seed, item.first_position
     vocab = p.shape[-1]
     for i, x in enumerate(item.draft_tokens):
-        q = item.draft_probs[i] if item.draft_probs is not None else one_hot(x, vocab)
+        q = item.draft_probs[i] if item.draft_probs is not None else one_hot(x, vocab, p.device)
         if uniform(seed, pos0 + i, Purpose.ACCEPT) < acceptance_probability(p[i], q, x):
             continue
         recovered = sample_index(recovery_distribution(p[i], q), uniform(seed, pos0 + i, Purpose.RESAMPLE))

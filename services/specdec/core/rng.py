@@ -37,7 +37,7 @@ def sample_index(probs: torch.Tensor, u: float) -> int:
     Zero-probability entries are never chosen (searchsorted on the right edge skips them).
     """
     cdf = torch.cumsum(probs.to(torch.float64), dim=0)
-    target = torch.tensor([u * float(cdf[-1])], dtype=torch.float64)
+    target = torch.tensor([u * float(cdf[-1])], dtype=torch.float64, device=cdf.device)
     idx = int(torch.searchsorted(cdf, target, right=True)[0])
     if idx >= probs.shape[0] or probs[idx] <= 0:
         idx = int(torch.nonzero(probs > 0)[-1, 0])  # u*total rounded up to the very end

@@ -325,5 +325,6 @@ def _check_probs(q: torch.Tensor, draft: list[int], vocab_size: int) -> None:
         raise InvalidArgument("draft_probs_f16", f"shape {tuple(q.shape)}, want [{len(draft)}, {vocab_size}]")
     # Two passes over k x vocab: min() propagates a NaN (and fails >= 0); with no negative
     # entry, an infinite one makes its row's sum infinite.
-    if not bool(q.min() >= 0) or not torch.allclose(q.sum(dim=-1), torch.ones(len(draft), dtype=q.dtype), atol=1e-3):
+    ones = torch.ones(len(draft), dtype=q.dtype, device=q.device)
+    if not bool(q.min() >= 0) or not torch.allclose(q.sum(dim=-1), ones, atol=1e-3):
         raise InvalidArgument("draft_probs_f16", "probabilities must be finite, non-negative, each row summing to 1")
