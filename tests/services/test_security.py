@@ -242,13 +242,22 @@ async def test_a_forged_verify_from_a_user_certificate_is_refused(tls_stack, pro
     )
 
     async def requests():
+        await asyncio.sleep(0.2)  # let the refusal arrive first (see below)
         yield target_pb2.VerifyRequest(items=[item])
 
+    codes = []
     async with Dial(tls_stack.pki.client).channel(target) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in target_pb2_grpc.TargetServiceStub(channel).Verify(requests(), timeout=10):
-                pass
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        for _ in range(3):  # every attempt is refused; at least one says why
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in target_pb2_grpc.TargetServiceStub(channel).Verify(requests(), timeout=10):
+                    pass
+            codes.append(err.value.code())
+            if codes[-1] == grpc.StatusCode.PERMISSION_DENIED:
+                break
+    # The tier refuses at the start of the call. A request still being written when the
+    # refusal lands makes the client report its own failed write as INTERNAL instead.
+    assert codes[-1] == grpc.StatusCode.PERMISSION_DENIED, codes
+    assert set(codes) <= {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INTERNAL}, codes
 
 
 def served_certificate(port: int, trusted: list[str], client: TlsFiles) -> bytes:
