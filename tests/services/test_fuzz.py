@@ -136,6 +136,10 @@ async def test_random_verify_items_never_get_internal(tiny_stack, prompt_ids):
             for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "prompt_len"):
                 if rng.random() < 0.8:  # random values of these are nearly always out of range
                     item.sampling.ClearField(name)
+            if rng.random() < 0.9:  # nor is a random grammar or random probability bytes valid
+                item.sampling.ClearField("constraint")
+            if rng.random() < 0.7:
+                item.ClearField("draft_probs_f16")
         items.append(item)
     answers: dict[int, target_pb2.VerifyResult] = {}
     done = asyncio.Event()
