@@ -13,8 +13,8 @@ from specdec.core import transfer
 from specdec.core.rejection import RejectionInput, rejection_sample, rejection_sample_batch
 from specdec.core.runner import CausalLM, build_runner
 from specdec.core.sampling import RowSampling, SamplingParams, probs_from_logits, probs_from_logits_rows, quantize_f16
-from specdec.core.target import TargetWorker, batch_token_logprobs, token_logprobs
-from specdec.core.types import Verdict, VerifyItem
+from specdec.core.target import TargetWorker, batch_token_logprobs
+from specdec.core.types import TokenLogprob, Verdict, VerifyItem
 
 PARAM_CHOICES = [
     SamplingParams(temperature=0.0),
@@ -49,6 +49,17 @@ def random_item(rng: random.Random, vocab: int, max_k: int) -> RejectionInput:
     elif rng.random() < 0.6:  # mostly right drafts, so whole drafts are accepted too
         drafts = [int(t) if rng.random() < 0.8 else d for t, d in zip(logits[:k].argmax(-1), drafts)]
     return RejectionInput(logits, drafts, q, params, rng.randrange(1 << 20))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """The reference, item by item: float64 log-softmax of each row, the token's value and
+    the `top` alternatives."""
+    rows = torch.log_softmax(logits[: len(tokens)].to(torch.float64), dim=-1)
+    chosen = rows[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    if top <= 0:
+        return [TokenLogprob(lp) for lp in chosen]
+    values, ids = rows.topk(min(top, rows.shape[-1]), dim=-1)
+    return [TokenLogprob(lp, list(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
 
 @pytest.mark.parametrize("by_item", [True, False], ids=["by-item", "stacked"])

@@ -256,23 +256,13 @@ def _prefills(f: ForwardItem) -> bool:
     return f.num_logits == 0 or len(f.tokens) - f.num_logits > GROUP_MAX_ROWS
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+def batch_token_logprobs(wanted: list[tuple[torch.Tensor, list[int], int]]) -> list[list[TokenLogprob]]:
     """Each committed token's log-probability from the logits row that predicted it (row i
     for token i: accepted drafts and the target's own token alike), with the `top` most
-    likely alternatives. Raw: before temperature / top-k / top-p. In float64, so the value
-    does not depend on how many rows shared the pass beyond the logits' own rounding."""
-    rows = torch.log_softmax(logits[: len(tokens)].to(torch.float64), dim=-1)
-    chosen = rows[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
-    if top <= 0:
-        return [TokenLogprob(lp) for lp in chosen]
-    values, ids = rows.topk(min(top, rows.shape[-1]), dim=-1)
-    return [TokenLogprob(lp, list(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
-
-
-def batch_token_logprobs(wanted: list[tuple[torch.Tensor, list[int], int]]) -> list[list[TokenLogprob]]:
-    """`token_logprobs` for many (logits, tokens, top) at once, read back in one copy: the
-    same float64 log-softmax per row, and topk called per distinct `top` (as the per-item
-    function does, so ties come out in the same order)."""
+    likely alternatives, for many (logits, tokens, top) at once, read back in one copy.
+    Raw: before temperature / top-k / top-p. In float64, so the value does not depend on
+    how many rows shared the pass beyond the logits' own rounding; topk runs once per
+    distinct `top` (ties come out as a per-item topk gives them)."""
     if not wanted:
         return []
     device = wanted[0][0].device
