@@ -7,6 +7,9 @@ Sessions whose slots share a slab are therefore attended together: their new key
 values are written with one indexed store, and one call attends over a view of the
 slab's slot range, queries padded to the longest session's rows and keys masked to each
 session's own length. Prefills (many rows) and lone sessions attend by themselves.
+
+A session may feed a token tree (`ForwardItem.parents`): its rows then see the cache and
+their own ancestors among the new rows, not every earlier row (SpecInfer's tree mask).
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ class BatchAttention:
         num_heads: int,
         num_kv_heads: int,
         device: torch.device,
+        trees: list[list[int] | None] | None = None,
     ) -> None:
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.trees = trees or [None] * len(kvs)
         self.group = num_heads // num_kv_heads
         self.singles: list[_Single] = []
         self.groups: list[_Group] = []
@@ -67,12 +72,12 @@ class BatchAttention:
             if size <= GROUP_MAX_ROWS and kv.slab is not None:
                 by_slab.setdefault(id(kv.slab), []).append(i)
             else:
-                self._single(kv, offsets[i], starts[i], size, device)
+                self._single(kv, offsets[i], starts[i], size, device, self.trees[i])
         for members in by_slab.values():
             slots = [kvs[i].index for i in members]
             if len(members) == 1 or max(slots) - min(slots) + 1 > 2 * len(members):
                 for i in members:  # alone, or too many idle slots between them to pad over
-                    self._single(kvs[i], offsets[i], starts[i], sizes[i], device)
+                    self._single(kvs[i], offsets[i], starts[i], sizes[i], device, self.trees[i])
             else:
                 self.groups.append(
                     self._plan_group(
@@ -81,19 +86,31 @@ class BatchAttention:
                         [starts[i] for i in members],
                         [sizes[i] for i in members],
                         device,
+                        [self.trees[i] for i in members],
                     )
                 )
 
-    def _single(self, kv: SessionKV, offset: int, start: int, size: int, device: torch.device) -> None:
+    def _single(
+        self, kv: SessionKV, offset: int, start: int, size: int, device: torch.device, tree: list[int] | None
+    ) -> None:
         mask = None
         if size > 1:  # query t (absolute start+t) sees keys 0..start+t
             keys = torch.arange(start + size, device=device)
             queries = torch.arange(start, start + size, device=device)
-            mask = (keys[None, :] <= queries[:, None]).repeat(self.group, 1)[None, None]
+            visible = keys[None, :] <= queries[:, None]
+            if tree is not None:
+                visible[:, start:] = ancestors(tree, device)
+            mask = visible.repeat(self.group, 1)[None, None]
         self.singles.append(_Single(kv, slice(offset, offset + size), start, mask))
 
     def _plan_group(
-        self, kvs: list[SessionKV], offsets: list[int], starts: list[int], sizes: list[int], device: torch.device
+        self,
+        kvs: list[SessionKV],
+        offsets: list[int],
+        starts: list[int],
+        sizes: list[int],
+        device: torch.device,
+        trees: list[list[int] | None],
     ) -> _Group:
         first = min(kv.index for kv in kvs)
         num_slots = max(kv.index for kv in kvs) - first + 1
@@ -113,6 +130,9 @@ class BatchAttention:
         length = max(s + n for s, n in zip(starts, sizes))
         keys = torch.arange(length, device=device)
         visible = keys <= torch.tensor(limit, device=device)[:, :, None]  # [slots, max_rows, length]
+        for kv, start, size, tree in zip(kvs, starts, sizes, trees):
+            if tree is not None:
+                visible[kv.index - first, :size, start : start + size] = ancestors(tree, device)
         mask = visible[:, None, None].expand(num_slots, 1, self.group, max_rows, length)
         rows_t, slots_t, positions_t, slot_offsets_t, row_offsets_t = (
             torch.tensor(xs, device=device) for xs in (rows, slots, positions, slot_offsets, row_offsets)
@@ -177,3 +197,16 @@ class BatchAttention:
         )
         out = out.view(g.num_slots, self.num_kv_heads, self.group, g.max_rows, d)
         return out[g.slot_offsets, :, :, g.row_offsets].reshape(-1, self.num_heads, d)
+
+
+def ancestors(parents: list[int], device: torch.device) -> torch.Tensor:
+    """[n, n] bool: row i is True at i and at each ancestor of node i (parents[i] < i, -1
+    for a root), the keys a tree's row may see among the tree's own rows."""
+    n = len(parents)
+    rows: list[list[bool]] = []
+    for i, parent in enumerate(parents):
+        assert parent < i, "a node's parent comes before it"
+        row = list(rows[parent]) if parent >= 0 else [False] * n
+        row[i] = True
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.bool, device=device)

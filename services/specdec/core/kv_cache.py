@@ -181,6 +181,24 @@ class SessionKV:
         self.slab, self.index = slab, index
         self._finalizer = weakref.finalize(self, self.pool.release, slab, index)
 
+    def copy_prefix(self, source: SessionKV, n: int) -> None:
+        """Hold the first `n` positions of `source` (a cache of the same pool) instead of
+        what this one held: its keys, values and token ids, one copy per layer. Sessions
+        that share a prompt (n > 1 choices) fork its rows this way instead of computing them."""
+        assert source is not self and source.pool is self.pool and self.has_buffers, "a cache of the same pool"
+        assert 0 <= n <= source.length, (n, source.length)
+        if n == 0:
+            self.truncate(0)
+            return
+        assert source.slab is not None
+        self.truncate(0)  # nothing of the old content is moved if the slot must grow
+        self.reserve(n)
+        assert self.slab is not None
+        with torch.no_grad():
+            for dst, src in zip((*self.slab.keys, *self.slab.values), (*source.slab.keys, *source.slab.values)):
+                dst[self.index, :, :n] = src[source.index, :, :n]
+        self.token_ids[:] = source.token_ids[:n]
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [kv_heads, t, head_dim] at positions start..start+t; return views of
         positions 0..start+t."""
@@ -203,6 +221,26 @@ class SessionKV:
         """Roll back to the first `length` tokens."""
         assert 0 <= length <= self.length, (length, self.length)
         del self.token_ids[length:]
+
+    def keep_path(self, base: int, nodes: list[int]) -> None:
+        """Keep, after the first `base` positions, only the rows `base + n` for n in `nodes`
+        (ascending: a tree's accepted path, each node after its parent), moved down to
+        `base`, `base + 1`, ...; drop the rest. A verified token tree wrote every node's
+        row; only the path the target agreed with stays. Keys were rotated at their depth
+        before they were stored, so a moved row is already right at its new place."""
+        assert all(b > a for a, b in zip(nodes, nodes[1:])), "path nodes must ascend"
+        assert not nodes or base + nodes[-1] < self.length
+        moved = [i for i, n in enumerate(nodes) if n != i]
+        if moved and self.has_buffers:
+            assert self.slab is not None
+            src = torch.tensor([base + nodes[i] for i in moved], device=self.slab.keys[0].device)
+            dst = torch.tensor([base + i for i in moved], device=src.device)
+            for buf in (*self.slab.keys, *self.slab.values):
+                row = buf[self.index]  # [kv_heads, capacity, head_dim]
+                row[:, dst] = row[:, src]  # the gather copies first: sources never see a moved row
+        kept = [self.token_ids[base + n] for n in nodes]
+        del self.token_ids[base:]
+        self.token_ids.extend(kept)
 
     def common_prefix(self, tokens: list[int]) -> int:
         """Length of the longest common prefix of the cached tokens and `tokens`."""

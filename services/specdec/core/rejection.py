@@ -39,12 +39,22 @@ class RejectionInput:
     draft_probs: torch.Tensor | None  # [k, vocab] float64 q, or None for a one-hot draft
     sampling: SamplingParams
     first_position: int  # absolute position of draft_tokens[0] in the sequence
+    # A token tree (greedy only): each draft's parent among the drafts, -1 for the root
+    # (the last committed token); logits row 1 + i scores what follows draft i. None: a chain.
+    parents: list[int] | None = None
 
 
 @dataclass
 class RejectionOutput:
     num_accepted: int  # leading draft tokens kept
     tokens: list[int]  # accepted drafts + one recovered or bonus token
+    path: list[int] | None = None  # a tree's accepted drafts (their indices); None for a chain
+
+    def rows(self) -> list[int]:
+        """The logits row that predicted each of `tokens`."""
+        if self.path is None:
+            return list(range(len(self.tokens)))
+        return [0, *(1 + node for node in self.path)]
 
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor, token: int) -> float:
@@ -70,6 +80,9 @@ def rejection_sample(item: RejectionInput) -> RejectionOutput:
     """Verify one sequence's draft."""
     k = len(item.draft_tokens)
     assert item.target_logits.shape[0] == k + 1, "need logits for k drafts plus one"
+    if item.parents is not None:
+        assert item.sampling.greedy, "token trees are verified greedily"
+        return greedy_tree(item.target_logits.argmax(dim=-1).tolist(), item.draft_tokens, item.parents)
     if item.sampling.greedy:
         return _greedy(item.target_logits, item.draft_tokens)
     p = probs_from_logits(item.target_logits, item.sampling)
@@ -93,6 +106,23 @@ def _greedy(logits: torch.Tensor, draft: list[int]) -> RejectionOutput:
     return RejectionOutput(accepted, [*draft[:accepted], argmax[accepted]])
 
 
+def greedy_tree(argmax: list[int], draft: list[int], parents: list[int]) -> RejectionOutput:
+    """Walk the tree from the root while some child is the target's argmax after its
+    parent (`argmax[0]` after the root, `argmax[1 + i]` after draft i): the longest path
+    the target agrees with, then the target's own token. Greedy decoding exactly."""
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
+    path: list[int] = []
+    node = -1
+    while True:
+        want = argmax[1 + node]
+        node = next((c for c in children.get(node, ()) if draft[c] == want), -2)
+        if node == -2:
+            return RejectionOutput(len(path), [*(draft[n] for n in path), want], path)
+        path.append(node)
+
+
 def rejection_sample_batch(items: list[RejectionInput], by_item: bool | None = None) -> list[RejectionOutput]:
     """Verify many sequences' drafts at once: `rejection_sample` on each, but with one
     device->host read for the whole batch (and a few host->device copies, all made before
@@ -100,8 +130,9 @@ def rejection_sample_batch(items: list[RejectionInput], by_item: bool | None = N
     by item (default: on a CPU) or on all rows stacked (default elsewhere); tests take both."""
     if not items:
         return []
-    greedy = [b for b, item in enumerate(items) if item.sampling.greedy]
-    sampled = [b for b, item in enumerate(items) if not item.sampling.greedy]
+    trees = [b for b, item in enumerate(items) if item.parents is not None]
+    greedy = [b for b, item in enumerate(items) if item.sampling.greedy and item.parents is None]
+    sampled = [b for b, item in enumerate(items) if not item.sampling.greedy and item.parents is None]
     if by_item is None:
         by_item = items[0].target_logits.device.type == "cpu"
     greedy_plan = _Layout.build([items[b] for b in greedy], by_item) if greedy else None
@@ -111,10 +142,20 @@ def rejection_sample_batch(items: list[RejectionInput], by_item: bool | None = N
         parts.append(_greedy_batch(greedy_plan))
     if sampled_plan is not None:
         parts.append(_sampled_batch(sampled_plan))
-    judged = to_host(torch.cat(parts)).tolist()  # [items, 2]: the one read of the batch
+    parts = [part.flatten() for part in parts]
+    parts += [items[b].target_logits.argmax(dim=-1) for b in trees]  # every tree row's argmax
+    flat = to_host(torch.cat(parts)).tolist()  # the one read of the batch
+    chains = len(greedy) + len(sampled)
     outputs: list[RejectionOutput | None] = [None] * len(items)
-    for b, (num_accepted, token) in zip(greedy + sampled, judged):
+    for b, num_accepted, token in zip(greedy + sampled, flat[0 : 2 * chains : 2], flat[1 : 2 * chains : 2]):
         outputs[b] = RejectionOutput(num_accepted, [*items[b].draft_tokens[:num_accepted], token])
+    at = 2 * chains
+    for b in trees:
+        item = items[b]
+        rows = len(item.draft_tokens) + 1
+        assert item.parents is not None
+        outputs[b] = greedy_tree(flat[at : at + rows], item.draft_tokens, item.parents)
+        at += rows
     return [out for out in outputs if out is not None]
 
 

@@ -33,6 +33,20 @@ class ForwardItem:
     kv: SessionKV  # the sequence's cache; new tokens are appended after kv.length
     tokens: list[int]  # [num_new] token ids to run
     num_logits: int  # return logits for the last num_logits of them
+    # A token tree: each token's parent among `tokens` (-1: the cached token before them).
+    # None: a chain (token i follows token i-1). A token sits at the position of its depth
+    # and attends to the cache and its own ancestors only (SpecInfer's tree attention).
+    parents: list[int] | None = None
+
+    def positions(self) -> list[int]:
+        """Each token's position in its sequence: after the cache, at its depth in the tree."""
+        start = self.kv.length
+        if self.parents is None:
+            return list(range(start, start + len(self.tokens)))
+        out: list[int] = []
+        for parent in self.parents:
+            out.append(start if parent < 0 else out[parent] + 1)
+        return out
 
 
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
@@ -129,6 +143,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class ModelRunner:
     """Flattened-batch runner for Llama-family decoder-only models."""
 
+    supports_trees = True  # ForwardItem.parents: tree attention over the slotted cache
+
     def __init__(self, model: FlatModel, pack: bool = True) -> None:
         cfg = model.config
         self.model = model.eval()
@@ -171,12 +187,21 @@ class ModelRunner:
                 raise ValueError(f"sequence of {start + size} tokens exceeds the context of {self.max_context}")
             item.kv.reserve(start + size)
         ids = torch.tensor([t for item in items for t in item.tokens], device=self.device)
-        positions = torch.cat([torch.arange(s, s + n, device=self.device) for s, n in zip(starts, sizes)])
+        if any(item.parents is not None for item in items):
+            positions = torch.tensor([p for item in items for p in item.positions()], device=self.device)
+        else:
+            positions = torch.cat([torch.arange(s, s + n, device=self.device) for s, n in zip(starts, sizes)])
         hidden = self.inner.embed_tokens(ids)  # [num_tokens, hidden]
         cos, sin = self.inner.rotary_emb(hidden[None], positions[None])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [num_tokens, 1, head_dim]
         attention = BatchAttention(
-            [item.kv for item in items], starts, sizes, self.num_heads, self.num_kv_heads, self.device
+            [item.kv for item in items],
+            starts,
+            sizes,
+            self.num_heads,
+            self.num_kv_heads,
+            self.device,
+            [item.parents for item in items],
         )
         for layer_idx, layer in enumerate(self.layers):
             hidden = self._layer(layer_idx, layer, hidden, cos, sin, attention)
@@ -237,8 +262,10 @@ class HFRunner:
     """Any HF causal LM: the model's own forward per sequence, cache cropped on rollback.
 
     Slower (no cross-session batching) but exact; used for architectures the flattened
-    runner does not know.
+    runner does not know. Chains only: a caller flattens a token tree first.
     """
+
+    supports_trees = False
 
     def __init__(self, model: CausalLM) -> None:
         from transformers import DynamicCache
@@ -262,6 +289,7 @@ class HFRunner:
     def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
         for item in items:
+            assert item.parents is None, "HFRunner runs chains only"
             cache = item.kv.hf_cache
             assert cache is not None, "a cache from another runner"
             excess = cache.get_seq_length() - item.kv.length

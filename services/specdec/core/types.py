@@ -28,6 +28,9 @@ class ProposeItem:
 class Proposal:
     tokens: list[int] = field(default_factory=list)  # [k] drafted ids; empty = nothing to propose
     probs: torch.Tensor | None = None  # [k, vocab] float64 q; None = one-hot (deterministic)
+    # A token tree instead of a chain: each token's parent among `tokens` (-1: the last
+    # committed token), parents first. Deterministic drafters, greedy requests only.
+    parents: list[int] | None = None
     needs_resync: bool = False
     # The drafter's cost line, fitted over its recent draft passes (core/cost.py): one
     # drafted token per sequence takes about draft_pass_base_s + draft_row_s * rows.
@@ -47,6 +50,7 @@ class VerifyItem:
     draft_probs: torch.Tensor | None  # [k, vocab] float64 q, or None for one-hot drafts
     sampling: SamplingParams
     logprobs: int = -1  # -1: none; n >= 0: each committed token's log-probability and the top n
+    draft_parents: list[int] | None = None  # a token tree (Proposal.parents); None: a chain
 
 
 @dataclass
