@@ -24,6 +24,7 @@ from specdec.core.failpoints import failpoint
 from specdec.core.grammar import GrammarState, grammar_state, vocab_for_model
 from specdec.core.judge import JUDGES, choose_judge
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session, trim_to_tokens
+from specdec.core.kv_fork import PrefixForks
 from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.processors import verify_rows
 from specdec.core.rejection import RejectionInput, RejectionOutput
@@ -48,6 +49,8 @@ class TargetStats:
     draft_tokens: int = 0  # drafts judged
     accepted_tokens: int = 0  # drafts kept
     committed_tokens: int = 0  # tokens committed (accepted drafts + the target's own)
+    prefill_tokens: int = 0  # prompt (context) rows computed: fed without asking for their logits
+    forked_tokens: int = 0  # prompt rows copied from another session's cache instead (core/kv_fork.py)
 
 
 class TargetWorker:
@@ -74,6 +77,7 @@ class TargetWorker:
         self.prefix_store = prefix_store  # shared KV chunks (e.g. Redis): restore prefixes, offer new ones
         self.sessions: SessionTable[TargetSession] = SessionTable(max_sessions)
         self.stats = TargetStats()
+        self.forks = PrefixForks()  # new sessions copy a long prompt prefix another session holds
         self.cost = PassCost()
         # "batched" or "per_item" (core/judge.py); None: the faster here, measured once.
         device = getattr(runner, "device", "cpu")
@@ -103,10 +107,15 @@ class TargetWorker:
         self.sessions.drop_idle(self.max_idle_s)
         if self.max_cached_tokens is not None:
             trim_to_tokens(self.sessions, self.max_cached_tokens, {item.session_id for item in items})
+        held = self.forks.hold_back([(session.kv, session.tokens) for _, session, _ in work])
+        for (i, _, _), wait in zip(work, held):  # a sibling computes their prompt now: fork it next pass
+            verdicts[i] = NOT_YET if wait else verdicts[i]
+        work = [w for w, wait in zip(work, held) if not wait]
         if work:
             planned = self._chunked([self._forward_item(session, item) for _, session, item in work])
             run = [(w, f) for w, f in zip(work, planned) if f is not None]
             logits = self._timed_forward([f for _, f in run])
+            self.stats.prefill_tokens += sum(len(f.tokens) - f.num_logits for _, f in run)
             self._count(len(run))
             judged: list[tuple[int, TargetSession, VerifyItem, torch.Tensor]] = []
             for ((i, session, item), f), row_logits in zip(run, logits):
@@ -172,8 +181,9 @@ class TargetWorker:
     def _forward_item(self, session: TargetSession, item: VerifyItem) -> ForwardItem:
         kv = session.kv
         assert kv is not None
-        keep = prepare_cache(kv, session.tokens, self.prefix_store)
-        feed = session.tokens[keep:] + item.draft_tokens
+        prepare_cache(kv, session.tokens, self.prefix_store)
+        self.stats.forked_tokens += self.forks.fork(kv, session.tokens)
+        feed = session.tokens[kv.length :] + item.draft_tokens
         return ForwardItem(kv, feed, len(item.draft_tokens) + 1)
 
     def _judge_batch(

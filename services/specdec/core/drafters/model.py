@@ -16,6 +16,7 @@ from specdec.core.drafters.base import DraftRow, DraftSession
 from specdec.core.errors import InvalidArgument
 from specdec.core.grammar import grammar_state, vocab_for_model
 from specdec.core.kv_cache import SessionKV
+from specdec.core.kv_fork import PrefixForks
 from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.processors import draft_row
 from specdec.core.rng import Purpose, sample_index, uniform
@@ -34,6 +35,7 @@ class ModelDrafter:
         self.runner, self.prefix_store = runner, prefix_store
         self.name = f"{self.kind}:{model_name}"
         self.cost = PassCost()  # of one draft pass: reported with each proposal
+        self.forks = PrefixForks()  # new sessions copy a long prompt prefix another session holds
 
     @classmethod
     def create(cls, runner: Runner | None, model_name: str, prefix_store: PrefixStore | None) -> ModelDrafter | None:
@@ -43,12 +45,7 @@ class ModelDrafter:
         """Draft autoregressively, all sessions batched at each of the k steps."""
         drafts: list[list[int]] = [[] for _ in rows]
         probs: list[list[torch.Tensor]] = [[] for _ in rows]
-        caches: list[SessionKV] = []
-        feeds: list[list[int]] = []
-        for session, _ in rows:
-            kv, feed = self._feed(session)
-            caches.append(kv)
-            feeds.append(feed)
+        caches, feeds = self._feeds([session for session, _ in rows])
         live = [j for j, (_, item) in enumerate(rows) if item.num_tokens > 0]
         for session, item in rows:
             self._sync_grammar(session, item)
@@ -81,12 +78,28 @@ class ModelDrafter:
             for j, (_, item) in enumerate(rows)
         ]
 
-    def _feed(self, session: DraftSession) -> tuple[SessionKV, list[int]]:
-        """The session's cache, and the committed tokens it lacks after rolling it back (or
-        restoring a prefix)."""
-        if session.kv is None:
-            session.kv = self.runner.new_kv()
-        return session.kv, session.tokens[prepare_cache(session.kv, session.tokens, self.prefix_store) :]
+    def _feeds(self, sessions: list[DraftSession]) -> tuple[list[SessionKV], list[list[int]]]:
+        """Each session's cache, and the committed tokens it lacks after rolling it back,
+        restoring a prefix or forking another session's (core/kv_fork.py). Sessions of
+        this batch sharing a new prompt (n > 1 choices): the first computes it in a pass
+        of its own (no logits) and the others fork it."""
+        caches: list[SessionKV] = []
+        for session in sessions:
+            if session.kv is None:
+                session.kv = self.runner.new_kv()
+            prepare_cache(session.kv, session.tokens, self.prefix_store)
+            caches.append(session.kv)
+        held = self.forks.hold_back([(kv, s.tokens) for kv, s in zip(caches, sessions)])
+        if any(held):
+            first = [(kv, s.tokens) for kv, s, wait in zip(caches, sessions, held) if not wait]
+            for kv, committed in first:
+                self.forks.fork(kv, committed)  # from an earlier batch's session, if one holds some of it
+            prefill = [ForwardItem(kv, c[kv.length : -1], 0) for kv, c in first if len(c) - 1 > kv.length]
+            if prefill:  # not a timed draft pass: it would teach the cost model a prefill's time
+                self.runner.forward(prefill)
+        for kv, session in zip(caches, sessions):
+            self.forks.fork(kv, session.tokens)
+        return caches, [s.tokens[kv.length :] for kv, s in zip(caches, sessions)]
 
     def _sync_grammar(self, session: DraftSession, item: ProposeItem) -> None:
         """Bring a constrained session's grammar to its committed output (the drafts of the
