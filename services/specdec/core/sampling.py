@@ -8,6 +8,7 @@ the logits before these, each row seeing the tokens before it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,9 @@ MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's range)
 MAX_REPETITION_PENALTY = 10.0
 MAX_GRAMMAR_CHARS = 1 << 16  # a JSON schema or a regex
 GRAMMAR_KINDS = ("", "json_object", "json_schema", "regex")
+MAX_LOGIT_BIAS = 100.0  # |bias| (OpenAI's range)
+MAX_LOGIT_BIAS_TOKENS = 1024  # biased tokens per request (OpenAI allows 300)
+MAX_MIN_TOKENS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,12 @@ class SamplingParams:
     prompt_len: int = 0
     grammar_kind: str = ""  # "" (none) | "json_object" | "json_schema" | "regex"
     grammar: str = ""  # the JSON schema (as JSON text) or the regex; "" for json_object
+    # OpenAI's logit_bias: (token id, bias in [-100, 100]) added to that token's logit, ids ascending.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's min_tokens: the min_tokens_ids (EOS and the stop token ids) are masked until
+    # this many tokens were generated (counted after prompt_len).
+    min_tokens: int = 0
+    min_tokens_ids: tuple[int, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -46,8 +56,15 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Some penalty changes the logits (the plain path skips all of that work)."""
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+        """Some penalty, a logit bias or min_tokens changes the logits (the plain path
+        skips all of that work; core/penalties.py applies them)."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+            or bool(self.logit_bias)
+            or (self.min_tokens > 0 and bool(self.min_tokens_ids))
+        )
 
     @property
     def constrained(self) -> bool:
@@ -78,8 +95,23 @@ class SamplingParams:
             )
         if self.prompt_len < 0:
             raise InvalidArgument(prefix + "prompt_len", f"must be >= 0, got {self.prompt_len}")
+        self._validate_bias(prefix)
         self._validate_grammar(prefix)
         return self
+
+    def _validate_bias(self, prefix: str) -> None:
+        """logit_bias and min_tokens; token ids against the vocabulary: core/checks.py."""
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise InvalidArgument(prefix + "logit_bias", f"at most {MAX_LOGIT_BIAS_TOKENS} tokens")
+        for token, bias in self.logit_bias:
+            if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                bounds = f"[-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]"
+                raise InvalidArgument(prefix + "logit_bias", f"token {token}: must be in {bounds}, got {bias}")
+        ids = [token for token, _ in self.logit_bias]
+        if any(b <= a for a, b in itertools.pairwise(ids)):
+            raise InvalidArgument(prefix + "logit_bias", "token ids must be distinct, ascending")
+        if not 0 <= self.min_tokens <= MAX_MIN_TOKENS:
+            raise InvalidArgument(prefix + "min_tokens", f"must be in [0, {MAX_MIN_TOKENS}], got {self.min_tokens}")
 
     def _validate_grammar(self, prefix: str) -> None:
         if self.grammar_kind not in GRAMMAR_KINDS:

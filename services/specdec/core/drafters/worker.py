@@ -82,7 +82,7 @@ class DraftWorker:
 
 def check_item(item: ProposeItem, vocab_size: int | None) -> None:
     """Checked as if a stranger sent it; fields named as in draft.proto's ProposeItem."""
-    check_delta(item.prefix_len, item.sampling)
+    check_delta(item.prefix_len, item.sampling, vocab_size)
     if not 0 <= item.num_tokens <= MAX_ITEM_DRAFT_TOKENS:
         raise InvalidArgument("num_tokens", f"must be in [0, {MAX_ITEM_DRAFT_TOKENS}], got {item.num_tokens}")
     if vocab_size is not None:
