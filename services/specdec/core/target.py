@@ -303,7 +303,7 @@ def check_item(item: VerifyItem, vocab_size: int, max_context: int) -> None:
     """Whatever arrives is checked as if a stranger sent it: a bad item must fail alone,
     and draft probabilities that are not a distribution would break exactness (a NaN q
     accepts any draft). Fields are named as in target.proto's VerifyItem."""
-    check_delta(item.prefix_len, item.sampling)
+    check_delta(item.prefix_len, item.sampling, vocab_size)
     if item.prefix_len == 0 and not item.tokens:
         raise InvalidArgument("tokens", "a new session needs at least one committed token")
     if not -1 <= item.logprobs <= MAX_TOP_LOGPROBS:
