@@ -339,7 +339,8 @@ def test_draft_worker_rolls_back_and_drafts_from_committed_tokens(draft_model) -
     assert worker.propose_batch([ProposeItem("gone", 4, [1], 2, params, "ngram")])[0].needs_resync
     unserved = worker.propose_batch([ProposeItem("x", 0, [1], 2, params, "model:other"), ngram_item])
     assert isinstance(unserved[0], InvalidArgument) and unserved[1].tokens == [3, 1]  # it fails alone
-    assert DraftWorker().drafters == ["ngram", "suffix"] and worker.drafters == ["ngram", "suffix", "model:small"]
+    assert DraftWorker().drafters == ["ngram", "suffix", "suffix-chain"]
+    assert worker.drafters == ["ngram", "suffix", "suffix-chain", "model:small"]
 
 
 def test_idle_sessions_are_dropped_least_recent_first(monkeypatch) -> None:

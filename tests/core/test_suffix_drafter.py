@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 
 from specdec.core.drafters.base import DraftSession
 from specdec.core.drafters.registry import DRAFTERS, parse_drafter
-from specdec.core.drafters.suffix import SEPARATOR, SuffixDrafter, SuffixIndex
+from specdec.core.drafters.suffix import SEPARATOR, SuffixChainDrafter, SuffixDrafter, SuffixIndex
 from specdec.core.drafters.worker import DraftWorker
 from specdec.core.engine import Engine
 from specdec.core.generation import GenerationResult
@@ -77,19 +77,19 @@ def test_registered_and_parsed() -> None:
 
 
 def test_longest_match_wins_over_a_more_recent_shorter_one() -> None:
-    drafter = SuffixDrafter()
+    drafter = SuffixChainDrafter()
     # "1 2 3" is followed by 40 41; later "9 2 3" (a shorter match of "... 1 2 3") by 50 51.
     session = session_with(drafter, [1, 2, 3, 40, 41, 7, 9, 2, 3, 50, 51, 8, 1, 2, 3])
-    assert drafter.draft(session, item(2)) == [40, 41]
+    assert drafter.draft(session, item(2)).tokens == [40, 41]
     session = session_with(drafter, [1, 2, 3, 40, 41, 7, 9, 2, 3, 50, 51, 8, 5, 2, 3])
-    assert drafter.draft(session, item(2)) == [50, 51]  # a tie in length: the newest
+    assert drafter.draft(session, item(2)).tokens == [50, 51]  # a tie in length: the newest
 
 
 def test_the_most_frequent_continuation_is_proposed() -> None:
-    drafter = SuffixDrafter(min_prob=0.0)
+    drafter = SuffixChainDrafter(min_prob=0.0)
     ctx = [10, 11, 12]
     tokens = ctx + [1, 2] + [90] + ctx + [1, 2] + [91] + ctx + [7, 8] + [92] + ctx  # each a 3-token match
-    assert drafter.draft(session_with(drafter, tokens), item(2)) == [1, 2]  # 2 of 3, though 7 8 is newest
+    assert drafter.draft(session_with(drafter, tokens), item(2)).tokens == [1, 2]  # 2 of 3, though 7 8 is newest
 
 
 def test_draft_length_follows_confidence_match_length_and_k() -> None:
@@ -97,18 +97,18 @@ def test_draft_length_follows_confidence_match_length_and_k() -> None:
     tokens = ctx + [1, 2, 3] + [90] + ctx + [1, 2, 4] + [91] + ctx + [1, 5, 6] + [92] + ctx
     # Continuation frequencies 3/3, 2/3, then 1/2 (3 or 4, a tie: the newest): products 1, 2/3, 1/3.
     for min_prob, expected in [(0.9, [1]), (0.5, [1, 2]), (0.3, [1, 2, 4])]:
-        drafter = SuffixDrafter(min_prob=min_prob)
-        assert drafter.draft(session_with(drafter, tokens), item(3)) == expected
-    drafter = SuffixDrafter(min_prob=0.0)
-    assert drafter.draft(session_with(drafter, tokens), item(2)) == [1, 2]  # k caps it
-    assert drafter.draft(session_with(drafter, tokens), item(0)) == []
+        drafter = SuffixChainDrafter(min_prob=min_prob)
+        assert drafter.draft(session_with(drafter, tokens), item(3)).tokens == expected
+    drafter = SuffixChainDrafter(min_prob=0.0)
+    assert drafter.draft(session_with(drafter, tokens), item(2)).tokens == [1, 2]  # k caps it
+    assert drafter.draft(session_with(drafter, tokens), item(0)).tokens == []
     # spec_factor 2: a one-token match proposes two tokens, a three-token match up to six.
     short = [5, 6, 7, 8, 9] + [0, 5]
-    assert drafter.draft(session_with(drafter, short), item(8)) == [6, 7]
+    assert drafter.draft(session_with(drafter, short), item(8)).tokens == [6, 7]
     long = [1, 2, 3, 4, 5, 6, 7, 8, 9] + [0, 2, 3, 4]
-    assert drafter.draft(session_with(drafter, long), item(8)) == [5, 6, 7, 8, 9, 0]
-    assert SuffixDrafter(spec_factor=1.0).draft(session_with(drafter, long), item(8)) == [5, 6, 7]
-    assert drafter.draft(session_with(drafter, [1, 2, 3, 4]), item(8)) == []  # nothing matches
+    assert drafter.draft(session_with(drafter, long), item(8)).tokens == [5, 6, 7, 8, 9, 0]
+    assert SuffixChainDrafter(spec_factor=1.0).draft(session_with(drafter, long), item(8)).tokens == [5, 6, 7]
+    assert drafter.draft(session_with(drafter, [1, 2, 3, 4]), item(8)).tokens == []  # nothing matches
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -155,26 +155,26 @@ def test_ring_matches_brute_force_over_what_it_holds(seed: int) -> None:
 
 
 def test_the_shared_stream_drafts_greedy_requests_of_other_sessions() -> None:
-    drafter = SuffixDrafter()
+    drafter = SuffixChainDrafter()
     prompt, output = [5, 6, 7, 8], [20, 21, 22, 23, 24, 25]
     first = session_with(drafter, prompt)
-    assert drafter.draft(first, item(4)) == []
+    assert drafter.draft(first, item(4)).tokens == []
     first.tokens += output
     drafter.learn(first, output)
     drafter.release(first)
     second = session_with(drafter, prompt)
-    assert drafter.draft(second, item(4)) == [20, 21, 22, 23]  # the first session's output
+    assert drafter.draft(second, item(4)).tokens == [20, 21, 22, 23]  # the first session's output
     # A sampled request drafts from its own tokens only: its seeded output cannot depend
     # on what other requests ran before it.
-    assert drafter.draft(second, item(4, SAMPLED)) == []
+    assert drafter.draft(second, item(4, SAMPLED)).tokens == []
     # Its own stream wins when it scores higher.
     second.tokens += [20, 30, 31, 32, 33, 5, 6, 7, 8, 20]
     drafter.learn(second, second.tokens[4:])
-    assert drafter.draft(second, item(4)) == [30, 31, 32, 33]
+    assert drafter.draft(second, item(4)).tokens == [30, 31, 32, 33]
 
 
 def test_shared_stream_forgets_the_oldest_outputs() -> None:
-    drafter = SuffixDrafter(shared_tokens=64, max_match=4)
+    drafter = SuffixChainDrafter(shared_tokens=64, max_match=4)
     for i in range(20):
         session = session_with(drafter, [1, 2, 3, 4])
         output = [100 + i] * 10
@@ -183,14 +183,14 @@ def test_shared_stream_forgets_the_oldest_outputs() -> None:
         drafter.release(session)
         assert len(drafter.shared) <= 64
     probe = session_with(drafter, [1, 2, 3, 4])
-    assert drafter.draft(probe, item(1)) == [119]  # the newest output; the first ones are gone
+    assert drafter.draft(probe, item(1)).tokens == [119]  # the newest output; the first ones are gone
     for i in range(15):
-        assert drafter.draft(session_with(drafter, [100 + i]), item(1)) == []
-    assert drafter.draft(session_with(drafter, [116]), item(1)) == [116]
+        assert drafter.draft(session_with(drafter, [100 + i]), item(1)).tokens == []
+    assert drafter.draft(session_with(drafter, [116]), item(1)).tokens == [116]
 
 
 def test_release_and_eviction_free_the_session_state() -> None:
-    drafter = SuffixDrafter()
+    drafter = SuffixChainDrafter()
     kept = session_with(drafter, [1, 2, 3])
     dropped = session_with(drafter, [4, 5, 6])
     assert drafter.num_sessions == 2
@@ -219,8 +219,8 @@ def test_worker_rollbacks_keep_the_index_in_step() -> None:
     committed = [5, 7]  # but the target kept one draft, then its own token
     proposal = propose(len(prompt), committed)
     tokens = prompt + committed
-    fresh = SuffixDrafter()
-    assert proposal.tokens == fresh.draft(session_with(fresh, tokens), item(3))
+    fresh = SuffixChainDrafter()
+    assert proposal.tokens == fresh.draft(session_with(fresh, tokens), item(3)).tokens
     (state,) = suffix._states.values()
     assert [state.own.token_at(p) for p in range(state.own.length)] == tokens
     assert proposal.probs is None  # one-hot: a deterministic draft
@@ -231,7 +231,7 @@ def test_worker_rollbacks_keep_the_index_in_step() -> None:
 def test_lookup_cost_does_not_grow_with_the_context() -> None:
     """Counted, not timed: a lookup at 4k tokens of repetitive context visits at most
     max_candidates chain links and max_match tokens for each."""
-    drafter = SuffixDrafter(max_candidates=8, max_match=16)
+    drafter = SuffixChainDrafter(max_candidates=8, max_match=16)
     session = session_with(drafter, [7] * 4096)
     reads = 0
     own = drafter._states[id(session)].own
@@ -243,7 +243,7 @@ def test_lookup_cost_does_not_grow_with_the_context() -> None:
         return original(position)
 
     own.token_at = counting  # type: ignore[method-assign]
-    assert drafter.draft(session, item(5)) == [7] * 5
+    assert drafter.draft(session, item(5)).tokens == [7] * 5
     assert reads <= 8 * 16 + 5 * 8 * 2
 
 
@@ -321,3 +321,22 @@ def test_sampled_output_with_a_seed_is_reproducible_whatever_ran_before(engine: 
     before = [r.token_ids for r in complete_all(engine, sampled)]
     complete_all(engine, [spec(p, 4) for p in PROMPTS] + sampled)  # the shared stream learns their outputs
     assert [r.token_ids for r in complete_all(engine, sampled)] == before
+
+
+def test_a_greedy_request_gets_a_tree_of_the_most_probable_continuations() -> None:
+    drafter = SuffixDrafter(min_prob=0.0)
+    # After "1 2": 3 twice (then 9, then 8), 4 once (then 9).
+    session = session_with(drafter, [1, 2, 3, 9, 1, 2, 4, 9, 1, 2, 3, 8, 1, 2])
+    tree = drafter.draft(session, item(4))
+    assert (tree.tokens, tree.parents) == ([3, 4, 8, 9], [-1, -1, 0, 0])  # among equals the newest first
+    assert tree.score == pytest.approx(2 / 3 + 3 * (1 / 3))
+    (proposal,) = drafter.propose([(session, item(4))])
+    assert proposal.tokens == [3, 4, 8, 9] and proposal.parents == [-1, -1, 0, 0]
+    # The draft length is the node budget; depth still follows the match length.
+    assert drafter.draft(session, item(1)).tokens == [3]
+    assert SuffixDrafter(min_prob=0.4).draft(session, item(4)).tokens == [3]  # 1/3 branches fall below
+    # Sampled requests, and the chain variant, get the most frequent path only.
+    sampled = drafter.draft(session, item(4, SAMPLED))
+    assert (sampled.tokens, sampled.parents) == ([3, 8, 1, 2], [-1, 0, 1, 2])
+    (chain,) = SuffixChainDrafter(min_prob=0.0).propose([(session_with(drafter, session.tokens), item(4))])
+    assert chain.tokens == [3, 8, 1, 2] and chain.parents is None

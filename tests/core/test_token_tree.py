@@ -8,9 +8,16 @@ import random
 
 import pytest
 import torch
-from tiny_models import VOCAB
+from tiny_models import VOCAB, run
 
-from specdec.core.runner import ForwardItem, ModelRunner
+from specdec.core.adaptive import CostBook
+from specdec.core.errors import InvalidArgument
+from specdec.core.local import LocalVerifier
+from specdec.core.loop import GenerationRequest, Step, speculate
+from specdec.core.runner import ForwardItem, HFRunner, ModelRunner
+from specdec.core.sampling import SamplingParams
+from specdec.core.target import TargetWorker
+from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
 
 # A tree of 7 nodes after the cached tokens: 0 -> (1 -> (3, 4), 2 -> 5), and a second root 6.
 PARENTS = [-1, 0, 0, 1, 1, 2, -1]
@@ -68,3 +75,113 @@ def test_keep_path_leaves_the_cache_of_the_accepted_path(target_model) -> None:
     out = runner.forward([ForwardItem(kv, following, len(following))])[0]
     ref = runner.forward([ForwardItem(runner.new_kv(), prompt + accepted + following, len(following))])[0]
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def _plain(runner: ModelRunner, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding, one token a pass: the reference every tree step must reproduce."""
+    kv, out = runner.new_kv(), []
+    logits = runner.forward([ForwardItem(kv, prompt, 1)])[0]
+    for _ in range(n):
+        out.append(int(logits[-1].argmax()))
+        logits = runner.forward([ForwardItem(kv, out[-1:], 1)])[0]
+    return out
+
+
+class OracleTree:
+    """Proposes trees whose right path is never the first branch: at each depth a wrong
+    token first (with a wrong subtree of its own), then the reference token, so the target
+    must walk past siblings and the kept rows must move down. Every `miss`-th step the
+    reference is left out at depth 2, so a tree is also rejected part-way."""
+
+    def __init__(self, prompt: list[int], reference: list[int], miss: int = 3) -> None:
+        self.prompt, self.reference, self.miss = prompt, reference, miss
+        self.known: list[int] = []
+        self.steps = 0
+
+    async def propose(self, item: ProposeItem) -> Proposal:
+        del self.known[item.prefix_len :]
+        self.known += item.tokens
+        at = len(self.known) - len(self.prompt)
+        self.steps += 1
+        tokens, parents, parent = [], [], -1
+        for depth in range(min(item.num_tokens // 3, len(self.reference) - at)):
+            right = self.reference[at + depth]
+            wrong = (right + 1) % VOCAB
+            tokens += [wrong, (wrong + 7) % VOCAB]  # a wrong branch with a child
+            parents += [parent, len(tokens) - 2]
+            if depth == 2 and self.steps % self.miss == 0:
+                break
+            tokens.append(right)
+            parents.append(parent)
+            parent = len(tokens) - 1
+        return Proposal(tokens, parents=parents if tokens else None)
+
+    async def release(self, session_id: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize("judge", ["per_item", "batched"])
+def test_greedy_tree_speculation_is_token_identical_and_keeps_deep_paths(target_model, judge: str) -> None:
+    runner = ModelRunner(target_model)
+    prompt = _tokens(8, 25)
+    reference = _plain(runner, prompt, 40)
+    worker = TargetWorker(runner, judge=judge)
+    verifier = LocalVerifier(worker)
+    drafter = OracleTree(prompt, reference)
+    request = GenerationRequest("t", prompt, 40, SamplingParams(), "ngram", max_draft_tokens=15, adaptive=False)
+
+    async def go() -> list[Step]:
+        return [step async for step in speculate(request, drafter, verifier, CostBook())]
+
+    steps = run(go())
+    assert [t for step in steps for t in step.tokens] == reference
+    assert max(step.accepted for step in steps) == 5  # a whole path, past a sibling at each depth
+    assert any(0 < step.accepted < 5 for step in steps)  # and a tree rejected part-way
+    assert len(steps) < len(reference) / 3
+
+
+def test_tree_logprobs_equal_plain_decoding(target_model) -> None:
+    runner = ModelRunner(target_model)
+    prompt = _tokens(9, 20)
+    reference = _plain(runner, prompt, 3)
+    tree = TargetWorker(ModelRunner(target_model), judge="per_item")
+    chain = TargetWorker(ModelRunner(target_model), judge="per_item")
+    wrong = (reference[0] + 1) % VOCAB
+    nodes, parents = [wrong, reference[0], reference[1]], [-1, -1, 1]
+    got = tree.verify_batch([VerifyItem("s", 0, prompt, nodes, None, SamplingParams(), 2, parents)])[0]
+    want = chain.verify_batch([VerifyItem("s", 0, prompt, reference[:2], None, SamplingParams(), 2)])[0]
+    assert isinstance(got, Verdict) and isinstance(want, Verdict)
+    assert got.tokens == want.tokens == reference[:3] and got.num_accepted == 2
+    for a, b in zip(got.logprobs, want.logprobs, strict=True):
+        assert abs(a.logprob - b.logprob) < 1e-5 and [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+@pytest.mark.parametrize(
+    ("parents", "sampling", "message"),
+    [
+        ([-1, 0], SamplingParams(), "2 parents for 3"),
+        ([-1, 0, 2], SamplingParams(), "earlier draft token"),
+        ([-1, -2, 0], SamplingParams(), "earlier draft token"),
+        ([-1, 0, 0], SamplingParams(temperature=0.7, seed=1), "greedy"),
+        ([-1, 0, 0], SamplingParams(repetition_penalty=1.3), "penalty"),
+    ],
+)
+def test_a_bad_tree_is_refused_naming_the_field(target_model, parents, sampling, message: str) -> None:
+    worker = TargetWorker(ModelRunner(target_model), judge="per_item")
+    good = VerifyItem("ok", 0, [1, 2, 3], [4], None, SamplingParams())
+    bad = VerifyItem("bad", 0, [1, 2, 3], [4, 5, 6], None, sampling, -1, parents)
+    verdicts = worker.verify_batch([bad, good])
+    assert isinstance(verdicts[0], InvalidArgument) and verdicts[0].field == "draft_parents"
+    assert message in str(verdicts[0])
+    assert isinstance(verdicts[1], Verdict) and verdicts[1].tokens  # the rest of the batch is served
+
+
+def test_a_runner_without_trees_verifies_the_first_path(target_model) -> None:
+    runner = ModelRunner(target_model)
+    prompt = _tokens(10, 20)
+    reference = _plain(runner, prompt, 3)
+    worker = TargetWorker(HFRunner(target_model), judge="per_item")
+    # First path: nodes 0 -> 2 (node 1 is a second root); it holds the reference.
+    nodes, parents = [reference[0], (reference[0] + 1) % VOCAB, reference[1]], [-1, -1, 0]
+    verdict = worker.verify_batch([VerifyItem("s", 0, prompt, nodes, None, SamplingParams(), -1, parents)])[0]
+    assert isinstance(verdict, Verdict) and verdict.tokens == reference[:3] and verdict.num_accepted == 2

@@ -16,6 +16,7 @@ context is copied or concatenated (see `core/attention.py`).
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import threading
 import time
@@ -228,7 +229,7 @@ class SessionKV:
         `base`, `base + 1`, ...; drop the rest. A verified token tree wrote every node's
         row; only the path the target agreed with stays. Keys were rotated at their depth
         before they were stored, so a moved row is already right at its new place."""
-        assert all(b > a for a, b in zip(nodes, nodes[1:])), "path nodes must ascend"
+        assert all(b > a for a, b in itertools.pairwise(nodes)), "path nodes must ascend"
         assert not nodes or base + nodes[-1] < self.length
         moved = [i for i, n in enumerate(nodes) if n != i]
         if moved and self.has_buffers:

@@ -122,10 +122,12 @@ async def speculate(
                         proposal.probs,
                         request.sampling,
                         request.logprobs,
+                        proposal.parents,
                     )
                 )
             )
-            if request.overlap and drafter is not None and proposal.tokens and want > 0:
+            # A pre-draft assumes the whole draft is kept: a chain's guess, not a tree's.
+            if request.overlap and drafter is not None and proposal.tokens and proposal.parents is None and want > 0:
                 predraft = _start_predraft(request, drafter, committed, sync, proposal, want)
                 predraft_len = len(committed) + len(proposal.tokens) + 1
             verdict = await verifying

@@ -10,6 +10,7 @@ drafts, judges it; the cache holds the progress, so a requeued item is simply ru
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -99,6 +100,8 @@ class TargetWorker:
             except InvalidArgument as exc:
                 verdicts[i] = exc
                 continue
+            if item.draft_parents is not None and not getattr(self.runner, "supports_trees", False):
+                item = chain_of(item)
             session = self._sync(item)
             if session is None:
                 verdicts[i] = Verdict(needs_resync=True)
@@ -183,8 +186,11 @@ class TargetWorker:
         assert kv is not None
         prepare_cache(kv, session.tokens, self.prefix_store)
         self.stats.forked_tokens += self.forks.fork(kv, session.tokens)
-        feed = session.tokens[kv.length :] + item.draft_tokens
-        return ForwardItem(kv, feed, len(item.draft_tokens) + 1)
+        fed = session.tokens[kv.length :]
+        parents = None
+        if item.draft_parents is not None:  # the committed tokens as a chain, the tree after the newest
+            parents = [*range(-1, len(fed) - 1), *(len(fed) - 1 if p < 0 else len(fed) + p for p in item.draft_parents)]
+        return ForwardItem(kv, fed + item.draft_tokens, len(item.draft_tokens) + 1, parents)
 
     def _judge_batch(
         self, judged: list[tuple[TargetSession, VerifyItem, torch.Tensor]], batch_size: int
@@ -195,12 +201,16 @@ class TargetWorker:
         when some item asks for them. Penalties and a constraint process their item's rows
         first, item by item."""
         inputs = [
-            RejectionInput(*self._processed(session, item, logits), item.sampling, len(session.tokens))
+            RejectionInput(
+                *self._processed(session, item, logits), item.sampling, len(session.tokens), item.draft_parents
+            )
             for session, item, logits in judged
         ]
         outs = self.judge(inputs)
         asked = [
-            (logits, out.tokens, item.logprobs) for (_, item, logits), out in zip(judged, outs) if item.logprobs >= 0
+            (logits if out.path is None else logits[out.rows()], out.tokens, item.logprobs)
+            for (_, item, logits), out in zip(judged, outs)
+            if item.logprobs >= 0
         ]
         logprobs = iter(batch_token_logprobs(asked))
         return [
@@ -216,6 +226,9 @@ class TargetWorker:
         logprobs: list[TokenLogprob],
         batch_size: int,
     ) -> Verdict:
+        assert session.kv is not None
+        if out.path is not None:  # a tree: its rows sit after the committed ones, node by node
+            session.kv.keep_path(len(session.tokens), out.path)
         session.tokens.extend(out.tokens)
         self.stats.draft_tokens += len(item.draft_tokens)
         self.stats.accepted_tokens += out.num_accepted
@@ -318,6 +331,34 @@ def check_item(item: VerifyItem, vocab_size: int, max_context: int) -> None:
     check_ids("draft_tokens", item.draft_tokens, vocab_size)
     if item.draft_probs is not None:
         _check_probs(item.draft_probs, item.draft_tokens, vocab_size)
+    if item.draft_parents is not None:
+        _check_tree(item)
+
+
+def _check_tree(item: VerifyItem) -> None:
+    parents = item.draft_parents
+    assert parents is not None
+    if len(parents) != len(item.draft_tokens):
+        raise InvalidArgument("draft_parents", f"{len(parents)} parents for {len(item.draft_tokens)} draft tokens")
+    if any(not -1 <= p < i for i, p in enumerate(parents)):
+        raise InvalidArgument("draft_parents", "each must be -1 (the root) or the index of an earlier draft token")
+    params = item.sampling
+    if not params.greedy or params.penalized or params.constrained or item.draft_probs is not None:
+        raise InvalidArgument(
+            "draft_parents",
+            "token trees are verified for greedy requests with one-hot drafts, no penalty, no constraint",
+        )
+
+
+def chain_of(item: VerifyItem) -> VerifyItem:
+    """The tree's first path (each node's first child) as a chain: for a runner that
+    cannot verify trees. Exact all the same; it only drafts less."""
+    assert item.draft_parents is not None
+    chain: list[int] = []
+    for i, parent in enumerate(item.draft_parents):
+        if parent == (chain[-1] if chain else -1):
+            chain.append(i)
+    return dataclasses.replace(item, draft_tokens=[item.draft_tokens[i] for i in chain], draft_parents=None)
 
 
 def _check_probs(q: torch.Tensor, draft: list[int], vocab_size: int) -> None:

@@ -12,14 +12,16 @@ from typing import TYPE_CHECKING, NamedTuple
 from specdec.core.drafters.base import DraftMethod
 from specdec.core.drafters.model import ModelDrafter
 from specdec.core.drafters.ngram import NgramDrafter
-from specdec.core.drafters.suffix import SuffixDrafter
+from specdec.core.drafters.suffix import SuffixChainDrafter, SuffixDrafter
 from specdec.core.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from specdec.core.prefix_store import PrefixStore
     from specdec.core.runner import Runner
 
-DRAFTERS: dict[str, type[DraftMethod]] = {cls.kind: cls for cls in (NgramDrafter, SuffixDrafter, ModelDrafter)}
+DRAFTERS: dict[str, type[DraftMethod]] = {
+    cls.kind: cls for cls in (NgramDrafter, SuffixDrafter, SuffixChainDrafter, ModelDrafter)
+}
 NONE = "none"  # no drafter: plain decoding
 
 

@@ -17,6 +17,13 @@ each position to the previous one with the same key. Appending or removing a tok
 len(ANCHORS) dict operations; a lookup walks at most `max_candidates` chain links and
 compares at most `max_match` tokens per candidate. Nothing depends on the context length.
 
+For a greedy request (no penalties, no constraint) the drafter proposes a token *tree*
+instead of one continuation: best-first, the most probable continuations by those
+frequency products, up to the k asked for (the node budget the draft-length controller
+picks, as it picks a chain's length), so where earlier occurrences went different ways
+the target checks several of them in one pass (`ForwardItem.parents`). `suffix-chain`
+proposes the single most frequent continuation, as before trees (and for sampled requests).
+
 Deterministic, so the draft distribution is one-hot (Proposal.probs None) as for the
 n-gram drafter. Sampled requests draft from their own tokens only: under a fixed seed a
 sampled output depends on the drafts, and so stays the same whatever else this process
@@ -25,10 +32,12 @@ served. Greedy requests, whose output no draft can change, also draw on the shar
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import weakref
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from specdec.core.types import Proposal
@@ -203,6 +212,54 @@ class SuffixIndex:
             live = [end for end, token in nexts if token == best]
         return draft, score
 
+    def follow_tree(self, ends: list[int], budget: int, max_depth: int, min_prob: float) -> Tree:
+        """The `budget` most probable continuations after the occurrences ending at `ends`
+        as a tree (each node's probability: its parent's times the share of the parent's
+        occurrences that continue with it), best first, none deeper than `max_depth` or
+        less probable than `min_prob`; with its score, the sum of the nodes' probabilities."""
+        tree = Tree()
+        heap: list[tuple[float, int, int, int, int, list[int]]] = []  # (-p, order, parent, depth, token, ends)
+        order = itertools.count()  # among equal probabilities, the first pushed first
+
+        def push_children(parent: int, depth: int, live: list[int], prob: float) -> None:
+            if depth > max_depth:
+                return
+            groups: dict[int, list[int]] = {}
+            for end in live:  # newest first, so among equals the newest occurrence's token leads
+                token = self.token_at(end + depth)
+                if token != SEPARATOR:
+                    groups.setdefault(token, []).append(end)
+            total = sum(len(g) for g in groups.values())
+            for token, group in groups.items():
+                p = prob * len(group) / total
+                if p >= min_prob:
+                    heapq.heappush(heap, (-p, next(order), parent, depth, token, group))
+
+        push_children(-1, 1, ends, 1.0)
+        while heap and len(tree.tokens) < budget:
+            negp, _, parent, depth, token, live = heapq.heappop(heap)
+            tree.add(token, parent, -negp)
+            push_children(len(tree.tokens) - 1, depth + 1, live, -negp)
+        return tree
+
+
+@dataclass
+class Tree:
+    """A drafted token tree: tokens, each one's parent (-1: the context's last token), and
+    the expected number of accepted tokens (the sum of the nodes' probabilities)."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    score: float = 0.0
+
+    def add(self, token: int, parent: int, prob: float) -> None:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.score += prob
+
+    def is_chain(self) -> bool:
+        return all(parent == i - 1 for i, parent in enumerate(self.parents))
+
 
 @dataclass
 class _SessionState:
@@ -216,6 +273,7 @@ class SuffixDrafter:
 
     kind: ClassVar[str] = "suffix"
     needs_model: ClassVar[bool] = False
+    trees: ClassVar[bool] = True  # token trees for plain greedy requests
 
     def __init__(
         self,
@@ -246,25 +304,36 @@ class SuffixDrafter:
         return len(self._states)
 
     def propose(self, rows: list[DraftRow]) -> list[Proposal]:
-        return [Proposal(self.draft(session, item)) for session, item in rows]
+        out = []
+        for session, item in rows:
+            tree = self.draft(session, item)
+            out.append(Proposal(tree.tokens, parents=None if tree.is_chain() else tree.parents))
+        return out
 
-    def draft(self, session: DraftSession, item: ProposeItem) -> list[int]:
-        """Up to item.num_tokens tokens; the shared stream's too for a greedy item."""
+    def draft(self, session: DraftSession, item: ProposeItem) -> Tree:
+        """Up to item.num_tokens tokens; the shared stream's too for a greedy item; a tree
+        for a plain greedy one (a chain for anything else: see the module's docstring)."""
         if item.num_tokens <= 0:
-            return []
+            return Tree()
+        params = item.sampling
+        tree = self.trees and params.greedy and not (params.penalized or params.constrained)
         own = self._sync(session).own
-        best, best_score = self._follow(own, session.tokens, item.num_tokens, exclude=own.length - 1)
-        if item.sampling.greedy and len(self.shared):
-            draft, score = self._follow(self.shared, session.tokens, item.num_tokens)
-            if score > best_score:
-                best = draft
+        best = self._follow(own, session.tokens, item.num_tokens, tree, exclude=own.length - 1)
+        if params.greedy and len(self.shared):
+            other = self._follow(self.shared, session.tokens, item.num_tokens, tree)
+            if other.score > best.score:
+                best = other
         return best
 
-    def _follow(self, index: SuffixIndex, context: list[int], k: int, exclude: int = -1) -> tuple[list[int], float]:
+    def _follow(self, index: SuffixIndex, context: list[int], k: int, tree: bool, exclude: int = -1) -> Tree:
         length, ends = index.match(context, self.max_match, self.max_candidates, exclude)
         if not ends:
-            return [], 0.0
-        return index.follow(ends, min(k, max(1, int(self.spec_factor * length))), self.min_prob)
+            return Tree()
+        depth = min(k, max(1, int(self.spec_factor * length)))
+        if tree:
+            return index.follow_tree(ends, k, depth, self.min_prob)
+        tokens, score = index.follow(ends, depth, self.min_prob)
+        return Tree(tokens, list(range(-1, len(tokens) - 1)), score)
 
     def learn(self, session: DraftSession, committed: list[int]) -> None:
         state = self._sync(session, known=len(session.tokens) - len(committed))
@@ -299,3 +368,11 @@ class SuffixDrafter:
         assert self.shared.capacity is not None
         self.shared.append(SEPARATOR)
         self.shared.extend(sequence[-(self.shared.capacity - 1) :])
+
+
+class SuffixChainDrafter(SuffixDrafter):
+    """`suffix-chain`: the suffix drafter proposing one continuation, never a tree (a target
+    that cannot verify trees, or a side-by-side comparison with `suffix`)."""
+
+    kind: ClassVar[str] = "suffix-chain"
+    trees: ClassVar[bool] = False
