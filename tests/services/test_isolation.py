@@ -52,6 +52,7 @@ def _poisoned(prompt_ids: list[int]) -> dict[str, target_pb2.VerifyItem]:
         "sampling.temperature": item(sampling=sampling_pb2.SamplingParams(temperature=float("nan"), top_p=1.0)),
         "prefix_len": item(prefix_len=-3),
         "tokens ": item(tokens=[]),
+        "draft_parents": item(draft_tokens=[1, 2, 3], draft_parents=[-1, 0, 5]),
     }
 
 
@@ -87,6 +88,27 @@ async def test_bad_items_fail_alone_with_the_field_named(tiny_stack, prompt_ids,
         error = answers[tag].error
         assert error.code == INVALID_ARGUMENT and error.field == field.strip(), (field, error)
         assert not answers[tag].tokens  # nothing of a bad item was committed
+
+
+async def test_a_token_tree_is_verified_by_the_target_tier(tiny_stack, prompt_ids, reference):
+    """A tree over gRPC: the reference path is the second root's, so the tier must walk
+    past a sibling and keep the moved rows (the next step continues from them)."""
+    greedy = sampling_pb2.SamplingParams(top_p=1.0)
+    session = uuid.uuid4().hex
+    wrong = (reference[0] + 1) % VOCAB
+    tree = target_pb2.VerifyItem(
+        session_id=session,
+        tokens=prompt_ids,
+        sampling=greedy,
+        draft_tokens=[wrong, reference[0], reference[1]],
+        draft_parents=[-1, -1, 1],
+    )
+    address, token = _target(tiny_stack), _token(tiny_stack)
+    answer = (await asyncio.wait_for(_verify(address, [tree], token), 60))[0]
+    assert not answer.HasField("error") and answer.num_accepted == 2 and list(answer.tokens) == reference[:3]
+    step = target_pb2.VerifyItem(session_id=session, prefix_len=len(prompt_ids) + 3, sampling=greedy)
+    answer = (await asyncio.wait_for(_verify(address, [step], token), 60))[0]
+    assert list(answer.tokens) == reference[3:4]
 
 
 async def test_a_poisoned_item_beside_eight_streams_changes_none_of_them(tiny_stack, prompt_ids, reference):

@@ -28,9 +28,6 @@ class ProposeItem:
 class Proposal:
     tokens: list[int] = field(default_factory=list)  # [k] drafted ids; empty = nothing to propose
     probs: torch.Tensor | None = None  # [k, vocab] float64 q; None = one-hot (deterministic)
-    # A token tree instead of a chain: each token's parent among `tokens` (-1: the last
-    # committed token), parents first. Deterministic drafters, greedy requests only.
-    parents: list[int] | None = None
     needs_resync: bool = False
     # The drafter's cost line, fitted over its recent draft passes (core/cost.py): one
     # drafted token per sequence takes about draft_pass_base_s + draft_row_s * rows.
@@ -39,6 +36,9 @@ class Proposal:
     draft_row_s: float = 0.0
     replica: str = ""  # the draft replica that answered ("" in-process)
     unavailable: bool = False  # no replica serves the drafter: this step decodes plainly
+    # A token tree instead of a chain: each token's parent among `tokens` (-1: the last
+    # committed token), parents first. Deterministic drafters, greedy requests only.
+    parents: list[int] | None = None
 
 
 @dataclass

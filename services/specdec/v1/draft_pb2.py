@@ -26,7 +26,7 @@ from specdec.v1 import errors_pb2 as specdec_dot_v1_dot_errors__pb2
 from specdec.v1 import sampling_pb2 as specdec_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specdec/v1/draft.proto\x12\nspecdec.v1\x1a\x17specdec/v1/errors.proto\x1a\x19specdec/v1/sampling.proto\"\xba\x01\n\x0bProposeItem\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nprefix_len\x18\x03 \x01(\x05\x12\x0e\n\x06tokens\x18\x04 \x03(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x0f\n\x07\x64rafter\x18\x07 \x01(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"U\n\x0eProposeRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.specdec.v1.ProposeItem\x12\x1b\n\x13release_session_ids\x18\x02 \x03(\t\"\xbd\x01\n\rProposeResult\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x17\n\x0f\x64raft_probs_f16\x18\x03 \x01(\x0c\x12\x14\n\x0cneeds_resync\x18\x04 \x01(\x08\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x15.specdec.v1.ItemError\x12\x1f\n\x17\x64raft_pass_base_seconds\x18\x06 \x01(\x01\x12\x19\n\x11\x64raft_row_seconds\x18\x07 \x01(\x01\"=\n\x0fProposeResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.specdec.v1.ProposeResult2V\n\x0c\x44raftService\x12\x46\n\x07Propose\x12\x1a.specdec.v1.ProposeRequest\x1a\x1b.specdec.v1.ProposeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specdec/v1/draft.proto\x12\nspecdec.v1\x1a\x17specdec/v1/errors.proto\x1a\x19specdec/v1/sampling.proto\"\xba\x01\n\x0bProposeItem\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nprefix_len\x18\x03 \x01(\x05\x12\x0e\n\x06tokens\x18\x04 \x03(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x0f\n\x07\x64rafter\x18\x07 \x01(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"U\n\x0eProposeRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.specdec.v1.ProposeItem\x12\x1b\n\x13release_session_ids\x18\x02 \x03(\t\"\xce\x01\n\rProposeResult\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x17\n\x0f\x64raft_probs_f16\x18\x03 \x01(\x0c\x12\x14\n\x0cneeds_resync\x18\x04 \x01(\x08\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x15.specdec.v1.ItemError\x12\x1f\n\x17\x64raft_pass_base_seconds\x18\x06 \x01(\x01\x12\x19\n\x11\x64raft_row_seconds\x18\x07 \x01(\x01\x12\x0f\n\x07parents\x18\x08 \x03(\x05\"=\n\x0fProposeResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.specdec.v1.ProposeResult2V\n\x0c\x44raftService\x12\x46\n\x07Propose\x12\x1a.specdec.v1.ProposeRequest\x1a\x1b.specdec.v1.ProposeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROPOSEREQUEST']._serialized_start=279
   _globals['_PROPOSEREQUEST']._serialized_end=364
   _globals['_PROPOSERESULT']._serialized_start=367
-  _globals['_PROPOSERESULT']._serialized_end=556
-  _globals['_PROPOSERESPONSE']._serialized_start=558
-  _globals['_PROPOSERESPONSE']._serialized_end=619
-  _globals['_DRAFTSERVICE']._serialized_start=621
-  _globals['_DRAFTSERVICE']._serialized_end=707
+  _globals['_PROPOSERESULT']._serialized_end=573
+  _globals['_PROPOSERESPONSE']._serialized_start=575
+  _globals['_PROPOSERESPONSE']._serialized_end=636
+  _globals['_DRAFTSERVICE']._serialized_start=638
+  _globals['_DRAFTSERVICE']._serialized_end=724
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class ProposeRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ProposeItem, _Mapping]]] = ..., release_session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProposeResult(_message.Message):
-    __slots__ = ("tag", "tokens", "draft_probs_f16", "needs_resync", "error", "draft_pass_base_seconds", "draft_row_seconds")
+    __slots__ = ("tag", "tokens", "draft_probs_f16", "needs_resync", "error", "draft_pass_base_seconds", "draft_row_seconds", "parents")
     TAG_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_F16_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class ProposeResult(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PASS_BASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_ROW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     tag: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     draft_probs_f16: bytes
@@ -52,7 +53,8 @@ class ProposeResult(_message.Message):
     error: _errors_pb2.ItemError
     draft_pass_base_seconds: float
     draft_row_seconds: float
-    def __init__(self, tag: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., draft_probs_f16: _Optional[bytes] = ..., needs_resync: _Optional[bool] = ..., error: _Optional[_Union[_errors_pb2.ItemError, _Mapping]] = ..., draft_pass_base_seconds: _Optional[float] = ..., draft_row_seconds: _Optional[float] = ...) -> None: ...
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tag: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., draft_probs_f16: _Optional[bytes] = ..., needs_resync: _Optional[bool] = ..., error: _Optional[_Union[_errors_pb2.ItemError, _Mapping]] = ..., draft_pass_base_seconds: _Optional[float] = ..., draft_row_seconds: _Optional[float] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
     __slots__ = ("results",)

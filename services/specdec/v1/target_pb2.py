@@ -27,7 +27,7 @@ from specdec.v1 import generation_pb2 as specdec_dot_v1_dot_generation__pb2
 from specdec.v1 import sampling_pb2 as specdec_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/target.proto\x12\nspecdec.v1\x1a\x17specdec/v1/errors.proto\x1a\x1bspecdec/v1/generation.proto\x1a\x19specdec/v1/sampling.proto\"\xe7\x01\n\nVerifyItem\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nprefix_len\x18\x03 \x01(\x05\x12\x0e\n\x06tokens\x18\x04 \x03(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x03(\x05\x12\x17\n\x0f\x64raft_probs_f16\x18\x06 \x01(\x0c\x12,\n\x08sampling\x18\x07 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_logprobs\"S\n\rVerifyRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.specdec.v1.VerifyItem\x12\x1b\n\x13release_session_ids\x18\x02 \x03(\t\"\xed\x01\n\x0cVerifyResult\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x14\n\x0cneeds_resync\x18\x05 \x01(\x08\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.specdec.v1.ItemError\x12\x19\n\x11pass_base_seconds\x18\x07 \x01(\x01\x12\x13\n\x0brow_seconds\x18\x08 \x01(\x01\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\";\n\x0eVerifyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.specdec.v1.VerifyResult2T\n\rTargetService\x12\x43\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec/v1/target.proto\x12\nspecdec.v1\x1a\x17specdec/v1/errors.proto\x1a\x1bspecdec/v1/generation.proto\x1a\x19specdec/v1/sampling.proto\"\xfe\x01\n\nVerifyItem\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nprefix_len\x18\x03 \x01(\x05\x12\x0e\n\x06tokens\x18\x04 \x03(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x03(\x05\x12\x17\n\x0f\x64raft_probs_f16\x18\x06 \x01(\x0c\x12,\n\x08sampling\x18\x07 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rdraft_parents\x18\n \x03(\x05\x42\x0b\n\t_logprobs\"S\n\rVerifyRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.specdec.v1.VerifyItem\x12\x1b\n\x13release_session_ids\x18\x02 \x03(\t\"\xed\x01\n\x0cVerifyResult\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x14\n\x0cneeds_resync\x18\x05 \x01(\x08\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.specdec.v1.ItemError\x12\x19\n\x11pass_base_seconds\x18\x07 \x01(\x01\x12\x13\n\x0brow_seconds\x18\x08 \x01(\x01\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\";\n\x0eVerifyResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.specdec.v1.VerifyResult2T\n\rTargetService\x12\x43\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.target_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERIFYITEM']._serialized_start=121
-  _globals['_VERIFYITEM']._serialized_end=352
-  _globals['_VERIFYREQUEST']._serialized_start=354
-  _globals['_VERIFYREQUEST']._serialized_end=437
-  _globals['_VERIFYRESULT']._serialized_start=440
-  _globals['_VERIFYRESULT']._serialized_end=677
-  _globals['_VERIFYRESPONSE']._serialized_start=679
-  _globals['_VERIFYRESPONSE']._serialized_end=738
-  _globals['_TARGETSERVICE']._serialized_start=740
-  _globals['_TARGETSERVICE']._serialized_end=824
+  _globals['_VERIFYITEM']._serialized_end=375
+  _globals['_VERIFYREQUEST']._serialized_start=377
+  _globals['_VERIFYREQUEST']._serialized_end=460
+  _globals['_VERIFYRESULT']._serialized_start=463
+  _globals['_VERIFYRESULT']._serialized_end=700
+  _globals['_VERIFYRESPONSE']._serialized_start=702
+  _globals['_VERIFYRESPONSE']._serialized_end=761
+  _globals['_TARGETSERVICE']._serialized_start=763
+  _globals['_TARGETSERVICE']._serialized_end=847
 # @@protoc_insertion_point(module_scope)
