@@ -42,6 +42,8 @@ DECODING = (
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
+    "min_tokens",
+    "logit_bias",
 )
 CONSTRAINTS = ("json_schema", "json_object", "regex")  # structured output: one of them (a schema may be a dict)
 SPECULATION = {
@@ -75,7 +77,9 @@ def make_request(
             continue
         if name in DECODING:
             target = getattr(request.decoding, name)
-            if isinstance(value, list):
+            if isinstance(value, dict):  # logit_bias: token id -> bias
+                target.update({int(k): v for k, v in value.items()})
+            elif isinstance(value, list):
                 target.extend(value) if hasattr(target, "extend") else None
             else:
                 setattr(request.decoding, name, value)

@@ -31,14 +31,19 @@ class RemoteTier:
         self.pool, self.timeout_s, self.max_failovers = pool, timeout_s, max_failovers
 
     async def call(
-        self, session_id: str, prefix_len: int, build: Callable[[int], Any], serves: str | None = None
+        self,
+        session_id: str,
+        prefix_len: int,
+        build: Callable[[int], Any],
+        serves: str | None = None,
+        prompt: list[int] | None = None,
     ) -> tuple[Any, str] | None:
         """(the result message, the replica that answered), or None when the session must be
         resent from 0. A replica whose stream broke but that answers a reconnect keeps the
         session (its state is still there: the item is resent as it was)."""
         reconnected = False
         for _ in range(self.max_failovers + 1):
-            client = await self.pool.client_for(session_id, serves)
+            client = await self.pool.client_for(session_id, serves, prompt if not prefix_len else None)
             try:
                 result = await asyncio.wait_for(client.call(build), self.timeout_s)
             except (ReplicaFailed, TimeoutError) as exc:
@@ -65,7 +70,10 @@ class RemoteVerifier(RemoteTier):
     async def verify(self, item: VerifyItem) -> Verdict:
         parent = traceparent()  # the step's span: the target's span joins the request's trace
         result = await self.call(
-            item.session_id, item.prefix_len, lambda tag: convert.verify_item_to_proto(tag, item, parent)
+            item.session_id,
+            item.prefix_len,
+            lambda tag: convert.verify_item_to_proto(tag, item, parent),
+            prompt=item.tokens,  # a new session's prompt: its replica is where siblings are (prompt affinity)
         )
         return Verdict(needs_resync=True) if result is None else convert.verdict_from_proto(*result)
 
@@ -81,6 +89,7 @@ class RemoteDrafter(RemoteTier):
                 item.prefix_len,
                 lambda tag: convert.propose_item_to_proto(tag, item, parent),
                 item.drafter,
+                item.tokens,
             )
         except TierUnavailable as exc:
             log.info("no draft replica (%s); decoding without speculation", exc)

@@ -6,6 +6,12 @@ where its cache is); new sessions go to the replica with the least work in fligh
 those that serve what the session needs (a draft replica lists its drafters). A replica
 whose stream broke and that does not answer a reconnect is quarantined, longer each time
 it fails again in a row.
+
+Prompt affinity: a new session whose prompt starts like one placed in the last
+AFFINITY_S seconds goes to that session's replica (unless it already holds AFFINITY_SKEW
+more sessions than the least loaded one), so the n choices of one request, and requests
+sent together with one long prompt, share the prompt's KV there (core/kv_fork.py: forking
+happens only within a replica).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +32,10 @@ REFRESH_S = 1.0
 QUARANTINE_S = 15.0  # the first time; doubled for each further failure in a row
 MAX_QUARANTINE_S = 300.0
 EMPTY_GRACE_S = 15.0  # an empty registry right after replicas were seen is a restarted Redis, not a dead tier
+AFFINITY_TOKENS = 32  # prompts this long or longer, keyed by these first tokens (core/kv_fork.py forks >= 32 rows)
+AFFINITY_S = 2.0  # how long a prompt's replica is remembered (siblings arrive together)
+AFFINITY_SKEW = 8  # sessions more than the least loaded replica beyond which affinity yields to balance
+MAX_AFFINITY_KEYS = 1024
 
 
 class ReplicaPool:
@@ -48,6 +58,7 @@ class ReplicaPool:
         self._quarantine: dict[str, float] = {}
         self._failures: Counter[str] = Counter()  # failures in a row, per address
         self.placement: dict[str, str] = {}  # session id -> address
+        self._affinity: OrderedDict[tuple[int, ...], tuple[str, float]] = OrderedDict()  # prompt key -> (address, when)
 
     async def replicas(self) -> list[ReplicaInfo]:
         if self.registry is not None and time.monotonic() - self._refreshed > REFRESH_S:
@@ -78,15 +89,24 @@ class ReplicaPool:
     def _known_static(self) -> list[ReplicaInfo]:
         return [ReplicaInfo(tier=self.tier, address=a) for a in self.static]
 
-    async def client_for(self, session_id: str, serves: str | None = None) -> TaggedStreamClient:
-        """The session's replica; a new session's is the least loaded one that `serves` it."""
+    async def client_for(
+        self, session_id: str, serves: str | None = None, prompt: list[int] | None = None
+    ) -> TaggedStreamClient:
+        """The session's replica; a new session's is the least loaded one that `serves` it,
+        or the replica of a recent session with the same `prompt` start (module doc)."""
         address = self.placement.get(session_id)
         if address is None or self._quarantine.get(address, 0) > time.monotonic():
-            address = await self._least_loaded(serves)
+            key = tuple(prompt[:AFFINITY_TOKENS]) if prompt is not None and len(prompt) > AFFINITY_TOKENS else None
+            address = await self._least_loaded(serves, key)
             self.placement[session_id] = address
+            if key is not None:
+                self._affinity.pop(key, None)
+                self._affinity[key] = (address, time.monotonic())
+                while len(self._affinity) > MAX_AFFINITY_KEYS:
+                    self._affinity.popitem(last=False)
         return self._client(address)
 
-    async def _least_loaded(self, serves: str | None) -> str:
+    async def _least_loaded(self, serves: str | None, key: tuple[int, ...] | None = None) -> str:
         replicas = self._serving(await self.replicas(), serves)
         if not replicas and self.registry is not None:  # all we knew failed: ask now, not in a second
             self._refreshed = 0.0
@@ -101,7 +121,11 @@ class ReplicaPool:
             client = self._clients.get(r.address)
             return (placed[r.address], client.in_flight if client else 0, float(r.load.queue_depth))
 
-        return min(replicas, key=score).address
+        least = min(replicas, key=score).address
+        near, when = self._affinity.get(key, ("", 0.0)) if key is not None else ("", 0.0)
+        recent = bool(near) and time.monotonic() - when < AFFINITY_S
+        healthy = any(r.address == near for r in replicas)  # and serving what the session needs
+        return near if recent and healthy and placed[near] <= placed[least] + AFFINITY_SKEW else least
 
     def _client(self, address: str) -> TaggedStreamClient:
         client = self._clients.get(address)

@@ -264,7 +264,9 @@ class Coordinator:
             return run
         try:
             run.request = request_from_record(record, uuid.uuid4().hex, self.limits.max_context)
-            run.request.sampling = continued_sampling(run.request.sampling, spec, len(record.prompt_ids))
+            run.request.sampling = continued_sampling(
+                run.request.sampling, spec, len(record.prompt_ids), run.request.stop_token_ids
+            )
         except (ValueError, InvalidArgument) as exc:
             log.warning(
                 "session record %s cannot be continued (%s); starting the request anew", record_id[:64], str(exc)[:200]
@@ -566,6 +568,8 @@ def spec_from_proto(m: generation_pb2.GenerateRequest | generation_pb2.CompleteR
         repetition_penalty=opt(d, "repetition_penalty"),
         grammar_kind=grammar_kind,
         grammar=grammar,
+        logit_bias=dict(d.logit_bias) or None,
+        min_tokens=opt(d, "min_tokens"),
     )
 
 

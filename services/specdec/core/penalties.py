@@ -12,6 +12,13 @@ Semantics as vLLM (and OpenAI / HF) define them, in vLLM's order:
 * presence_penalty (OpenAI): minus the penalty once for a token present in the output.
 
 "Output" is the history after the prompt (`SamplingParams.prompt_len` tokens).
+
+Before the penalties, as vLLM's logits processors do (they come first there too):
+
+* logit_bias (OpenAI): the bias is added to its token's logit;
+* min_tokens (vLLM): while the output has fewer than min_tokens tokens, EOS and the stop
+  token ids (`SamplingParams.min_tokens_ids`) are masked (-inf): a row whose history has
+  too little output cannot end the text.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ def penalize(logits: torch.Tensor, tokens: list[int], base: int, params: Samplin
     Counting is vectorised (bincount, one scatter for the drafts): no loop over the vocab."""
     n, vocab = logits.shape
     assert len(tokens) >= base + n - 1, "each row needs its history"
-    out = logits.to(torch.float64)
+    out = biased(logits.to(torch.float64), base, params)
     prompt_len = min(params.prompt_len, base)
     counts = output_counts(tokens, prompt_len, base, n, vocab).to(out.device)  # counted on the host
     if params.repetition_penalty != 1.0:
@@ -40,6 +47,22 @@ def penalize(logits: torch.Tensor, tokens: list[int], base: int, params: Samplin
     if params.presence_penalty != 0.0:
         out = out - params.presence_penalty * (counts > 0).to(torch.float64)
     return out
+
+
+def biased(logits: torch.Tensor, base: int, params: SamplingParams) -> torch.Tensor:
+    """logit_bias and min_tokens on float64 logits [n, vocab] (row j after base + j tokens)."""
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=logits.device)
+        bias = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float64, device=logits.device)
+        logits = logits.index_add(1, ids, bias.expand(logits.shape[0], -1))
+    if params.min_tokens > 0 and params.min_tokens_ids:
+        # row j's output so far: base + j - prompt_len tokens; masked while under min_tokens
+        early = max(0, min(logits.shape[0], params.min_tokens + params.prompt_len - base))
+        if early:
+            ids = torch.tensor(params.min_tokens_ids, dtype=torch.long, device=logits.device)
+            logits = logits.clone() if not params.logit_bias else logits
+            logits[:early, ids] = -torch.inf
+    return logits
 
 
 def output_counts(tokens: list[int], prompt_len: int, base: int, n: int, vocab: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 
-from specdec.core.checks import check_ids
+from specdec.core.checks import check_ids, check_sampling_ids
 from specdec.core.drafters.registry import DrafterSpec, parse_drafter
 from specdec.core.errors import InvalidArgument
 from specdec.core.loop import GenerationRequest
@@ -55,6 +55,8 @@ class RequestSpec:
     repetition_penalty: float | None = None
     grammar_kind: str = ""  # structured output: "" | "json_object" | "json_schema" | "regex"
     grammar: str = ""  # the JSON schema (JSON text) or the regex
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100], added to its logit
+    min_tokens: int | None = None  # EOS and the stop token ids are masked until this many tokens
 
 
 @dataclass
@@ -89,12 +91,12 @@ def build_request(
     max_new = DEFAULT_MAX_NEW_TOKENS if spec.max_new_tokens is None else spec.max_new_tokens
     if not 1 <= max_new <= limits.max_new_tokens:
         raise InvalidArgument("decoding.max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {max_new}")
-    sampling = _sampling(spec, len(prompt_ids))
+    stops = _stop_token_ids(spec, tokenizer, limits)
+    sampling = _with_min_tokens(_sampling(spec, len(prompt_ids)), max_new, stops, limits)
     drafter = _drafter(parse_drafter(spec.drafter or default_drafter), available_drafters)
     k = DEFAULT_DRAFT_TOKENS if spec.max_draft_tokens is None else spec.max_draft_tokens
     if not 1 <= k <= MAX_DRAFT_TOKENS:
         raise InvalidArgument("speculation.max_draft_tokens", f"must be in [1, {MAX_DRAFT_TOKENS}], got {k}")
-    stops = _stop_token_ids(spec, tokenizer, limits)
     _check_stop_strings(spec.stop)
     request = GenerationRequest(
         session_id=uuid.uuid4().hex,
@@ -128,17 +130,38 @@ def _sampling(spec: RequestSpec, prompt_len: int) -> SamplingParams:
         prompt_len=prompt_len,
         grammar_kind=spec.grammar_kind,
         grammar=spec.grammar,
+        logit_bias=tuple(sorted((int(t), 1.0 * b) for t, b in (spec.logit_bias or {}).items())),
+        min_tokens=spec.min_tokens or 0,
     ).validate("decoding.")
 
 
-def continued_sampling(recorded: SamplingParams, spec: RequestSpec, prompt_len: int) -> SamplingParams:
+def _with_min_tokens(
+    sampling: SamplingParams, max_new: int, stops: frozenset[int], limits: ModelLimits
+) -> SamplingParams:
+    """The ids min_tokens masks (EOS unless ignored, and the stop token ids), and the
+    checks that need the request's length and the vocabulary."""
+    if sampling.min_tokens > max_new:
+        raise InvalidArgument("decoding.min_tokens", f"must be <= max_new_tokens {max_new}, got {sampling.min_tokens}")
+    check_sampling_ids("decoding.", sampling, limits.vocab_size)
+    if not sampling.min_tokens:
+        return sampling
+    return dataclasses.replace(sampling, min_tokens_ids=tuple(sorted(stops)))
+
+
+def continued_sampling(
+    recorded: SamplingParams, spec: RequestSpec, prompt_len: int, stop_token_ids: frozenset[int] = frozenset()
+) -> SamplingParams:
     """A resumed request's sampling: the recorded temperature, top-k, top-p and seed, and the
     penalties, min-p and constraint of the resent request (the same request: its
     fingerprint matched), with the original prompt's length, so the tiers count and replay
     the output generated before the break as output (the new prompt holds it)."""
     spec_sampling = _sampling(dataclasses.replace(spec, seed=recorded.seed), prompt_len)
     return dataclasses.replace(
-        spec_sampling, temperature=recorded.temperature, top_k=recorded.top_k, top_p=recorded.top_p
+        spec_sampling,
+        temperature=recorded.temperature,
+        top_k=recorded.top_k,
+        top_p=recorded.top_p,
+        min_tokens_ids=tuple(sorted(stop_token_ids)) if spec_sampling.min_tokens else (),
     ).validate("decoding.")
 
 

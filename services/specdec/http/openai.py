@@ -4,7 +4,10 @@ Requests are pydantic models (FastAPI validates them); `to_specs` turns one into
 `RequestSpec`s the coordinator runs (one per choice: `n` × prompts). Every field that
 would change the output and is not implemented is refused with a 400 naming it, never
 ignored; its neutral value (`min_tokens: 0`, `logprobs: false`, ...) is accepted.
-`response_format` json_object / json_schema constrains the output (core/grammar.py).
+`response_format` json_object / json_schema constrains the output (core/grammar.py), as do
+vLLM's extra-body conventions: `structured_outputs: {"regex": ...}` or `{"json": ...}`, and
+the older `guided_regex` / `guided_json` (one constraint per request). `logit_bias`
+(OpenAI's) and `min_tokens` (vLLM's) are processed on the target's rows as the penalties.
 Responses are plain dicts in OpenAI's shapes; `usage` carries the speculation statistics
 under `usage.speculation`.
 """
@@ -83,6 +86,36 @@ class ResponseFormat(BaseModel):
         raise NotSupported("response_format", f"type {self.type[:40]!r}")
 
 
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extra-body object: one of its fields."""
+
+    regex: str | None = None
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def constraint(self) -> tuple[str, str, str]:
+        """-> (param, grammar_kind, grammar)."""
+        given = [name for name in ("regex", "json_", "choice", "grammar", "json_object") if getattr(self, name)]
+        if len(given) > 1:
+            raise InvalidArgument("structured_outputs", "give one of regex, json, json_object")
+        if not given:
+            return "structured_outputs", "", ""
+        name = given[0]
+        if name == "regex":
+            return "structured_outputs.regex", "regex", self.regex or ""
+        if name == "json_":
+            return "structured_outputs.json", "json_schema", _schema_text(self.json_)
+        if name == "json_object":
+            return "structured_outputs.json_object", "json_object", ""
+        raise NotSupported(f"structured_outputs.{name}")
+
+
+def _schema_text(schema: dict[str, Any] | str | None) -> str:
+    return schema if isinstance(schema, str) else json.dumps(schema)
+
+
 class _Sampling(_Strict):
     model: str | None = None
     max_tokens: int | None = None
@@ -102,9 +135,11 @@ class _Sampling(_Strict):
     repetition_penalty: float | None = Field(default=None, description="extension (vLLM's)")
     min_p: float | None = Field(default=None, description="extension (vLLM's)")
     response_format: ResponseFormat | None = None
-    # Accepted at their neutral values only (400 otherwise): not implemented yet.
-    min_tokens: int | None = None
-    logit_bias: dict[str, float] | None = None
+    structured_outputs: StructuredOutputs | None = Field(default=None, description="extension (vLLM's)")
+    guided_regex: str | None = Field(default=None, description="extension (vLLM's older name)")
+    guided_json: dict[str, Any] | str | None = Field(default=None, description="extension (vLLM's older name)")
+    min_tokens: int | None = Field(default=None, description="extension (vLLM's): no EOS / stop token before")
+    logit_bias: dict[str, float] | None = Field(default=None, description="token id (a string) -> bias [-100, 100]")
     # Metadata that does not change the output.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -112,17 +147,13 @@ class _Sampling(_Strict):
     service_tier: str | None = None
 
     def _refuse_unsupported(self) -> None:
-        if self.min_tokens not in (None, 0):
-            raise NotSupported("min_tokens")
-        if self.logit_bias:
-            raise NotSupported("logit_bias")
         if self.n < 1:
             raise InvalidArgument("n", f"must be >= 1, got {self.n}")
 
     def _base_spec(self, max_tokens: int | None, default_max_tokens: int) -> RequestSpec:
         spec = self.speculation or Speculation()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        grammar_kind, grammar = self.response_format.constraint() if self.response_format else ("", "")
+        _, grammar_kind, grammar = self.constraint()
         return RequestSpec(
             max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
             temperature=DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
@@ -142,7 +173,39 @@ class _Sampling(_Strict):
             repetition_penalty=self.repetition_penalty,
             grammar_kind=grammar_kind,
             grammar=grammar,
+            logit_bias=self._logit_bias(),
+            min_tokens=self.min_tokens,
         )
+
+    def constraint(self) -> tuple[str, str, str]:
+        """-> (the param it came from, grammar_kind, grammar): response_format, vLLM's
+        structured_outputs, or its older guided_regex / guided_json; at most one of them."""
+        given: list[tuple[str, str, str]] = []
+        if self.response_format is not None:
+            kind, source = self.response_format.constraint()
+            given += [("response_format", kind, source)] if kind else []
+        if self.structured_outputs is not None:
+            param, kind, source = self.structured_outputs.constraint()
+            given += [(param, kind, source)] if kind else []
+        if self.guided_regex is not None:
+            given.append(("guided_regex", "regex", self.guided_regex))
+        if self.guided_json is not None:
+            given.append(("guided_json", "json_schema", _schema_text(self.guided_json)))
+        if len(given) > 1:
+            names = ", ".join(param for param, _, _ in given)
+            raise InvalidArgument(given[1][0], f"one constraint per request, got {names}")
+        return given[0] if given else ("", "", "")
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's keys are token ids as strings."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, bias in self.logit_bias.items():
+            if not key.strip().isdigit():
+                raise InvalidArgument("logit_bias", f"keys are token ids, got {key[:40]!r}")
+            out[int(key)] = bias
+        return out
 
     @property
     def include_usage(self) -> bool:
@@ -276,7 +339,10 @@ def param_for(field: str, request: BaseModel | None) -> str:
     if field == "token_ids.ids":
         return "prompt"
     if field.startswith("decoding.constraint"):
-        return "response_format"
+        param = request.constraint()[0] if isinstance(request, _Sampling) else ""
+        return param or "response_format"
+    if field == "decoding.min_tokens_ids":
+        return "min_tokens"
     if _INDEXED.match(field):
         return _INDEXED.sub("messages", field)
     return field.removeprefix("decoding.")

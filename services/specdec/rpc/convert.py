@@ -42,6 +42,9 @@ def sampling_to_proto(p: SamplingParams) -> sampling_pb2.SamplingParams:
         repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,
         prompt_len=p.prompt_len,
         constraint=constraint_to_proto(p.grammar_kind, p.grammar),
+        logit_bias=dict(p.logit_bias),
+        min_tokens=p.min_tokens,
+        min_tokens_ids=p.min_tokens_ids,
     )
 
 
@@ -59,6 +62,9 @@ def sampling_from_proto(m: sampling_pb2.SamplingParams) -> SamplingParams:
         prompt_len=m.prompt_len,
         grammar_kind=kind,
         grammar=source,
+        logit_bias=tuple(sorted(m.logit_bias.items())),
+        min_tokens=m.min_tokens,
+        min_tokens_ids=tuple(m.min_tokens_ids),
     )
 
 
@@ -108,6 +114,7 @@ def proposal_to_proto(tag: int, p: Proposal) -> draft_pb2.ProposeResult:
         needs_resync=p.needs_resync,
         draft_pass_base_seconds=p.draft_pass_base_s,
         draft_row_seconds=p.draft_row_s,
+        parents=p.parents or [],
     )
 
 
@@ -120,6 +127,7 @@ def proposal_from_proto(m: draft_pb2.ProposeResult, replica: str = "") -> Propos
         m.draft_pass_base_seconds,
         m.draft_row_seconds,
         replica,
+        parents=tree_from_proto("parents", m.parents, len(tokens)),
     )
 
 
@@ -134,6 +142,7 @@ def verify_item_to_proto(tag: int, item: VerifyItem, traceparent: str = "") -> t
         sampling=sampling_to_proto(item.sampling),
         traceparent=traceparent,
         logprobs=item.logprobs if item.logprobs >= 0 else None,
+        draft_parents=item.draft_parents or [],
     )
 
 
@@ -147,7 +156,18 @@ def verify_item_from_proto(m: target_pb2.VerifyItem) -> VerifyItem:
         probs_from_bytes(m.draft_probs_f16, len(drafts)),
         sampling_from_proto(m.sampling),
         m.logprobs if m.HasField("logprobs") else -1,
+        list(m.draft_parents) or None,  # the target's check_item judges the tree
     )
+
+
+def tree_from_proto(field: str, parents: Iterable[int], num_tokens: int) -> list[int] | None:
+    """A drafted tree's parents, checked (a draft replica is a stranger too); None for a chain."""
+    tree = list(parents)
+    if not tree:
+        return None
+    if len(tree) != num_tokens or any(not -1 <= p < i for i, p in enumerate(tree)):
+        raise InvalidArgument(field, f"not a tree over {num_tokens} tokens: each parent -1 or an earlier index")
+    return tree
 
 
 def verdict_to_proto(tag: int, v: Verdict) -> target_pb2.VerifyResult:

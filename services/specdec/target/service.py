@@ -102,7 +102,12 @@ class LoadMeter:
             batch_utilization=self.verifier.batcher.utilization,
             tokens_per_s=rates.tokens_per_s,
             acceptance_rate=rates.acceptance_rate,
-            extra={"max_batch_size": stats.max_batch_size, **(self.store.stats.as_load() if self.store else {})},
+            extra={
+                "max_batch_size": stats.max_batch_size,
+                "prefill_tokens": w.prefill_tokens,  # prompt rows computed (running total)
+                "forked_tokens": w.forked_tokens,  # prompt rows copied from another session (core/kv_fork.py)
+                **(self.store.stats.as_load() if self.store else {}),
+            },
         )
 
 

@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import sampling_pb2 as specdec_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecdec/v1/generation.proto\x12\nspecdec.v1\x1a\x19specdec/v1/sampling.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.specdec.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8c\x04\n\x0e\x44\x65\x63odingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\n \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x01H\t\x88\x01\x01\x12*\n\nconstraint\x18\x0e \x01(\x0b\x32\x16.specdec.v1.ConstraintB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\xaf\x01\n\x11SpeculationParams\x12\x14\n\x07\x64rafter\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1d\n\x10max_draft_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08\x61\x64\x61ptive\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x14\n\x07overlap\x18\x04 \x01(\x08H\x03\x88\x01\x01\x42\n\n\x08_drafterB\x13\n\x11_max_draft_tokensB\x0b\n\t_adaptiveB\n\n\x08_overlap\"\xf1\x02\n\x10SpeculationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\x12\x17\n\x0fproposed_tokens\x18\x03 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x06 \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\x07 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x08 \x01(\x01\x12\x12\n\nelapsed_ms\x18\t \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\n \x01(\x01\x12\x1e\n\x16mean_verify_batch_size\x18\x0b \x01(\x01\x12\x0f\n\x07\x64rafter\x18\x0c \x01(\t\x12\x11\n\tpredrafts\x18\r \x01(\x05\x12\x16\n\x0epredrafts_used\x18\x0e \x01(\x05\x12\x1d\n\x15steps_without_drafter\x18\x0f \x01(\x05\"\x8c\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.specdec.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.specdec.v1.TokenIdsH\x00\x12,\n\x08\x64\x65\x63oding\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.DecodingParams\x12\x32\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x1d.specdec.v1.SpeculationParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x13\n\x0bresume_from\x18\x07 \x01(\rB\x07\n\x05input\"Y\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x01\"n\n\x0eGenerationDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12+\n\x05stats\x18\x02 \x01(\x0b\x32\x1c.specdec.v1.SpeculationStats\"\x84\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.specdec.v1.TokenChunkH\x00\x12*\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.GenerationDoneH\x00\x42\x07\n\x05\x65vent\"\xf7\x01\n\x0f\x43ompleteRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.specdec.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.specdec.v1.TokenIdsH\x00\x12,\n\x08\x64\x65\x63oding\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.DecodingParams\x12\x32\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x1d.specdec.v1.SpeculationParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"\xd1\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12+\n\x05stats\x18\x05 \x01(\x0b\x32\x1c.specdec.v1.SpeculationStats\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.specdec.v1.TokenLogprob*z\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x03\x32\xa3\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.specdec.v1.CompleteRequest\x1a\x1c.specdec.v1.CompleteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecdec/v1/generation.proto\x12\nspecdec.v1\x1a\x19specdec/v1/sampling.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.specdec.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa5\x05\n\x0e\x44\x65\x63odingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\n \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x01H\t\x88\x01\x01\x12*\n\nconstraint\x18\x0e \x01(\x0b\x32\x16.specdec.v1.Constraint\x12=\n\nlogit_bias\x18\x0f \x03(\x0b\x32).specdec.v1.DecodingParams.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x10 \x01(\x05H\n\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokens\"\xaf\x01\n\x11SpeculationParams\x12\x14\n\x07\x64rafter\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1d\n\x10max_draft_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08\x61\x64\x61ptive\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x14\n\x07overlap\x18\x04 \x01(\x08H\x03\x88\x01\x01\x42\n\n\x08_drafterB\x13\n\x11_max_draft_tokensB\x0b\n\t_adaptiveB\n\n\x08_overlap\"\xf1\x02\n\x10SpeculationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\x12\x17\n\x0fproposed_tokens\x18\x03 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x06 \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\x07 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x08 \x01(\x01\x12\x12\n\nelapsed_ms\x18\t \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\n \x01(\x01\x12\x1e\n\x16mean_verify_batch_size\x18\x0b \x01(\x01\x12\x0f\n\x07\x64rafter\x18\x0c \x01(\t\x12\x11\n\tpredrafts\x18\r \x01(\x05\x12\x16\n\x0epredrafts_used\x18\x0e \x01(\x05\x12\x1d\n\x15steps_without_drafter\x18\x0f \x01(\x05\"\x8c\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.specdec.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.specdec.v1.TokenIdsH\x00\x12,\n\x08\x64\x65\x63oding\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.DecodingParams\x12\x32\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x1d.specdec.v1.SpeculationParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x13\n\x0bresume_from\x18\x07 \x01(\rB\x07\n\x05input\"Y\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.specdec.v1.TokenLogprob\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x01\"n\n\x0eGenerationDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12+\n\x05stats\x18\x02 \x01(\x0b\x32\x1c.specdec.v1.SpeculationStats\"\x84\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.specdec.v1.TokenChunkH\x00\x12*\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1a.specdec.v1.GenerationDoneH\x00\x42\x07\n\x05\x65vent\"\xf7\x01\n\x0f\x43ompleteRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.specdec.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.specdec.v1.TokenIdsH\x00\x12,\n\x08\x64\x65\x63oding\x18\x04 \x01(\x0b\x32\x1a.specdec.v1.DecodingParams\x12\x32\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x1d.specdec.v1.SpeculationParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"\xd1\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12+\n\x05stats\x18\x05 \x01(\x0b\x32\x1c.specdec.v1.SpeculationStats\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.specdec.v1.TokenLogprob*z\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x03\x32\xa3\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x1c.specdec.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.specdec.v1.CompleteRequest\x1a\x1c.specdec.v1.CompleteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2426
-  _globals['_FINISHREASON']._serialized_end=2548
+  _globals['_DECODINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_DECODINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2579
+  _globals['_FINISHREASON']._serialized_end=2701
   _globals['_CHATMESSAGE']._serialized_start=70
   _globals['_CHATMESSAGE']._serialized_end=114
   _globals['_CHATMESSAGES']._serialized_start=116
@@ -41,25 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=175
   _globals['_TOKENIDS']._serialized_end=198
   _globals['_DECODINGPARAMS']._serialized_start=201
-  _globals['_DECODINGPARAMS']._serialized_end=725
-  _globals['_SPECULATIONPARAMS']._serialized_start=728
-  _globals['_SPECULATIONPARAMS']._serialized_end=903
-  _globals['_SPECULATIONSTATS']._serialized_start=906
-  _globals['_SPECULATIONSTATS']._serialized_end=1275
-  _globals['_GENERATEREQUEST']._serialized_start=1278
-  _globals['_GENERATEREQUEST']._serialized_end=1546
-  _globals['_TOKENCHUNK']._serialized_start=1548
-  _globals['_TOKENCHUNK']._serialized_end=1637
-  _globals['_TOKENLOGPROB']._serialized_start=1639
-  _globals['_TOKENLOGPROB']._serialized_end=1715
-  _globals['_GENERATIONDONE']._serialized_start=1717
-  _globals['_GENERATIONDONE']._serialized_end=1827
-  _globals['_GENERATERESPONSE']._serialized_start=1830
-  _globals['_GENERATERESPONSE']._serialized_end=1962
-  _globals['_COMPLETEREQUEST']._serialized_start=1965
-  _globals['_COMPLETEREQUEST']._serialized_end=2212
-  _globals['_COMPLETERESPONSE']._serialized_start=2215
-  _globals['_COMPLETERESPONSE']._serialized_end=2424
-  _globals['_GENERATIONSERVICE']._serialized_start=2551
-  _globals['_GENERATIONSERVICE']._serialized_end=2714
+  _globals['_DECODINGPARAMS']._serialized_end=878
+  _globals['_DECODINGPARAMS_LOGITBIASENTRY']._serialized_start=662
+  _globals['_DECODINGPARAMS_LOGITBIASENTRY']._serialized_end=710
+  _globals['_SPECULATIONPARAMS']._serialized_start=881
+  _globals['_SPECULATIONPARAMS']._serialized_end=1056
+  _globals['_SPECULATIONSTATS']._serialized_start=1059
+  _globals['_SPECULATIONSTATS']._serialized_end=1428
+  _globals['_GENERATEREQUEST']._serialized_start=1431
+  _globals['_GENERATEREQUEST']._serialized_end=1699
+  _globals['_TOKENCHUNK']._serialized_start=1701
+  _globals['_TOKENCHUNK']._serialized_end=1790
+  _globals['_TOKENLOGPROB']._serialized_start=1792
+  _globals['_TOKENLOGPROB']._serialized_end=1868
+  _globals['_GENERATIONDONE']._serialized_start=1870
+  _globals['_GENERATIONDONE']._serialized_end=1980
+  _globals['_GENERATERESPONSE']._serialized_start=1983
+  _globals['_GENERATERESPONSE']._serialized_end=2115
+  _globals['_COMPLETEREQUEST']._serialized_start=2118
+  _globals['_COMPLETEREQUEST']._serialized_end=2365
+  _globals['_COMPLETERESPONSE']._serialized_start=2368
+  _globals['_COMPLETERESPONSE']._serialized_end=2577
+  _globals['_GENERATIONSERVICE']._serialized_start=2704
+  _globals['_GENERATIONSERVICE']._serialized_end=2867
 # @@protoc_insertion_point(module_scope)
