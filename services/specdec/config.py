@@ -56,6 +56,7 @@ class Settings:
     drain_timeout_s: float = 10.0  # SIGTERM: time for in-flight items and KV writes before exiting
     prefill_chunk_s: float = 0.25  # target: a pass's time budget for prompt chunks (chunked prefill); 0 = one pass
     prefill_chunk_tokens: int = 0  # target: a fixed prompt chunk size instead of the budget's (0 = from the budget)
+    kv_fork_tokens: int = 32  # target, draft: a new session copies a prompt prefix this long another holds; 0 = off
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -228,6 +228,62 @@ def test_response_format_constrains_the_output(front):
         assert isinstance(json.loads(content), dict)
 
 
+def test_regex_over_http_in_vllms_conventions(front):
+    """structured_outputs.regex and the older guided_regex (extra_body), chat and
+    completions, greedy and sampled, speculating: every output matches the whole regex."""
+    import re
+
+    client = front.client()
+    pattern = r"(cat|dog)s? (sat|ran) on the (mat|log|rug)\."
+    speculation = {"speculation": SPEC["speculation"]}
+    texts = []
+    for temperature in (0.0, 1.0):
+        reply = client.chat.completions.create(
+            model=front.model, messages=CHAT, max_tokens=40, temperature=temperature, seed=3,
+            extra_body={"structured_outputs": {"regex": pattern}, **speculation},
+        )  # fmt: skip
+        texts.append((reply.choices[0].message.content, reply.choices[0].finish_reason))
+        reply = client.completions.create(
+            model=front.model, prompt=PROMPT, max_tokens=40, temperature=temperature, seed=3,
+            extra_body={"guided_regex": pattern, **speculation},
+        )  # fmt: skip
+        texts.append((reply.choices[0].text, reply.choices[0].finish_reason))
+    for text, reason in texts:
+        assert re.fullmatch(pattern, text) and reason == "stop", (text, reason)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    schema["additionalProperties"] = False
+    reply = client.chat.completions.create(
+        model=front.model, messages=CHAT, max_tokens=60, temperature=0.0, extra_body={"guided_json": schema}
+    )
+    if reply.choices[0].finish_reason == "stop":  # the tiny model may write digits for ever
+        assert set(json.loads(reply.choices[0].message.content)) == {"n"}
+    else:
+        assert reply.choices[0].message.content.startswith('{"n":')
+
+
+def test_logit_bias_and_min_tokens_over_http_are_the_grpc_output(tiny_stack, front, prompt_ids):
+    """Greedy, speculating over HTTP: the gRPC path's tokens with no drafter, and both
+    settings change the output (a bias against plain decoding's favourite token, and
+    min_tokens holding back a stop token it would emit early)."""
+    plain = list(_grpc(tiny_stack.address, PROMPT, drafter="none").token_ids)
+    favourite = max(set(plain), key=plain.count)
+    stop = next(t for t in plain[1:6] if t != favourite)
+    bias = {favourite: -5.0, plain[0]: 2.0}
+    grpc_reply = _grpc(
+        tiny_stack.address, PROMPT, drafter="none", logit_bias=bias, min_tokens=10, stop_token_ids=[stop]
+    )
+    assert list(grpc_reply.token_ids) != plain and len(grpc_reply.token_ids) >= 10
+    assert stop not in list(grpc_reply.token_ids)[:9]
+    early = _grpc(tiny_stack.address, PROMPT, drafter="none", logit_bias=bias, stop_token_ids=[stop])
+    assert len(early.token_ids) < 10, "without min_tokens the stop token ends the text early"
+    reply = front.client().completions.create(
+        model=front.model, prompt=PROMPT, **GREEDY, logit_bias={str(t): b for t, b in bias.items()},
+        extra_body={**SPEC, "min_tokens": 10, "stop_token_ids": [stop]},
+    )  # fmt: skip
+    assert reply.choices[0].text == grpc_reply.text
+    assert reply.usage.completion_tokens == len(grpc_reply.token_ids)
+
+
 async def test_async_client_n_choices_and_seeds(front):
     """n=2 sampled choices run as two requests (seeds s and s+1); choice 0 is what n=1 gives
     (a fixed draft schedule: which tokens a seed draws depends on the drafts it tests)."""
@@ -333,7 +389,20 @@ BAD = [  # (endpoint, fields, the param named)
     ("completions", {"extra_body": {"repetition_penalty": -1.0}}, "repetition_penalty"),
     ("chat", {"extra_body": {"min_p": 1.5}}, "min_p"),
     ("completions", {"extra_body": {"min_p": -0.1}}, "min_p"),
-    ("chat", {"extra_body": {"min_tokens": 3}}, "min_tokens"),
+    ("chat", {"extra_body": {"min_tokens": 5}}, "min_tokens"),  # more than max_tokens
+    ("completions", {"extra_body": {"min_tokens": -1}}, "min_tokens"),
+    ("chat", {"logit_bias": {"17": 101}}, "logit_bias"),
+    ("completions", {"logit_bias": {"999999999": 1}}, "logit_bias"),  # not a token of the model
+    ("chat", {"logit_bias": {"cat": 1}}, "logit_bias"),
+    ("chat", {"extra_body": {"structured_outputs": {"regex": "(unclosed"}}}, "structured_outputs.regex"),
+    ("completions", {"extra_body": {"guided_regex": "[z-a]"}}, "guided_regex"),
+    ("chat", {"extra_body": {"guided_json": {"type": "nonsense"}}}, "guided_json"),
+    ("chat", {"extra_body": {"structured_outputs": {"choice": ["a", "b"]}}}, "structured_outputs.choice"),
+    (
+        "chat",
+        {"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a+"}},
+        "guided_regex",
+    ),
     ("chat", {"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ("chat", {"top_logprobs": 2}, "top_logprobs"),
     ("completions", {"logprobs": 21}, "logprobs"),

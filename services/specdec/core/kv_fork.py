@@ -36,8 +36,9 @@ class PrefixForks:
     up to PER_KEY prefix comparisons for a prefill."""
 
     def __init__(self, min_tokens: int = FORK_MIN_TOKENS, max_keys: int = MAX_KEYS) -> None:
-        if min_tokens < KEY_TOKENS:
-            raise ValueError(f"min_tokens must be >= {KEY_TOKENS}, got {min_tokens}")
+        """`min_tokens`: the fewest rows worth forking (SPECDEC_KV_FORK_TOKENS); 0 turns forking off."""
+        if 0 < min_tokens < KEY_TOKENS or min_tokens < 0:
+            raise ValueError(f"min_tokens must be 0 (off) or >= {KEY_TOKENS}, got {min_tokens}")
         self.min_tokens, self.max_keys = min_tokens, max_keys
         self._index: OrderedDict[tuple[int, ...], list[weakref.ref[SessionKV]]] = OrderedDict()
         self.forked_tokens = 0  # rows copied instead of computed, running total
@@ -48,7 +49,7 @@ class PrefixForks:
         prefix, copy its rows. Remembers `kv` as a source for later sessions. Returns the
         rows copied (kv.length grew by as much)."""
         prompt = committed[:-1]  # the newest committed token is fed with the drafts
-        if not kv.has_buffers or len(prompt) - kv.length < self.min_tokens:
+        if not self.min_tokens or not kv.has_buffers or len(prompt) - kv.length < self.min_tokens:
             return 0  # a step (or a short prompt): nothing worth forking
         key = tuple(prompt[:KEY_TOKENS])
         source, n = self._best(key, prompt, kv)
@@ -66,6 +67,8 @@ class PrefixForks:
         least `min_tokens` more than they hold) that nothing cached can give them now.
         A prompt prefilled in chunks keeps its siblings waiting until its last chunk."""
         held = [False] * len(pending)
+        if not self.min_tokens:
+            return held
         leaders: dict[tuple[int, ...], list[int]] = {}  # items of this pass computing prompt rows
         for i, (kv, committed) in enumerate(pending):
             prompt = committed[:-1]

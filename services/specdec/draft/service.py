@@ -10,9 +10,11 @@ import grpc
 
 from specdec.config import Settings
 from specdec.core import compute
+from specdec.core.drafters.model import ModelDrafter
 from specdec.core.drafters.registry import parse_drafter
 from specdec.core.drafters.worker import DraftWorker
 from specdec.core.kv_cache import kv_token_budget
+from specdec.core.kv_fork import PrefixForks
 from specdec.core.local import LocalDrafter
 from specdec.core.models import load_model
 from specdec.core.runner import build_runner
@@ -92,6 +94,9 @@ def build(settings: Settings) -> TierServer:
         DraftWorker(runner, model_name, settings.max_sessions, store, budget, settings.session_idle_s),
         settings.max_batch_size,
     )
+    for method in drafter.worker.methods.values():
+        if isinstance(method, ModelDrafter):
+            method.forks = PrefixForks(settings.kv_fork_tokens)
     stats = drafter.batcher.stats
     rates = IntervalRates()  # read only by the heartbeat
     drain = Drain(

@@ -11,6 +11,7 @@ import grpc
 from specdec.config import Settings
 from specdec.core import compute
 from specdec.core.kv_cache import kv_token_budget
+from specdec.core.kv_fork import PrefixForks
 from specdec.core.local import LocalVerifier
 from specdec.core.models import load_model
 from specdec.core.runner import build_runner
@@ -128,6 +129,7 @@ def build(settings: Settings) -> TierServer:
         ),
         settings.max_batch_size,
     )
+    verifier.worker.forks = PrefixForks(settings.kv_fork_tokens)
     drain = Drain(
         flush=(lambda: asyncio.to_thread(store.flush, settings.drain_timeout_s)) if store else None,
         stalled=verifier.batcher.stalled_s,
