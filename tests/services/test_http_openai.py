@@ -248,6 +248,17 @@ def test_regex_over_http_in_vllms_conventions(front):
             extra_body={"guided_regex": pattern, **speculation},
         )  # fmt: skip
         texts.append((reply.choices[0].text, reply.choices[0].finish_reason))
+    reply = client.completions.create(  # ignore_eos: the finished grammar still ends the text
+        model=front.model, prompt=PROMPT, max_tokens=40, temperature=0.0, extra_body={"guided_regex": pattern, **SPEC}
+    )
+    texts.append((reply.choices[0].text, reply.choices[0].finish_reason))
+    assert reply.usage.completion_tokens < 40
+    for temperature in (0.0, 1.0):  # min_tokens past the grammar's end yields to it: EOS ends the text
+        reply = client.completions.create(
+            model=front.model, prompt=PROMPT, max_tokens=40, temperature=temperature, seed=4,
+            extra_body={"guided_regex": pattern, "min_tokens": 30, **speculation},
+        )  # fmt: skip
+        texts.append((reply.choices[0].text, reply.choices[0].finish_reason))
     for text, reason in texts:
         assert re.fullmatch(pattern, text) and reason == "stop", (text, reason)
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}

@@ -253,7 +253,9 @@ def _stop_token_ids(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits
     check_ids("decoding.stop_token_ids", spec.stop_token_ids, limits.vocab_size)
     stops = set(spec.stop_token_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None and not spec.ignore_eos:
+    # A constraint ends the text with EOS: past it the grammar allows nothing else, so with
+    # ignore_eos the output would only repeat EOS up to max_new_tokens. EOS stops it there.
+    if eos is not None and (not spec.ignore_eos or spec.grammar_kind):
         stops.add(int(eos))
     return frozenset(stops)
 
