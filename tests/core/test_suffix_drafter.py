@@ -171,6 +171,8 @@ def test_the_shared_stream_drafts_greedy_requests_of_other_sessions() -> None:
     second.tokens += [20, 30, 31, 32, 33, 5, 6, 7, 8, 20]
     drafter.learn(second, second.tokens[4:])
     assert drafter.draft(second, item(4)).tokens == [30, 31, 32, 33]
+    drafter.forget()  # the shared stream is emptied: a new session with the prompt drafts nothing
+    assert drafter.draft(session_with(drafter, prompt), item(4)).tokens == []
 
 
 def test_shared_stream_forgets_the_oldest_outputs() -> None:

@@ -309,6 +309,7 @@ async def _aggregate(
     when the last requests finish alone, weighs as little on the figure as it would on a
     server under steady load."""
     total = max(cfg.waves * concurrency, len(rows))
+    _forget(engine)
     gate = asyncio.Semaphore(concurrency)
     tokens, identical = 0, True
 
@@ -322,6 +323,16 @@ async def _aggregate(
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(total)))
     return tokens / (time.perf_counter() - start), identical
+
+
+def _forget(engine: Engine) -> None:
+    """Drafters that learn from earlier outputs (suffix) forget them: the stage before this
+    one ran the same prompts, whose outputs would be drafted whole. A level sending more
+    requests than there are prompts still repeats some (the JSON's `repeated_requests`)."""
+    for method in engine.drafter.worker.methods.values():
+        forget = getattr(method, "forget", None)
+        if forget is not None:
+            forget()
 
 
 async def _by_concurrency(
@@ -339,6 +350,7 @@ async def _by_concurrency(
                 "spec_tokens_per_s": round(spec, 3),
                 "spec_vs_plain": _ratio(spec, plain),
                 "outputs_identical": plain_same and spec_same,
+                "repeated_requests": max(0, max(cfg.waves * level, len(rows)) - len(rows)),
             }
         )
     _progress(len(cfg.concurrency), len(cfg.concurrency), "concurrency done")
@@ -352,6 +364,7 @@ async def _draft_length_sweep(engine: Engine, rows: list[Row], cfg: BenchConfig)
         r = await engine.complete_async(_spec(row, cfg, "none"))
         plain.add(r.stats.generated_tokens, r.stats.elapsed_s)
     for k in (1, 2, 4, 8):
+        _forget(engine)  # the sample's outputs from the previous k would be drafted whole
         spec = Tally()
         for row in sample:
             r = await engine.complete_async(_spec(row, cfg, cfg.primary, k=k, adaptive=False))

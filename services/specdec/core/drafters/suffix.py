@@ -354,6 +354,12 @@ class SuffixDrafter:
         own.extend(tokens[own.length :])
         return state
 
+    def forget(self) -> None:
+        """Empty the shared stream (what earlier requests taught): a benchmark of prompts
+        the drafter has not seen starts from here."""
+        assert self.shared.capacity is not None
+        self.shared = SuffixIndex(self.shared.capacity)
+
     def release(self, session: DraftSession) -> None:
         """Free the session's index; its output joins the shared stream."""
         state = self._states.pop(id(session), None)
