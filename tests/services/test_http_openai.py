@@ -295,6 +295,21 @@ def test_logit_bias_and_min_tokens_over_http_are_the_grpc_output(tiny_stack, fro
     assert reply.usage.completion_tokens == len(grpc_reply.token_ids)
 
 
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"logit_bias": {5: 150.0}}, "decoding.logit_bias"),
+        ({"logit_bias": {10**8: 1.0}}, "decoding.logit_bias"),
+        ({"min_tokens": -1}, "decoding.min_tokens"),
+        ({"min_tokens": 25}, "decoding.min_tokens"),  # more than max_new_tokens
+    ],
+)
+def test_bad_logit_bias_and_min_tokens_over_grpc_name_the_field(tiny_stack, fields, field):
+    with pytest.raises(grpc.RpcError) as err:
+        _grpc(tiny_stack.address, PROMPT, **fields)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+
+
 async def test_async_client_n_choices_and_seeds(front):
     """n=2 sampled choices run as two requests (seeds s and s+1); choice 0 is what n=1 gives
     (a fixed draft schedule: which tokens a seed draws depends on the drafts it tests)."""

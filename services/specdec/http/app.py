@@ -143,7 +143,12 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 
 class Choices:
     """The coordinator streams of one request's choices, merged: (choice index, chunk),
-    and (index, None) when that choice is done; `results` fill in as they finish."""
+    and (index, None) when that choice is done; `results` fill in as they finish.
+
+    Each choice is a request of its own (choice j samples with seed + j); their sessions
+    share the prompt's KV on the tiers: routing places them on one replica (prompt
+    affinity, coordinator/routing.py), where one computes the prompt and the others copy
+    its rows (core/kv_fork.py)."""
 
     def __init__(self, coordinator: Coordinator, specs: list[RequestSpec]) -> None:
         self.results = [GenerationResult() for _ in specs]
