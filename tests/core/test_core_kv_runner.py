@@ -20,7 +20,7 @@ from specdec.core.loop import GenerationRequest
 from specdec.core.runner import ForwardItem, HFRunner, ModelRunner, build_runner
 from specdec.core.sampling import SamplingParams
 from specdec.core.target import TargetWorker
-from specdec.core.types import VerifyItem
+from specdec.core.types import ProposeItem, VerifyItem
 
 
 def tokens(seed: int, n: int) -> list[int]:
@@ -296,7 +296,6 @@ def test_draft_worker_rolls_back_and_drafts_from_committed_tokens(draft_model) -
     from specdec.core.errors import InvalidArgument
     from specdec.core.rng import Purpose, sample_index, uniform
     from specdec.core.sampling import probs_from_logits, quantize_f16
-    from specdec.core.types import ProposeItem
 
     worker = DraftWorker(build_runner(draft_model), "small")
     committed, sent = tokens(8, 10), 0
@@ -358,3 +357,23 @@ def test_idle_sessions_are_dropped_least_recent_first(monkeypatch) -> None:
     assert table.drop_idle(100) == 0 and len(table) == 2
     now[0] += 31
     assert table.drop_idle(100) == 2 and len(table) == 0
+
+
+def test_a_sessions_second_item_in_one_batch_waits_for_the_next(target_model) -> None:
+    """A caller (a stranger) sending two steps of one session in one batch: the second is
+    answered NOT_YET (the batcher runs it in the next pass), never fed beside the first
+    into the same cache (that once failed the pass with an AssertionError)."""
+    from specdec.core.batcher import NOT_YET
+
+    worker = TargetWorker(ModelRunner(target_model), judge="per_item")
+    prompt = tokens(11, 12)
+    first = VerifyItem("s", 0, prompt, [], None, SamplingParams())
+    again = VerifyItem("s", 0, prompt[:5], [], None, SamplingParams())
+    other = VerifyItem("o", 0, prompt, [], None, SamplingParams())
+    verdicts = worker.verify_batch([first, again, other])
+    assert verdicts[1] is NOT_YET and verdicts[0].tokens == verdicts[2].tokens
+    assert worker.verify_batch([again])[0].tokens  # then it runs alone
+    draft = DraftWorker()
+    item = ProposeItem("s", 0, [1, 2, 3, 1, 2], 2, SamplingParams(), "ngram")
+    proposals = draft.propose_batch([item, item])
+    assert proposals[0].tokens == [3, 1] and proposals[1] is NOT_YET

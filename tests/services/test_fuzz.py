@@ -66,7 +66,12 @@ def fill(rng: random.Random, message: Message, depth: int = 0) -> Message:
         if field.type == T.TYPE_MESSAGE:
             if depth > 3:
                 continue
-            if field.is_repeated:
+            if field.message_type.GetOptions().map_entry:  # a map (logit_bias): random keys and values
+                key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+                entries = getattr(message, field.name)
+                for _ in range(rng.choice([0, 1, 3])):
+                    entries[_scalar(rng, key)] = _scalar(rng, value)
+            elif field.is_repeated:
                 for _ in range(rng.choice([0, 1, 2, 5])):
                     fill(rng, getattr(message, field.name).add(), depth + 1)
             else:
@@ -133,13 +138,20 @@ async def test_random_verify_items_never_get_internal(tiny_stack, prompt_ids):
             item.ClearField("tokens")
             item.tokens.extend(prompt_ids[: rng.randrange(1, len(prompt_ids))])
             item.prefix_len = 0
-            for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "prompt_len"):
+            penalties = ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "prompt_len")
+            for name in (*penalties, "logit_bias", "min_tokens", "min_tokens_ids"):
                 if rng.random() < 0.8:  # random values of these are nearly always out of range
                     item.sampling.ClearField(name)
             if rng.random() < 0.9:  # nor is a random grammar or random probability bytes valid
                 item.sampling.ClearField("constraint")
             if rng.random() < 0.7:
                 item.ClearField("draft_probs_f16")
+            if rng.random() < 0.9:  # random parents are hardly ever a tree
+                item.ClearField("draft_parents")
+            if rng.random() < 0.2:  # and some carry no random field at all past the tokens
+                for name in ("sampling", "draft_tokens", "draft_probs_f16", "draft_parents", "logprobs"):
+                    item.ClearField(name)
+                item.sampling.top_p = 1.0  # proto3's 0 would be out of range
         items.append(item)
     answers: dict[int, target_pb2.VerifyResult] = {}
     done = asyncio.Event()

@@ -58,8 +58,8 @@ async def _target_rows(redis_url: str, prefix: str) -> tuple[int, int]:
         while True:
             records = await registry.replicas("target")
             now = (
-                sum(int(r.load.extra.get("prefill_tokens", 0)) for r in records),
-                sum(int(r.load.extra.get("forked_tokens", 0)) for r in records),
+                sum(int(r.load.extra.get("prefill_tokens") or 0) for r in records),
+                sum(int(r.load.extra.get("forked_tokens") or 0) for r in records),
             )
             if now == last:
                 return now

@@ -94,12 +94,17 @@ class TargetWorker:
         failpoint("verify_batch")
         verdicts: list[Verdict | InvalidArgument | NotYet | None] = [None] * len(items)
         work: list[tuple[int, TargetSession, VerifyItem]] = []
+        seen: set[str] = set()
         for i, item in enumerate(items):
             try:
                 check_item(item, self.runner.vocab_size, self.runner.max_context)
             except InvalidArgument as exc:
                 verdicts[i] = exc
                 continue
+            if item.session_id in seen:  # a session's second step in one pass: after its first
+                verdicts[i] = NOT_YET
+                continue
+            seen.add(item.session_id)
             if item.draft_parents is not None and not getattr(self.runner, "supports_trees", False):
                 item = chain_of(item)
             session = self._sync(item)

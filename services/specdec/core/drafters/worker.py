@@ -3,6 +3,7 @@ that one draft replica serves."""
 
 from __future__ import annotations
 
+from specdec.core.batcher import NOT_YET, NotYet
 from specdec.core.checks import MAX_ITEM_DRAFT_TOKENS, check_delta, check_ids
 from specdec.core.drafters.base import DraftMethod, DraftRow, DraftSession
 from specdec.core.drafters.registry import build_methods
@@ -45,11 +46,17 @@ class DraftWorker:
             for method in self.methods.values():
                 method.release(session)
 
-    def propose_batch(self, items: list[ProposeItem]) -> list[Proposal | InvalidArgument]:
-        """One proposal per item, in order; a bad item gets its own InvalidArgument."""
-        results: list[Proposal | InvalidArgument] = [Proposal(needs_resync=True)] * len(items)
+    def propose_batch(self, items: list[ProposeItem]) -> list[Proposal | InvalidArgument | NotYet]:
+        """One proposal per item, in order; a bad item gets its own InvalidArgument, and a
+        session's second item in one batch NOT_YET (it runs after the first)."""
+        results: list[Proposal | InvalidArgument | NotYet] = [Proposal(needs_resync=True)] * len(items)
         groups: dict[str, list[tuple[int, DraftRow]]] = {}
+        seen: set[str] = set()
         for i, item in enumerate(items):
+            if item.session_id in seen:
+                results[i] = NOT_YET
+                continue
+            seen.add(item.session_id)
             method = self.methods.get(item.drafter)
             if method is None:
                 results[i] = InvalidArgument(
