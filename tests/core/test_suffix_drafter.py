@@ -337,8 +337,9 @@ def test_a_greedy_request_gets_a_tree_of_the_most_probable_continuations() -> No
     # The draft length is the node budget; depth still follows the match length.
     assert drafter.draft(session, item(1)).tokens == [3]
     assert SuffixDrafter(min_prob=0.4).draft(session, item(4)).tokens == [3]  # 1/3 branches fall below
-    # Sampled requests, and the chain variant, get the most frequent path only.
-    sampled = drafter.draft(session, item(4, SAMPLED))
-    assert (sampled.tokens, sampled.parents) == ([3, 8, 1, 2], [-1, 0, 1, 2])
+    # Sampled requests get a tree too; penalised ones and the chain variant the most frequent path.
+    assert drafter.draft(session, item(4, SAMPLED)).parents == [-1, -1, 0, 0]
+    penalised = drafter.draft(session, item(4, SamplingParams(repetition_penalty=1.2)))
+    assert (penalised.tokens, penalised.parents) == ([3, 8, 1, 2], [-1, 0, 1, 2])
     (chain,) = SuffixChainDrafter(min_prob=0.0).propose([(session_with(drafter, session.tokens), item(4))])
     assert chain.tokens == [3, 8, 1, 2] and chain.parents is None

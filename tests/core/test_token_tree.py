@@ -4,6 +4,7 @@ leaves a cache that continues exactly like plain decoding."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -14,8 +15,9 @@ from specdec.core.adaptive import CostBook
 from specdec.core.errors import InvalidArgument
 from specdec.core.local import LocalVerifier
 from specdec.core.loop import GenerationRequest, Step, speculate
+from specdec.core.rejection import RejectionInput, rejection_sample, rejection_sample_batch
 from specdec.core.runner import ForwardItem, HFRunner, ModelRunner
-from specdec.core.sampling import SamplingParams
+from specdec.core.sampling import SamplingParams, probs_from_logits
 from specdec.core.target import TargetWorker
 from specdec.core.types import Proposal, ProposeItem, Verdict, VerifyItem
 
@@ -162,7 +164,6 @@ def test_tree_logprobs_equal_plain_decoding(target_model) -> None:
         ([-1, 0], SamplingParams(), "2 parents for 3"),
         ([-1, 0, 2], SamplingParams(), "earlier draft token"),
         ([-1, -2, 0], SamplingParams(), "earlier draft token"),
-        ([-1, 0, 0], SamplingParams(temperature=0.7, seed=1), "greedy"),
         ([-1, 0, 0], SamplingParams(repetition_penalty=1.3), "penalty"),
     ],
 )
@@ -185,3 +186,110 @@ def test_a_runner_without_trees_verifies_the_first_path(target_model) -> None:
     nodes, parents = [reference[0], (reference[0] + 1) % VOCAB, reference[1]], [-1, -1, 0]
     verdict = worker.verify_batch([VerifyItem("s", 0, prompt, nodes, None, SamplingParams(), -1, parents)])[0]
     assert isinstance(verdict, Verdict) and verdict.tokens == reference[:3] and verdict.num_accepted == 2
+
+
+def _sampled_case(seed: int, vocab: int = 8) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Logits for a tree of 6 nodes: three roots (the third repeats the first's token), the
+    first with two children, the second with one."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(7, vocab, generator=gen, dtype=torch.float64) * 1.2
+    a, b = int(logits[0].argmax()), int(logits[0].argsort()[-2])
+    nodes = [a, b, a, int(logits[1].argmax()), (int(logits[1].argmax()) + 1) % vocab, int(logits[2].argmax())]
+    return logits, nodes, [-1, -1, -1, 0, 0, 1]
+
+
+PARAMS_T = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=5, top_p=0.9)]
+
+
+@pytest.mark.parametrize("params", PARAMS_T)
+def test_sampled_tree_output_follows_the_target_empirically(params: SamplingParams) -> None:
+    """SpecInfer's multi-step sampling keeps p exact: the first token ~ p at the root, and
+    the token after a kept child ~ p at that child (chi-square over many seeds)."""
+    from scipy.stats import chisquare
+
+    logits, nodes, parents = _sampled_case(1)
+    p = probs_from_logits(logits, params)
+    first, after_a = [], []
+    for seed in range(4000):
+        sampling = dataclasses.replace(params, seed=seed)
+        out = rejection_sample(RejectionInput(logits, nodes, None, sampling, 10, parents))
+        first.append(out.tokens[0])
+        if out.path and out.path[0] == 0:  # kept the first root: its row decides the next token
+            after_a.append(out.tokens[1])
+    for sample, row in ((first, p[0]), (after_a, p[1])):
+        counts = torch.bincount(torch.tensor(sample), minlength=p.shape[1]).double()
+        keep = row > 0
+        assert int(counts[~keep].sum()) == 0  # never a token the processing removed
+        expected = row[keep] / row[keep].sum() * counts.sum()
+        assert chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-3
+    assert len(after_a) > 1000  # the tree was walked, not just its root judged
+
+
+def test_sampled_trees_batched_equal_per_item_with_two_reads() -> None:
+    from specdec.core import transfer
+
+    items = []
+    for case in range(24):
+        logits, nodes, parents = _sampled_case(100 + case)
+        params = dataclasses.replace(PARAMS_T[case % 2], seed=case)
+        if case % 3 == 0:
+            params = SamplingParams()  # greedy trees beside them
+        items.append(RejectionInput(logits.float(), nodes, None, params, 5 + case, parents))
+    items.append(RejectionInput(_sampled_case(7)[0][:3], [1, 2], None, SamplingParams(temperature=1.0, seed=3), 0))
+    want = [rejection_sample(item) for item in items]
+    before = transfer.STATS.to_host
+    for by_item in (True, False):
+        got = rejection_sample_batch(items, by_item=by_item)
+        assert [(g.tokens, g.path) for g in got] == [(w.tokens, w.path) for w in want]
+    assert transfer.STATS.to_host - before == 4  # per batch: the verdicts' read, then the sampled trees' draws
+
+
+def test_a_chain_shaped_tree_draws_what_the_chain_judge_draws() -> None:
+    logits, nodes, _ = _sampled_case(3)
+    for seed in range(200):
+        sampling = SamplingParams(temperature=1.0, seed=seed)
+        chain = rejection_sample(RejectionInput(logits[:4], nodes[:3], None, sampling, 9))
+        tree = rejection_sample(RejectionInput(logits[:4], nodes[:3], None, sampling, 9, [-1, 0, 1]))
+        assert tree.tokens == chain.tokens
+
+
+def test_sampled_tree_speculation_follows_plain_sampling_through_the_loop(target_model) -> None:
+    """Trees through the loop and the target worker, sampled: the tokens at positions 1 and
+    3 over many seeds follow plain sampling's (chi-square on a contingency table)."""
+    from scipy.stats import chi2_contingency
+
+    from tests.reference import contingency
+
+    runner = ModelRunner(target_model)
+    prompt = _tokens(12, 16)
+    reference = _plain(runner, prompt, 6)
+    worker = TargetWorker(runner, judge="per_item")
+    verifier = LocalVerifier(worker)
+    params = SamplingParams(temperature=0.6, top_k=8)
+    accepted: list[int] = []
+
+    async def sample(seed: int, drafter: OracleTree | None) -> list[int]:
+        request = GenerationRequest(
+            f"s{seed}{drafter is None}",
+            prompt,
+            5,
+            dataclasses.replace(params, seed=seed),
+            "ngram" if drafter else "none",
+            max_draft_tokens=9,
+            adaptive=False,
+        )
+        steps = [s async for s in speculate(request, drafter, verifier, CostBook())]
+        accepted.append(sum(s.accepted for s in steps))
+        return [t for s in steps for t in s.tokens]
+
+    async def go() -> tuple[list[list[int]], list[list[int]]]:
+        plain = [await sample(seed, None) for seed in range(400)]
+        tree = [await sample(10_000 + seed, OracleTree(prompt, reference, miss=2)) for seed in range(400)]
+        return plain, tree
+
+    plain, tree = run(go())
+    assert sum(accepted[400:]) > 150  # the trees were walked (past a wrong first root each time)
+    for position in (1, 3):
+        rows = contingency([t[position] for t in plain], [t[position] for t in tree])
+        assert len(rows[0]) >= 3
+        assert chi2_contingency(rows).pvalue > 1e-3

@@ -39,7 +39,7 @@ class RejectionInput:
     draft_probs: torch.Tensor | None  # [k, vocab] float64 q, or None for a one-hot draft
     sampling: SamplingParams
     first_position: int  # absolute position of draft_tokens[0] in the sequence
-    # A token tree (greedy only): each draft's parent among the drafts, -1 for the root
+    # A token tree (one-hot drafts): each draft's parent among the drafts, -1 for the root
     # (the last committed token); logits row 1 + i scores what follows draft i. None: a chain.
     parents: list[int] | None = None
 
@@ -81,8 +81,10 @@ def rejection_sample(item: RejectionInput) -> RejectionOutput:
     k = len(item.draft_tokens)
     assert item.target_logits.shape[0] == k + 1, "need logits for k drafts plus one"
     if item.parents is not None:
-        assert item.sampling.greedy, "token trees are verified greedily"
-        return greedy_tree(item.target_logits.argmax(dim=-1).tolist(), item.draft_tokens, item.parents)
+        assert item.draft_probs is None, "token trees carry one-hot drafts"
+        if item.sampling.greedy:
+            return greedy_tree(item.target_logits.argmax(dim=-1).tolist(), item.draft_tokens, item.parents)
+        return _sampled_tree(item)
     if item.sampling.greedy:
         return _greedy(item.target_logits, item.draft_tokens)
     p = probs_from_logits(item.target_logits, item.sampling)
@@ -110,9 +112,7 @@ def greedy_tree(argmax: list[int], draft: list[int], parents: list[int]) -> Reje
     """Walk the tree from the root while some child is the target's argmax after its
     parent (`argmax[0]` after the root, `argmax[1 + i]` after draft i): the longest path
     the target agrees with, then the target's own token. Greedy decoding exactly."""
-    children: dict[int, list[int]] = {}
-    for i, parent in enumerate(parents):
-        children.setdefault(parent, []).append(i)
+    children = _children(parents)
     path: list[int] = []
     node = -1
     while True:
@@ -123,6 +123,61 @@ def greedy_tree(argmax: list[int], draft: list[int], parents: list[int]) -> Reje
         path.append(node)
 
 
+def _children(parents: list[int]) -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
+    return children
+
+
+def walk_sampled_tree(
+    at: list[float], draft: list[int], parents: list[int], seed: int, first_position: int
+) -> tuple[list[int], int, list[int]]:
+    """SpecInfer's multi-step speculative sampling (arXiv 2305.09781) for one-hot drafts.
+    From the root, each child x of the node in turn is kept with probability r(x), r being
+    the node's target distribution p with the siblings rejected before it zeroed and the
+    rest renormalised (max(0, r - onehot) normalised: the chain rule for a one-hot q);
+    a kept child becomes the node. `at[c]` is p(draft[c]) at c's parent. Returns the kept
+    path, its last node (-1: the root) and the tokens rejected there; the step's own token
+    is then drawn from that node's p without them. Output ~ p exactly, as for a chain; a
+    chain (one child each) draws the same uniforms as the chain judge."""
+    children = _children(parents)
+    path: list[int] = []
+    node = -1
+    while True:
+        position = first_position + len(path)
+        rejected: list[int] = []
+        removed = 0.0  # p-mass of the rejected siblings
+        for j, child in enumerate(children.get(node, ())):
+            x = draft[child]
+            if x in rejected:
+                continue  # zeroed already: it cannot be kept
+            ratio = at[child] / (1.0 - removed) if removed < 1.0 else 0.0
+            if uniform(seed, position, Purpose.ACCEPT, j) < ratio:
+                path.append(child)
+                node = child
+                break
+            rejected.append(x)
+            removed += at[child]
+        else:
+            return path, node, rejected
+
+
+def _sampled_tree(item: RejectionInput) -> RejectionOutput:
+    assert item.parents is not None
+    p = probs_from_logits(item.target_logits, item.sampling)
+    at = p[[1 + parent for parent in item.parents], item.draft_tokens].tolist() if item.parents else []
+    path, node, rejected = walk_sampled_tree(
+        at, item.draft_tokens, item.parents, item.sampling.seed, item.first_position
+    )
+    row = p[1 + node].clone()
+    row[rejected] = 0.0
+    if not float(row.sum()) > 0:  # rounding left no mass: the row itself
+        row = p[1 + node]
+    token = sample_index(row, uniform(item.sampling.seed, item.first_position + len(path), Purpose.RESAMPLE))
+    return RejectionOutput(len(path), [*(item.draft_tokens[n] for n in path), token], path)
+
+
 def rejection_sample_batch(items: list[RejectionInput], by_item: bool | None = None) -> list[RejectionOutput]:
     """Verify many sequences' drafts at once: `rejection_sample` on each, but with one
     device->host read for the whole batch (and a few host->device copies, all made before
@@ -130,7 +185,8 @@ def rejection_sample_batch(items: list[RejectionInput], by_item: bool | None = N
     by item (default: on a CPU) or on all rows stacked (default elsewhere); tests take both."""
     if not items:
         return []
-    trees = [b for b, item in enumerate(items) if item.parents is not None]
+    trees = [b for b, item in enumerate(items) if item.parents is not None and item.sampling.greedy]
+    sampled_trees = [b for b, item in enumerate(items) if item.parents is not None and not item.sampling.greedy]
     greedy = [b for b, item in enumerate(items) if item.sampling.greedy and item.parents is None]
     sampled = [b for b, item in enumerate(items) if not item.sampling.greedy and item.parents is None]
     if by_item is None:
@@ -144,19 +200,73 @@ def rejection_sample_batch(items: list[RejectionInput], by_item: bool | None = N
         parts.append(_sampled_batch(sampled_plan))
     parts = [part.flatten() for part in parts]
     parts += [items[b].target_logits.argmax(dim=-1) for b in trees]  # every tree row's argmax
-    flat = to_host(torch.cat(parts)).tolist()  # the one read of the batch
+    tree_probs = _TreeProbs.build([items[b] for b in sampled_trees]) if sampled_trees else None
+    if tree_probs is not None:  # p at every sampled tree node, in float64 (ids < 2**53 stay exact)
+        parts = [part.to(torch.float64) for part in parts] + [tree_probs.at]
+    flat = to_host(torch.cat(parts)).tolist()  # the one read of the batch (a second: sampled trees' own tokens)
     chains = len(greedy) + len(sampled)
     outputs: list[RejectionOutput | None] = [None] * len(items)
     for b, num_accepted, token in zip(greedy + sampled, flat[0 : 2 * chains : 2], flat[1 : 2 * chains : 2]):
+        num_accepted, token = int(num_accepted), int(token)  # floats when sampled trees shared the read
         outputs[b] = RejectionOutput(num_accepted, [*items[b].draft_tokens[:num_accepted], token])
     at = 2 * chains
     for b in trees:
         item = items[b]
         rows = len(item.draft_tokens) + 1
         assert item.parents is not None
-        outputs[b] = greedy_tree(flat[at : at + rows], item.draft_tokens, item.parents)
+        outputs[b] = greedy_tree([int(x) for x in flat[at : at + rows]], item.draft_tokens, item.parents)
         at += rows
+    if tree_probs is not None:
+        for b, out in zip(sampled_trees, tree_probs.judge(flat[at:])):
+            outputs[b] = out
     return [out for out in outputs if out is not None]
+
+
+@dataclass
+class _TreeProbs:
+    """Sampled token trees on the device: each item's processed target p, and p at every
+    node (its parent's row, its token) to read back with the batch's verdicts."""
+
+    items: list[RejectionInput]
+    probs: list[torch.Tensor]  # [nodes + 1, vocab] per item
+    at: torch.Tensor  # [all nodes] float64
+
+    @classmethod
+    def build(cls, items: list[RejectionInput]) -> _TreeProbs:
+        device = items[0].target_logits.device
+        probs = [probs_from_logits(item.target_logits, item.sampling) for item in items]
+        rows = [[1 + parent for parent in item.parents or []] for item in items]
+        index = to_device_split([*rows, *(item.draft_tokens for item in items)], torch.int64, device)
+        n = len(items)
+        at = [p[index[b], index[n + b]].to(torch.float64) for b, p in enumerate(probs)]
+        return cls(items, probs, torch.cat(at))
+
+    def judge(self, at: list[float]) -> list[RejectionOutput]:
+        """Walk each tree on the host with the p read back; draw every item's own token on
+        the device from its last node's p without the rejected tokens: one more read."""
+        walks, offset = [], 0
+        for item in self.items:
+            assert item.parents is not None
+            n = len(item.parents)
+            seed, pos0 = item.sampling.seed, item.first_position
+            walks.append(walk_sampled_tree(at[offset : offset + n], item.draft_tokens, item.parents, seed, pos0))
+            offset += n
+        dist = torch.stack([p[1 + node] for p, (_, node, _) in zip(self.probs, walks)])
+        device = dist.device
+        zeroed = [(b, x) for b, (_, _, rejected) in enumerate(walks) for x in rejected]
+        u = [
+            uniform(item.sampling.seed, item.first_position + len(path), Purpose.RESAMPLE)
+            for item, (path, _, _) in zip(self.items, walks)
+        ]
+        rows_t, cols_t = to_device_split([[b for b, _ in zeroed], [x for _, x in zeroed]], torch.int64, device)
+        (u_t,) = to_device_split([u], torch.float64, device)
+        kept = dist.index_put((rows_t, cols_t), torch.zeros(len(zeroed), dtype=dist.dtype, device=device))
+        kept = torch.where(kept.sum(dim=-1, keepdim=True) > 0, kept, dist)  # rounding left no mass: the row itself
+        tokens = to_host(sample_rows(kept, u_t[:, None])[:, 0]).tolist()
+        return [
+            RejectionOutput(len(path), [*(item.draft_tokens[n] for n in path), token], path)
+            for item, (path, _, _), token in zip(self.items, walks, tokens)
+        ]
 
 
 @dataclass

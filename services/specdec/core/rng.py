@@ -24,9 +24,13 @@ class Purpose(IntEnum):
     RESAMPLE = 3  # the target's own token (recovered or bonus)
 
 
-def uniform(seed: int, position: int, purpose: Purpose) -> float:
-    """A uniform float in [0, 1) determined by its key alone (blake2b, 53 bits)."""
+def uniform(seed: int, position: int, purpose: Purpose, index: int = 0) -> float:
+    """A uniform float in [0, 1) determined by its key alone (blake2b, 53 bits). `index`
+    tells apart several draws of one purpose at one position (a token tree's siblings);
+    index 0 is the key without it, so a chain draws what it always drew."""
     key = struct.pack("<QQQ", seed & _MASK64, position & _MASK64, int(purpose))
+    if index:
+        key += struct.pack("<Q", index & _MASK64)
     digest = hashlib.blake2b(key, digest_size=8, person=b"specdec-rng-v1").digest()
     return (int.from_bytes(digest, "little") >> 11) * (1.0 / (1 << 53))
 

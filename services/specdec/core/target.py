@@ -351,10 +351,10 @@ def _check_tree(item: VerifyItem) -> None:
     if any(not -1 <= p < i for i, p in enumerate(parents)):
         raise InvalidArgument("draft_parents", "each must be -1 (the root) or the index of an earlier draft token")
     params = item.sampling
-    if not params.greedy or params.penalized or params.constrained or item.draft_probs is not None:
+    if params.penalized or params.constrained or item.draft_probs is not None:
+        # Penalties and grammars see each row's own history, which differs per branch.
         raise InvalidArgument(
-            "draft_parents",
-            "token trees are verified for greedy requests with one-hot drafts, no penalty, no constraint",
+            "draft_parents", "token trees are verified with one-hot drafts, no penalty, no constraint"
         )
 
 

@@ -37,7 +37,7 @@ class Proposal:
     replica: str = ""  # the draft replica that answered ("" in-process)
     unavailable: bool = False  # no replica serves the drafter: this step decodes plainly
     # A token tree instead of a chain: each token's parent among `tokens` (-1: the last
-    # committed token), parents first. Deterministic drafters, greedy requests only.
+    # committed token), parents first. Deterministic drafters; no penalty, no constraint.
     parents: list[int] | None = None
 
 

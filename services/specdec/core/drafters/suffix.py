@@ -17,12 +17,14 @@ each position to the previous one with the same key. Appending or removing a tok
 len(ANCHORS) dict operations; a lookup walks at most `max_candidates` chain links and
 compares at most `max_match` tokens per candidate. Nothing depends on the context length.
 
-For a greedy request (no penalties, no constraint) the drafter proposes a token *tree*
+For a request without penalties or a constraint the drafter proposes a token *tree*
 instead of one continuation: best-first, the most probable continuations by those
 frequency products, up to the k asked for (the node budget the draft-length controller
 picks, as it picks a chain's length), so where earlier occurrences went different ways
 the target checks several of them in one pass (`ForwardItem.parents`). `suffix-chain`
-proposes the single most frequent continuation, as before trees (and for sampled requests).
+proposes the single most frequent continuation, as before trees. Greedy requests walk the
+tree to the longest path the target agrees with; sampled ones by SpecInfer's multi-step
+speculative sampling (core/rejection.py), exact as a chain is.
 
 Deterministic, so the draft distribution is one-hot (Proposal.probs None) as for the
 n-gram drafter. Sampled requests draft from their own tokens only: under a fixed seed a
@@ -312,11 +314,11 @@ class SuffixDrafter:
 
     def draft(self, session: DraftSession, item: ProposeItem) -> Tree:
         """Up to item.num_tokens tokens; the shared stream's too for a greedy item; a tree
-        for a plain greedy one (a chain for anything else: see the module's docstring)."""
+        unless penalties or a constraint need one history per row (see the module's docstring)."""
         if item.num_tokens <= 0:
             return Tree()
         params = item.sampling
-        tree = self.trees and params.greedy and not (params.penalized or params.constrained)
+        tree = self.trees and not (params.penalized or params.constrained)
         own = self._sync(session).own
         best = self._follow(own, session.tokens, item.num_tokens, tree, exclude=own.length - 1)
         if params.greedy and len(self.shared):
