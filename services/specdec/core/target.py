@@ -11,21 +11,20 @@ drafts, judges it; the cache holds the progress, so a requeued item is simply ru
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from specdec.core.attention import GROUP_MAX_ROWS
 from specdec.core.batcher import NOT_YET, NotYet
 from specdec.core.checks import MAX_ITEM_DRAFT_TOKENS, check_delta, check_ids
-from specdec.core.cost import DEFAULT_PREFILL_CHUNK_S, INITIAL_PREFILL_CHUNK, MIN_PREFILL_CHUNK, PassCost, PrefillCost
+from specdec.core.cost import DEFAULT_PREFILL_CHUNK_S, PassCost, PrefillCost
 from specdec.core.errors import InvalidArgument
 from specdec.core.failpoints import failpoint
 from specdec.core.grammar import GrammarState, grammar_state, vocab_for_model
 from specdec.core.judge import JUDGES, choose_judge
 from specdec.core.kv_cache import SessionKV, SessionTable, sync_session, trim_to_tokens
 from specdec.core.kv_fork import PrefixForks
+from specdec.core.prefill_chunks import plan_chunks, timed_forward
 from specdec.core.prefix_store import PrefixStore, prepare_cache
 from specdec.core.processors import verify_rows
 from specdec.core.rejection import RejectionInput, RejectionOutput
@@ -138,48 +137,12 @@ class TargetWorker:
         return [v for v in verdicts if v is not None]
 
     def _chunked(self, full: list[ForwardItem]) -> list[ForwardItem | None]:
-        """What each item runs in this pass: short items (steps) whole; a long feed (a
-        prefill) as its next chunk, with no logits, or whole when the rest fits; None
-        when earlier prefills took this pass's budget (each pass advances at least one).
-        A chunk never takes the newest committed token, which is fed with the drafts."""
-        if self.prefill_chunk_s <= 0 and self.prefill_chunk_tokens <= 0:
-            return list(full)
-        steps = sum(len(f.tokens) for f in full if not _prefills(f))
-        budget = self.prefill_chunk_s - self.cost.predict(steps)
-        planned: list[ForwardItem | None] = []
-        advanced = False
-        for f in full:
-            start, size = f.kv.length, len(f.tokens)
-            if not _prefills(f):
-                planned.append(f)
-                continue
-            if self.prefill_chunk_tokens > 0:
-                n = self.prefill_chunk_tokens
-            elif advanced and budget < self.prefill_cost.predict(start, MIN_PREFILL_CHUNK):
-                planned.append(None)
-                continue
-            else:
-                n = self.prefill_cost.chunk_tokens(start, budget, INITIAL_PREFILL_CHUNK)
-            n = min(n, size - f.num_logits)  # > 0: the item prefills
-            planned.append(f if n + f.num_logits >= size else ForwardItem(f.kv, f.tokens[:n], 0))
-            budget -= self.prefill_cost.predict(start, n)
-            advanced = True
-        return planned
+        """What each item runs in this pass (core/prefill_chunks.py): steps whole, a prefill
+        as its next chunk, or None when earlier prefills took this pass's budget."""
+        return plan_chunks(full, self.prefill_chunk_s, self.prefill_chunk_tokens, self.cost, self.prefill_cost)
 
     def _timed_forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
-        """The forward pass, teaching the cost models: a pass of steps only fits the
-        per-row cost; one with prefill rows fits the prefill cost on what it took beyond
-        its steps' predicted share."""
-        chunks = [(f.kv.length, len(f.tokens)) for f in items if _prefills(f)]
-        steps = sum(len(f.tokens) for f in items if not _prefills(f))
-        started = time.perf_counter()
-        logits = self.runner.forward(items)
-        elapsed = time.perf_counter() - started
-        if chunks:
-            self.prefill_cost.observe(chunks, elapsed - self.cost.predict(steps))
-        else:
-            self.cost.observe(steps, elapsed)
-        return logits
+        return timed_forward(self.runner.forward, items, self.cost, self.prefill_cost)
 
     def _sync(self, item: VerifyItem) -> TargetSession | None:
         return sync_session(
@@ -278,13 +241,6 @@ class TargetWorker:
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's cap)
-
-
-def _prefills(f: ForwardItem) -> bool:
-    """Whether the item feeds a prompt (more context rows than a step's, or a chunk of one)
-    rather than a step: a step runs whole, a prefill may be chunked, and the two are costed
-    apart."""
-    return f.num_logits == 0 or len(f.tokens) - f.num_logits > GROUP_MAX_ROWS
 
 
 def batch_token_logprobs(wanted: list[tuple[torch.Tensor, list[int], int]]) -> list[list[TokenLogprob]]:
