@@ -91,7 +91,16 @@ def build(settings: Settings) -> TierServer:
     store = store_for(settings, "draft", model, runner) if model is not None and runner is not None else None
     budget = kv_token_budget(settings.kv_budget_mb, getattr(runner, "pool", None), settings.device)
     drafter = LocalDrafter(
-        DraftWorker(runner, model_name, settings.max_sessions, store, budget, settings.session_idle_s),
+        DraftWorker(
+            runner,
+            model_name,
+            settings.max_sessions,
+            store,
+            budget,
+            settings.session_idle_s,
+            settings.prefill_chunk_s,
+            settings.prefill_chunk_tokens,
+        ),
         settings.max_batch_size,
     )
     for method in drafter.worker.methods.values():

@@ -6,12 +6,14 @@ once; the worker (`drafters/worker.py`) routes each item to the drafter it names
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from specdec.core.types import Proposal, ProposeItem
 
 if TYPE_CHECKING:
+    from specdec.core.batcher import NotYet
     from specdec.core.grammar import GrammarState
     from specdec.core.kv_cache import SessionKV
     from specdec.core.prefix_store import PrefixStore
@@ -41,8 +43,9 @@ class DraftMethod(Protocol):
         this drafter cannot run there."""
         ...
 
-    def propose(self, rows: list[DraftRow]) -> list[Proposal]:
-        """One proposal per row, in order, for sessions whose tokens are in sync."""
+    def propose(self, rows: list[DraftRow]) -> Sequence[Proposal | NotYet]:
+        """One proposal per row, in order, for sessions whose tokens are in sync; NOT_YET
+        for a row to run again in the next batch (a prompt still being prefilled)."""
         ...
 
     def learn(self, session: DraftSession, committed: list[int]) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from specdec.core.batcher import NOT_YET, NotYet
 from specdec.core.checks import MAX_ITEM_DRAFT_TOKENS, check_delta, check_ids
+from specdec.core.cost import DEFAULT_PREFILL_CHUNK_S
 from specdec.core.drafters.base import DraftMethod, DraftRow, DraftSession
+from specdec.core.drafters.model import ModelDrafter
 from specdec.core.drafters.registry import build_methods
 from specdec.core.errors import InvalidArgument
 from specdec.core.kv_cache import SessionTable, sync_session, trim_to_tokens
@@ -27,10 +29,15 @@ class DraftWorker:
         prefix_store: PrefixStore | None = None,
         max_cached_tokens: int | None = None,
         max_idle_s: float = 600.0,
+        prefill_chunk_s: float = DEFAULT_PREFILL_CHUNK_S,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
         self.max_idle_s = max_idle_s  # a session unused this long is dropped (its caller is gone)
         self.max_cached_tokens = max_cached_tokens  # memory budget of the session states (None: count only)
         self.methods: dict[str, DraftMethod] = {m.name: m for m in build_methods(runner, model_name, prefix_store)}
+        for method in self.methods.values():
+            if isinstance(method, ModelDrafter):  # prefills long prompts in chunks (SPECDEC_PREFILL_CHUNK_S)
+                method.prefill_chunk_s, method.prefill_chunk_tokens = prefill_chunk_s, prefill_chunk_tokens
         self.vocab_size = runner.vocab_size if runner is not None else None  # None: any id (model-free only)
         self.prefix_store = prefix_store  # shared draft-model KV chunks (e.g. Redis)
         self.sessions: SessionTable[DraftSession] = SessionTable(max_sessions)
@@ -48,7 +55,8 @@ class DraftWorker:
 
     def propose_batch(self, items: list[ProposeItem]) -> list[Proposal | InvalidArgument | NotYet]:
         """One proposal per item, in order; a bad item gets its own InvalidArgument, and a
-        session's second item in one batch NOT_YET (it runs after the first)."""
+        session's second item in one batch NOT_YET (it runs after the first), as does an
+        item whose prompt the model drafter is still prefilling in chunks."""
         results: list[Proposal | InvalidArgument | NotYet] = [Proposal(needs_resync=True)] * len(items)
         groups: dict[str, list[tuple[int, DraftRow]]] = {}
         seen: set[str] = set()
