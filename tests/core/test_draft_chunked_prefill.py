@@ -9,6 +9,7 @@ import asyncio
 
 import pytest
 import torch
+from test_core_chunked_prefill import Passes
 from tiny_models import IdTokenizer, run
 
 from specdec.core.attention import GROUP_MAX_ROWS
@@ -20,7 +21,7 @@ from specdec.core.generation import generate
 from specdec.core.interfaces import Tiers
 from specdec.core.local import LocalDrafter, LocalVerifier
 from specdec.core.loop import GenerationRequest
-from specdec.core.runner import ForwardItem, build_runner
+from specdec.core.runner import build_runner
 from specdec.core.sampling import SamplingParams
 from specdec.core.target import TargetWorker
 from specdec.core.types import Proposal, ProposeItem
@@ -30,21 +31,8 @@ SHORT = [215, 20, 132, 248, 207, 155, 9, 200]
 K = 4
 
 
-class Passes:
-    """Records each forward pass of a runner: (tokens, num_logits) per item."""
-
-    def __init__(self, runner) -> None:
-        self.log: list[list[tuple[int, int]]] = []
-        forward = runner.forward
-
-        def recorded(items: list[ForwardItem]):
-            self.log.append([(len(item.tokens), item.num_logits) for item in items])
-            return forward(items)
-
-        runner.forward = recorded
-
-    def chunks(self) -> list[int]:
-        return [n for items in self.log for n, logits in items if logits == 0]
+def chunk_sizes(passes: Passes) -> list[int]:
+    return [n for items in passes.log for n, logits in items if logits == 0]
 
 
 def worker(draft_model, **chunking) -> tuple[DraftWorker, Passes]:
@@ -100,8 +88,8 @@ def test_chunked_proposals_equal_one_pass_prefill(draft_model, sampling) -> None
             assert torch.allclose(got.probs, want.probs, rtol=2e-3, atol=1e-6)
         else:
             assert got.probs is None and want.probs is None
-    assert passes.chunks() == [7] * expected_chunks(len(LONG) - 1, 7)
-    assert whole_passes.chunks() == [] and whole_passes.log[0] == [(len(LONG), 1)]
+    assert chunk_sizes(passes) == [7] * expected_chunks(len(LONG) - 1, 7)
+    assert chunk_sizes(whole_passes) == [] and whole_passes.log[0] == [(len(LONG), 1)]
 
 
 def test_short_streams_draft_while_a_long_prompt_prefills(draft_model) -> None:
@@ -130,7 +118,7 @@ def test_time_budget_chunks_follow_the_cost_model(draft_model) -> None:
     (got,), waits = until_proposed(chunked, [item("long", LONG)])
     (want,), _ = until_proposed(whole, [item("long", LONG)])
     assert got.tokens == want.tokens
-    sizes = passes.chunks()
+    sizes = chunk_sizes(passes)
     assert sizes[0] == 64 and set(sizes[1:]) == {MIN_PREFILL_CHUNK}  # 64: before any chunk was measured
     assert waits == [len(sizes)]
     model = chunked.methods["model:small"]
@@ -158,5 +146,5 @@ def test_loop_output_unchanged_by_draft_chunking(target_model, draft_model, samp
 
         results = run(main())
         outputs.append([(r.token_ids, r.stats.accepted_tokens) for r in results])
-        assert (len(passes.chunks()) > 0) == ("prefill_chunk_tokens" in chunking)
+        assert (len(chunk_sizes(passes)) > 0) == ("prefill_chunk_tokens" in chunking)
     assert outputs[0] == outputs[1]
