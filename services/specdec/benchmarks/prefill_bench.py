@@ -4,11 +4,19 @@ one run on one engine.
 
     python -m specdec.benchmarks.prefill_bench                      # SmolLM2-135M, 8 streams, 8,000 tokens
     python -m specdec.benchmarks.prefill_bench --long-tokens 2000 --json out.json
+    python -m specdec.benchmarks.prefill_bench --tier draft --long-tokens 4000   # the model drafter's prefill
 
 Each mode: `streams` plain-decoding sessions with short prompts run for `warmup_s`; then the
 long prompt is submitted (one new token); the gaps between consecutive tokens of every
 stream are recorded from its admission until `tail_s` after its first token. The embedded
 engine runs the same target worker and batcher as the target tier.
+
+`--tier draft` measures the draft tier instead: every session (the long one too, two new
+tokens so that it drafts) speculates with the model drafter `model:DRAFT` (default
+`MODEL@layers=8`, an early-exit draft; fixed draft length), the target
+prefills in chunks in both modes, and the modes turn the drafter's chunking off and on.
+The embedded engine runs draft and target passes on one compute thread, as a draft replica
+runs its sessions' passes one after another.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -28,10 +37,12 @@ import torch
 from specdec.core import compute
 from specdec.core.attention import GROUP_MAX_ROWS
 from specdec.core.cost import DEFAULT_PREFILL_CHUNK_S, PrefillCost
+from specdec.core.drafters.model import ModelDrafter
 from specdec.core.engine import Engine
 from specdec.core.generation import GenerationResult, generate_stream
 from specdec.core.request import RequestSpec, build_request
 from specdec.core.runner import ForwardItem
+from specdec.core.target import TargetWorker
 
 SHORT_PROMPT_TOKENS = 32
 
@@ -45,24 +56,40 @@ class ModeResult:
     p99_gap_s: float
     long_ttft_s: float  # the long prompt's time to its first token
     stream_tokens_per_s: float  # the short streams' tokens per second together, over the window
-    passes: int  # target forward passes in the window
+    passes: int  # forward passes of the measured tier in the window
     chunks: int  # prefill chunks measured in the window
-    longest_pass_s: float  # the longest target forward pass in the window
+    longest_pass_s: float  # the longest forward pass of the measured tier in the window
     largest_chunk: int  # prompt tokens in the largest chunk
 
 
-async def _stream(engine: Engine, prompt: list[int], arrivals: list[float]) -> None:
-    spec = RequestSpec(token_ids=prompt, max_new_tokens=4000, ignore_eos=True, drafter="none")
-    request, stops = build_request(spec, engine.tokenizer, engine.limits, "none", engine.available_drafters)
+async def _stream(engine: Engine, prompt: list[int], arrivals: list[float], drafter: str) -> None:
+    # Fixed drafts (not adaptive): the model drafter runs every step, whatever it costs here.
+    spec = RequestSpec(token_ids=prompt, max_new_tokens=4000, ignore_eos=True, drafter=drafter, adaptive=False)
+    request, stops = build_request(spec, engine.tokenizer, engine.limits, drafter, engine.available_drafters)
     async for _ in generate_stream(request, engine.tiers, engine.tokenizer, stops, GenerationResult()):
         arrivals.append(time.perf_counter())
 
 
+def _measured(engine: Engine, tier: str) -> TargetWorker | ModelDrafter:
+    """The part that prefills at `tier`: the target worker, or the engine's model drafter."""
+    if tier == "target":
+        return engine.verifier.worker
+    (model,) = [m for m in engine.drafter.worker.methods.values() if isinstance(m, ModelDrafter)]
+    return model
+
+
 async def run_mode(
-    engine: Engine, chunk_s: float, long_prompt: list[int], shorts: list[list[int]], warmup_s: float, tail_s: float
+    engine: Engine,
+    chunk_s: float,
+    long_prompt: list[int],
+    shorts: list[list[int]],
+    warmup_s: float,
+    tail_s: float,
+    tier: str = "target",
 ) -> ModeResult:
-    worker = engine.verifier.worker
+    worker = _measured(engine, tier)
     worker.prefill_chunk_s, worker.prefill_cost = chunk_s, PrefillCost()
+    drafter = "none" if tier == "target" else str(engine.default_drafter)
     log: list[tuple[float, int]] = []  # per pass: seconds, prompt tokens in it (items without logits or long)
     forward = worker.runner.forward
 
@@ -76,12 +103,13 @@ async def run_mode(
 
     worker.runner.forward = logged  # type: ignore[method-assign]  # this process's runner: a timer around it
     arrivals: list[list[float]] = [[] for _ in shorts]
-    tasks = [asyncio.ensure_future(_stream(engine, prompt, times)) for prompt, times in zip(shorts, arrivals)]
+    tasks = [asyncio.ensure_future(_stream(engine, p, times, drafter)) for p, times in zip(shorts, arrivals)]
     try:
         await asyncio.sleep(warmup_s)
-        passes, logged_before = worker.stats.forward_passes, len(log)
+        logged_before = len(log)
         admitted = time.perf_counter()
-        spec = RequestSpec(token_ids=long_prompt, max_new_tokens=1, ignore_eos=True, drafter="none")
+        new = 1 if tier == "target" else 2  # a one-token request does not draft
+        spec = RequestSpec(token_ids=long_prompt, max_new_tokens=new, ignore_eos=True, drafter=drafter, adaptive=False)
         await engine.complete_async(spec)
         first = time.perf_counter()
         await asyncio.sleep(tail_s)
@@ -108,7 +136,7 @@ async def run_mode(
         round(gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))], 4),
         round(first - admitted, 3),
         round(tokens / (end - admitted), 2),
-        worker.stats.forward_passes - passes,
+        len(log) - logged_before,
         worker.prefill_cost.chunks,
         round(max(seconds for seconds, _ in log[logged_before:]), 4),
         max(tokens for _, tokens in log[logged_before:]),
@@ -125,11 +153,13 @@ def prefill_bench(
     seed: int = 1234,
     modes: tuple[str, ...] = ("one pass", "chunked"),
     threads: int = 0,
+    tier: str = "target",
+    draft_model: str = "",
 ) -> dict[str, Any]:
     """Both modes on one engine (one pass first, then chunked); returns both and the ratio."""
     if threads:
         compute.run_sync(torch.set_num_threads, threads)
-    engine = Engine.load(model, drafter="none")
+    engine = Engine.load(model, drafter="none" if tier == "target" else f"model:{draft_model or model + '@layers=8'}")
     rng = random.Random(seed)
     vocab = engine.limits.vocab_size
     if not 0 < long_tokens < engine.limits.max_context:
@@ -145,12 +175,14 @@ def prefill_bench(
             # Warm-up: every kernel and slot class the measured runs use, once.
             await engine.complete_async(RequestSpec(token_ids=ids(600), max_new_tokens=2, drafter="none"))
             budgets = {"one pass": 0.0, "chunked": chunk_s}
-            return [await run_mode(engine, budgets[m], ids(long_tokens), shorts, warmup_s, tail_s) for m in modes]
+            return [await run_mode(engine, budgets[m], ids(long_tokens), shorts, warmup_s, tail_s, tier) for m in modes]
         finally:
             await engine.aclose()
 
     results = {r.mode: r for r in asyncio.run(main())}
-    out: dict[str, Any] = {"model": model, "long_tokens": long_tokens, "streams": streams}
+    out: dict[str, Any] = {"model": model, "long_tokens": long_tokens, "streams": streams, "tier": tier}
+    if tier == "draft":
+        out["drafter"] = str(engine.default_drafter)
     out["threads"] = compute.run_sync(torch.get_num_threads)
     out.update({mode.replace(" ", "_"): asdict(r) for mode, r in results.items()})
     if len(results) == 2:
@@ -165,15 +197,16 @@ def format_table(result: dict[str, Any]) -> str:
         ("p99 gap (s)", "p99_gap_s"),
         ("long prompt: time to first token (s)", "long_ttft_s"),
         ("short streams: tokens/s together", "stream_tokens_per_s"),
-        ("target passes in the window", "passes"),
-        ("longest target pass (s)", "longest_pass_s"),
+        ("the tier's passes in the window", "passes"),
+        ("the tier's longest pass (s)", "longest_pass_s"),
         ("largest prompt tokens in one pass", "largest_chunk"),
     ]
     empty = dict.fromkeys(("chunk_s", "chunks", *(key for _, key in rows)), 0)
     one, chunked = result.get("one_pass", empty), result.get("chunked", empty)
     lines = [
         f"{result['streams']} streams, one {result['long_tokens']}-token prompt admitted, {result['model']}, "
-        f"{result['threads']} torch threads",
+        f"{result['threads']} torch threads, chunking at the {result.get('tier', 'target')} tier"
+        + (f" ({result['drafter']})" if "drafter" in result else ""),
         f"{'':40} {'one pass':>10} {'chunked':>10} {'ratio':>7}",
     ]
     for label, key in rows:
@@ -193,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-s", type=float, default=DEFAULT_PREFILL_CHUNK_S, help="pass budget when chunked")
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--tail-s", type=float, default=2.0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    threads = int(os.environ.get("SPECDEC_TORCH_THREADS", "0") or 0)
+    parser.add_argument("--threads", type=int, default=threads, help="torch threads (SPECDEC_TORCH_THREADS)")
     parser.add_argument("--modes", default="one pass,chunked", help="which of: one pass,chunked")
+    parser.add_argument("--tier", choices=("target", "draft"), default="target", help="whose prefill is chunked")
+    parser.add_argument("--draft-model", default="", help="with --tier draft: the draft (default: MODEL@layers=8)")
     parser.add_argument("--json", default="", help="write the result here")
     args = parser.parse_args(argv)
     modes = tuple(m.strip() for m in args.modes.split(","))
@@ -207,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         args.tail_s,
         modes=modes,
         threads=args.threads,
+        tier=args.tier,
+        draft_model=args.draft_model,
     )
     print(format_table(result))
     if args.json:
