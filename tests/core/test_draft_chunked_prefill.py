@@ -6,6 +6,7 @@ tokens identical, their probabilities (q) to float rounding."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from test_core_chunked_prefill import Passes
 from tiny_models import IdTokenizer, run
 
 from specdec.core.attention import GROUP_MAX_ROWS
-from specdec.core.batcher import NOT_YET
+from specdec.core.batcher import NOT_YET, MicroBatcher
 from specdec.core.cost import MIN_PREFILL_CHUNK
 from specdec.core.drafters.model import ModelDrafter
 from specdec.core.drafters.worker import DraftWorker
@@ -148,3 +149,36 @@ def test_loop_output_unchanged_by_draft_chunking(target_model, draft_model, samp
         outputs.append([(r.token_ids, r.stats.accepted_tokens) for r in results])
         assert (len(chunk_sizes(passes)) > 0) == ("prefill_chunk_tokens" in chunking)
     assert outputs[0] == outputs[1]
+
+
+def test_paired_verifier_does_not_wait_for_a_prefilling_draft_item() -> None:
+    """The embedded engine pairs the drafter's batcher with the verifier's, which waits for
+    the drafter's queued sessions to come over; an item the drafter runs again (a prompt
+    prefilling in chunks) does not come over, and must not hold the verifier's steps."""
+
+    async def main() -> float:
+        runs = 0
+
+        def draft(items: list[str]) -> list[str | object]:
+            nonlocal runs
+            out: list[str | object] = []
+            for it in items:
+                if it == "long" and runs < 150:  # 150 passes of 10 ms
+                    runs += 1
+                    time.sleep(0.01)
+                    out.append(NOT_YET)
+                else:
+                    out.append(it)
+            return out
+
+        drafter, verifier = MicroBatcher(draft), MicroBatcher(lambda items: list(items))
+        verifier.share_compute_with(drafter)
+        long = asyncio.ensure_future(drafter.submit("long"))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        assert await verifier.submit("short") == "short"
+        waited = time.monotonic() - started
+        assert await long == "long"
+        return waited
+
+    assert run(main()) < 0.5  # not the whole 1.5 s prefill (nor the 2 s liveness bound)

@@ -74,6 +74,8 @@ class MicroBatcher(Generic[Item, Result]):
         self.busy_since: float | None = None  # monotonic start of the running batch (the watchdog reads it)
         self.gathering = False  # the worker holds the next batch open for more items (tests wait on it)
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._again = 0  # of them, the first ones: answered NOT_YET by the last batch
+        self._rerun = False  # the running batch holds only such items
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor = compute.executor()
@@ -144,6 +146,8 @@ class MicroBatcher(Generic[Item, Result]):
                 self.gathering = False
                 batch = self._pending[: self.max_batch_size]
                 del self._pending[: len(batch)]
+                self._rerun = self._again >= len(batch)  # only items run again: none will come over
+                self._again = max(0, self._again - len(batch))
                 self.stats.queue_depth = len(self._pending)
                 items = [item for item, _ in batch]
                 self.running, self.busy_since = True, time.monotonic()
@@ -165,6 +169,7 @@ class MicroBatcher(Generic[Item, Result]):
                 again = [(it, fut) for (it, fut), result in zip(batch, results) if result is NOT_YET and not fut.done()]
                 if again:  # older than anything queued since: first in line
                     self._pending[:0] = again
+                    self._again += len(again)
                     self.stats.queue_depth = len(self._pending)
                 for (_, future), result in zip(batch, results):
                     if future.done() or isinstance(result, NotYet):
@@ -198,7 +203,11 @@ class MicroBatcher(Generic[Item, Result]):
 
     def _partner_busy(self) -> bool:
         partner = self._partner
-        return partner is not None and (partner.running or (self._downstream and bool(partner._pending)))
+        # Not for the partner's items run again (a prompt prefilling in chunks): they do not
+        # come here next, and waiting for them would hold every step for the whole prefill.
+        if partner is None:
+            return False
+        return (partner.running and not partner._rerun) or (self._downstream and len(partner._pending) > partner._again)
 
     def stalled_s(self) -> float:
         """How long the running batch has been on the compute thread (0 when idle)."""
