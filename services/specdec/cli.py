@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--drafter", default="ngram", help="ngram | model:NAME | any registered drafter; comma-separated to compare"
     )
-    bench.add_argument("--k", type=int, default=5, help="max draft tokens per step")
+    bench.add_argument("--k", type=int, help="max draft tokens per step (default: the server's, by drafter)")
     bench.add_argument(
         "--prompts",
         help="comma-separated: JSONL files ('prompt' or 'messages' per line, or Spec-Bench's question_id/category/"

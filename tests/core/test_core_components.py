@@ -95,6 +95,24 @@ def test_draft_length_falls_back_to_plain_when_drafts_do_not_pay() -> None:
     assert plain_steps >= 28, "mostly plain decoding, with rare probes"
 
 
+def test_a_model_free_drafter_keeps_a_cheap_floor_but_not_under_load() -> None:
+    """Nothing is ever accepted: the controller alone would stop drafting; with the floor a
+    model-free drafter (it drafts only on a match) keeps the drafts that cost <= 10% of a
+    step at c=1, and none once the batch's rows price them out."""
+    free = DraftLength(12, adaptive=True, floor=True)
+    _steer(free, accept_rate=0.0, base_s=0.0225, token_s=0.0, row_s=0.0013)
+    assert free.k == 1  # 22.5 + 1.3 * 2 ms <= 1.1 x (22.5 + 1.3 ms); a second draft is not
+    loaded = DraftLength(12, adaptive=True, floor=True)
+    _steer(loaded, accept_rate=0.0, base_s=0.0225, token_s=0.0, row_s=0.0013, batch=16)
+    assert loaded.k == 0
+    cheap = DraftLength(12, adaptive=True, floor=True)
+    _steer(cheap, accept_rate=0.0, base_s=0.0225, token_s=0.0, row_s=0.0002)
+    assert cheap.k >= 8  # rows nearly free (an accelerator's): the floor is most of the cap
+    model = DraftLength(12, adaptive=True)
+    _steer(model, accept_rate=0.0, base_s=0.0225, token_s=0.0, row_s=0.0013)
+    assert model.k == 0
+
+
 def test_draft_length_shrinks_when_verification_gets_expensive() -> None:
     """Same acceptance, costlier tokens (a saturated target): shorter drafts."""
     cheap, dear = DraftLength(8, adaptive=True), DraftLength(8, adaptive=True)

@@ -34,7 +34,7 @@ DEFAULT_PROMPTS = Path(__file__).parent.parent / "data" / "prompts.jsonl"
 class BenchConfig:
     model: str = "smollm2-135m"
     drafter: str = "ngram"  # comma-separated: each is measured; the first is the one swept and served
-    k: int = 5
+    k: int | None = None  # max draft tokens; None: the request default (by drafter)
     prompts: Path | str = DEFAULT_PROMPTS  # comma-separated JSONL paths and/or `multiturn`
     max_new_tokens: int = 64
     concurrency: list[int] = field(default_factory=lambda: [1])

@@ -93,6 +93,7 @@ async def speculate(
         request.max_draft_tokens if drafter is not None else 0,
         request.adaptive,
         costs=costs.for_drafter(str(request.drafter)),
+        floor=not request.drafter.needs_model,  # a model-free drafter gates itself (see adaptive.py)
     )
     generated = 0
     predraft: asyncio.Task[Proposal] | None = None

@@ -20,7 +20,10 @@ from specdec.core.sampling import MAX_GRAMMAR_CHARS, SamplingParams
 from specdec.core.tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128
-DEFAULT_DRAFT_TOKENS = 5
+DEFAULT_DRAFT_TOKENS = 5  # a model drafter's longest draft, unless the request says
+# A model-free drafter's: it drafts only where it finds a match, at almost no cost, so a
+# longer cap pays (offline replay of 48 Spec-Bench outputs: 12 gives 1.56x plain, 5 gives 1.52x).
+DEFAULT_FREE_DRAFT_TOKENS = 12
 MAX_DRAFT_TOKENS = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string
@@ -94,7 +97,7 @@ def build_request(
     stops = _stop_token_ids(spec, tokenizer, limits)
     sampling = _with_min_tokens(_sampling(spec, len(prompt_ids)), max_new, stops, limits)
     drafter = _drafter(parse_drafter(spec.drafter or default_drafter), available_drafters)
-    k = DEFAULT_DRAFT_TOKENS if spec.max_draft_tokens is None else spec.max_draft_tokens
+    k = default_draft_tokens(drafter) if spec.max_draft_tokens is None else spec.max_draft_tokens
     if not 1 <= k <= MAX_DRAFT_TOKENS:
         raise InvalidArgument("speculation.max_draft_tokens", f"must be in [1, {MAX_DRAFT_TOKENS}], got {k}")
     _check_stop_strings(spec.stop)
@@ -214,6 +217,11 @@ def _prompt_ids(spec: RequestSpec, tokenizer: Tokenizer, limits: ModelLimits) ->
             field_name, f"prompt of {len(ids)} tokens does not fit the model's context of {limits.max_context}"
         )
     return ids
+
+
+def default_draft_tokens(drafter: DrafterSpec) -> int:
+    """The longest draft a request gets when it does not say (model drafters pay a pass per token)."""
+    return DEFAULT_DRAFT_TOKENS if drafter.needs_model else DEFAULT_FREE_DRAFT_TOKENS
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
