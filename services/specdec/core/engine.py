@@ -14,6 +14,7 @@ from specdec.core import compute
 from specdec.core.drafters.registry import DrafterSpec, parse_drafter
 from specdec.core.drafters.worker import DraftWorker
 from specdec.core.generation import GenerationResult, generate
+from specdec.core.grammar import vocab_for_model
 from specdec.core.interfaces import Tiers
 from specdec.core.local import LocalDrafter, LocalVerifier
 from specdec.core.models import load_model, load_tokenizer
@@ -37,7 +38,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.verifier = LocalVerifier(TargetWorker(runner))
         draft_runner = compute.run_sync(build_runner, draft_model) if draft_model is not None else None
-        self.drafter = LocalDrafter(DraftWorker(draft_runner, draft_model_name))
+        # The model-free drafters' grammar vocabulary (constrained drafts) is the target's.
+        vocab = (lambda: vocab_for_model(target_model, runner.vocab_size)) if draft_runner is None else None
+        self.drafter = LocalDrafter(DraftWorker(draft_runner, draft_model_name, grammar_vocab=vocab))
         self.verifier.batcher.share_compute_with(self.drafter.batcher)
         self.tiers = Tiers(self.verifier, self.drafter)
         self.default_drafter = parse_drafter(drafter)

@@ -161,6 +161,31 @@ class GrammarState:
         if not self.matcher.is_stopped() and self.matcher.consume_token(token):
             self.consumed.append(token)
 
+    def take(self, tokens: Sequence[int]) -> list[int]:
+        """Consume the leading `tokens` the grammar allows (a draft, cut at its first
+        forbidden token, which leaves the matcher as it was, not in error); those taken."""
+        if self.matcher.is_stopped():
+            return []
+        valid = 0  # an id past the grammar's vocabulary ends the run (llguidance would reject the call)
+        while valid < len(tokens) and 0 <= tokens[valid] < self.vocab_size:
+            valid += 1
+        taken = list(tokens[: self.matcher.try_consume_tokens(list(tokens[:valid]))]) if valid else []
+        self.consumed.extend(taken)
+        return taken
+
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces next (llguidance's fast-forward tokens: it stops
+        before a token that the text after the forced bytes could merge with)."""
+        return [] if self.matcher.is_stopped() else list(self.matcher.compute_ff_tokens())
+
+    def forced_text_tokens(self) -> list[int]:
+        """The forced bytes left after `forced()`, tokenized alone: right unless the model
+        merges their last token with the free text after it (a draft, the target judges)."""
+        if self.matcher.is_stopped():
+            return []
+        forced = self.matcher.compute_ff_bytes()
+        return list(self.vocab.tokenize_bytes(forced)) if forced else []
+
 
 def grammar_state(
     current: GrammarState | None, vocab: Any, kind: str, source: str, output: Sequence[int]
@@ -172,6 +197,17 @@ def grammar_state(
     state = current if current is not None and current.key == (kind, source) else GrammarState(vocab, kind, source)
     state.sync(output)
     return state
+
+
+def vocab_for_tokenizer(name: str) -> Any:
+    """The grammar vocabulary of model `name`'s tokenizer alone (a draft replica that holds
+    no model but drafts for that target)."""
+    import llguidance.hf
+
+    from specdec.core.models import load_tokenizer
+
+    tokenizer: Any = load_tokenizer(name)
+    return llguidance.hf.from_tokenizer(tokenizer)
 
 
 def mask_logits(logits: torch.Tensor, allowed: np.ndarray) -> torch.Tensor:

@@ -13,6 +13,7 @@ from specdec.core import compute
 from specdec.core.drafters.model import ModelDrafter
 from specdec.core.drafters.registry import parse_drafter
 from specdec.core.drafters.worker import DraftWorker
+from specdec.core.grammar import vocab_for_tokenizer
 from specdec.core.kv_cache import kv_token_budget
 from specdec.core.kv_fork import PrefixForks
 from specdec.core.local import LocalDrafter
@@ -100,6 +101,8 @@ def build(settings: Settings) -> TierServer:
             settings.session_idle_s,
             settings.prefill_chunk_s,
             settings.prefill_chunk_tokens,
+            # Without a draft model, the target's tokenizer gives the grammar vocabulary.
+            grammar_vocab=(lambda: vocab_for_tokenizer(settings.model)) if runner is None else None,
         ),
         settings.max_batch_size,
     )

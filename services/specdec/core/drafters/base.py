@@ -24,7 +24,10 @@ if TYPE_CHECKING:
 class DraftSession:
     tokens: list[int] = field(default_factory=list)  # the session's committed tokens
     kv: SessionKV | None = None  # the draft model's cache (model drafters)
-    grammar: GrammarState | None = None  # a constrained request's grammar state (model drafters)
+    grammar: GrammarState | None = None  # a constrained request's grammar state (every drafter)
+    # Tokens the draft begins with (the grammar forced them, drafters/forced.py): a
+    # model-free drafter proposes what follows them. Empty outside such a call.
+    draft_prefix: list[int] = field(default_factory=list)
 
 
 DraftRow = tuple[DraftSession, ProposeItem]

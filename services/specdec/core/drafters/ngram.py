@@ -57,10 +57,15 @@ class NgramDrafter:
         return cls()
 
     def propose(self, rows: list[DraftRow]) -> list[Proposal]:
-        return [Proposal(ngram_propose(session.tokens, item.num_tokens)) for session, item in rows]
+        return [Proposal(ngram_propose(_context(session), item.num_tokens)) for session, item in rows]
 
     def learn(self, session: DraftSession, committed: list[int]) -> None:
         pass  # the lookup reads the session's tokens afresh each time
 
     def release(self, session: DraftSession) -> None:
         pass
+
+
+def _context(session: DraftSession) -> list[int]:
+    """The tokens a draft continues: the committed ones, then any forced draft prefix."""
+    return session.tokens + session.draft_prefix if session.draft_prefix else session.tokens

@@ -320,9 +320,11 @@ class SuffixDrafter:
         params = item.sampling
         tree = self.trees and not (params.penalized or params.constrained)
         own = self._sync(session).own
-        best = self._follow(own, session.tokens, item.num_tokens, tree, exclude=own.length - 1)
+        # After a forced draft prefix (drafters/forced.py) the context runs past the index.
+        context = session.tokens + session.draft_prefix if session.draft_prefix else session.tokens
+        best = self._follow(own, context, item.num_tokens, tree, exclude=own.length - 1)
         if params.greedy and len(self.shared):
-            other = self._follow(self.shared, session.tokens, item.num_tokens, tree)
+            other = self._follow(self.shared, context, item.num_tokens, tree)
             if other.score > best.score:
                 best = other
         return best
