@@ -4,8 +4,11 @@
 
 For each schema of the set below (greedy, chat prompts asking for that JSON) it runs plain
 and speculative decoding in-process, checks that both outputs are identical and that every
-output parses and validates, and prints tokens/s side by side with the ratio; the same
-prompts unconstrained give the reference ratio.
+output parses and validates, and prints tokens/s side by side with the ratio and the
+tokens committed per step. `blind` is the constrained run with the model-free drafter
+drafting as if unconstrained (DraftWorker.grammar_drafts off: no forced tokens, no cut;
+the target still masks), the path before grammar-aware drafts; the same prompts
+unconstrained give the reference ratio.
 """
 
 from __future__ import annotations
@@ -87,18 +90,38 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def _run(engine: Engine, spec: RequestSpec, repeats: int) -> tuple[list[int], str, float]:
-    """(tokens, text, best tokens/s over the repeats)."""
+def _run(engine: Engine, spec: RequestSpec, repeats: int) -> tuple[list[int], str, float, float]:
+    """(tokens, text, best tokens/s over the repeats, tokens per step)."""
     best = 0.0
     tokens: list[int] = []
     text = ""
+    per_step = 0.0
     for _ in range(repeats):
         started = time.perf_counter()
         result = engine.complete(spec)
         elapsed = time.perf_counter() - started
-        tokens, text = result.token_ids, result.text
+        tokens, text, per_step = result.token_ids, result.text, result.stats.mean_accepted_length
         best = max(best, len(tokens) / elapsed)
-    return tokens, text, best
+    return tokens, text, best, per_step
+
+
+def _blind(engine: Engine, spec: RequestSpec, repeats: int) -> tuple[list[int], str, float, float]:
+    """The run with the model-free drafter blind to the grammar (the target still masks)."""
+    engine.drafter.worker.grammar_drafts = False
+    try:
+        return _run(engine, spec, repeats)
+    finally:
+        engine.drafter.worker.grammar_drafts = True
+
+
+def _valid(text: str, schema: dict[str, Any]) -> bool:
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 def main() -> None:
@@ -110,48 +133,56 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--schemas", type=int, default=len(SCHEMAS), help="the first N schemas only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (oversubscribed CPUs crawl)")
+    parser.add_argument(
+        "--no-blind", action="store_true", help="skip the constrained run with the drafter blind to the grammar"
+    )
     args = parser.parse_args()
-    import jsonschema
     import torch
 
     torch.set_num_threads(args.threads)
     engine = Engine.load(args.model, args.drafter)
-    print(f"{'schema':36} {'mode':13} {'tokens':>6} {'plain tok/s':>11} {'spec tok/s':>10} {'ratio':>6} valid same")
-    sums = {"json_schema": [0.0, 0.0], "none": [0.0, 0.0]}
+    modes = ["constrained", *([] if args.no_blind else ["blind"]), "unconstrained"]
+    print(
+        f"{'schema':36} {'mode':13} {'tokens':>6} {'plain tok/s':>11} {'spec tok/s':>10} {'ratio':>6}"
+        f" {'tok/step':>8} valid same"
+    )
+    sums = {mode: [0.0, 0.0] for mode in modes}
     valid = total = 0
     masks_us: list[float] = []
     for what, schema in SCHEMAS[: args.schemas]:
         messages = [
             {"role": "user", "content": f"Describe {what} as JSON with the fields {list(schema['properties'])}."}
         ]
-        for kind in ("json_schema", "none"):
-            constraint = {"grammar_kind": kind, "grammar": json.dumps(schema)} if kind != "none" else {}
+        source = json.dumps(schema)
+        plains = {}
+        for mode in modes:
+            constraint = {"grammar_kind": "json_schema", "grammar": source} if mode != "unconstrained" else {}
             base = {"messages": messages, "max_new_tokens": args.max_new_tokens, "temperature": 0.0, **constraint}
-            plain = _run(engine, RequestSpec(drafter="none", **base), args.repeats)
-            spec = _run(engine, RequestSpec(drafter=args.drafter, max_draft_tokens=args.k, **base), args.repeats)
+            kind = "unconstrained" if mode == "unconstrained" else "constrained"
+            if kind not in plains:
+                plains[kind] = _run(engine, RequestSpec(drafter="none", **base), args.repeats)
+            plain = plains[kind]
+            run = _blind if mode == "blind" else _run
+            spec = run(engine, RequestSpec(drafter=args.drafter, max_draft_tokens=args.k, **base), args.repeats)
             ok = "-"
-            if kind != "none":
-                total += 2
-                for text in (plain[1], spec[1]):
-                    try:
-                        jsonschema.validate(json.loads(text), schema)
-                        valid += 1
-                    except (ValueError, jsonschema.ValidationError):
-                        pass
+            if kind == "constrained":
+                outputs = (spec[1],) if mode == "blind" else (plain[1], spec[1])  # plain counted once
+                total += len(outputs)
+                valid += sum(_valid(text, schema) for text in outputs)
                 ok = "yes" if valid == total else "NO"
-            if kind != "none":
-                masks_us.extend(_mask_times(engine, kind, json.dumps(schema), spec[0]))
-            sums[kind][0] += plain[2]
-            sums[kind][1] += spec[2]
-            mode = "constrained" if kind != "none" else "unconstrained"
+                if mode == "constrained":
+                    masks_us.extend(_mask_times(engine, "json_schema", source, spec[0]))
+            sums[mode][0] += plain[2]
+            sums[mode][1] += spec[2]
             ratio = spec[2] / plain[2]
             same = plain[0] == spec[0]
             print(
-                f"{what[:36]:36} {mode:13} {len(spec[0]):6} {plain[2]:11.1f} {spec[2]:10.1f} {ratio:6.2f} {ok:5} {same}"
+                f"{what[:36]:36} {mode:13} {len(spec[0]):6} {plain[2]:11.1f} {spec[2]:10.1f} {ratio:6.2f}"
+                f" {spec[3]:8.2f} {ok:5} {same}"
             )
-    for kind, (p, s) in sums.items():
-        label = "constrained" if kind != "none" else "unconstrained"
-        print(f"mean {label}: speculative / plain tokens/s = {s / p:.2f}")
+    labels = {"constrained": "constrained", "blind": "constrained, drafter blind to the grammar"}
+    for mode, (p, s) in sums.items():
+        print(f"mean {labels.get(mode, mode)}: speculative / plain tokens/s = {s / p:.2f}")
     print(f"valid JSON outputs: {valid}/{total}")
     masks_us.sort()
     print(
