@@ -10,7 +10,9 @@ committed output (rolling back what was rejected, consuming what was accepted), 
 the draft: row j's mask is the grammar's state after the first j drafts, and the first
 draft the grammar forbids ends the draft there. The drafts are rolled back afterwards; the
 next sync consumes the ones that were committed. The state holds nothing a replay of the
-committed tokens cannot rebuild, so a resync or a failover only costs that replay.
+committed tokens cannot rebuild, so a resync or a failover only costs that replay. A
+model-free drafter's state (drafters/forced.py) is advanced over the tokens it drafts
+(`forced`, `take`) and left there: its next sync rolls back only the rejected ones.
 """
 
 from __future__ import annotations

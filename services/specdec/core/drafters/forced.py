@@ -74,9 +74,9 @@ def propose_guided(method: DraftMethod, rows: list[DraftRow], vocab: Any) -> lis
 
 
 def _synced(session: DraftSession, item: ProposeItem, vocab: Any) -> GrammarState | None:
-    """A constrained row's grammar state at its committed output (plus nothing: the
-    drafts of the last proposal are rolled back, the committed ones consumed); None for an
-    unconstrained row, one asking for no draft, or one the grammar cannot follow."""
+    """A constrained row's grammar state at its committed output (the last proposal's
+    rejected drafts rolled back, the tokens committed after the accepted ones consumed);
+    None for an unconstrained row, one asking for no draft, or one the grammar cannot follow."""
     params = item.sampling
     if not params.constrained:
         session.grammar = None
