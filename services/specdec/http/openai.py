@@ -57,7 +57,7 @@ class Speculation(_Strict):
 
     drafter: str | None = Field(default=None, description="none | ngram | model:NAME (default: the server's)")
     max_draft_tokens: int | None = Field(
-        default=None, description="longest draft per step, 1..16 (default 12 for model-free drafters, 5 for a model)"
+        default=None, description="longest draft per step, 1..16 (default 16 for model-free drafters, 5 for a model)"
     )
     adaptive: bool | None = Field(default=None, description="adapt the draft length (default true)")
     overlap: bool | None = Field(default=None, description="draft step n+1 while step n is verified")
