@@ -7,6 +7,8 @@ import torch
 from tiny_models import IdTokenizer, build_draft, build_target
 from transformers import LlamaForCausalLM
 
+from specdec.core.engine import Engine
+
 
 @pytest.fixture(scope="module", autouse=True)
 def single_torch_thread():
@@ -32,3 +34,10 @@ def draft_model(target_model: LlamaForCausalLM) -> LlamaForCausalLM:
 @pytest.fixture(scope="session")
 def tokenizer() -> IdTokenizer:
     return IdTokenizer()
+
+
+@pytest.fixture(scope="module")
+def engine(target_model: LlamaForCausalLM, draft_model: LlamaForCausalLM, tokenizer: IdTokenizer) -> Engine:
+    """An engine serving the model-free drafters and `model:small` (the tiny draft model);
+    a module that needs another defines its own `engine`."""
+    return Engine(target_model, tokenizer, drafter="ngram", draft_model=draft_model, draft_model_name="small")

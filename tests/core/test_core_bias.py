@@ -10,35 +10,16 @@ import random
 import pytest
 import torch
 from scipy.stats import chi2_contingency
+from tiny_models import fixed_spec as spec
 from tiny_models import run
 
 from specdec.core.engine import Engine
 from specdec.core.errors import InvalidArgument
 from specdec.core.penalties import biased, penalize
-from specdec.core.request import RequestSpec
 from specdec.core.sampling import SamplingParams
 from tests.reference import contingency
 
-PROMPT = [188, 17, 189, 37, 248, 42, 228, 188, 17, 189]  # repeats: the n-gram drafter proposes
 DRAFTERS = ("none", "ngram", "model:small")
-
-
-@pytest.fixture(scope="module")
-def engine(target_model, draft_model, tokenizer) -> Engine:
-    return Engine(target_model, tokenizer, drafter="ngram", draft_model=draft_model, draft_model_name="small")
-
-
-def spec(drafter: str, seed: int = 0, max_new_tokens: int = 3, k: int = 4, **kw) -> RequestSpec:
-    return RequestSpec(
-        token_ids=list(PROMPT),
-        max_new_tokens=max_new_tokens,
-        ignore_eos=True,
-        drafter=drafter,
-        max_draft_tokens=k,
-        adaptive=False,
-        seed=seed,
-        **kw,
-    )
 
 
 def test_biased_matches_the_definition_row_by_row() -> None:

@@ -17,11 +17,6 @@ NEW_TOKENS = 24
 TOP = 4
 
 
-@pytest.fixture(scope="module")
-def engine(target_model, draft_model, tokenizer) -> Engine:
-    return Engine(target_model, tokenizer, drafter="ngram", draft_model=draft_model, draft_model_name="small")
-
-
 def _complete(engine: Engine, drafter: str, temperature: float, logprobs: int | None = TOP, k: int = 4):
     async def main():
         try:

@@ -12,6 +12,8 @@ from collections import Counter
 import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
+from tiny_models import REPEATS as PROMPT
+from tiny_models import fixed_spec as spec
 from tiny_models import run
 
 from specdec.core.engine import Engine
@@ -21,28 +23,9 @@ from specdec.core.request import RequestSpec
 from specdec.core.sampling import SamplingParams, probs_from_logits
 from tests.reference import contingency
 
-PROMPT = [188, 17, 189, 37, 248, 42, 228, 188, 17, 189]  # repeats: the n-gram drafter proposes
 DRAFTERS = ("none", "ngram", "model:small")
 PENALTIES = {"presence_penalty": 0.4, "frequency_penalty": 0.6, "repetition_penalty": 1.6}
 MILD = {"presence_penalty": 0.02, "frequency_penalty": 0.03, "repetition_penalty": 1.02}
-
-
-@pytest.fixture(scope="module")
-def engine(target_model, draft_model, tokenizer) -> Engine:
-    return Engine(target_model, tokenizer, drafter="ngram", draft_model=draft_model, draft_model_name="small")
-
-
-def spec(drafter: str, seed: int = 0, max_new_tokens: int = 3, k: int = 4, **kw) -> RequestSpec:
-    return RequestSpec(
-        token_ids=list(PROMPT),
-        max_new_tokens=max_new_tokens,
-        ignore_eos=True,
-        drafter=drafter,
-        max_draft_tokens=k,
-        adaptive=False,
-        seed=seed,
-        **kw,
-    )
 
 
 def complete_all(engine: Engine, specs: list[RequestSpec]):

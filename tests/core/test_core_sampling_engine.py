@@ -22,11 +22,6 @@ SEEDS = range(300)
 TEMPERATURE, TOP_K = 1.0, 8
 
 
-@pytest.fixture(scope="module")
-def engine(target_model, draft_model, tokenizer) -> Engine:
-    return Engine(target_model, tokenizer, drafter="ngram", draft_model=draft_model, draft_model_name="small")
-
-
 def sample_spec(drafter: str, seed: int, k: int = 4, max_new_tokens: int = 3, **kw) -> RequestSpec:
     return RequestSpec(
         token_ids=list(PROMPT),

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from specdec.core.request import RequestSpec
+
 VOCAB = 256
+REPEATS = [188, 17, 189, 37, 248, 42, 228, 188, 17, 189]  # repeats: the n-gram drafter proposes
 
 
 def tiny_llama(num_layers: int, seed: int, initializer_range: float = 0.2) -> LlamaForCausalLM:
@@ -69,3 +73,17 @@ def build_draft(target: LlamaForCausalLM) -> LlamaForCausalLM:
 def run(coro):
     """Run a coroutine on a fresh event loop (batcher workers are cancelled at its end)."""
     return asyncio.run(coro)
+
+
+def fixed_spec(drafter: str, seed: int = 0, max_new_tokens: int = 3, k: int = 4, **kw: Any) -> RequestSpec:
+    """A request on REPEATS at a fixed draft length (no EOS stop), seeded."""
+    return RequestSpec(
+        token_ids=list(REPEATS),
+        max_new_tokens=max_new_tokens,
+        ignore_eos=True,
+        drafter=drafter,
+        max_draft_tokens=k,
+        adaptive=False,
+        seed=seed,
+        **kw,
+    )

@@ -13,20 +13,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
 
+from specdec.benchmarks.bench import Tally
 from specdec.benchmarks.bench_prompts import Trace, load_prompts
 from specdec.core.engine import Engine
 from specdec.core.request import RequestSpec
-
-
-@dataclass
-class Tally:
-    tokens: int = 0
-    steps: int = 0
-    seconds: float = 0.0
-    proposed: int = 0
-    accepted: int = 0
 
 
 def main() -> None:
@@ -58,14 +49,13 @@ def main() -> None:
                 )
                 started = time.perf_counter()
                 result = engine.complete(spec)
-                t, s = tallies[drafter], result.stats
-                t.seconds += time.perf_counter() - started
-                t.tokens, t.steps = t.tokens + s.generated_tokens, t.steps + s.steps
-                t.proposed, t.accepted = t.proposed + s.proposed_tokens, t.accepted + s.accepted_tokens
+                s = result.stats
+                seconds = time.perf_counter() - started
+                tallies[drafter].add(s.generated_tokens, seconds, s.proposed_tokens, s.accepted_tokens, s.steps)
     plain = tallies["none"]
     print(f"{len(rows)} prompts x {args.seeds} seeds, temperature {args.temperature}, {args.max_new_tokens} tokens")
     for drafter, t in tallies.items():
-        rate, plain_rate = t.tokens / t.seconds, plain.tokens / plain.seconds
+        rate, plain_rate = t.rate, plain.rate
         print(
             f"{drafter:14s} {t.tokens / t.steps:.3f} tokens/step  {t.proposed / t.steps:.2f} drafted/step  "
             f"kept {t.accepted}/{t.proposed}  {rate:.1f} tok/s  {rate / plain_rate:.3f}x plain"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from specdec.core.kv_cache import SessionKV
+from specdec.core.kv_fork import PrefixForks
 
 
 class PrefixStore(Protocol):
@@ -27,11 +28,15 @@ class PrefixStore(Protocol):
         ...
 
 
-def prepare_cache(kv: SessionKV, committed: list[int], store: PrefixStore | None) -> int:
+def prepare_cache(
+    kv: SessionKV, committed: list[int], store: PrefixStore | None, forks: PrefixForks | None = None
+) -> int:
     """Make `kv` hold the longest known prefix of the committed tokens, all but the newest
-    (that one is fed with the next step): roll back what diverges, then extend from the
-    store. Returns how many committed tokens the cache now holds; the rest must be fed."""
+    (that one is fed with the next step): roll back what diverges, copy what a live session
+    of this replica holds (`forks`: cheaper than a store read), then extend from the store.
+    The rest must be fed. Returns the rows copied from another session."""
     kv.truncate(min(kv.common_prefix(committed), len(committed) - 1))
+    forked = forks.fork(kv, committed) if forks is not None else 0
     if store is not None:
         store.restore(committed[:-1], kv)
-    return kv.length
+    return forked

@@ -180,7 +180,8 @@ def _sampled_tree(item: RejectionInput) -> RejectionOutput:
 
 def rejection_sample_batch(items: list[RejectionInput], by_item: bool | None = None) -> list[RejectionOutput]:
     """Verify many sequences' drafts at once: `rejection_sample` on each, but with one
-    device->host read for the whole batch (and a few host->device copies, all made before
+    device->host read for the whole batch, and one more when sampled token trees draw their
+    own tokens after their walk (and a few host->device copies, all made before
     the first kernel so none waits on our own work). `by_item`: run the row-wise work item
     by item (default: on a CPU) or on all rows stacked (default elsewhere); tests take both."""
     if not items:

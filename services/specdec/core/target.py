@@ -152,11 +152,7 @@ class TargetWorker:
     def _forward_item(self, session: TargetSession, item: VerifyItem) -> ForwardItem:
         kv = session.kv
         assert kv is not None
-        # Roll back, copy what a live session of this replica holds, then restore the rest
-        # from the shared store: a local copy is cheaper than a Redis read.
-        prepare_cache(kv, session.tokens, None)
-        self.stats.forked_tokens += self.forks.fork(kv, session.tokens)
-        prepare_cache(kv, session.tokens, self.prefix_store)
+        self.stats.forked_tokens += prepare_cache(kv, session.tokens, self.prefix_store, self.forks)
         fed = session.tokens[kv.length :]
         parents = None
         if item.draft_parents is not None:  # the committed tokens as a chain, the tree after the newest
