@@ -9,32 +9,22 @@ from collections import Counter
 import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
-from tiny_models import run
+from tiny_models import REPEATS, fixed_spec, run
 
 from specdec.core.engine import Engine
 from specdec.core.request import RequestSpec
 from specdec.core.sampling import SamplingParams, probs_from_logits
 from tests.reference import contingency
 
-# Repeats, and the n-gram drafter's proposal (37) has target probability ~0.27.
-PROMPT = [188, 17, 189, 37, 248, 42, 228, 188, 17, 189]
+# REPEATS repeats, and the n-gram drafter's proposal (37) has target probability ~0.27.
+PROMPT = REPEATS
 SEEDS = range(300)
 TEMPERATURE, TOP_K = 1.0, 8
 
 
 def sample_spec(drafter: str, seed: int, k: int = 4, max_new_tokens: int = 3, **kw) -> RequestSpec:
-    return RequestSpec(
-        token_ids=list(PROMPT),
-        max_new_tokens=max_new_tokens,
-        ignore_eos=True,
-        drafter=drafter,
-        max_draft_tokens=k,
-        adaptive=False,
-        seed=seed,
-        temperature=kw.pop("temperature", TEMPERATURE),
-        top_k=kw.pop("top_k", TOP_K),
-        **kw,
-    )
+    kw = {"temperature": TEMPERATURE, "top_k": TOP_K, **kw}
+    return fixed_spec(drafter, seed, max_new_tokens, k, **kw)
 
 
 def complete_all(engine: Engine, specs: list[RequestSpec]):
